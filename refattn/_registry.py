@@ -1,0 +1,73 @@
+"""The op table: every public op with its backward, its differentiable inputs and a case strategy.
+
+Generic tests (``tests/test_registry.py``) iterate this table: finite-difference
+gradients, no mutation, batched == per-batch loop, determinism, validation.
+Registering an op here is how it gets tested.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import importlib
+
+_sdpa = importlib.import_module("refattn.attention.sdpa")
+_softmax = importlib.import_module("refattn.softmax")  # the module; refattn.softmax is the function
+
+__all__ = ["OPS", "Op", "get", "register"]
+
+
+@dataclass(frozen=True)
+class Op:
+    """One registered op.
+
+    ``inputs``: names of the positional array inputs.  ``differentiable``:
+    the inputs and array options with a gradient, in the order of the
+    backward's NamedTuple.  ``core_ndim``: per array argument, how many
+    trailing dims are not batch dims (used to slice a batch).  ``strategy``:
+    the name of a function in :mod:`refattn.testing.strategies` returning a
+    Hypothesis strategy of cases (``for_gradcheck=True`` restricts to smooth,
+    finite cases).
+    """
+
+    name: str
+    forward: Callable
+    backward: Callable | None
+    inputs: tuple
+    differentiable: tuple
+    core_ndim: dict = field(default_factory=dict)
+    strategy: str = ""
+    not_differentiable: str = ""
+
+    def cases(self, *, for_gradcheck=False):
+        from refattn.testing import strategies
+
+        return getattr(strategies, self.strategy)(for_gradcheck=for_gradcheck)
+
+
+OPS: dict = {}
+
+
+def register(op: Op) -> Op:
+    if op.name in OPS:
+        raise ValueError(f"op {op.name!r} is already registered")
+    if op.backward is None and not op.not_differentiable:
+        raise ValueError(f"op {op.name!r}: no backward and no reason given")
+    OPS[op.name] = op
+    return op
+
+
+def get(name: str) -> Op:
+    return OPS[name]
+
+
+_ATTN_CORE = {"q": 3, "k": 3, "v": 3, "mask": 3, "bias": 3, "dropout_mask": 3, "sinks": 1}
+
+register(Op("sdpa", _sdpa.sdpa, _sdpa.sdpa_backward, ("q", "k", "v"), ("q", "k", "v", "bias", "sinks"),
+            _ATTN_CORE, "sdpa_cases"))
+register(Op("attention_weights", _sdpa.attention_weights, _sdpa.attention_weights_backward, ("q", "k"),
+            ("q", "k", "bias", "sinks"), _ATTN_CORE, "weights_cases"))
+for _name in ("softmax", "log_softmax", "logsumexp"):
+    register(Op(_name, getattr(_softmax, _name), getattr(_softmax, _name + "_backward"), ("x",), ("x",),
+                {"x": 2, "mask": 2}, "softmax_cases"))

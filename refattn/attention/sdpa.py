@@ -1,0 +1,275 @@
+"""Scaled dot-product attention in float64, every kernel option, and its backward.
+
+Axes: ``B...`` leading batch dims (broadcast), ``Hq``/``Hk`` query/key heads,
+``Lq``/``Lk`` query/key lengths, ``D`` q/k head dim, ``Dv`` value head dim.
+
+* ``q (..., Hq, Lq, D)``, ``k (..., Hk, Lk, D)``, ``v (..., Hk, Lk, Dv)``;
+  ``Hq % Hk == 0``; query head i uses key/value head ``i // (Hq // Hk)``.
+* ``mask`` bool and ``bias`` float broadcastable to ``(..., Hq, Lq, Lk)``;
+  ``sinks`` broadcastable to ``(..., Hq)``; ``dropout_mask`` bool like ``mask``.
+
+Order of operations (normative, ``specs/sdpa.md``)::
+
+    s = scale · q kᵀ                      scale defaults to 1/sqrt(D)
+    s = c · tanh(s / c)                   if softcap=c
+    s = s + bias                          if bias
+    s = -inf where mask/causal/window disallow
+    P = exp(s - lse), lse = log(Σ_j exp(s_j) + exp(sink))
+    P = P · keep / (1 - dropout_p)        if dropout_mask
+    out = P @ v
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+
+from refattn import masks as _masks
+from refattn._validate import (
+    RefAttnError,
+    as_bool,
+    as_choice,
+    as_cotangent,
+    as_flag,
+    as_float,
+    as_real,
+    check_broadcast_to,
+    unbroadcast,
+)
+from refattn.softmax import EMPTY_ROW_POLICIES, normalize_last_axis
+
+__all__ = ["AttentionWeightsGrads", "SDPAGrads", "attention_weights", "attention_weights_backward", "sdpa", "sdpa_backward"]
+
+
+class SDPAGrads(NamedTuple):
+    """Gradients of :func:`sdpa`; ``dbias``/``dsinks`` are None when not given."""
+
+    dq: np.ndarray
+    dk: np.ndarray
+    dv: np.ndarray
+    dbias: np.ndarray | None
+    dsinks: np.ndarray | None
+
+
+class AttentionWeightsGrads(NamedTuple):
+    """Gradients of :func:`attention_weights`."""
+
+    dq: np.ndarray
+    dk: np.ndarray
+    dbias: np.ndarray | None
+    dsinks: np.ndarray | None
+
+
+@dataclass(frozen=True)
+class Args:
+    """Validated float64 arguments of one sdpa call."""
+
+    q: np.ndarray  # (..., Hq, Lq, D)
+    k: np.ndarray  # (..., Hk, Lk, D)
+    v: np.ndarray | None  # (..., Hk, Lk, Dv)
+    scale: float
+    softcap: float | None
+    bias: np.ndarray | None  # broadcastable to scores
+    allowed: np.ndarray | None  # bool, broadcastable to scores; None = all allowed
+    sinks: np.ndarray | None  # broadcastable to (..., Hq)
+    keep_scale: np.ndarray | None  # keep / (1 - p), broadcastable to scores
+    empty_rows: str
+    score_shape: tuple  # (..., Hq, Lq, Lk)
+
+    @property
+    def groups(self):
+        return self.q.shape[-3] // self.k.shape[-3]
+
+
+def validate(q, k, v, *, mask=None, bias=None, causal=False, window=None, align=None, scale=None,
+             softcap=None, sinks=None, dropout_p=0.0, dropout_mask=None, empty_rows="zero"):
+    """Check and convert every argument of sdpa (``v=None`` for attention_weights)."""
+    q = as_float(q, "q", ndim_min=3)
+    k = as_float(k, "k", ndim_min=3)
+    hq, lq, d = q.shape[-3:]
+    hk, lk, dk = k.shape[-3:]
+    for name, n in (("q heads", hq), ("q length Lq", lq), ("q head dim D", d), ("k heads", hk), ("k length Lk", lk)):
+        if n < 1:
+            raise RefAttnError(f"{name.split()[0]}: expected {name} >= 1, got shape {(q if name[0] == 'q' else k).shape}")
+    if dk != d:
+        raise RefAttnError(f"k: expected last dim D={d} (as q {q.shape}), got k shape {k.shape}")
+    if hq % hk:
+        raise RefAttnError(f"k: expected a number of heads Hk dividing Hq={hq} (GQA), got Hk={hk} (k shape {k.shape})")
+    batch_shapes = [("q", q.shape[:-3]), ("k", k.shape[:-3])]
+    if v is not None:
+        v = as_float(v, "v", ndim_min=3)
+        if v.shape[-3:-1] != (hk, lk) or v.shape[-1] < 1:
+            raise RefAttnError(f"v: expected shape (..., Hk={hk}, Lk={lk}, Dv>=1) to match k {k.shape}, got {v.shape}")
+        batch_shapes.append(("v", v.shape[:-3]))
+    try:
+        batch = np.broadcast_shapes(*(s for _, s in batch_shapes))
+    except ValueError:
+        desc = ", ".join(f"{n} {s}" for n, s in batch_shapes)
+        raise RefAttnError(f"q, k, v: expected broadcastable leading batch dims, got {desc}") from None
+    score_shape = tuple(batch) + (hq, lq, lk)
+
+    as_choice(empty_rows, "empty_rows", EMPTY_ROW_POLICIES)
+    scale = 1.0 / math.sqrt(d) if scale is None else as_real(scale, "scale")
+    softcap = as_real(softcap, "softcap", positive=True)
+
+    allowed = None
+    if mask is not None:
+        allowed = as_bool(mask, "mask", hint="; pass an additive float mask as bias=")
+        check_broadcast_to(allowed, score_shape, "mask", "the scores (..., Hq, Lq, Lk)")
+    struct = _masks.structural(lq, lk, causal=causal, window=window, align=align)
+    if align is not None:
+        as_choice(align, "align", _masks.ALIGNMENTS)
+    if struct is not None:
+        allowed = struct if allowed is None else allowed & struct
+
+    if bias is not None:
+        bias = as_float(bias, "bias", allow_neg_inf=True)
+        check_broadcast_to(bias, score_shape, "bias", "the scores (..., Hq, Lq, Lk)")
+    if sinks is not None:
+        sinks = as_float(sinks, "sinks", allow_neg_inf=True)
+        check_broadcast_to(sinks, tuple(batch) + (hq,), "sinks", "(..., Hq)")
+
+    p = as_real(dropout_p, "dropout_p", allow_none=False)
+    if not 0.0 <= p < 1.0:
+        raise RefAttnError(f"dropout_p: expected a probability in [0, 1), got {p}")
+    keep_scale = None
+    if dropout_mask is not None:
+        keep = as_bool(dropout_mask, "dropout_mask")
+        check_broadcast_to(keep, score_shape, "dropout_mask", "the scores (..., Hq, Lq, Lk)")
+        keep_scale = keep / (1.0 - p)
+    elif p > 0:
+        raise RefAttnError(
+            f"dropout_mask: dropout_p={p} > 0 needs an explicit keep-mask (the reference is "
+            "deterministic); build one with refattn.masks.dropout_mask(shape, p, seed)"
+        )
+    return Args(q, k, v, scale, softcap, bias, allowed, sinks, keep_scale, empty_rows, score_shape)
+
+
+def expand_kv(x, groups):
+    """Repeat each kv head ``groups`` times along axis -3 (PyTorch ``repeat_interleave``)."""
+    return x if groups == 1 else np.repeat(x, groups, axis=-3)
+
+
+def reduce_kv(dx, groups):
+    """Sum a gradient of expanded kv heads ``(..., Hq, L, E)`` back to ``(..., Hk, L, E)``."""
+    if groups == 1:
+        return dx
+    *lead, hq, n, e = dx.shape
+    return dx.reshape(*lead, hq // groups, groups, n, e).sum(axis=-3)
+
+
+class Forward(NamedTuple):
+    """Intermediates of the forward pass, reused by the backward."""
+
+    ke: np.ndarray  # (..., Hq, Lk, D)   kv heads expanded
+    tanh: np.ndarray | None  # (..., Hq, Lq, Lk)  tanh(s0/c) when softcap
+    p: np.ndarray  # (..., Hq, Lq, Lk)  softmax probabilities (before dropout)
+    lse: np.ndarray  # (..., Hq, Lq)       -inf on empty rows
+    empty: np.ndarray  # (..., Hq, Lq)     bool
+    p_sink: np.ndarray | None  # (..., Hq, Lq)
+
+
+def forward_scores(a: Args) -> Forward:
+    """Scores, softcap, bias, masks and the softmax (with sinks): steps 1-5."""
+    ke = expand_kv(a.k, a.groups)  # (..., Hq, Lk, D)
+    s = a.scale * (a.q @ np.swapaxes(ke, -1, -2))  # (..., Hq, Lq, Lk)
+    t = None
+    if a.softcap is not None:
+        t = np.tanh(s / a.softcap)  # (..., Hq, Lq, Lk)
+        s = a.softcap * t
+    if a.bias is not None:
+        s = s + a.bias
+    if a.allowed is not None:
+        s = np.where(a.allowed, s, -np.inf)
+    s = np.broadcast_to(s, a.score_shape)
+    sink = None if a.sinks is None else np.broadcast_to(a.sinks[..., None], a.score_shape[:-1])  # (..., Hq, Lq)
+    nz = normalize_last_axis(s, a.empty_rows, sink)
+    return Forward(ke, t, nz.p, nz.lse, nz.empty, nz.p_sink)
+
+
+def sdpa(q, k, v, *, mask=None, bias=None, causal=False, window=None, align=None, scale=None,
+         softcap=None, sinks=None, dropout_p=0.0, dropout_mask=None, empty_rows="zero", return_lse=False):
+    """Scaled dot-product attention; ``out (..., Hq, Lq, Dv)`` [, ``lse (..., Hq, Lq)``].
+
+    ``lse`` is the natural log of the softmax denominator including the sink
+    term, before dropout, ``-inf`` on empty rows.  See the module docstring for
+    shapes and the order of operations.
+    """
+    return_lse = as_flag(return_lse, "return_lse")
+    a = validate(q, k, v, mask=mask, bias=bias, causal=causal, window=window, align=align, scale=scale,
+                 softcap=softcap, sinks=sinks, dropout_p=dropout_p, dropout_mask=dropout_mask, empty_rows=empty_rows)
+    f = forward_scores(a)
+    pd = f.p if a.keep_scale is None else f.p * a.keep_scale  # (..., Hq, Lq, Lk)
+    out = pd @ expand_kv(a.v, a.groups)  # (..., Hq, Lq, Dv)
+    return (out, f.lse.copy()) if return_lse else out
+
+
+def backward_scores(a: Args, f: Forward, dp, d_lse):
+    """Undo steps 5 back to 1: from ``dP (..., Hq, Lq, Lk)`` and ``d_lse`` to dq, dk, dbias, dsinks."""
+    # P = softmax(s) over keys, the sink in the denominator; lse = log(denominator)
+    delta = np.einsum("...j,...j->...", f.p, dp)  # (..., Hq, Lq)  Σ_j P dP
+    dl = np.zeros(delta.shape) if d_lse is None else np.where(f.empty, 0.0, d_lse)  # (..., Hq, Lq)
+    ds = f.p * (dp - delta[..., None] + dl[..., None])  # (..., Hq, Lq, Lk)
+    if a.empty_rows == "uniform" and f.empty.any():
+        ds = np.where(f.empty[..., None], 0.0, ds)  # a constant fill has no gradient
+    dsinks = None
+    if a.sinks is not None:
+        dsinks = unbroadcast((f.p_sink * (dl - delta)).sum(axis=-1), a.sinks.shape)  # (..., Hq) <- (..., Hq, Lq)
+    # s = where(allowed, s, -inf): ds is already 0 where P = 0
+    # s = s + bias
+    dbias = None if a.bias is None else unbroadcast(ds, a.bias.shape)
+    # s = c tanh(s0 / c)
+    if f.tanh is not None:
+        ds = ds * (1.0 - f.tanh**2)  # (..., Hq, Lq, Lk)
+    # s0 = scale q keᵀ
+    dq = a.scale * (ds @ f.ke)  # (..., Hq, Lq, D)
+    dke = a.scale * (np.swapaxes(ds, -1, -2) @ a.q)  # (..., Hq, Lk, D)
+    dq = unbroadcast(dq, a.q.shape)
+    dk = unbroadcast(reduce_kv(dke, a.groups), a.k.shape)
+    return dq, dk, dbias, dsinks
+
+
+def sdpa_backward(d_out, q, k, v, *, d_lse=None, mask=None, bias=None, causal=False, window=None, align=None,
+                  scale=None, softcap=None, sinks=None, dropout_p=0.0, dropout_mask=None, empty_rows="zero"):
+    """Gradients of :func:`sdpa` for cotangents ``d_out (..., Hq, Lq, Dv)`` and ``d_lse (..., Hq, Lq)``.
+
+    Returns :class:`SDPAGrads`; each gradient has the shape of its input (GQA
+    groups and broadcast dims summed).  ``d_lse`` is ignored on empty rows.
+    """
+    a = validate(q, k, v, mask=mask, bias=bias, causal=causal, window=window, align=align, scale=scale,
+                 softcap=softcap, sinks=sinks, dropout_p=dropout_p, dropout_mask=dropout_mask, empty_rows=empty_rows)
+    f = forward_scores(a)
+    out_shape = a.score_shape[:-1] + (a.v.shape[-1],)
+    d_o = as_cotangent(d_out, out_shape, "d_out")  # (..., Hq, Lq, Dv)
+    dl = None if d_lse is None else as_cotangent(d_lse, a.score_shape[:-1], "d_lse")
+    ve = expand_kv(a.v, a.groups)  # (..., Hq, Lk, Dv)
+    pd = f.p if a.keep_scale is None else f.p * a.keep_scale  # (..., Hq, Lq, Lk)
+    # out = Pd @ ve
+    dve = np.swapaxes(pd, -1, -2) @ d_o  # (..., Hq, Lk, Dv)
+    dpd = d_o @ np.swapaxes(ve, -1, -2)  # (..., Hq, Lq, Lk)
+    # Pd = P keep / (1 - p)
+    dp = dpd if a.keep_scale is None else dpd * a.keep_scale
+    dq, dk, dbias, dsinks = backward_scores(a, f, dp, dl)
+    dv = unbroadcast(reduce_kv(dve, a.groups), a.v.shape)
+    return SDPAGrads(dq, dk, dv, dbias, dsinks)
+
+
+def attention_weights(q, k, *, mask=None, bias=None, causal=False, window=None, align=None, scale=None,
+                      softcap=None, sinks=None, empty_rows="zero"):
+    """The softmax probabilities ``P (..., Hq, Lq, Lk)`` of :func:`sdpa` (before dropout)."""
+    a = validate(q, k, None, mask=mask, bias=bias, causal=causal, window=window, align=align, scale=scale,
+                 softcap=softcap, sinks=sinks, empty_rows=empty_rows)
+    return forward_scores(a).p
+
+
+def attention_weights_backward(d_weights, q, k, *, mask=None, bias=None, causal=False, window=None, align=None,
+                               scale=None, softcap=None, sinks=None, empty_rows="zero"):
+    """Gradients of :func:`attention_weights` for ``d_weights (..., Hq, Lq, Lk)``."""
+    a = validate(q, k, None, mask=mask, bias=bias, causal=causal, window=window, align=align, scale=scale,
+                 softcap=softcap, sinks=sinks, empty_rows=empty_rows)
+    f = forward_scores(a)
+    dp = as_cotangent(d_weights, a.score_shape, "d_weights")
+    return AttentionWeightsGrads(*backward_scores(a, f, dp, None))

@@ -1,0 +1,13 @@
+"""Hypothesis profiles: 'dev' (fast, the default) and 'ci' (derandomized, more examples, no deadline).
+
+The 'ci' profile is loaded when the CI environment variable is set (tox passes it through).
+"""
+
+import os
+
+from hypothesis import HealthCheck, settings
+
+_common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("dev", max_examples=25, **_common)
+settings.register_profile("ci", max_examples=60, derandomize=True, database=None, print_blob=True, **_common)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "dev"))
