@@ -7,10 +7,9 @@ Registering an op here is how it gets tested.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable
-
 import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 _sdpa = importlib.import_module("refattn.attention.sdpa")
 _softmax = importlib.import_module("refattn.softmax")  # the module; refattn.softmax is the function

@@ -41,7 +41,14 @@ from refattn._validate import (
 )
 from refattn.softmax import EMPTY_ROW_POLICIES, normalize_last_axis
 
-__all__ = ["AttentionWeightsGrads", "SDPAGrads", "attention_weights", "attention_weights_backward", "sdpa", "sdpa_backward"]
+__all__ = [
+    "AttentionWeightsGrads",
+    "SDPAGrads",
+    "attention_weights",
+    "attention_weights_backward",
+    "sdpa",
+    "sdpa_backward",
+]
 
 
 class SDPAGrads(NamedTuple):
@@ -91,9 +98,10 @@ def validate(q, k, v, *, mask=None, bias=None, causal=False, window=None, align=
     k = as_float(k, "k", ndim_min=3)
     hq, lq, d = q.shape[-3:]
     hk, lk, dk = k.shape[-3:]
-    for name, n in (("q heads", hq), ("q length Lq", lq), ("q head dim D", d), ("k heads", hk), ("k length Lk", lk)):
+    for arg, what, n in (("q", "heads Hq", hq), ("q", "length Lq", lq), ("q", "head dim D", d),
+                         ("k", "heads Hk", hk), ("k", "length Lk", lk)):
         if n < 1:
-            raise RefAttnError(f"{name.split()[0]}: expected {name} >= 1, got shape {(q if name[0] == 'q' else k).shape}")
+            raise RefAttnError(f"{arg}: expected {what} >= 1, got shape {(q if arg == 'q' else k).shape}")
     if dk != d:
         raise RefAttnError(f"k: expected last dim D={d} (as q {q.shape}), got k shape {k.shape}")
     if hq % hk:

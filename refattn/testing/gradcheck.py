@@ -52,7 +52,8 @@ class GradcheckReport:
 
     def __str__(self):
         head = f"gradcheck (eps={self.eps:g}, rtol={self.rtol:g}): {'passed' if self.passed else 'FAILED'}"
-        rows = [f"{'input':<10} {'shape':<18} {'rel.err':>10} {'abs.err':>10} {'allowed':>10}  worst at: analytic vs numeric"]
+        columns = f"{'input':<10} {'shape':<18} {'rel.err':>10} {'abs.err':>10} {'allowed':>10}"
+        rows = [columns + "  worst at: analytic vs numeric"]
         for c in self.checks:
             rows.append(
                 f"{c.name:<10} {str(c.shape):<18} {c.rel_error:10.3e} {c.max_abs_error:10.3e} {c.allowed:10.3e}  "

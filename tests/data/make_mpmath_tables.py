@@ -117,7 +117,7 @@ def evaluate(inputs, options, d_out, d_lse):
                 g[idx] = mp.mpf(0)
                 continue
 
-            def loss(t, name=name, idx=idx):
+            def loss(t, name=name, idx=idx, arr=arr):
                 vals = {n: _mp(inputs[n]) for n in "qkv"}
                 opts = dict(mpo)
                 target = vals if name in vals else opts
