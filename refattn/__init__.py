@@ -3,8 +3,25 @@
 Public API (re-exports only); see README.md and specs/.
 """
 
-from refattn import masks, testing
+from refattn import attention, masks, testing
 from refattn._validate import RefAttnError, RefAttnTypeError
+from refattn.attention.allocation import (
+    AllocationGate,
+    AllocationGrads,
+    allocation_attention,
+    allocation_attention_backward,
+)
+from refattn.attention.linear import LinearAttentionGrads, linear_attention, linear_attention_backward
+from refattn.attention.multihead import MHAGrads, MHAParams, multihead_attention, multihead_attention_backward
+from refattn.attention.position import (
+    RopeGrads,
+    alibi_bias,
+    alibi_slopes,
+    rope,
+    rope_backward,
+    sinusoidal_positions,
+)
+from refattn.attention.relative import RelativeAttentionGrads, relative_attention, relative_attention_backward
 from refattn.attention.sdpa import (
     AttentionWeightsGrads,
     SDPAGrads,
@@ -13,6 +30,7 @@ from refattn.attention.sdpa import (
     sdpa,
     sdpa_backward,
 )
+from refattn.attention.sparse import topk_attention, topk_attention_backward
 from refattn.softmax import (
     LogSoftmaxGrads,
     LogSumExpGrads,
@@ -28,7 +46,29 @@ from refattn.softmax import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "AllocationGate",
+    "AllocationGrads",
     "AttentionWeightsGrads",
+    "LinearAttentionGrads",
+    "MHAGrads",
+    "MHAParams",
+    "RelativeAttentionGrads",
+    "RopeGrads",
+    "alibi_bias",
+    "alibi_slopes",
+    "allocation_attention",
+    "allocation_attention_backward",
+    "linear_attention",
+    "linear_attention_backward",
+    "multihead_attention",
+    "multihead_attention_backward",
+    "relative_attention",
+    "relative_attention_backward",
+    "rope",
+    "rope_backward",
+    "sinusoidal_positions",
+    "topk_attention",
+    "topk_attention_backward",
     "LogSoftmaxGrads",
     "LogSumExpGrads",
     "RefAttnError",
@@ -36,6 +76,7 @@ __all__ = [
     "SDPAGrads",
     "SoftmaxGrads",
     "attention_weights",
+    "attention",
     "attention_weights_backward",
     "log_softmax",
     "log_softmax_backward",

@@ -48,9 +48,7 @@ def as_float(x, name, *, ndim_min=0, allow_neg_inf=False):
     """
     a = _to_numpy(x, name)
     if a.dtype == bool or a.dtype.kind not in "iuf":
-        raise RefAttnTypeError(
-            f"{name}: expected real numbers (int or float dtype), got dtype {a.dtype}"
-        )
+        raise RefAttnTypeError(f"{name}: expected real numbers (int or float dtype), got dtype {a.dtype}")
     a = np.array(a, dtype=np.float64, copy=True)
     if a.ndim < ndim_min:
         raise RefAttnError(f"{name}: expected at least {ndim_min} dimensions, got shape {a.shape}")
@@ -146,3 +144,11 @@ def unbroadcast(g, shape):
     if axes:
         g = g.sum(axis=axes, keepdims=True)
     return g.reshape(shape)
+
+
+def sum_outer(x, y):
+    """``Σ xᵀ y`` over every leading dim and row: ``x (..., n, r)``, ``y (..., n, e)`` → ``(r, e)``."""
+    shape = np.broadcast_shapes(x.shape[:-1], y.shape[:-1])
+    x = np.broadcast_to(x, shape + x.shape[-1:]).reshape(-1, x.shape[-1])
+    y = np.broadcast_to(y, shape + y.shape[-1:]).reshape(-1, y.shape[-1])
+    return x.T @ y

@@ -17,7 +17,7 @@ import numpy as np
 
 from refattn._validate import RefAttnError, as_choice, as_flag, as_int, as_real
 
-__all__ = ["ALIGNMENTS", "causal", "dropout_mask", "from_lengths", "varlen", "window"]
+__all__ = ["ALIGNMENTS", "block", "causal", "dropout_mask", "from_lengths", "local", "strided", "varlen", "window"]
 
 ALIGNMENTS = ("top_left", "bottom_right")
 
@@ -85,6 +85,26 @@ def structural(lq, lk, *, causal=False, window=None, align=None):
     return _band(lq, lk, o, left, right)
 
 
+def local(l, window_size):
+    """bool ``(l, l)``: ``i − w//2 <= j <= i + w//2`` (sliding window of size ``w``)."""
+    l, w = as_int(l, "l", minimum=0), as_int(window_size, "window_size", minimum=0)
+    return _band(l, l, 0, w // 2, w // 2)
+
+
+def strided(l, stride):
+    """bool ``(l, l)``: ``j ∈ {i − 1, i, i + 1}`` or ``j`` a multiple of ``stride``."""
+    l, stride = as_int(l, "l", minimum=0), as_int(stride, "stride", minimum=1)
+    j = np.arange(l)
+    return _band(l, l, 0, 1, 1) | (j % stride == 0)[None, :]
+
+
+def block(l, block_size):
+    """bool ``(l, l)``: query and key in the same block of ``block_size`` positions."""
+    l, b = as_int(l, "l", minimum=0), as_int(block_size, "block_size", minimum=1)
+    ids = np.arange(l) // b
+    return ids[:, None] == ids[None, :]
+
+
 def _as_lengths(x, name, limit):
     a = np.asarray(x)
     if a.ndim != 1 or a.dtype.kind not in "iu":
@@ -131,9 +151,7 @@ def varlen(cu_seqlens_q, cu_seqlens_k, *, causal=False, window=None, align=None)
     cq = _as_cu_seqlens(cu_seqlens_q, "cu_seqlens_q")
     ck = _as_cu_seqlens(cu_seqlens_k, "cu_seqlens_k")
     if cq.size != ck.size:
-        raise RefAttnError(
-            f"cu_seqlens_k: expected {cq.size} entries (as cu_seqlens_q), got {ck.size}"
-        )
+        raise RefAttnError(f"cu_seqlens_k: expected {cq.size} entries (as cu_seqlens_q), got {ck.size}")
     out = np.zeros((int(cq[-1]), int(ck[-1])), dtype=bool)
     for s in range(cq.size - 1):
         lq, lk = int(cq[s + 1] - cq[s]), int(ck[s + 1] - ck[s])

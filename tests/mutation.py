@@ -9,8 +9,14 @@ from hypothesis import HealthCheck, Phase, find, settings
 from hypothesis.errors import NoSuchExample
 
 # No shrinking: only the existence of a failing case matters here.
-_SEARCH = settings(max_examples=400, derandomize=True, database=None, deadline=None,
-                   phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
+_SEARCH = settings(
+    max_examples=400,
+    derandomize=True,
+    database=None,
+    deadline=None,
+    phases=[Phase.explicit, Phase.generate],
+    suppress_health_check=list(HealthCheck),
+)
 
 
 def violates(check, case):

@@ -17,8 +17,13 @@ def test_causal_alignments_match_torch_and_flash_attn_conventions():
     np.testing.assert_array_equal(masks.causal(3, 3), np.tril(np.ones((3, 3), dtype=bool)))
 
 
-@given(st.integers(0, 6), st.integers(0, 6), st.one_of(st.none(), st.integers(0, 7)),
-       st.one_of(st.none(), st.integers(0, 7)), st.sampled_from(["top_left", "bottom_right"]))
+@given(
+    st.integers(0, 6),
+    st.integers(0, 6),
+    st.one_of(st.none(), st.integers(0, 7)),
+    st.one_of(st.none(), st.integers(0, 7)),
+    st.sampled_from(["top_left", "bottom_right"]),
+)
 def test_window_is_the_band_around_the_aligned_diagonal(lq, lk, left, right, align):
     w = masks.window(lq, lk, left, right, align=align)
     o = lk - lq if align == "bottom_right" else 0
@@ -29,8 +34,9 @@ def test_window_is_the_band_around_the_aligned_diagonal(lq, lk, left, right, ali
 
 
 def test_window_zero_right_is_causal():
-    np.testing.assert_array_equal(masks.window(3, 5, None, 0, align="bottom_right"),
-                                  masks.causal(3, 5, align="bottom_right"))
+    np.testing.assert_array_equal(
+        masks.window(3, 5, None, 0, align="bottom_right"), masks.causal(3, 5, align="bottom_right")
+    )
 
 
 def test_ambiguous_alignment_raises():
@@ -98,8 +104,7 @@ def test_dropout_mask_formula_by_hand():
         return z ^ (z >> 31)
 
     seed, p = 12345, 0.4
-    expected = [((splitmix64((seed * 0x9E3779B97F4A7C15 + n + 1) & mask64) >> 11) * 2.0**-53) >= p
-                for n in range(40)]
+    expected = [((splitmix64((seed * 0x9E3779B97F4A7C15 + n + 1) & mask64) >> 11) * 2.0**-53) >= p for n in range(40)]
     assert masks.dropout_mask(40, p, seed).tolist() == expected
 
 

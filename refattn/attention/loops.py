@@ -15,7 +15,7 @@ import numpy as np
 from refattn._validate import RefAttnError, as_flag
 from refattn.attention.sdpa import validate
 
-__all__ = ["sdpa"]
+__all__ = ["multihead_attention", "sdpa"]
 
 
 def _allowed(i, j, lq, lk, causal, window, align):
@@ -36,12 +36,42 @@ def _allowed(i, j, lq, lk, causal, window, align):
     return True
 
 
-def sdpa(q, k, v, *, mask=None, bias=None, causal=False, window=None, align=None, scale=None,
-         softcap=None, sinks=None, dropout_p=0.0, dropout_mask=None, empty_rows="zero", return_lse=False):
+def sdpa(
+    q,
+    k,
+    v,
+    *,
+    mask=None,
+    bias=None,
+    causal=False,
+    window=None,
+    align=None,
+    scale=None,
+    softcap=None,
+    sinks=None,
+    dropout_p=0.0,
+    dropout_mask=None,
+    empty_rows="zero",
+    return_lse=False,
+):
     """Loop version of :func:`refattn.sdpa`: same arguments, same results."""
     return_lse = as_flag(return_lse, "return_lse")
-    a = validate(q, k, v, mask=mask, bias=bias, causal=causal, window=window, align=align, scale=scale,
-                 softcap=softcap, sinks=sinks, dropout_p=dropout_p, dropout_mask=dropout_mask, empty_rows=empty_rows)
+    a = validate(
+        q,
+        k,
+        v,
+        mask=mask,
+        bias=bias,
+        causal=causal,
+        window=window,
+        align=align,
+        scale=scale,
+        softcap=softcap,
+        sinks=sinks,
+        dropout_p=dropout_p,
+        dropout_mask=dropout_mask,
+        empty_rows=empty_rows,
+    )
     batch = a.score_shape[:-3]
     hq, lq, lk = a.score_shape[-3:]
     hk, d, dv = a.k.shape[-3], a.q.shape[-1], a.v.shape[-1]
@@ -95,3 +125,50 @@ def sdpa(q, k, v, *, mask=None, bias=None, causal=False, window=None, align=None
                     for c in range(dv):
                         out[b + (h, i, c)] += w * vb[b + (kvh, j, c)]
     return (out, lse) if return_lse else out
+
+
+def _project_loops(t, w, b, heads):
+    """``split(t w + b)`` one output element at a time: ``t (B..., L, n)`` → ``(B..., H, L, e)``."""
+    lead, length, n = t.shape[:-2], t.shape[-2], t.shape[-1]
+    e = w.shape[1] // heads
+    out = np.zeros(lead + (heads, length, e))
+    for idx in np.ndindex(*lead):
+        for h in range(heads):
+            for i in range(length):
+                for c in range(e):
+                    col = h * e + c
+                    acc = 0.0 if b is None else float(b[col])
+                    for r in range(n):
+                        acc += t[idx + (i, r)] * w[r, col]
+                    out[idx + (h, i, c)] = acc
+    return out
+
+
+def multihead_attention(x, params, *, num_heads, num_kv_heads=None, kv=None, head_mask=None, **options):
+    """Loop version of :func:`refattn.multihead_attention`: per head, per query, per key."""
+    from refattn.attention.multihead import check_params, head_counts
+
+    x = np.asarray(x, dtype=np.float64)
+    src = x if kv is None else np.asarray(kv, dtype=np.float64)
+    hq, hk = head_counts(num_heads, num_kv_heads)
+    p, _, dv = check_params(params, x.shape[-1], src.shape[-1], hq, hk)
+    batch = np.broadcast_shapes(x.shape[:-2], src.shape[:-2])
+    x = np.broadcast_to(x, batch + x.shape[-2:])
+    src = np.broadcast_to(src, batch + src.shape[-2:])
+    q = _project_loops(x, p.w_q, p.b_q, hq)
+    k = _project_loops(src, p.w_k, p.b_k, hk)
+    v = _project_loops(src, p.w_v, p.b_v, hk)
+    o = sdpa(q, k, v, **options)  # (B..., Hq, Lq, dv), loops
+    gate = None if head_mask is None else np.broadcast_to(np.asarray(head_mask, dtype=np.float64), batch + (hq,))
+    lq, d_model = x.shape[-2], p.w_o.shape[1]
+    y = np.zeros(batch + (lq, d_model))
+    for idx in np.ndindex(*batch):
+        for i in range(lq):
+            for c in range(d_model):
+                acc = 0.0 if p.b_o is None else float(p.b_o[c])
+                for h in range(hq):
+                    g = 1.0 if gate is None else gate[idx + (h,)]
+                    for e in range(dv):
+                        acc += g * o[idx + (h, i, e)] * p.w_o[h * dv + e, c]
+                y[idx + (i, c)] = acc
+    return y

@@ -91,32 +91,59 @@ class Args:
         return self.q.shape[-3] // self.k.shape[-3]
 
 
-def validate(q, k, v, *, mask=None, bias=None, causal=False, window=None, align=None, scale=None,
-             softcap=None, sinks=None, dropout_p=0.0, dropout_mask=None, empty_rows="zero"):
-    """Check and convert every argument of sdpa (``v=None`` for attention_weights)."""
-    q = as_float(q, "q", ndim_min=3)
-    k = as_float(k, "k", ndim_min=3)
+def validate(
+    q,
+    k,
+    v,
+    *,
+    mask=None,
+    bias=None,
+    causal=False,
+    window=None,
+    align=None,
+    scale=None,
+    softcap=None,
+    sinks=None,
+    dropout_p=0.0,
+    dropout_mask=None,
+    empty_rows="zero",
+    names=("q", "k", "v"),
+):
+    """Check and convert every argument of sdpa (``v=None`` for attention_weights).
+
+    ``names`` are the caller's names for q, k, v, used in error messages.
+    """
+    qn, kn, vn = names
+    q = as_float(q, qn, ndim_min=3)
+    k = as_float(k, kn, ndim_min=3)
     hq, lq, d = q.shape[-3:]
     hk, lk, dk = k.shape[-3:]
-    for arg, what, n in (("q", "heads Hq", hq), ("q", "length Lq", lq), ("q", "head dim D", d),
-                         ("k", "heads Hk", hk), ("k", "length Lk", lk)):
+    for arg, what, n in (
+        (qn, "heads Hq", hq),
+        (qn, "length Lq", lq),
+        (qn, "head dim D", d),
+        (kn, "heads Hk", hk),
+        (kn, "length Lk", lk),
+    ):
         if n < 1:
-            raise RefAttnError(f"{arg}: expected {what} >= 1, got shape {(q if arg == 'q' else k).shape}")
+            raise RefAttnError(f"{arg}: expected {what} >= 1, got shape {(q if arg == qn else k).shape}")
     if dk != d:
-        raise RefAttnError(f"k: expected last dim D={d} (as q {q.shape}), got k shape {k.shape}")
+        raise RefAttnError(f"{kn}: expected last dim D={d} (as {qn} {q.shape}), got {kn} shape {k.shape}")
     if hq % hk:
-        raise RefAttnError(f"k: expected a number of heads Hk dividing Hq={hq} (GQA), got Hk={hk} (k shape {k.shape})")
-    batch_shapes = [("q", q.shape[:-3]), ("k", k.shape[:-3])]
+        raise RefAttnError(f"{kn}: expected a number of heads Hk dividing Hq={hq} (GQA), got Hk={hk} (shape {k.shape})")
+    batch_shapes = [(qn, q.shape[:-3]), (kn, k.shape[:-3])]
     if v is not None:
-        v = as_float(v, "v", ndim_min=3)
+        v = as_float(v, vn, ndim_min=3)
         if v.shape[-3:-1] != (hk, lk) or v.shape[-1] < 1:
-            raise RefAttnError(f"v: expected shape (..., Hk={hk}, Lk={lk}, Dv>=1) to match k {k.shape}, got {v.shape}")
-        batch_shapes.append(("v", v.shape[:-3]))
+            raise RefAttnError(
+                f"{vn}: expected shape (..., Hk={hk}, Lk={lk}, Dv>=1) to match {kn} {k.shape}, got {v.shape}"
+            )
+        batch_shapes.append((vn, v.shape[:-3]))
     try:
         batch = np.broadcast_shapes(*(s for _, s in batch_shapes))
     except ValueError:
         desc = ", ".join(f"{n} {s}" for n, s in batch_shapes)
-        raise RefAttnError(f"q, k, v: expected broadcastable leading batch dims, got {desc}") from None
+        raise RefAttnError(f"{', '.join(names)}: expected broadcastable leading batch dims, got {desc}") from None
     score_shape = tuple(batch) + (hq, lq, lk)
 
     as_choice(empty_rows, "empty_rows", EMPTY_ROW_POLICIES)
@@ -178,15 +205,26 @@ class Forward(NamedTuple):
     lse: np.ndarray  # (..., Hq, Lq)       -inf on empty rows
     empty: np.ndarray  # (..., Hq, Lq)     bool
     p_sink: np.ndarray | None  # (..., Hq, Lq)
+    logits: np.ndarray  # (..., Hq, Lq, Lk)  the softmax input, -inf where disallowed
 
 
-def forward_scores(a: Args) -> Forward:
-    """Scores, softcap, bias, masks and the softmax (with sinks): steps 1-5."""
-    ke = expand_kv(a.k, a.groups)  # (..., Hq, Lk, D)
-    s = a.scale * (a.q @ np.swapaxes(ke, -1, -2))  # (..., Hq, Lq, Lk)
+def qk_scores(a: Args):
+    """Step 1: ``s0 = scale · q k̃ᵀ (..., Hq, Lq, Lk)`` and the expanded keys ``k̃ (..., Hq, Lk, D)``."""
+    ke = expand_kv(a.k, a.groups)
+    return a.scale * (a.q @ np.swapaxes(ke, -1, -2)), ke
+
+
+def forward_scores(a: Args, s0=None, ke=None) -> Forward:
+    """Steps 2-5 (softcap, bias, masks, softmax with sinks) on ``s0``; step 1 when ``s0`` is None.
+
+    Variants (relative position, allocation gate) pass their own ``s0`` and ``ke``.
+    """
+    if s0 is None:
+        s0, ke = qk_scores(a)
+    s = s0
     t = None
     if a.softcap is not None:
-        t = np.tanh(s / a.softcap)  # (..., Hq, Lq, Lk)
+        t = np.tanh(s0 / a.softcap)  # (..., Hq, Lq, Lk)
         s = a.softcap * t
     if a.bias is not None:
         s = s + a.bias
@@ -195,11 +233,27 @@ def forward_scores(a: Args) -> Forward:
     s = np.broadcast_to(s, a.score_shape)
     sink = None if a.sinks is None else np.broadcast_to(a.sinks[..., None], a.score_shape[:-1])  # (..., Hq, Lq)
     nz = normalize_last_axis(s, a.empty_rows, sink)
-    return Forward(ke, t, nz.p, nz.lse, nz.empty, nz.p_sink)
+    return Forward(ke, t, nz.p, nz.lse, nz.empty, nz.p_sink, s)
 
 
-def sdpa(q, k, v, *, mask=None, bias=None, causal=False, window=None, align=None, scale=None,
-         softcap=None, sinks=None, dropout_p=0.0, dropout_mask=None, empty_rows="zero", return_lse=False):
+def sdpa(
+    q,
+    k,
+    v,
+    *,
+    mask=None,
+    bias=None,
+    causal=False,
+    window=None,
+    align=None,
+    scale=None,
+    softcap=None,
+    sinks=None,
+    dropout_p=0.0,
+    dropout_mask=None,
+    empty_rows="zero",
+    return_lse=False,
+):
     """Scaled dot-product attention; ``out (..., Hq, Lq, Dv)`` [, ``lse (..., Hq, Lq)``].
 
     ``lse`` is the natural log of the softmax denominator including the sink
@@ -207,16 +261,35 @@ def sdpa(q, k, v, *, mask=None, bias=None, causal=False, window=None, align=None
     shapes and the order of operations.
     """
     return_lse = as_flag(return_lse, "return_lse")
-    a = validate(q, k, v, mask=mask, bias=bias, causal=causal, window=window, align=align, scale=scale,
-                 softcap=softcap, sinks=sinks, dropout_p=dropout_p, dropout_mask=dropout_mask, empty_rows=empty_rows)
+    a = validate(
+        q,
+        k,
+        v,
+        mask=mask,
+        bias=bias,
+        causal=causal,
+        window=window,
+        align=align,
+        scale=scale,
+        softcap=softcap,
+        sinks=sinks,
+        dropout_p=dropout_p,
+        dropout_mask=dropout_mask,
+        empty_rows=empty_rows,
+    )
+    return run_forward(a, return_lse)
+
+
+def run_forward(a: Args, return_lse):
+    """Steps 1-7 on validated arguments: ``out`` [, ``lse``]."""
     f = forward_scores(a)
     pd = f.p if a.keep_scale is None else f.p * a.keep_scale  # (..., Hq, Lq, Lk)
     out = pd @ expand_kv(a.v, a.groups)  # (..., Hq, Lq, Dv)
     return (out, f.lse.copy()) if return_lse else out
 
 
-def backward_scores(a: Args, f: Forward, dp, d_lse):
-    """Undo steps 5 back to 1: from ``dP (..., Hq, Lq, Lk)`` and ``d_lse`` to dq, dk, dbias, dsinks."""
+def backward_logits(a: Args, f: Forward, dp, d_lse):
+    """Undo steps 5 back to 2: from ``dP (..., Hq, Lq, Lk)`` and ``d_lse`` to ``ds0``, dbias, dsinks."""
     # P = softmax(s) over keys, the sink in the denominator; lse = log(denominator)
     delta = np.einsum("...j,...j->...", f.p, dp)  # (..., Hq, Lq)  Σ_j P dP
     dl = np.zeros(delta.shape) if d_lse is None else np.where(f.empty, 0.0, d_lse)  # (..., Hq, Lq)
@@ -232,52 +305,149 @@ def backward_scores(a: Args, f: Forward, dp, d_lse):
     # s = c tanh(s0 / c)
     if f.tanh is not None:
         ds = ds * (1.0 - f.tanh**2)  # (..., Hq, Lq, Lk)
-    # s0 = scale q keᵀ
-    dq = a.scale * (ds @ f.ke)  # (..., Hq, Lq, D)
-    dke = a.scale * (np.swapaxes(ds, -1, -2) @ a.q)  # (..., Hq, Lk, D)
-    dq = unbroadcast(dq, a.q.shape)
-    dk = unbroadcast(reduce_kv(dke, a.groups), a.k.shape)
+    return ds, dbias, dsinks
+
+
+def backward_qk(a: Args, ke, ds0):
+    """Undo step 1, ``s0 = scale q k̃ᵀ``: dq ``(q's shape)`` and dk ``(k's shape)``."""
+    dq = a.scale * (ds0 @ ke)  # (..., Hq, Lq, D)
+    dke = a.scale * (np.swapaxes(ds0, -1, -2) @ a.q)  # (..., Hq, Lk, D)
+    return unbroadcast(dq, a.q.shape), unbroadcast(reduce_kv(dke, a.groups), a.k.shape)
+
+
+def backward_scores(a: Args, f: Forward, dp, d_lse):
+    """Steps 5 back to 1: dq, dk, dbias, dsinks."""
+    ds0, dbias, dsinks = backward_logits(a, f, dp, d_lse)
+    dq, dk = backward_qk(a, f.ke, ds0)
     return dq, dk, dbias, dsinks
 
 
-def sdpa_backward(d_out, q, k, v, *, d_lse=None, mask=None, bias=None, causal=False, window=None, align=None,
-                  scale=None, softcap=None, sinks=None, dropout_p=0.0, dropout_mask=None, empty_rows="zero"):
+def backward_values(a: Args, f: Forward, d_out, ve):
+    """Undo steps 7 and 6 (``out = P̃ ṽ``, ``P̃ = P keep/(1-p)``): ``dP``, ``dṽ`` and ``P̃``."""
+    pd = f.p if a.keep_scale is None else f.p * a.keep_scale  # (..., Hq, Lq, Lk)
+    dve = np.swapaxes(pd, -1, -2) @ d_out  # (..., Hq, Lk, Dv)
+    dpd = d_out @ np.swapaxes(ve, -1, -2)  # (..., Hq, Lq, Lk)
+    dp = dpd if a.keep_scale is None else dpd * a.keep_scale
+    return dp, dve, pd
+
+
+def sdpa_backward(
+    d_out,
+    q,
+    k,
+    v,
+    *,
+    d_lse=None,
+    mask=None,
+    bias=None,
+    causal=False,
+    window=None,
+    align=None,
+    scale=None,
+    softcap=None,
+    sinks=None,
+    dropout_p=0.0,
+    dropout_mask=None,
+    empty_rows="zero",
+):
     """Gradients of :func:`sdpa` for cotangents ``d_out (..., Hq, Lq, Dv)`` and ``d_lse (..., Hq, Lq)``.
 
     Returns :class:`SDPAGrads`; each gradient has the shape of its input (GQA
     groups and broadcast dims summed).  ``d_lse`` is ignored on empty rows.
     """
-    a = validate(q, k, v, mask=mask, bias=bias, causal=causal, window=window, align=align, scale=scale,
-                 softcap=softcap, sinks=sinks, dropout_p=dropout_p, dropout_mask=dropout_mask, empty_rows=empty_rows)
+    a = validate(
+        q,
+        k,
+        v,
+        mask=mask,
+        bias=bias,
+        causal=causal,
+        window=window,
+        align=align,
+        scale=scale,
+        softcap=softcap,
+        sinks=sinks,
+        dropout_p=dropout_p,
+        dropout_mask=dropout_mask,
+        empty_rows=empty_rows,
+    )
+    return run_backward(a, d_out, d_lse)
+
+
+def run_backward(a: Args, d_out, d_lse):
+    """Steps 7 back to 1 on validated arguments → :class:`SDPAGrads`."""
     f = forward_scores(a)
     out_shape = a.score_shape[:-1] + (a.v.shape[-1],)
     d_o = as_cotangent(d_out, out_shape, "d_out")  # (..., Hq, Lq, Dv)
     dl = None if d_lse is None else as_cotangent(d_lse, a.score_shape[:-1], "d_lse")
-    ve = expand_kv(a.v, a.groups)  # (..., Hq, Lk, Dv)
-    pd = f.p if a.keep_scale is None else f.p * a.keep_scale  # (..., Hq, Lq, Lk)
-    # out = Pd @ ve
-    dve = np.swapaxes(pd, -1, -2) @ d_o  # (..., Hq, Lk, Dv)
-    dpd = d_o @ np.swapaxes(ve, -1, -2)  # (..., Hq, Lq, Lk)
-    # Pd = P keep / (1 - p)
-    dp = dpd if a.keep_scale is None else dpd * a.keep_scale
+    dp, dve, _ = backward_values(a, f, d_o, expand_kv(a.v, a.groups))
     dq, dk, dbias, dsinks = backward_scores(a, f, dp, dl)
     dv = unbroadcast(reduce_kv(dve, a.groups), a.v.shape)
     return SDPAGrads(dq, dk, dv, dbias, dsinks)
 
 
-def attention_weights(q, k, *, mask=None, bias=None, causal=False, window=None, align=None, scale=None,
-                      softcap=None, sinks=None, empty_rows="zero"):
+def attention_weights(
+    q,
+    k,
+    *,
+    mask=None,
+    bias=None,
+    causal=False,
+    window=None,
+    align=None,
+    scale=None,
+    softcap=None,
+    sinks=None,
+    empty_rows="zero",
+):
     """The softmax probabilities ``P (..., Hq, Lq, Lk)`` of :func:`sdpa` (before dropout)."""
-    a = validate(q, k, None, mask=mask, bias=bias, causal=causal, window=window, align=align, scale=scale,
-                 softcap=softcap, sinks=sinks, empty_rows=empty_rows)
+    a = validate(
+        q,
+        k,
+        None,
+        mask=mask,
+        bias=bias,
+        causal=causal,
+        window=window,
+        align=align,
+        scale=scale,
+        softcap=softcap,
+        sinks=sinks,
+        empty_rows=empty_rows,
+    )
     return forward_scores(a).p
 
 
-def attention_weights_backward(d_weights, q, k, *, mask=None, bias=None, causal=False, window=None, align=None,
-                               scale=None, softcap=None, sinks=None, empty_rows="zero"):
+def attention_weights_backward(
+    d_weights,
+    q,
+    k,
+    *,
+    mask=None,
+    bias=None,
+    causal=False,
+    window=None,
+    align=None,
+    scale=None,
+    softcap=None,
+    sinks=None,
+    empty_rows="zero",
+):
     """Gradients of :func:`attention_weights` for ``d_weights (..., Hq, Lq, Lk)``."""
-    a = validate(q, k, None, mask=mask, bias=bias, causal=causal, window=window, align=align, scale=scale,
-                 softcap=softcap, sinks=sinks, empty_rows=empty_rows)
+    a = validate(
+        q,
+        k,
+        None,
+        mask=mask,
+        bias=bias,
+        causal=causal,
+        window=window,
+        align=align,
+        scale=scale,
+        softcap=softcap,
+        sinks=sinks,
+        empty_rows=empty_rows,
+    )
     f = forward_scores(a)
     dp = as_cotangent(d_weights, a.score_shape, "d_weights")
     return AttentionWeightsGrads(*backward_scores(a, f, dp, None))

@@ -77,36 +77,73 @@ def _params(fn):
         return None
 
 
+def _backward_takes(name, fn, bparams):
+    """Whether an option goes to the backward: it names it, or takes ``**kwargs`` and the
+    forward does not name it explicitly (``return_lse`` is the forward's alone)."""
+    if name in bparams:
+        return True
+    if not any(p.kind == inspect.Parameter.VAR_KEYWORD for p in bparams.values()):
+        return False
+    fparams = _params(fn)
+    return fparams is None or name not in fparams
+
+
 def _outputs(y):
-    return [np.asarray(o, dtype=np.float64) for o in (y if isinstance(y, tuple) else (y,))]
+    """The float outputs of ``fn`` (bool outputs such as validity masks are not differentiated)."""
+    ys = [np.asarray(o) for o in (y if isinstance(y, tuple) else (y,))]
+    return [np.asarray(o, dtype=np.float64) for o in ys if o.dtype.kind == "f"]
 
 
-def _grad_targets(fn, grads, n_inputs, options):
-    """Map grads fields ``dNAME`` to ('pos', index) or ('opt', NAME)."""
+def _copy(x):
+    """A copy of an input (its dtype kept); NamedTuples and tuples of arrays are copied field by field."""
+    if isinstance(x, tuple):
+        fields = [None if f is None else _copy(f) for f in x]
+        return type(x)(*fields) if hasattr(x, "_fields") else tuple(fields)
+    return np.array(x, copy=True)
+
+
+def _leaves(name, x, g):
+    """(name, input array, gradient) for every array leaf; ``gate.w1`` names a NamedTuple field."""
+    if isinstance(x, tuple):
+        names = getattr(x, "_fields", None) or [str(i) for i in range(len(x))]
+        if not isinstance(g, tuple) or len(g) != len(x):
+            raise ValueError(f"gradcheck: the gradient of {name!r} must mirror its structure, got {type(g).__name__}")
+        for n, xi, gi in zip(names, x, g):
+            if xi is not None and gi is not None:
+                yield from _leaves(f"{name}.{n}", xi, gi)
+        return
+    if not (isinstance(x, np.ndarray) and x.dtype.kind == "f"):
+        raise ValueError(f"gradcheck: {name!r} has a gradient but is not a float array")
+    yield name, x, np.asarray(g, dtype=np.float64)
+
+
+def _grad_targets(fn, grads, inputs, options):
+    """Every (name, input array, gradient) named by the grads fields ``dNAME``."""
     params = _params(fn)
     positional = []
     if params is not None:
         kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-        positional = [n for n, p in params.items() if p.kind in kinds][:n_inputs]
-    targets = []
+        positional = [n for n, p in params.items() if p.kind in kinds][: len(inputs)]
     fields = getattr(grads, "_fields", None) or [f"d{i}" for i in range(len(grads))]
     for pos, (fname, g) in enumerate(zip(fields, grads)):
         if g is None:
             continue
         name = fname[1:] if fname.startswith("d") else fname
         if name in positional:
-            targets.append((fname, "pos", positional.index(name), g))
+            x = inputs[positional.index(name)]
         elif name in options:
-            targets.append((fname, "opt", name, g))
-        elif not positional and pos < n_inputs:
-            targets.append((fname, "pos", pos, g))
+            x = options[name]
+        elif not positional and pos < len(inputs):
+            x = inputs[pos]
         else:
             raise ValueError(f"gradcheck: gradient field {fname!r} matches no input or option of {fn!r}")
-    return targets
+        if x is not None:
+            yield from _leaves(name, x, g)
 
 
-def gradcheck(fn, backward, inputs, *, options=None, eps=1e-4, rtol=1e-6, atol=None, seed=0,
-              raise_on_failure=True, **more_options):
+def gradcheck(
+    fn, backward, inputs, *, options=None, eps=1e-4, rtol=1e-6, atol=None, seed=0, raise_on_failure=True, **more_options
+):
     """Compare ``backward`` with central differences of ``fn`` in float64.
 
     ``fn(*inputs, **options)`` returns an array or a tuple of arrays;
@@ -114,8 +151,8 @@ def gradcheck(fn, backward, inputs, *, options=None, eps=1e-4, rtol=1e-6, atol=N
     whose fields ``d<input>`` name positional inputs or array options (e.g.
     ``dbias``); ``None`` fields are skipped.  Cotangents after the first are
     passed as the backward's keyword-only ``d_*`` parameters, in order.
-    Options the backward does not accept (e.g. ``return_lse``) are dropped
-    for it.  The numeric derivative is the fourth-order central difference
+    Options the backward does not take (e.g. ``return_lse``, named by the
+    forward alone) are dropped for it.  The numeric derivative is the fourth-order central difference
     ``(8(L(x+h) - L(x-h)) - (L(x+2h) - L(x-2h))) / 12h``.  An input passes
     when ``max|analytic - numeric| <= atol + rtol · max(|numeric|, |analytic|)``;
     ``atol`` defaults to the rounding error of the difference quotient,
@@ -123,19 +160,21 @@ def gradcheck(fn, backward, inputs, *, options=None, eps=1e-4, rtol=1e-6, atol=N
     Returns a :class:`GradcheckReport`; raises :class:`GradcheckError` on failure.
     """
     options = dict(options or {}, **more_options)
-    inputs = [np.array(x, dtype=np.float64, copy=True) for x in inputs]
-    options = {k: (np.array(v, copy=True) if isinstance(v, np.ndarray) else v) for k, v in options.items()}
+    inputs = [_copy(x) for x in inputs]
+    options = {k: (_copy(v) if isinstance(v, np.ndarray) or hasattr(v, "_fields") else v) for k, v in options.items()}
     rng = np.random.default_rng(seed)
 
     outs = _outputs(fn(*inputs, **options))
-    finite = [np.isfinite(o) for o in outs]
+    finite = [np.isfinite(o) for o in outs]  # bool outputs (validity masks) take no cotangent
     cots = [np.where(f, rng.standard_normal(o.shape), 0.0) for o, f in zip(outs, finite)]
 
     bparams = _params(backward)
-    has_var_kw = bparams is not None and any(p.kind == inspect.Parameter.VAR_KEYWORD for p in bparams.values())
-    b_opts = options if bparams is None or has_var_kw else {k: v for k, v in options.items() if k in bparams}
-    extra_names = [] if bparams is None else [n for n, p in bparams.items()
-                                             if p.kind == inspect.Parameter.KEYWORD_ONLY and n.startswith("d_")]
+    b_opts = options if bparams is None else {k: v for k, v in options.items() if _backward_takes(k, fn, bparams)}
+    extra_names = (
+        []
+        if bparams is None
+        else [n for n, p in bparams.items() if p.kind == inspect.Parameter.KEYWORD_ONLY and n.startswith("d_")]
+    )
     if len(cots) - 1 > len(extra_names):
         raise ValueError(f"gradcheck: fn returns {len(cots)} outputs but backward takes cotangents {extra_names}")
     b_cots = dict(zip(extra_names, cots[1:]))
@@ -149,13 +188,9 @@ def gradcheck(fn, backward, inputs, *, options=None, eps=1e-4, rtol=1e-6, atol=N
     atol_used = 32 * np.finfo(np.float64).eps * (1.0 + magnitude) / eps if atol is None else float(atol)
 
     checks = []
-    for fname, kind, key, g in _grad_targets(fn, grads, len(inputs), options):
-        x = inputs[key] if kind == "pos" else options[key]
-        if not (isinstance(x, np.ndarray) and x.dtype.kind == "f"):
-            raise ValueError(f"gradcheck: {fname} belongs to {key!r}, which is not a float array")
-        g = np.asarray(g, dtype=np.float64)
+    for name, x, g in _grad_targets(fn, grads, inputs, options):
         if g.shape != x.shape:
-            raise ValueError(f"gradcheck: {fname} has shape {g.shape}, its input has shape {x.shape}")
+            raise ValueError(f"gradcheck: the gradient of {name} has shape {g.shape}, the input {x.shape}")
         numeric = np.zeros(x.shape)
         for idx in np.ndindex(*x.shape):
             x0 = x[idx]
@@ -173,11 +208,18 @@ def gradcheck(fn, backward, inputs, *, options=None, eps=1e-4, rtol=1e-6, atol=N
         err = float(diff.max()) if x.size else 0.0
         scale = max(float(np.max(np.abs(numeric), initial=0.0)), float(np.nanmax(np.abs(g), initial=0.0)))
         rel = err / scale if scale > 0 else err
-        checks.append(InputCheck(
-            name=key if kind == "opt" else fname[1:], shape=x.shape, max_abs_error=err, rel_error=rel,
-            allowed=atol_used + rtol * scale, worst_index=tuple(int(i) for i in worst),
-            analytic=float(g[worst]) if x.size else 0.0, numeric=float(numeric[worst]) if x.size else 0.0,
-        ))
+        checks.append(
+            InputCheck(
+                name=name,
+                shape=x.shape,
+                max_abs_error=err,
+                rel_error=rel,
+                allowed=atol_used + rtol * scale,
+                worst_index=tuple(int(i) for i in worst),
+                analytic=float(g[worst]) if x.size else 0.0,
+                numeric=float(numeric[worst]) if x.size else 0.0,
+            )
+        )
     report = GradcheckReport(checks, eps, rtol)
     if raise_on_failure and not report.passed:
         raise GradcheckError(report)

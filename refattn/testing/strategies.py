@@ -14,7 +14,24 @@ import numpy as np
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-__all__ = ["Case", "finite_floats", "sdpa_cases", "softmax_cases", "weights_cases"]
+__all__ = [
+    "Case",
+    "allocation_cases",
+    "chunked_cases",
+    "combine_cases",
+    "decode_cases",
+    "finite_floats",
+    "linear_cases",
+    "multihead_cases",
+    "online_cases",
+    "paged_cases",
+    "relative_cases",
+    "rope_cases",
+    "sdpa_cases",
+    "softmax_cases",
+    "topk_cases",
+    "weights_cases",
+]
 
 
 @dataclass
@@ -41,7 +58,7 @@ def _floats_array(draw, shape, bound=2.0):
 def _sub_shape(draw, shape, min_dims=0):
     """A shape that broadcasts to ``shape`` without enlarging it (dims kept or set to 1, leading dims dropped)."""
     ndim = draw(st.integers(min(min_dims, len(shape)), len(shape)))
-    tail = shape[len(shape) - ndim:]
+    tail = shape[len(shape) - ndim :]
     return tuple(draw(st.sampled_from([n, 1])) for n in tail)
 
 
@@ -124,4 +141,223 @@ def softmax_cases(draw, *, for_gradcheck=False):
         opts["mask"] = draw(hnp.arrays(bool, _sub_shape(draw, shape, 1), elements=st.booleans()))
     policies = ["zero", "uniform"] if for_gradcheck else ["zero", "nan", "uniform"]
     opts["empty_rows"] = draw(st.sampled_from(policies))
+    return Case((x,), opts)
+
+
+# ---- variants (issue: every attention variant) ------------------------------------------------
+
+
+def _seeded_noise(draw, shape, scale):
+    """Continuous noise from a drawn seed: breaks the exact ties Hypothesis likes to produce."""
+    seed = draw(st.integers(0, 2**32 - 1))
+    return scale * np.random.default_rng(seed).standard_normal(shape)
+
+
+@st.composite
+def relative_cases(draw, *, for_gradcheck=False):
+    """Cases for ``relative_attention``: an sdpa case plus ``rel_k``, ``rel_v`` and ``max_distance``."""
+    case = draw(sdpa_cases(for_gradcheck=for_gradcheck))
+    q, k, v = case.inputs
+    m = draw(st.integers(0, 3))
+    rel_k = _floats_array(draw, (2 * m + 1, q.shape[-1]))
+    rel_v = _floats_array(draw, (2 * m + 1, v.shape[-1]))
+    return Case((q, k, v, rel_k, rel_v), {**case.options, "max_distance": m})
+
+
+def _topk_gap(case, top_k):
+    from refattn.attention import sdpa as core
+
+    opts = {n: v for n, v in case.options.items() if n not in ("return_lse", "top_k")}
+    logits = core.forward_scores(core.validate(*case.inputs, **opts)).logits
+    finite = np.where(np.isfinite(logits), logits, -1e300)
+    srt = -np.sort(-finite, axis=-1)
+    if top_k >= logits.shape[-1]:
+        return np.inf
+    return float(np.min(srt[..., top_k - 1] - srt[..., top_k]))
+
+
+@st.composite
+def topk_cases(draw, *, for_gradcheck=False):
+    """Cases for ``topk_attention``; for gradients the k-th and (k+1)-th logits are ≥ 1e-3 apart."""
+    case = draw(sdpa_cases(for_gradcheck=for_gradcheck))
+    q, k, v = case.inputs
+    q = q + _seeded_noise(draw, q.shape, 0.1)
+    case = Case((q, k, v), {**case.options, "top_k": draw(st.integers(1, 4))})
+    if for_gradcheck:
+        from hypothesis import assume
+
+        assume(_topk_gap(case, case.options["top_k"]) > 1e-3)
+    return case
+
+
+@st.composite
+def linear_cases(draw, *, for_gradcheck=False):
+    """Cases for ``linear_attention`` (``"relu"`` only off the gradient check: its kink at 0)."""
+    batch = draw(st.sampled_from([(), (2,)]))
+    hk = draw(st.integers(1, 2))
+    hq = hk * draw(st.integers(1, 2))
+    causal = draw(st.booleans())
+    lq = draw(st.integers(1, 4))
+    lk = lq if causal else draw(st.integers(1, 4))
+    d, dv = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    inputs = (
+        _floats_array(draw, batch + (hq, lq, d)),
+        _floats_array(draw, batch + (hk, lk, d)),
+        _floats_array(draw, batch + (hk, lk, dv)),
+    )
+    if for_gradcheck:  # elu+1 is C¹ but not C² at 0: keep finite differences off the kink
+        from hypothesis import assume
+
+        q, k = (x + _seeded_noise(draw, x.shape, 0.05) for x in inputs[:2])
+        assume(min(np.min(np.abs(q), initial=1.0), np.min(np.abs(k), initial=1.0)) > 1e-3)
+        inputs = (q, k, inputs[2])
+    maps = ["elu+1"] if for_gradcheck else ["elu+1", "relu"]
+    opts = {"feature_map": draw(st.sampled_from(maps)), "causal": causal}
+    if draw(st.booleans()):
+        opts["eps"] = draw(st.sampled_from([0.0, 1e-3, 0.5])) if not for_gradcheck else 0.5
+    return Case(inputs, opts)
+
+
+@st.composite
+def chunked_cases(draw, *, for_gradcheck=False):
+    case = draw(sdpa_cases(for_gradcheck=for_gradcheck))
+    return Case(case.inputs, {**case.options, "chunk_size": draw(st.integers(1, 5))})
+
+
+@st.composite
+def online_cases(draw, *, for_gradcheck=False):
+    case = draw(sdpa_cases(for_gradcheck=for_gradcheck))
+    return Case(case.inputs, {**case.options, "block_q": draw(st.integers(1, 5)), "block_k": draw(st.integers(1, 5))})
+
+
+@st.composite
+def combine_cases(draw, *, for_gradcheck=False):
+    """Split-KV partials ``outs (S, H, Lq, Dv)`` and ``lses (S, H, Lq)`` with some ``-inf``."""
+    s, h, lq, dv = draw(st.integers(1, 3)), draw(st.integers(1, 2)), draw(st.integers(1, 4)), draw(st.integers(1, 3))
+    outs = _floats_array(draw, (s, h, lq, dv))
+    lses = _with_neg_inf(draw, _floats_array(draw, (s, h, lq), 3.0))
+    return Case((outs, lses), {})
+
+
+@st.composite
+def decode_cases(draw, *, for_gradcheck=False):
+    """KV-cache decoding: ``q (B, Hq, Lq, D)``, caches ``(B, Hk, Lc, D)``, lengths in ``[Lq, Lc]``."""
+    b, hk = draw(st.integers(1, 2)), draw(st.integers(1, 2))
+    hq = hk * draw(st.integers(1, 2))
+    lq, extra = draw(st.integers(1, 3)), draw(st.integers(0, 3))
+    lc = lq + extra
+    d, dv = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    inputs = (
+        _floats_array(draw, (b, hq, lq, d)),
+        _floats_array(draw, (b, hk, lc, d)),
+        _floats_array(draw, (b, hk, lc, dv)),
+    )
+    lengths = np.array([draw(st.integers(lq, lc)) for _ in range(b)])
+    opts = {"cache_lengths": lengths, "causal": draw(st.booleans())}
+    if draw(st.booleans()):
+        opts["window"] = (draw(st.one_of(st.none(), st.integers(0, 3))), draw(st.one_of(st.none(), st.integers(0, 3))))
+    if draw(st.booleans()):
+        opts["softcap"] = draw(st.floats(0.5, 5.0))
+    if draw(st.booleans()):
+        opts["sinks"] = _floats_array(draw, (hq,))
+    opts["empty_rows"] = draw(st.sampled_from(["zero", "uniform"] if for_gradcheck else ["zero", "nan", "uniform"]))
+    return Case(inputs, opts)
+
+
+@st.composite
+def paged_cases(draw, *, for_gradcheck=False):
+    """Paged KV: ``pages (P, Hk, page, D)``, a block table of page ids (−1 unused), lengths."""
+    n_pages, hk, page, d = (
+        draw(st.integers(1, 4)),
+        draw(st.integers(1, 2)),
+        draw(st.integers(1, 3)),
+        draw(st.integers(1, 3)),
+    )
+    b, max_pages = draw(st.integers(1, 2)), draw(st.integers(1, 3))
+    table = np.array([[draw(st.integers(-1, n_pages - 1)) for _ in range(max_pages)] for _ in range(b)])
+    lengths = []
+    for row in table:
+        usable = 0
+        while usable < max_pages and row[usable] >= 0:
+            usable += 1
+        lengths.append(draw(st.integers(0, usable * page)))
+    return Case((_floats_array(draw, (n_pages, hk, page, d)),), {"block_table": table, "lengths": np.array(lengths)})
+
+
+@st.composite
+def allocation_cases(draw, *, for_gradcheck=False):
+    """Gated attention: an sdpa case plus an ``AllocationGate`` with G hidden units."""
+    from refattn.attention.allocation import AllocationGate
+
+    case = draw(sdpa_cases(for_gradcheck=for_gradcheck))
+    q = case.inputs[0]
+    g = draw(st.integers(1, 3))
+    w1 = _floats_array(draw, (q.shape[-1], g)) + _seeded_noise(draw, (q.shape[-1], g), 0.1)
+    gate = AllocationGate(
+        w1, _floats_array(draw, (g,)) + 0.05, _floats_array(draw, (g,)), np.array(draw(finite_floats()))
+    )
+    if for_gradcheck:
+        from hypothesis import assume
+
+        z1 = np.asarray(q) @ w1 + gate.b1
+        assume(np.min(np.abs(z1)) > 1e-3)  # away from relu's kink
+    return Case(case.inputs + (gate,), case.options)
+
+
+@st.composite
+def multihead_cases(draw, *, for_gradcheck=False):
+    """Multi-head attention: self or cross, GQA, optional biases, head gate, masks, causal."""
+    from refattn.attention.multihead import MHAParams
+
+    batch = draw(st.sampled_from([(), (2,)]))
+    hk = draw(st.integers(1, 2))
+    hq = hk * draw(st.integers(1, 2))
+    dk, dv, d_model = draw(st.integers(1, 2)), draw(st.integers(1, 2)), draw(st.integers(1, 3))
+    lq = draw(st.integers(1, 3))
+    cross = draw(st.booleans())
+    lk = draw(st.integers(1, 3)) if cross else lq
+    d_kv = draw(st.integers(1, 3)) if cross else d_model
+    x = _floats_array(draw, batch + (lq, d_model))
+
+    def maybe(shape):
+        return _floats_array(draw, shape) if draw(st.booleans()) else None
+
+    params = MHAParams(
+        _floats_array(draw, (d_model, hq * dk)),
+        _floats_array(draw, (d_kv, hk * dk)),
+        _floats_array(draw, (d_kv, hk * dv)),
+        _floats_array(draw, (hq * dv, d_model)),
+        maybe((hq * dk,)),
+        maybe((hk * dk,)),
+        maybe((hk * dv,)),
+        maybe((d_model,)),
+    )
+    opts = {"num_heads": hq, "num_kv_heads": hk}
+    if cross:
+        opts["kv"] = _floats_array(draw, batch + (lk, d_kv))
+    if draw(st.booleans()):
+        opts["head_mask"] = _floats_array(draw, (hq,))
+    if draw(st.booleans()):
+        opts["mask"] = draw(hnp.arrays(bool, batch + (1, 1, lk), elements=st.booleans()))
+    if draw(st.booleans()):
+        opts["causal"] = True
+        if lq != lk:
+            opts["align"] = draw(st.sampled_from(["top_left", "bottom_right"]))
+    opts["empty_rows"] = draw(st.sampled_from(["zero", "uniform"] if for_gradcheck else ["zero", "nan", "uniform"]))
+    return Case((x, params), opts)
+
+
+@st.composite
+def rope_cases(draw, *, for_gradcheck=False):
+    """RoPE: ``x (B?, H?, L, D)`` (D even), positions, style, rotary_dim, base."""
+    lead = draw(st.sampled_from([(), (2,), (2, 2)]))
+    length, half = draw(st.integers(1, 4)), draw(st.integers(1, 3))
+    x = _floats_array(draw, lead + (length, 2 * half))
+    opts = {"style": draw(st.sampled_from(["half", "interleaved"]))}
+    if draw(st.booleans()):
+        opts["positions"] = draw(hnp.arrays(np.float64, (length,), elements=st.floats(-50, 50)))
+    if draw(st.booleans()):
+        opts["rotary_dim"] = 2 * draw(st.integers(0, half))
+    if draw(st.booleans()):
+        opts["base"] = draw(st.sampled_from([10000.0, 500.0, 1e6]))
     return Case((x,), opts)

@@ -41,8 +41,9 @@ def test_forward_and_backward_match_mpmath(case):
     tol = TABLE["tolerance"]
     assert _rel_error(out, _expected(case["expected"]["out"])) <= tol["forward"]
     assert _rel_error(lse, _expected(case["expected"]["lse"])) <= tol["forward"]
-    grads = refattn.sdpa_backward(_decode(case["d_out"]), inputs["q"], inputs["k"], inputs["v"],
-                                  d_lse=_decode(case["d_lse"]), **options)
+    grads = refattn.sdpa_backward(
+        _decode(case["d_out"]), inputs["q"], inputs["k"], inputs["v"], d_lse=_decode(case["d_lse"]), **options
+    )
     checked = 0
     for field, values in case["expected"].items():
         if field.startswith("d"):
@@ -58,8 +59,10 @@ def test_table_is_the_mpmath_evaluation_of_its_inputs():
 
     for case in TABLE["cases"][:2]:
         inputs = {n: _decode(a) for n, a in case["inputs"].items()}
-        options = {n: _mp(a) if isinstance(a, np.ndarray) else a
-                   for n, a in ((n, _decode(a)) for n, a in case["options"].items())}
+        options = {
+            n: _mp(a) if isinstance(a, np.ndarray) else a
+            for n, a in ((n, _decode(a)) for n, a in case["options"].items())
+        }
         out, _ = mp_sdpa(*(_mp(inputs[n]) for n in "qkv"), options)
         for got, want in zip(_flat(out), case["expected"]["out"]):
             assert abs(got - mp.mpf(want)) <= mp.mpf("1e-20") * (1 + abs(got))

@@ -94,8 +94,11 @@ def check_permuting_keys_and_values_changes_nothing(case):
     score_shape = np.broadcast_shapes(q.shape[:-1], k.shape[:-3] + (1, 1))[:-1] + (q.shape[-2], k.shape[-2])
 
     def permute_keys(a):
-        return np.broadcast_to(a, np.broadcast_shapes(np.shape(a), (1,) * (len(score_shape) - 1) + (1,)))[..., perm] \
-            if np.shape(a)[-1] == k.shape[-2] else a
+        return (
+            np.broadcast_to(a, np.broadcast_shapes(np.shape(a), (1,) * (len(score_shape) - 1) + (1,)))[..., perm]
+            if np.shape(a)[-1] == k.shape[-2]
+            else a
+        )
 
     for name in ("mask", "bias", "dropout_mask"):
         if name in opts:
@@ -227,22 +230,35 @@ MUTANTS = {
     "unnormalised": lambda mp: _patch_normalize(mp, _unnormalised),
     "lse_without_max": lambda mp: _patch_normalize(mp, _lse_without_max),
     "stray_zero_logit": lambda mp: _patch_normalize(
-        mp, lambda real, s, e, sink: real(s, e, np.zeros(s.shape[:-1]) if sink is None else sink)),
+        mp, lambda real, s, e, sink: real(s, e, np.zeros(s.shape[:-1]) if sink is None else sink)
+    ),
     "neg_inf_sink_as_zero": lambda mp: _patch_normalize(
-        mp, lambda real, s, e, sink: real(s, e, None if sink is None else np.where(np.isneginf(sink), 0.0, sink))),
+        mp, lambda real, s, e, sink: real(s, e, None if sink is None else np.where(np.isneginf(sink), 0.0, sink))
+    ),
     "sinks_ignored": lambda mp: _patch_normalize(mp, lambda real, s, e, sink: real(s, e, None)),
     "probabilities_misaligned_with_values": lambda mp: _patch_normalize(
-        mp, lambda real, s, e, sink: (lambda nz: nz._replace(p=np.roll(nz.p, 1, axis=-1)))(real(s, e, sink))),
+        mp, lambda real, s, e, sink: (lambda nz: nz._replace(p=np.roll(nz.p, 1, axis=-1)))(real(s, e, sink))
+    ),
     "gqa_tile": lambda mp: mp.setattr(
-        sdpa_mod, "expand_kv", lambda x, g: x if g == 1 else np.tile(x, (1,) * (x.ndim - 3) + (g, 1, 1))),
+        sdpa_mod, "expand_kv", lambda x, g: x if g == 1 else np.tile(x, (1,) * (x.ndim - 3) + (g, 1, 1))
+    ),
     "causal_off_by_one": lambda mp: mp.setattr(
-        masks_mod, "_band", (lambda real: lambda lq, lk, o, left, right: real(
-            lq, lk, o, left, None if right is None else right + 1))(masks_mod._band)),
+        masks_mod,
+        "_band",
+        (lambda real: lambda lq, lk, o, left, right: real(lq, lk, o, left, None if right is None else right + 1))(
+            masks_mod._band
+        ),
+    ),
     "bottom_right_off_by_one": lambda mp: mp.setattr(
-        masks_mod, "alignment_offset", (lambda real: lambda lq, lk, align, what="": real(lq, lk, align, what=what)
-                                        + (align == "bottom_right"))(masks_mod.alignment_offset)),
+        masks_mod,
+        "alignment_offset",
+        (lambda real: lambda lq, lk, align, what="": real(lq, lk, align, what=what) + (align == "bottom_right"))(
+            masks_mod.alignment_offset
+        ),
+    ),
     "window_none_as_zero": lambda mp: mp.setattr(
-        masks_mod, "check_window", lambda w, name="window": tuple(0 if x is None else x for x in w)),
+        masks_mod, "check_window", lambda w, name="window": tuple(0 if x is None else x for x in w)
+    ),
 }
 
 

@@ -85,6 +85,7 @@ def test_array_likes_are_accepted_and_converted_once():
 def test_lengths_equal_needs_no_align_and_align_is_ignored_without_structure():
     q = Q[:, :, :3]
     k, v = K[:, :, :3], V[:, :, :3]
-    np.testing.assert_array_equal(refattn.sdpa(q, k, v, causal=True),
-                                  refattn.sdpa(q, k, v, causal=True, align="top_left"))
+    np.testing.assert_array_equal(
+        refattn.sdpa(q, k, v, causal=True), refattn.sdpa(q, k, v, causal=True, align="top_left")
+    )
     np.testing.assert_array_equal(refattn.sdpa(Q, K, V, align="bottom_right"), refattn.sdpa(Q, K, V))

@@ -23,17 +23,30 @@ def _cases():
         return np.round(rng.standard_normal(shape) * s, 6)
 
     yield "plain", dict(q=arr(1, 2, 2), k=arr(1, 3, 2), v=arr(1, 3, 2)), {}
-    yield "causal_bottom_right_softcap_scale", dict(q=arr(1, 2, 3), k=arr(1, 4, 3), v=arr(1, 4, 2)), dict(
-        causal=True, align="bottom_right", softcap=1.5, scale=0.7)
+    yield (
+        "causal_bottom_right_softcap_scale",
+        dict(q=arr(1, 2, 3), k=arr(1, 4, 3), v=arr(1, 4, 2)),
+        dict(causal=True, align="bottom_right", softcap=1.5, scale=0.7),
+    )
     bias = arr(2, 2, 3)
     bias[0, 1, 2] = -np.inf
     mask = np.array([[True, True, False], [False, False, False]])
-    yield "gqa_bias_mask_empty_row_sinks", dict(q=arr(2, 2, 2), k=arr(1, 3, 2), v=arr(1, 3, 2)), dict(
-        bias=bias, mask=mask, sinks=np.array([0.3, -np.inf]))
-    yield "dropout_window_uniform_empty", dict(q=arr(1, 3, 2), k=arr(1, 3, 2), v=arr(1, 3, 1)), dict(
-        window=(1, 0), mask=np.array([[True, True, True], [False, True, True], [True, False, False]]),
-        dropout_p=0.25, dropout_mask=np.array([[True, False, True], [True, True, True], [False, True, True]]),
-        empty_rows="uniform")
+    yield (
+        "gqa_bias_mask_empty_row_sinks",
+        dict(q=arr(2, 2, 2), k=arr(1, 3, 2), v=arr(1, 3, 2)),
+        dict(bias=bias, mask=mask, sinks=np.array([0.3, -np.inf])),
+    )
+    yield (
+        "dropout_window_uniform_empty",
+        dict(q=arr(1, 3, 2), k=arr(1, 3, 2), v=arr(1, 3, 1)),
+        dict(
+            window=(1, 0),
+            mask=np.array([[True, True, True], [False, True, True], [True, False, False]]),
+            dropout_p=0.25,
+            dropout_mask=np.array([[True, False, True], [True, True, True], [False, True, True]]),
+            empty_rows="uniform",
+        ),
+    )
     yield "large_logits", dict(q=arr(1, 2, 2, s=20.0), k=arr(1, 3, 2, s=20.0), v=arr(1, 3, 2)), {}
 
 
@@ -153,15 +166,20 @@ def main():
         d_out = np.round(rng.standard_normal((hq, lq, inputs["v"].shape[-1])), 6)
         d_lse = np.round(rng.standard_normal((hq, lq)), 6)
         out, lse, grads = evaluate(inputs, options, d_out, d_lse)
-        table.append({
-            "name": name,
-            "inputs": {n: _encode(a) for n, a in inputs.items()},
-            "options": {n: _encode(a) for n, a in options.items()},
-            "d_out": _encode(d_out),
-            "d_lse": _encode(d_lse),
-            "expected": {"out": [_json_float(x) for x in _flat(out)], "lse": [_json_float(x) for x in _flat(lse)],
-                         **grads},
-        })
+        table.append(
+            {
+                "name": name,
+                "inputs": {n: _encode(a) for n, a in inputs.items()},
+                "options": {n: _encode(a) for n, a in options.items()},
+                "d_out": _encode(d_out),
+                "d_lse": _encode(d_lse),
+                "expected": {
+                    "out": [_json_float(x) for x in _flat(out)],
+                    "lse": [_json_float(x) for x in _flat(lse)],
+                    **grads,
+                },
+            }
+        )
     doc = {"digits": 50, "tolerance": {"forward": 1e-14, "backward": 1e-14}, "cases": table}
     PATH.write_text(json.dumps(doc, indent=1) + "\n")
 

@@ -45,8 +45,12 @@ def test_checks_keyword_array_options_and_extra_cotangents():
     rng = np.random.default_rng(1)
     q, k, v = rng.standard_normal((2, 3, 2)), rng.standard_normal((2, 4, 2)), rng.standard_normal((2, 4, 3))
     bias = rng.standard_normal((3, 4))
-    report = gradcheck(refattn.sdpa, refattn.sdpa_backward, (q, k, v),
-                       options=dict(bias=bias, sinks=np.array([0.1, -0.3]), return_lse=True))
+    report = gradcheck(
+        refattn.sdpa,
+        refattn.sdpa_backward,
+        (q, k, v),
+        options=dict(bias=bias, sinks=np.array([0.1, -0.3]), return_lse=True),
+    )
     assert [c.name for c in report.checks] == ["q", "k", "v", "bias", "sinks"]
     assert report.max_rel_error < 1e-8
 

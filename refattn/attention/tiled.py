@@ -1,0 +1,264 @@
+"""Tiled formulations of sdpa: query chunks, the online-softmax (FlashAttention-2) algorithm,
+and the split-KV merge.  Each equals :func:`refattn.sdpa` on every option it accepts.
+
+* ``sdpa_chunked(q, k, v, *, chunk_size)``: sdpa on query chunks of ``chunk_size`` rows
+  (the memory-efficient recipe); masks, bias and dropout are sliced with global indices.
+* ``sdpa_online(q, k, v, *, block_q, block_k)``: the FlashAttention-2 forward — for each
+  query block, a running max ``m``, sum ``l`` and accumulator over key blocks; no
+  ``Lq × Lk`` array (only ``block_q × block_k`` tiles).  Blocks need not divide the lengths.
+* ``sdpa_online_backward``: the FlashAttention-2 backward — ``P`` recomputed from ``lse``,
+  ``Δ = rowsum(dO ∘ O)``.
+* ``combine_partials(outs (S, ..., Lq, Dv), lses (S, ..., Lq))``: merge split-KV partials,
+  ``lse = logsumexp_s lse_s``, ``out = Σ_s exp(lse_s − lse) out_s``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from refattn._validate import RefAttnError, as_cotangent, as_flag, as_float, as_int, unbroadcast
+from refattn.attention import sdpa as _sdpa
+
+__all__ = [
+    "CombineGrads",
+    "combine_partials",
+    "combine_partials_backward",
+    "sdpa_chunked",
+    "sdpa_chunked_backward",
+    "sdpa_online",
+    "sdpa_online_backward",
+]
+
+
+class CombineGrads(NamedTuple):
+    douts: np.ndarray
+    dlses: np.ndarray
+
+
+def _blocks(n, size):
+    return [(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+# ---- query chunks ---------------------------------------------------------------------------
+
+
+def _chunk_options(a, options, i0, i1):
+    """sdpa options for query rows ``i0:i1``: structure as an explicit mask, arrays sliced."""
+    sliced = {
+        k: v for k, v in options.items() if k not in ("mask", "bias", "dropout_mask", "causal", "window", "align")
+    }
+    rows = (Ellipsis, slice(i0, i1), slice(None))
+    if a.allowed is not None:
+        sliced["mask"] = np.broadcast_to(a.allowed, a.score_shape)[rows]
+    if a.bias is not None:
+        sliced["bias"] = np.broadcast_to(a.bias, a.score_shape)[rows]
+    if options.get("dropout_mask") is not None:
+        sliced["dropout_mask"] = np.broadcast_to(np.asarray(options["dropout_mask"]), a.score_shape)[rows]
+    return sliced
+
+
+def sdpa_chunked(q, k, v, *, chunk_size, return_lse=False, **options):
+    """sdpa computed ``chunk_size`` query rows at a time; same results and options as :func:`refattn.sdpa`."""
+    chunk = as_int(chunk_size, "chunk_size", minimum=1)
+    return_lse = as_flag(return_lse, "return_lse")
+    a = _sdpa.validate(q, k, v, **options)
+    parts = [
+        _sdpa.sdpa(a.q[..., i0:i1, :], a.k, a.v, return_lse=True, **_chunk_options(a, options, i0, i1))
+        for i0, i1 in _blocks(a.q.shape[-2], chunk)
+    ]
+    out = np.concatenate([np.broadcast_to(o, a.score_shape[:-3] + o.shape[-3:]) for o, _ in parts], axis=-2)
+    lse = np.concatenate([np.broadcast_to(m, a.score_shape[:-3] + m.shape[-2:]) for _, m in parts], axis=-1)
+    return (out, lse) if return_lse else out
+
+
+def sdpa_chunked_backward(d_out, q, k, v, *, chunk_size, d_lse=None, **options):
+    """Gradients of :func:`sdpa_chunked`: per chunk, dq rows written, dk/dv/dbias/dsinks summed."""
+    chunk = as_int(chunk_size, "chunk_size", minimum=1)
+    a = _sdpa.validate(q, k, v, **options)
+    d_o = as_cotangent(d_out, a.score_shape[:-1] + a.v.shape[-1:], "d_out")
+    dl = None if d_lse is None else as_cotangent(d_lse, a.score_shape[:-1], "d_lse")
+    dq = np.zeros(a.score_shape[:-1] + a.q.shape[-1:])
+    dk, dv = np.zeros(a.k.shape), np.zeros(a.v.shape)
+    dbias = None if a.bias is None else np.zeros(a.score_shape)
+    dsinks = None if a.sinks is None else np.zeros(a.sinks.shape)
+    for i0, i1 in _blocks(a.q.shape[-2], chunk):
+        g = _sdpa.sdpa_backward(
+            d_o[..., i0:i1, :],
+            a.q[..., i0:i1, :],
+            a.k,
+            a.v,
+            d_lse=None if dl is None else dl[..., i0:i1],
+            **_chunk_options(a, options, i0, i1),
+        )
+        dq[..., i0:i1, :] = g.dq
+        dk, dv = dk + g.dk, dv + g.dv
+        if dbias is not None:
+            dbias[..., i0:i1, :] = g.dbias
+        if dsinks is not None:
+            dsinks = dsinks + g.dsinks
+    dbias = None if dbias is None else unbroadcast(dbias, a.bias.shape)
+    return _sdpa.SDPAGrads(unbroadcast(dq, a.q.shape), dk, dv, dbias, dsinks)
+
+
+# ---- online softmax (FlashAttention-2) ------------------------------------------------------
+
+
+class _Tiles:
+    """Broadcast views of the per-score arrays and the tile score function."""
+
+    def __init__(self, a):
+        self.a = a
+        self.ke = _sdpa.expand_kv(a.k, a.groups)  # (..., Hq, Lk, D)
+        self.ve = _sdpa.expand_kv(a.v, a.groups)  # (..., Hq, Lk, Dv)
+        self.allowed = None if a.allowed is None else np.broadcast_to(a.allowed, a.score_shape)
+        self.bias = None if a.bias is None else np.broadcast_to(a.bias, a.score_shape)
+        self.keep = None if a.keep_scale is None else np.broadcast_to(a.keep_scale, a.score_shape)
+        self.sink = None if a.sinks is None else np.broadcast_to(a.sinks[..., None], a.score_shape[:-1])
+
+    def scores(self, i0, i1, j0, j1):
+        """Tile logits ``(..., Hq, bq, bk)`` (−inf where disallowed) and ``tanh(s0/c)`` or None."""
+        a, tile = self.a, (Ellipsis, slice(i0, i1), slice(j0, j1))
+        s = a.scale * (a.q[..., i0:i1, :] @ np.swapaxes(self.ke[..., j0:j1, :], -1, -2))
+        t = None
+        if a.softcap is not None:
+            t = np.tanh(s / a.softcap)
+            s = a.softcap * t
+        if self.bias is not None:
+            s = s + self.bias[tile]
+        if self.allowed is not None:
+            s = np.where(self.allowed[tile], s, -np.inf)
+        return s, t
+
+    def keep_tile(self, p, i0, i1, j0, j1):
+        return p if self.keep is None else p * self.keep[..., i0:i1, j0:j1]
+
+    def uniform_rows(self, i0, i1):
+        """Output of 'uniform' empty rows ``(..., Hq, bq, Dv)``: the (dropped-out) mean of v."""
+        lk = self.a.k.shape[-2]
+        w = np.ones(self.a.score_shape[:-2] + (i1 - i0, lk)) if self.keep is None else self.keep[..., i0:i1, :]
+        return (w / lk) @ self.ve
+
+
+def sdpa_online(q, k, v, *, block_q, block_k, return_lse=False, **options):
+    """The FlashAttention-2 forward; same results and options as :func:`refattn.sdpa`."""
+    bq, bk = as_int(block_q, "block_q", minimum=1), as_int(block_k, "block_k", minimum=1)
+    return_lse = as_flag(return_lse, "return_lse")
+    a = _sdpa.validate(q, k, v, **options)
+    tiles = _Tiles(a)
+    lq, lk, dv = a.q.shape[-2], a.k.shape[-2], a.v.shape[-1]
+    out = np.zeros(a.score_shape[:-1] + (dv,))
+    lse = np.zeros(a.score_shape[:-1])
+    for i0, i1 in _blocks(lq, bq):
+        rows = a.score_shape[:-2] + (i1 - i0,)
+        m = np.full(rows, -np.inf) if tiles.sink is None else tiles.sink[..., i0:i1].copy()  # running max
+        l = np.where(np.isfinite(m), 1.0, 0.0)  # running sum; the sink contributes exp(σ - m) = 1
+        acc = np.zeros(rows + (dv,))  # running Σ P̃ v, scaled by exp(-m)
+        for j0, j1 in _blocks(lk, bk):
+            s, _ = tiles.scores(i0, i1, j0, j1)  # (..., Hq, bq, bk)
+            m_new = np.maximum(m, s.max(axis=-1))
+            m_safe = np.where(np.isneginf(m_new), 0.0, m_new)
+            alpha = np.exp(m - m_safe)  # rescales the old sums; 0 while m = -inf
+            p = np.exp(s - m_safe[..., None])
+            l = l * alpha + p.sum(axis=-1)
+            acc = acc * alpha[..., None] + tiles.keep_tile(p, i0, i1, j0, j1) @ tiles.ve[..., j0:j1, :]
+            m = m_new
+        empty = l == 0.0
+        out[..., i0:i1, :] = acc / np.where(empty, 1.0, l)[..., None]
+        with np.errstate(divide="ignore"):
+            lse[..., i0:i1] = np.where(empty, -np.inf, m + np.log(np.where(empty, 1.0, l)))
+        if empty.any() and a.empty_rows != "zero":
+            fill = np.nan if a.empty_rows == "nan" else tiles.uniform_rows(i0, i1)
+            out[..., i0:i1, :] = np.where(empty[..., None], fill, out[..., i0:i1, :])
+    return (out, lse) if return_lse else out
+
+
+def sdpa_online_backward(d_out, q, k, v, *, block_q, block_k, d_lse=None, **options):
+    """The FlashAttention-2 backward (P recomputed from lse, ``Δ = rowsum(dO ∘ O)``) → ``SDPAGrads``."""
+    bq, bk = as_int(block_q, "block_q", minimum=1), as_int(block_k, "block_k", minimum=1)
+    a = _sdpa.validate(q, k, v, **options)
+    out, lse = sdpa_online(q, k, v, block_q=bq, block_k=bk, return_lse=True, **options)
+    tiles = _Tiles(a)
+    lq, lk = a.q.shape[-2], a.k.shape[-2]
+    d_o = as_cotangent(d_out, out.shape, "d_out")
+    empty = np.isneginf(lse)  # (..., Hq, Lq)
+    dl = np.zeros(lse.shape) if d_lse is None else np.where(empty, 0.0, as_cotangent(d_lse, lse.shape, "d_lse"))
+    delta = np.einsum("...ie,...ie->...i", d_o, out)  # (..., Hq, Lq)  Δ = Σ_j P dP = dO·O
+    lse_safe = np.where(empty, 0.0, lse)
+    dq = np.zeros(a.score_shape[:-1] + a.q.shape[-1:])
+    dke = np.zeros(a.score_shape[:-3] + tiles.ke.shape[-3:])
+    dve = np.zeros(a.score_shape[:-3] + tiles.ve.shape[-3:])
+    dbias = None if a.bias is None else np.zeros(a.score_shape)
+    fill = {"zero": 0.0, "nan": np.nan, "uniform": 1.0 / lk}[a.empty_rows]
+    for j0, j1 in _blocks(lk, bk):
+        for i0, i1 in _blocks(lq, bq):
+            rows = (Ellipsis, slice(i0, i1))
+            s, t = tiles.scores(i0, i1, j0, j1)
+            p = np.exp(s - lse_safe[rows][..., None])  # (..., Hq, bq, bk)
+            e = empty[rows][..., None]
+            p = np.where(e, fill, p)
+            # out = P̃ ṽ
+            dve[..., j0:j1, :] += np.swapaxes(tiles.keep_tile(p, i0, i1, j0, j1), -1, -2) @ d_o[rows + (slice(None),)]
+            dp = tiles.keep_tile(
+                d_o[rows + (slice(None),)] @ np.swapaxes(tiles.ve[..., j0:j1, :], -1, -2), i0, i1, j0, j1
+            )
+            # P = exp(s - lse)
+            ds = p * (dp - delta[rows][..., None] + dl[rows][..., None])
+            if a.empty_rows == "uniform":
+                ds = np.where(e, 0.0, ds)
+            if dbias is not None:
+                dbias[..., i0:i1, j0:j1] = ds
+            if t is not None:
+                ds = ds * (1.0 - t**2)
+            # s0 = scale q k̃ᵀ
+            dq[..., i0:i1, :] += a.scale * (ds @ tiles.ke[..., j0:j1, :])
+            dke[..., j0:j1, :] += a.scale * (np.swapaxes(ds, -1, -2) @ a.q[..., i0:i1, :])
+    dsinks = None
+    if a.sinks is not None:
+        p_sink = np.where(empty, 0.0, np.exp(tiles.sink - lse_safe))
+        dsinks = unbroadcast((p_sink * (dl - delta)).sum(axis=-1), a.sinks.shape)
+    return _sdpa.SDPAGrads(
+        unbroadcast(dq, a.q.shape),
+        unbroadcast(_sdpa.reduce_kv(dke, a.groups), a.k.shape),
+        unbroadcast(_sdpa.reduce_kv(dve, a.groups), a.v.shape),
+        None if dbias is None else unbroadcast(dbias, a.bias.shape),
+        dsinks,
+    )
+
+
+# ---- split-KV merge -------------------------------------------------------------------------
+
+
+def _combine_setup(outs, lses):
+    outs = as_float(outs, "outs", ndim_min=2)
+    lses = as_float(lses, "lses", ndim_min=1, allow_neg_inf=True)
+    if outs.shape[:-1] != lses.shape:
+        raise RefAttnError(f"lses: expected shape {outs.shape[:-1]} (outs without its last dim), got {lses.shape}")
+    m = lses.max(axis=0)  # (..., Lq)
+    empty = np.isneginf(m)
+    m_safe = np.where(empty, 0.0, m)
+    e = np.exp(lses - m_safe)  # (S, ..., Lq)
+    total = e.sum(axis=0)
+    w = e / np.where(empty, 1.0, total)  # exp(lse_s - lse)
+    with np.errstate(divide="ignore"):
+        lse = np.where(empty, -np.inf, m_safe + np.log(np.where(empty, 1.0, total)))
+    return outs, lses, w, lse
+
+
+def combine_partials(outs, lses):
+    """Merge split-KV partials: ``(out (..., Lq, Dv), lse (..., Lq))``; all-empty rows give 0 and ``-inf``."""
+    outs, _, w, lse = _combine_setup(outs, lses)
+    return np.einsum("s...i,s...ie->...ie", w, outs), lse
+
+
+def combine_partials_backward(d_out, outs, lses, *, d_lse=None):
+    """Gradients of :func:`combine_partials` → :class:`CombineGrads` (``douts``, ``dlses``)."""
+    outs, lses, w, lse = _combine_setup(outs, lses)
+    out = np.einsum("s...i,s...ie->...ie", w, outs)
+    d_o = as_cotangent(d_out, out.shape, "d_out")
+    dl = np.zeros(lse.shape) if d_lse is None else as_cotangent(d_lse, lse.shape, "d_lse")
+    # out = Σ_s w_s out_s, w_s = exp(lse_s - lse), lse = logsumexp_s lse_s
+    douts = w[..., None] * d_o  # (S, ..., Lq, Dv)
+    dlses = w * (np.einsum("s...ie,...ie->s...i", outs - out, d_o) + dl)  # (S, ..., Lq)
+    return CombineGrads(douts, dlses)
