@@ -5,11 +5,13 @@ A per-query gate ``g_i ∈ (0, 1)`` scales query i's scores before everything el
     g_i  = sigmoid(relu(q_i W1 + b1) · w2 + b2)           (..., Hq, Lq)
     s0_ij = g_i · scale · q_i·k_j                           then sdpa's steps 2-7
 
-``gate = AllocationGate(w1 (D, G), b1 (G,), w2 (G,), b2 ())``; other options as sdpa.
+``gate = AllocationGate(w1 (D, G), b1 (G,), w2 (G,), b2 ())`` (also a 4-tuple or a mapping, with
+``w2 (G, 1)``/``b2 (1,)`` accepted; gradients come back in the layout given); options as sdpa.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import NamedTuple
 
 import numpy as np
@@ -39,32 +41,51 @@ class AllocationGrads(NamedTuple):
 
 
 def _gate(gate, d):
+    """Validated gate in the canonical layout, and a function restoring the caller's layout.
+
+    Accepts an ``AllocationGate``, any 4-tuple ``(W1, b1, W2, b2)`` or a mapping with those keys
+    (any case); ``W2`` may be ``(G,)`` or ``(G, 1)`` and ``b2`` ``()`` or ``(1,)``.
+    """
+    if isinstance(gate, Mapping):
+        lower = {str(k).lower(): v for k, v in gate.items()}
+        missing = [n for n in AllocationGate._fields if n not in lower]
+        if missing:
+            raise RefAttnError(f"gate: expected keys w1, b1, w2, b2, missing {missing}")
+        gate = tuple(lower[n] for n in AllocationGate._fields)
     if not isinstance(gate, tuple) or len(gate) != 4:
         raise RefAttnError(f"gate: expected AllocationGate(w1, b1, w2, b2), got {type(gate).__name__}")
-    w1, b1, w2, b2 = (as_float(x, f"gate.{n}") for x, n in zip(gate, AllocationGate._fields))
+    raw = [as_float(x, f"gate.{n}") for x, n in zip(gate, AllocationGate._fields)]
+    shapes = [x.shape for x in raw]
+    w1, b1, w2, b2 = raw
     hidden = w1.shape[-1] if w1.ndim == 2 else -1
+    w2 = w2.reshape(-1) if w2.shape == (hidden, 1) else w2
+    b2 = b2.reshape(()) if b2.shape == (1,) else b2
     expected = {"w1": (d, hidden), "b1": (hidden,), "w2": (hidden,), "b2": ()}
     for name, x in zip(AllocationGate._fields, (w1, b1, w2, b2)):
         if x.shape != expected[name] or hidden < 1:
             raise RefAttnError(f"gate.{name}: expected shape {expected[name]} (w1 (D={d}, G)), got {x.shape}")
-    return AllocationGate(w1, b1, w2, b2)
+
+    def restore(grads):
+        return AllocationGate(*(np.reshape(g, shape) for g, shape in zip(grads, shapes)))
+
+    return AllocationGate(w1, b1, w2, b2), restore
 
 
 def _setup(q, k, v, gate, options):
     a = _sdpa.validate(q, k, v, **options)
-    gt = _gate(gate, a.q.shape[-1])
+    gt, restore = _gate(gate, a.q.shape[-1])
     z1 = a.q @ gt.w1 + gt.b1  # (..., Hq, Lq, G)
     h = np.maximum(z1, 0.0)
     g = 1.0 / (1.0 + np.exp(-(h @ gt.w2 + gt.b2)))  # (..., Hq, Lq)
     raw, ke = _sdpa.qk_scores(a)  # (..., Hq, Lq, Lk)
     f = _sdpa.forward_scores(a, g[..., None] * raw, ke)
-    return a, gt, z1, h, g, raw, f
+    return a, gt, restore, z1, h, g, raw, f
 
 
 def allocation_attention(q, k, v, gate, *, return_lse=False, **options):
     """Gated attention ``out (..., Hq, Lq, Dv)`` [, ``lse``]; ``options`` as :func:`refattn.sdpa`."""
     return_lse = as_flag(return_lse, "return_lse")
-    a, _, _, _, _, _, f = _setup(q, k, v, gate, options)
+    a, *_, f = _setup(q, k, v, gate, options)
     pd = f.p if a.keep_scale is None else f.p * a.keep_scale
     out = pd @ _sdpa.expand_kv(a.v, a.groups)
     return (out, f.lse.copy()) if return_lse else out
@@ -72,7 +93,7 @@ def allocation_attention(q, k, v, gate, *, return_lse=False, **options):
 
 def allocation_attention_backward(d_out, q, k, v, gate, *, d_lse=None, **options):
     """Gradients of :func:`allocation_attention` → :class:`AllocationGrads`."""
-    a, gt, z1, h, g, raw, f = _setup(q, k, v, gate, options)
+    a, gt, restore, z1, h, g, raw, f = _setup(q, k, v, gate, options)
     d_o = as_cotangent(d_out, a.score_shape[:-1] + (a.v.shape[-1],), "d_out")
     dl = None if d_lse is None else as_cotangent(d_lse, a.score_shape[:-1], "d_lse")
     dp, dve, _ = _sdpa.backward_values(a, f, d_o, _sdpa.expand_kv(a.v, a.groups))
@@ -90,4 +111,4 @@ def allocation_attention_backward(d_out, q, k, v, gate, *, d_lse=None, **options
     db1 = dz1.reshape(-1, dz1.shape[-1]).sum(axis=0)
     dq = dq + unbroadcast(dz1 @ gt.w1.T, a.q.shape)
     dv = unbroadcast(_sdpa.reduce_kv(dve, a.groups), a.v.shape)
-    return AllocationGrads(dq, dk, dv, AllocationGate(dw1, db1, dw2, db2), dbias, dsinks)
+    return AllocationGrads(dq, dk, dv, restore((dw1, db1, dw2, db2)), dbias, dsinks)
