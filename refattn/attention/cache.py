@@ -1,9 +1,11 @@
 """KV-cache decoding and paged KV gathering.
 
 * ``decode(q (B, Hq, Lq, D), k_cache (B, Hk, Lc, D), v_cache (B, Hk, Lc, Dv), *, cache_lengths (B,))``:
-  the new queries (the last ``Lq`` tokens of each sequence, already appended to the cache)
-  attend to the first ``cache_lengths[b]`` cached keys; ``causal``/``window`` are aligned
-  bottom-right to that valid length (query i sits at position ``cache_lengths[b] − Lq + i``).
+  the new queries (the last ``Lq`` tokens of each sequence, normally already appended to the
+  cache) attend to the first ``cache_lengths[b]`` (≥ 1) cached keys: it is sdpa on each
+  sequence's valid prefix, ``causal``/``window`` aligned bottom-right to it (query i sits at
+  position ``cache_lengths[b] − Lq + i``).  Slots past a length are not keys at all (they never
+  enter a softmax, not even the ``"uniform"`` empty-row mean).
 * ``paged_gather(pages (P, Hk, page_size, D), block_table (B, max_pages), lengths (B,))``:
   dense ``(B, Hk, max_pages·page_size, D)`` keys (zero beyond each length) and a validity
   mask ``(B, max_pages·page_size)``.
@@ -15,8 +17,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from refattn import masks as _masks
-from refattn._validate import RefAttnError, as_bool, as_cotangent, as_flag, as_float
+from refattn._validate import RefAttnError, as_cotangent, as_flag, as_float, unbroadcast
 from refattn.attention import sdpa as _sdpa
 
 __all__ = ["DecodeGrads", "PagedGatherGrads", "decode", "decode_backward", "paged_gather", "paged_gather_backward"]
@@ -44,52 +45,67 @@ def _int_array(x, name, ndim):
     return a.astype(np.int64)
 
 
-def cache_band(lq, length, causal, window):
-    """Causal/window mask ``(lq, length)`` of the new queries over a cache of ``length`` keys (bottom-right)."""
-    return _masks.structural(lq, length, causal=causal, window=window, align="bottom_right")
+DECODE_ALIGN = "bottom_right"  # the new queries are the newest tokens of each sequence
+_PER_SCORE = ("mask", "bias", "dropout_mask")
 
 
-def _decode_options(q, k_cache, cache_lengths, options):
+def _decode_setup(q, k_cache, v_cache, cache_lengths, options):
+    """Validated args over the whole cache and the per-sequence sdpa options (cache truncated)."""
     if "align" in options:
         raise RefAttnError("align: decode is always aligned bottom-right to each cache length; do not pass align")
-    q = np.shape(q)
-    kc = np.shape(k_cache)
-    for name, shape in (("q", q), ("k_cache", kc)):
-        if len(shape) != 4:
-            raise RefAttnError(f"{name}: expected a (B, H, L, D) array, got shape {shape}")
+    for name, x in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if np.ndim(x) != 4:
+            raise RefAttnError(f"{name}: expected a (B, H, L, D) array, got shape {np.shape(x)}")
+    structure = {n: options[n] for n in ("causal", "window") if n in options}
+    rest = {n: v for n, v in options.items() if n not in structure}
+    a = _sdpa.validate(q, k_cache, v_cache, names=_NAMES, **rest)
+    b, lc = a.k.shape[0], a.k.shape[2]
     lens = _int_array(cache_lengths, "cache_lengths", 1)
-    b, lq, lc = kc[0], q[2], kc[2]
-    if lens.shape != (b,) or lens.min(initial=lq) < lq or lens.max(initial=0) > lc:
-        raise RefAttnError(
-            f"cache_lengths: expected {b} lengths in [Lq={lq}, Lc={lc}] (the new tokens are in the cache), "
-            f"got {lens.tolist()}"
-        )
-    causal = options.pop("causal", False)
-    window = options.pop("window", None)
-    valid = np.arange(lc)[None, None, :] < lens[:, None, None]  # (B, 1, Lc)
-    keep = np.broadcast_to(valid, (b, lq, lc)).copy()
-    if causal or window is not None:
-        for i in range(b):
-            band = cache_band(lq, int(lens[i]), causal, window)
-            keep[i, :, : lens[i]] &= band
-    mask = keep[:, None]  # (B, 1, Lq, Lc)
-    if options.get("mask") is not None:
-        mask = mask & as_bool(options["mask"], "mask")
-    return {**options, "mask": mask}
+    if lens.shape != (b,) or lens.min(initial=1) < 1 or lens.max(initial=1) > lc:
+        raise RefAttnError(f"cache_lengths: expected {b} lengths in [1, Lc={lc}], got {lens.tolist()}")
+    per_seq = []
+    for i, n in enumerate(lens):
+        o = {**rest, **structure, "align": DECODE_ALIGN}
+        for name in _PER_SCORE:
+            if rest.get(name) is not None:
+                o[name] = np.broadcast_to(np.asarray(rest[name]), a.score_shape)[i, ..., :n]
+        if a.sinks is not None:
+            o["sinks"] = np.broadcast_to(a.sinks, a.score_shape[:2])[i]
+        per_seq.append((int(n), o))
+    return a, per_seq
 
 
 def decode(q, k_cache, v_cache, *, cache_lengths, return_lse=False, **options):
     """Attention of new queries over a KV cache; ``out (B, Hq, Lq, Dv)`` [, ``lse``]."""
-    opts = _decode_options(q, k_cache, cache_lengths, dict(options))
-    return _sdpa.run_forward(
-        _sdpa.validate(q, k_cache, v_cache, names=_NAMES, **opts), as_flag(return_lse, "return_lse")
-    )
+    return_lse = as_flag(return_lse, "return_lse")
+    a, per_seq = _decode_setup(q, k_cache, v_cache, cache_lengths, options)
+    parts = [_sdpa.sdpa(a.q[i], a.k[i, :, :n], a.v[i, :, :n], return_lse=True, **o) for i, (n, o) in enumerate(per_seq)]
+    out, lse = np.stack([p[0] for p in parts]), np.stack([p[1] for p in parts])
+    return (out, lse) if return_lse else out
 
 
 def decode_backward(d_out, q, k_cache, v_cache, *, cache_lengths, d_lse=None, **options):
-    """Gradients of :func:`decode` → :class:`DecodeGrads` (zero for cache entries past each length)."""
-    opts = _decode_options(q, k_cache, cache_lengths, dict(options))
-    return DecodeGrads(*_sdpa.run_backward(_sdpa.validate(q, k_cache, v_cache, names=_NAMES, **opts), d_out, d_lse))
+    """Gradients of :func:`decode` → :class:`DecodeGrads` (zero for cache slots past each length)."""
+    a, per_seq = _decode_setup(q, k_cache, v_cache, cache_lengths, options)
+    d_o = as_cotangent(d_out, a.score_shape[:-1] + a.v.shape[-1:], "d_out")
+    dl = None if d_lse is None else as_cotangent(d_lse, a.score_shape[:-1], "d_lse")
+    dq, dk, dv = np.zeros(a.q.shape), np.zeros(a.k.shape), np.zeros(a.v.shape)
+    dbias = None if a.bias is None else np.zeros(a.score_shape)
+    dsinks = None if a.sinks is None else np.zeros(a.score_shape[:2])
+    for i, (n, o) in enumerate(per_seq):
+        g = _sdpa.sdpa_backward(d_o[i], a.q[i], a.k[i, :, :n], a.v[i, :, :n], d_lse=None if dl is None else dl[i], **o)
+        dq[i], dk[i, :, :n], dv[i, :, :n] = g.dq, g.dk, g.dv
+        if dbias is not None:
+            dbias[i, ..., :n] = g.dbias
+        if dsinks is not None:
+            dsinks[i] = g.dsinks
+    return DecodeGrads(
+        dq,
+        dk,
+        dv,
+        None if dbias is None else unbroadcast(dbias, a.bias.shape),
+        None if dsinks is None else unbroadcast(dsinks, a.sinks.shape),
+    )
 
 
 def _paged_setup(pages, block_table, lengths):

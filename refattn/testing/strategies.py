@@ -244,15 +244,14 @@ def decode_cases(draw, *, for_gradcheck=False):
     """KV-cache decoding: ``q (B, Hq, Lq, D)``, caches ``(B, Hk, Lc, D)``, lengths in ``[Lq, Lc]``."""
     b, hk = draw(st.integers(1, 2)), draw(st.integers(1, 2))
     hq = hk * draw(st.integers(1, 2))
-    lq, extra = draw(st.integers(1, 3)), draw(st.integers(0, 3))
-    lc = lq + extra
+    lq, lc = draw(st.integers(1, 3)), draw(st.integers(1, 5))
     d, dv = draw(st.integers(1, 3)), draw(st.integers(1, 3))
     inputs = (
         _floats_array(draw, (b, hq, lq, d)),
         _floats_array(draw, (b, hk, lc, d)),
         _floats_array(draw, (b, hk, lc, dv)),
     )
-    lengths = np.array([draw(st.integers(lq, lc)) for _ in range(b)])
+    lengths = np.array([draw(st.integers(1, lc)) for _ in range(b)])
     opts = {"cache_lengths": lengths, "causal": draw(st.booleans())}
     if draw(st.booleans()):
         opts["window"] = (draw(st.one_of(st.none(), st.integers(0, 3))), draw(st.one_of(st.none(), st.integers(0, 3))))

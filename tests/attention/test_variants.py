@@ -377,6 +377,19 @@ def _online_without_rescaling(mp):
     mp.setattr(tiled, "sdpa_online", run)
 
 
+def _chunks_aligned_locally(mp):
+    """Each chunk gets causal/window relative to its own first row instead of the global one."""
+    real = tiled_mod._chunk_options
+
+    def mutant(a, o, i0, i1):
+        structure = {k: o[k] for k in ("causal", "window") if k in o}
+        plain_opts = _drop(o, "causal", "window", "align", "chunk_size")
+        plain = tiled_mod._sdpa.validate(a.q, a.k, a.v, **plain_opts)
+        return {**real(plain, plain_opts, i0, i1), **structure, "align": o.get("align") or "top_left"}
+
+    mp.setattr(tiled_mod, "_chunk_options", mutant)
+
+
 MUTANTS = {
     "heads_split_in_the_wrong_order": lambda mp: mp.setattr(
         mh_mod,
@@ -392,18 +405,7 @@ MUTANTS = {
         or mp.setattr(refattn, "multihead_attention", mh_mod.multihead_attention)
     ),
     "online_without_rescaling": _online_without_rescaling,
-    "chunks_aligned_locally": lambda mp: mp.setattr(
-        tiled_mod,
-        "_chunk_options",
-        (
-            lambda real: (
-                lambda a, o, i0, i1: {
-                    **_drop(real(a, o, i0, i1), "mask"),
-                    **{k: v for k, v in o.items() if k in ("causal", "window", "align", "mask")},
-                }
-            )
-        )(tiled_mod._chunk_options),
-    ),
+    "chunks_aligned_locally": _chunks_aligned_locally,
     "combine_without_renormalisation": lambda mp: mp.setattr(
         tiled_mod,
         "_combine_setup",
@@ -414,11 +416,7 @@ MUTANTS = {
     "exclusive_prefix_sum": lambda mp: mp.setattr(
         linear_mod, "prefix_sum", lambda x, axis: np.cumsum(x, axis=axis) - x
     ),
-    "decode_aligned_top_left": lambda mp: mp.setattr(
-        cache_mod,
-        "cache_band",
-        lambda lq, n, causal, window: refattn.masks.structural(lq, n, causal=causal, window=window, align="top_left"),
-    ),
+    "decode_aligned_top_left": lambda mp: mp.setattr(cache_mod, "DECODE_ALIGN", "top_left"),
     "rope_without_the_sine_term": _rope_mutant(lambda x, r, cos, sin: (x, r, cos, 0 * sin)),
     "rope_angle_squared": _rope_mutant(
         lambda x, r, cos, sin: (x, r, np.cos(np.arccos(cos) ** 2), np.sin(np.arccos(cos) ** 2))
