@@ -3,7 +3,7 @@
 Public API (re-exports only); see README.md and specs/.
 """
 
-from refattn import attention, masks, testing
+from refattn import attention, masks, metrics, testing
 from refattn._validate import RefAttnError, RefAttnTypeError
 from refattn.attention.allocation import (
     AllocationGate,
@@ -31,6 +31,7 @@ from refattn.attention.sdpa import (
     sdpa_backward,
 )
 from refattn.attention.sparse import topk_attention, topk_attention_backward
+from refattn.rollout import attention_flow, rollout, rollout_backward
 from refattn.softmax import (
     LogSoftmaxGrads,
     LogSumExpGrads,
@@ -77,12 +78,16 @@ __all__ = [
     "SoftmaxGrads",
     "attention_weights",
     "attention",
+    "attention_flow",
     "attention_weights_backward",
     "log_softmax",
     "log_softmax_backward",
     "logsumexp",
     "logsumexp_backward",
     "masks",
+    "metrics",
+    "rollout",
+    "rollout_backward",
     "sdpa",
     "sdpa_backward",
     "softmax",

@@ -21,6 +21,8 @@ _position = importlib.import_module("refattn.attention.position")
 _relative = importlib.import_module("refattn.attention.relative")
 _sparse = importlib.import_module("refattn.attention.sparse")
 _tiled = importlib.import_module("refattn.attention.tiled")
+_rollout = importlib.import_module("refattn.rollout")
+_metrics = importlib.import_module("refattn.metrics")
 
 __all__ = ["OPS", "Op", "get", "register"]
 
@@ -46,10 +48,13 @@ class Op:
     core_ndim: dict = field(default_factory=dict)
     strategy: str = ""
     not_differentiable: str = ""
+    reduces_batch: str = ""  # why a batched call is not a loop over the batch (e.g. a mean over it)
 
     def cases(self, *, for_gradcheck=False):
         from refattn.testing import strategies
 
+        if self.strategy.startswith("metric:"):
+            return strategies.metric_strategy(self.strategy[len("metric:") :])(for_gradcheck=for_gradcheck)
         return getattr(strategies, self.strategy)(for_gradcheck=for_gradcheck)
 
 
@@ -218,3 +223,97 @@ register(
     )
 )
 register(Op("rope", _position.rope, _position.rope_backward, ("x",), ("x",), {"x": 2, "positions": 1}, "rope_cases"))
+
+
+def _rollout_stacked_backward(d_R, attentions, *, return_all=False, **options):
+    """rollout_backward in the registry's form: the per-layer list stacked into ``RolloutGrads``."""
+    import numpy as np
+
+    grads = _rollout.rollout_backward(d_R, attentions, return_all=return_all, **options)
+    return _rollout.RolloutGrads(np.stack(grads))
+
+
+register(
+    Op(
+        "rollout",
+        _rollout.rollout,
+        _rollout_stacked_backward,
+        ("attentions",),
+        ("attentions",),
+        {"attentions": 4, "mask": 1},
+        "rollout_cases",
+    )
+)
+
+_MAP_CORE = {"P": 3, "P1": 3, "P2": 3, "P_heads": 3, "mask": 1, "tokens": 1, "positions": 1, "important": 1}
+for _name in (
+    "entropy",
+    "max_weight",
+    "head_confidence",
+    "js_divergence",
+    "js_distance",
+    "head_diversity",
+    "mean_distance",
+    "locality_score",
+    "expected_offset",
+    "diagonal_strength",
+    "offset_attention",
+    "positional_bias",
+    "self_context_balance",
+    "attention_received",
+    "attention_given",
+    "attention_to",
+    "function_word_ratio",
+    "allocation_efficiency",
+    "previous_token_score",
+    "duplicate_token_score",
+    "induction_score",
+    "pair_attention",
+    "group_attention",
+    "phrase_attention",
+    "entropy_regularizer",
+    "diversity_regularizer",
+):
+    _fwd = getattr(_metrics, _name)
+    _inputs = (
+        ("P1", "P2")
+        if _name.startswith("js_")
+        else ("P_heads",)
+        if _name in ("head_diversity", "diversity_regularizer")
+        else ("P",)
+    )
+    reduces = "a regularizer: one scalar averaged over the batch" if _name.endswith("_regularizer") else ""
+    register(
+        Op(
+            _name,
+            _fwd,
+            getattr(_metrics, _name + "_backward"),
+            _inputs,
+            _inputs,
+            _MAP_CORE,
+            "metric:" + _name,
+            reduces_batch=reduces,
+        )
+    )
+register(
+    Op(
+        "entropy_from_logits",
+        _metrics.entropy_from_logits,
+        _metrics.entropy_from_logits_backward,
+        ("s",),
+        ("s",),
+        {"s": 3, "mask": 1},
+        "logits_cases",
+    )
+)
+register(
+    Op(
+        "value_norms",
+        _metrics.value_norms,
+        _metrics.value_norms_backward,
+        ("P", "x", "w_v", "b_v", "w_o"),
+        ("P", "x", "w_v", "b_v", "w_o"),
+        {"P": 3, "x": 2, "w_v": 2, "b_v": 1, "w_o": 2},
+        "value_norm_cases",
+    )
+)

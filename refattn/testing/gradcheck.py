@@ -77,15 +77,16 @@ def _params(fn):
         return None
 
 
-def _backward_takes(name, fn, bparams):
-    """Whether an option goes to the backward: it names it, or takes ``**kwargs`` and the
-    forward does not name it explicitly (``return_lse`` is the forward's alone)."""
+def _backward_takes(name, bparams):
+    """Whether an option goes to the backward.  Options named ``return_*`` select outputs: they go
+    only to a backward that names them (``rollout_backward`` takes ``return_all``, ``sdpa_backward``
+    does not take ``return_lse``).  Every other option goes to a backward that names it or takes
+    ``**kwargs``."""
     if name in bparams:
         return True
-    if not any(p.kind == inspect.Parameter.VAR_KEYWORD for p in bparams.values()):
+    if name.startswith("return_"):
         return False
-    fparams = _params(fn)
-    return fparams is None or name not in fparams
+    return any(p.kind == inspect.Parameter.VAR_KEYWORD for p in bparams.values())
 
 
 def _outputs(y):
@@ -96,6 +97,8 @@ def _outputs(y):
 
 def _copy(x):
     """A copy of an input (its dtype kept); NamedTuples and tuples of arrays are copied field by field."""
+    if x is None:
+        return None
     if isinstance(x, tuple):
         fields = [None if f is None else _copy(f) for f in x]
         return type(x)(*fields) if hasattr(x, "_fields") else tuple(fields)
@@ -151,8 +154,9 @@ def gradcheck(
     whose fields ``d<input>`` name positional inputs or array options (e.g.
     ``dbias``); ``None`` fields are skipped.  Cotangents after the first are
     passed as the backward's keyword-only ``d_*`` parameters, in order.
-    Options the backward does not take (e.g. ``return_lse``, named by the
-    forward alone) are dropped for it.  The numeric derivative is the fourth-order central difference
+    Options named ``return_*`` (e.g. ``return_lse``) select outputs and
+    reach the backward only if it names them; other options always reach it.
+    The numeric derivative is the fourth-order central difference
     ``(8(L(x+h) - L(x-h)) - (L(x+2h) - L(x-2h))) / 12h``.  An input passes
     when ``max|analytic - numeric| <= atol + rtol · max(|numeric|, |analytic|)``;
     ``atol`` defaults to the rounding error of the difference quotient,
@@ -169,7 +173,7 @@ def gradcheck(
     cots = [np.where(f, rng.standard_normal(o.shape), 0.0) for o, f in zip(outs, finite)]
 
     bparams = _params(backward)
-    b_opts = options if bparams is None else {k: v for k, v in options.items() if _backward_takes(k, fn, bparams)}
+    b_opts = options if bparams is None else {k: v for k, v in options.items() if _backward_takes(k, bparams)}
     extra_names = (
         []
         if bparams is None

@@ -22,14 +22,19 @@ __all__ = [
     "decode_cases",
     "finite_floats",
     "linear_cases",
+    "logits_cases",
+    "map_cases",
+    "metric_strategy",
     "multihead_cases",
     "online_cases",
     "paged_cases",
     "relative_cases",
+    "rollout_cases",
     "rope_cases",
     "sdpa_cases",
     "softmax_cases",
     "topk_cases",
+    "value_norm_cases",
     "weights_cases",
 ]
 
@@ -360,3 +365,189 @@ def rope_cases(draw, *, for_gradcheck=False):
     if draw(st.booleans()):
         opts["base"] = draw(st.sampled_from([10000.0, 500.0, 1e6]))
     return Case((x,), opts)
+
+
+# ---- attention maps for rollout and the metrics ----------------------------------------------
+
+
+def _softmax_rows(x):
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def _maps(draw, shape):
+    """Row-stochastic maps with strictly positive, tie-free entries (softmax of noisy logits)."""
+    logits = _floats_array(draw, shape) + _seeded_noise(draw, shape, 0.3)
+    return _softmax_rows(logits)
+
+
+@st.composite
+def rollout_cases(draw, *, for_gradcheck=False):
+    """Stacked per-layer maps ``(L, H, n, n)`` and every rollout option (mask: real tokens ``(n,)``)."""
+    layers, heads, n = draw(st.integers(1, 3)), draw(st.integers(1, 3)), draw(st.integers(1, 4))
+    opts = {"head_fusion": draw(st.sampled_from(["mean", "max", "min"]))}
+    maps = _maps(draw, (layers, heads, n, n))
+    if draw(st.booleans()):
+        opts["residual"] = draw(st.sampled_from([0.0, 0.3, 0.5, 1.0]))
+    if draw(st.booleans()):
+        opts["start_layer"] = draw(st.integers(0, layers - 1))
+    if draw(st.booleans()):
+        opts["discard_ratio"] = draw(st.sampled_from([0.25, 0.5]))
+    if draw(st.booleans()):
+        opts["renormalize"] = False
+    if draw(st.booleans()):
+        real = np.array([True] + [draw(st.booleans()) for _ in range(n - 1)])
+        opts["mask"] = real
+    if draw(st.booleans()):
+        opts["return_all"] = True
+    if for_gradcheck and opts["head_fusion"] != "mean" and heads > 1:
+        from hypothesis import assume
+
+        srt = np.sort(maps, axis=1)
+        assume(np.min(srt[:, -1] - srt[:, -2]) > 1e-3 and np.min(srt[:, 1] - srt[:, 0]) > 1e-3)  # no tied heads
+    if for_gradcheck and opts.get("discard_ratio"):
+        from hypothesis import assume
+
+        fused = maps.mean(axis=1) if opts["head_fusion"] == "mean" else maps.max(axis=1)
+        srt = np.sort(fused, axis=-1)
+        assume(n < 2 or np.min(np.diff(srt, axis=-1)) > 1e-3)  # the discard selection must not flip
+    return Case((maps,), opts)
+
+
+@st.composite
+def map_cases(draw, *, for_gradcheck=False, square=False, extra=None, second_map=False):
+    """Maps ``(B?, H, Lq, Lk)`` (row-stochastic, positive), an optional key-padding mask, and the
+    metric's own arguments from ``extra(draw, shape)``."""
+    batch = draw(st.sampled_from([(), (2,)]))
+    lq = draw(st.integers(1, 4))
+    lk = lq if square else draw(st.integers(1, 4))
+    shape = batch + (draw(st.integers(1, 3)), lq, lk)
+    inputs = (_maps(draw, shape),) + ((_maps(draw, shape),) if second_map else ())
+    opts = {} if extra is None else extra(draw, shape)
+    if draw(st.booleans()):
+        opts["mask"] = np.array(
+            [[True] + [draw(st.booleans()) for _ in range(lk - 1)] for _ in range(max(int(np.prod(batch)), 1))]
+        ).reshape(batch + (lk,))
+    return Case(inputs, opts)
+
+
+def _token_ids(draw, shape):
+    return {
+        "tokens": np.array([draw(st.integers(0, 2)) for _ in range(int(np.prod(shape[:-3] + shape[-1:])))]).reshape(
+            shape[:-3] + shape[-1:]
+        )
+    }
+
+
+def _key_choice(name):
+    def extra(draw, shape):
+        lk = shape[-1]
+        return {name: sorted(draw(st.sets(st.integers(0, lk - 1), min_size=1, max_size=lk)))}
+
+    return extra
+
+
+def _words(draw, shape):
+    return {"tokens": [draw(st.sampled_from(["the", "cat", "of", "sat", "a", "mat"])) for _ in range(shape[-1])]}
+
+
+def _pairs(draw, shape):
+    lq, lk = shape[-2:]
+    return {
+        "pairs": [(draw(st.integers(0, lq - 1)), draw(st.integers(0, lk - 1))) for _ in range(draw(st.integers(1, 3)))]
+    }
+
+
+def _groups(draw, shape):
+    n = min(shape[-2:])
+    idx = list(range(n))
+    cut = draw(st.integers(0, n))
+    return {"groups": [g for g in (idx[:cut], idx[cut:]) if g]}
+
+
+def _tags(draw, shape):
+    return {"pos_tags": [draw(st.sampled_from(["DET", "ADJ", "NOUN", "VERB"])) for _ in range(min(shape[-2:]))]}
+
+
+def _offset(draw, shape):
+    return {"offset": draw(st.integers(-2, 2))}
+
+
+def metric_strategy(name):
+    """The case strategy factory of a registered metric (see ``refattn/_registry.py``)."""
+    square = name in ("previous_token_score", "duplicate_token_score", "induction_score")
+    extra = {
+        "duplicate_token_score": _token_ids,
+        "induction_score": _token_ids,
+        "attention_to": _key_choice("positions"),
+        "allocation_efficiency": _key_choice("important"),
+        "function_word_ratio": _words,
+        "pair_attention": _pairs,
+        "group_attention": _groups,
+        "phrase_attention": _tags,
+        "offset_attention": _offset,
+    }.get(name)
+
+    def cases(*, for_gradcheck=False):
+        strategy = map_cases(
+            for_gradcheck=for_gradcheck, square=square, extra=extra, second_map=name in ("js_divergence", "js_distance")
+        )
+        if for_gradcheck and name in _SMOOTHNESS:
+            strategy = strategy.filter(_SMOOTHNESS[name])
+        return strategy
+
+    return cases
+
+
+def _gap_to_second(case):
+    p = np.sort(case.inputs[0], axis=-1)
+    return p.shape[-1] < 2 or np.min(p[..., -1] - p[..., -2]) > 1e-3
+
+
+def _offset_away_from_zero(case):
+    p = case.inputs[0]
+    i = np.arange(p.shape[-2])
+    return np.min(np.abs((p * np.arange(p.shape[-1])).sum(-1) - i)) > 1e-3
+
+
+def _distinct_maps(case):
+    from refattn.metrics import js_divergence
+
+    return np.min(js_divergence(*case.inputs, mask=case.options.get("mask"))) > 1e-6
+
+
+def _entropy_off_target(case):
+    from refattn.metrics import entropy
+    from refattn.metrics._maps import attention_map, key_counts
+
+    m = attention_map(case.inputs[0], case.options.get("mask"))
+    gap = entropy(m.p, mask=m.allowed) - np.log(np.maximum(key_counts(m), 1) / 4.0)
+    return np.min(np.abs(np.where(m.rows, gap, 1.0))) > 1e-3
+
+
+_SMOOTHNESS = {
+    "max_weight": _gap_to_second,
+    "head_confidence": _gap_to_second,
+    "expected_offset": _offset_away_from_zero,
+    "js_distance": _distinct_maps,
+    "entropy_regularizer": _entropy_off_target,
+}
+
+
+@st.composite
+def logits_cases(draw, *, for_gradcheck=False):
+    """Logits ``(B?, H, Lq, Lk)`` with an optional key-padding mask (for ``entropy_from_logits``)."""
+    case = draw(map_cases())
+    return Case((np.log(case.inputs[0]),), case.options)
+
+
+@st.composite
+def value_norm_cases(draw, *, for_gradcheck=False):
+    """``value_norms(P, x, w_v, b_v, w_o)``: maps, token states and per-head value/output weights."""
+    case = draw(map_cases())
+    p = case.inputs[0]
+    h, lk = p.shape[-3], p.shape[-1]
+    d_model, dv = draw(st.integers(1, 3)), draw(st.integers(1, 2))
+    x = _floats_array(draw, p.shape[:-3] + (lk, d_model)) + _seeded_noise(draw, p.shape[:-3] + (lk, d_model), 0.1)
+    b_v = _floats_array(draw, (h * dv,)) if draw(st.booleans()) else None
+    return Case((p, x, _floats_array(draw, (d_model, h * dv)) + 0.1, b_v, _floats_array(draw, (h * dv, d_model)) + 0.1))

@@ -1,0 +1,36 @@
+"""Attention-analysis metrics, one module per family; each differentiable metric has ``*_backward``.
+
+Conventions (``specs/metrics.md``): maps ``(..., H, Lq, Lk)``, rows = queries; ``mask`` is a
+key-padding mask (True = real token) or a full bool mask; padded query rows are left out of every
+average; natural logs; float64; batch-safe.
+"""
+
+from refattn.metrics import (
+    detectors,
+    distribution,
+    importance,
+    linguistic,
+    norms,
+    position,
+    regularizers,
+    summary,
+    tokens,
+)
+from refattn.metrics.detectors import *  # noqa: F403
+from refattn.metrics.distribution import *  # noqa: F403
+from refattn.metrics.importance import *  # noqa: F403
+from refattn.metrics.linguistic import *  # noqa: F403
+from refattn.metrics.norms import *  # noqa: F403
+from refattn.metrics.position import *  # noqa: F403
+from refattn.metrics.regularizers import *  # noqa: F403
+from refattn.metrics.summary import *  # noqa: F403
+from refattn.metrics.tokens import *  # noqa: F403
+
+__all__ = sorted(
+    set().union(
+        *(
+            m.__all__
+            for m in (detectors, distribution, importance, linguistic, norms, position, regularizers, summary, tokens)
+        )
+    )
+)

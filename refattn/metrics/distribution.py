@@ -1,0 +1,259 @@
+"""Distribution metrics of attention rows: entropy, confidence, Jensen–Shannon, head diversity, detectors.
+
+``P (..., H, Lq, Lk)`` or ``(..., Lq, Lk)``; per-row results have shape ``P.shape[:-1]`` (0 on
+padded rows), per-head results ``P.shape[:-2]`` (means over real query rows).  Natural logs;
+``0·log 0 = 0``.  See ``specs/metrics.md``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from refattn._validate import RefAttnError, as_cotangent, as_float, as_real
+from refattn.metrics._maps import (
+    attention_map,
+    interpret_mask,
+    key_counts,
+    masked_grad,
+    row_mean,
+    row_mean_backward,
+)
+
+__all__ = [
+    "EntropyFromLogitsGrads",
+    "EntropyGrads",
+    "HeadDiversityGrads",
+    "JSGrads",
+    "MaxWeightGrads",
+    "detect_collapse",
+    "detect_uniform",
+    "entropy",
+    "entropy_backward",
+    "entropy_from_logits",
+    "entropy_from_logits_backward",
+    "head_confidence",
+    "head_confidence_backward",
+    "head_diversity",
+    "head_diversity_backward",
+    "js_distance",
+    "js_distance_backward",
+    "js_divergence",
+    "js_divergence_backward",
+    "max_weight",
+    "max_weight_backward",
+]
+
+
+class EntropyGrads(NamedTuple):
+    dP: np.ndarray
+
+
+class EntropyFromLogitsGrads(NamedTuple):
+    ds: np.ndarray
+
+
+class MaxWeightGrads(NamedTuple):
+    dP: np.ndarray
+
+
+class JSGrads(NamedTuple):
+    dP1: np.ndarray
+    dP2: np.ndarray
+
+
+class HeadDiversityGrads(NamedTuple):
+    dP_heads: np.ndarray
+
+
+def _xlogx(p):
+    return np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0)
+
+
+def _log_counts(m):
+    n = key_counts(m)
+    return np.where(n > 1, np.log(np.maximum(n, 1)), 0.0)  # a single-key row has entropy 0
+
+
+def entropy(P, *, mask=None, normalize=False):
+    """Row entropy ``−Σ_j P_ij log P_ij`` over allowed keys ``(..., Lq)``; ``normalize``: ÷ log(n allowed)."""
+    m = attention_map(P, mask)
+    h = np.where(m.rows, -_xlogx(m.p).sum(axis=-1), 0.0)
+    if normalize:
+        log_n = _log_counts(m)
+        h = np.where(log_n > 0, h / np.where(log_n > 0, log_n, 1.0), 0.0)
+    return h
+
+
+def entropy_backward(dy, P, *, mask=None, normalize=False):
+    """``dP_ij = −dy_i (log P_ij + 1)`` on allowed entries (÷ log n when normalised).
+
+    Not differentiable where an allowed ``P_ij = 0`` (the derivative is +∞ there; it is returned
+    as ±inf); use :func:`entropy_from_logits` for a gradient that is finite everywhere.
+    """
+    m = attention_map(P, mask)
+    d = as_cotangent(dy, m.p.shape[:-1], "dy")
+    if normalize:
+        log_n = _log_counts(m)
+        d = np.where(log_n > 0, d / np.where(log_n > 0, log_n, 1.0), 0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        g = -d[..., None] * (np.log(m.p) + 1.0)
+    g = np.where((m.p == 0) & (d[..., None] == 0), 0.0, g)
+    return EntropyGrads(masked_grad(m, g))
+
+
+def _logits_parts(s, mask):
+    from refattn.softmax import normalize_last_axis
+
+    x = as_float(s, "s", ndim_min=2, allow_neg_inf=True)
+    logits = np.where(interpret_mask(x.shape, mask)[0], x, -np.inf)
+    nz = normalize_last_axis(logits, "zero")
+    sbar = np.einsum("...j,...j->...", nz.p, np.where(nz.p > 0, logits, 0.0))  # Σ p s over allowed keys
+    return logits, nz, sbar
+
+
+def entropy_from_logits(s, *, mask=None):
+    """Entropy of ``softmax(s)`` over allowed keys ``(..., Lq)``: ``lse − Σ p s``; 0 on empty rows."""
+    _, nz, sbar = _logits_parts(s, mask)
+    return np.where(nz.empty, 0.0, nz.lse - sbar)
+
+
+def entropy_from_logits_backward(dy, s, *, mask=None):
+    """``ds_j = −dy p_j (s_j − Σ_k p_k s_k)``: finite everywhere, 0 on masked entries."""
+    logits, nz, sbar = _logits_parts(s, mask)
+    d = as_cotangent(dy, logits.shape[:-1], "dy")
+    centred = np.where(nz.p > 0, logits - sbar[..., None], 0.0)
+    return EntropyFromLogitsGrads(-d[..., None] * nz.p * centred)
+
+
+def max_weight(P, *, mask=None):
+    """Largest weight of each row ``(..., Lq)`` (0 on padded rows)."""
+    m = attention_map(P, mask)
+    return np.where(m.rows, m.p.max(axis=-1), 0.0)
+
+
+def _argmax_onehot(m):
+    idx = np.argmax(m.p, axis=-1)  # ties: the lower key index
+    return np.arange(m.p.shape[-1]) == idx[..., None]
+
+
+def max_weight_backward(dy, P, *, mask=None):
+    """Subgradient: ``dy`` on each row's (first) maximal entry."""
+    m = attention_map(P, mask)
+    d = as_cotangent(dy, m.p.shape[:-1], "dy")
+    return MaxWeightGrads(masked_grad(m, np.where(_argmax_onehot(m), d[..., None], 0.0)))
+
+
+def head_confidence(P, *, mask=None):
+    """Voita et al. 2019: mean over real query rows of the max weight ``(...,)``; in [1/n, 1]."""
+    m = attention_map(P, mask)
+    return row_mean(np.where(m.rows, m.p.max(axis=-1), 0.0), m.rows)
+
+
+def head_confidence_backward(dy, P, *, mask=None):
+    m = attention_map(P, mask)
+    d = row_mean_backward(as_cotangent(dy, m.p.shape[:-2], "dy"), m.rows)
+    return MaxWeightGrads(masked_grad(m, np.where(_argmax_onehot(m), d[..., None], 0.0)))
+
+
+def _js_parts(P1, P2, mask):
+    m1 = attention_map(P1, mask, name="P1")
+    m2 = attention_map(P2, mask, name="P2")
+    if m1.p.shape != m2.p.shape:
+        raise RefAttnError(f"P2: expected the shape of P1 {m1.p.shape}, got {m2.p.shape}")
+    return m1, m2, 0.5 * (m1.p + m2.p)
+
+
+def js_divergence(P1, P2, *, mask=None):
+    """Jensen–Shannon divergence of each pair of rows ``(..., Lq)``, natural log, in [0, log 2]."""
+    m1, m2, mid = _js_parts(P1, P2, mask)
+    js = 0.5 * (_xlogx(m1.p) + _xlogx(m2.p)).sum(axis=-1) - _xlogx(mid).sum(axis=-1)
+    return np.where(m1.rows, np.maximum(js, 0.0), 0.0)
+
+
+def _half_log_ratio_times(d, a, mid):
+    """``½ d log(a / mid)``: 0 where ``mid = 0`` (masked) or ``d = 0``, ``∓∞`` where ``a = 0 < mid``."""
+    ratio = np.log(np.where(a > 0, a, 1.0) / np.where(mid > 0, mid, 1.0))
+    singular = (a == 0) & (mid > 0) & (d != 0)
+    return np.where(singular, np.where(d > 0, -np.inf, np.inf), np.where(mid > 0, 0.5 * d * ratio, 0.0))
+
+
+def js_divergence_backward(dy, P1, P2, *, mask=None):
+    """``dP1 = ½ dy log(P1/M)``, ``dP2 = ½ dy log(P2/M)``, ``M = (P1 + P2)/2`` (−∞ where P = 0 < M)."""
+    m1, m2, mid = _js_parts(P1, P2, mask)
+    d = as_cotangent(dy, m1.p.shape[:-1], "dy")[..., None]
+    g1 = _half_log_ratio_times(d, m1.p, mid)
+    g2 = _half_log_ratio_times(d, m2.p, mid)
+    return JSGrads(masked_grad(m1, g1), masked_grad(m1, g2))
+
+
+def js_distance(P1, P2, *, mask=None):
+    """``sqrt(js_divergence)``: a metric (the triangle inequality holds)."""
+    return np.sqrt(js_divergence(P1, P2, mask=mask))
+
+
+def js_distance_backward(dy, P1, P2, *, mask=None):
+    """``d√JS = dJS / (2√JS)`` (undefined where the rows are equal: returned as 0 there)."""
+    js = js_divergence(P1, P2, mask=mask)
+    d = as_cotangent(dy, js.shape, "dy")
+    root = np.sqrt(js)
+    return js_divergence_backward(np.where(root > 0, d / (2 * np.where(root > 0, root, 1.0)), 0.0), P1, P2, mask=mask)
+
+
+def _head_vectors(P_heads, mask):
+    m = attention_map(P_heads, mask, name="P_heads")
+    if m.p.ndim < 3:
+        raise RefAttnError(f"P_heads: expected (..., H, Lq, Lk), got shape {m.p.shape}")
+    v = m.p.reshape(m.p.shape[:-2] + (-1,))  # (..., H, Lq·Lk)
+    norms = np.linalg.norm(v, axis=-1)  # (..., H)
+    return m, v, norms
+
+
+def head_diversity(P_heads, *, mask=None):
+    """Mean over head pairs of ``1 − cos(P_h, P_h')`` (maps flattened) ``(...,)``; 0 with one head."""
+    _, v, norms = _head_vectors(P_heads, mask)
+    h = v.shape[-2]
+    if h < 2:
+        return np.zeros(v.shape[:-2])
+    unit = v / np.where(norms > 0, norms, 1.0)[..., None]
+    cos = unit @ np.swapaxes(unit, -1, -2)  # (..., H, H)
+    iu = np.triu_indices(h, 1)
+    return (1.0 - cos[..., iu[0], iu[1]]).mean(axis=-1)
+
+
+def head_diversity_backward(dy, P_heads, *, mask=None):
+    """``d cos(a, b)/da = b/(|a||b|) − cos·a/|a|²``, summed over the pairs of each head."""
+    m, v, norms = _head_vectors(P_heads, mask)
+    h = v.shape[-2]
+    d = as_cotangent(dy, v.shape[:-2], "dy")
+    if h < 2:
+        return HeadDiversityGrads(np.zeros(m.p.shape))
+    safe = np.where(norms > 0, norms, 1.0)
+    unit = v / safe[..., None]
+    cos = unit @ np.swapaxes(unit, -1, -2)
+    w = -d[..., None, None] / (h * (h - 1) / 2)  # d(mean(1 − cos)) / d cos_pair
+    off = 1.0 - np.eye(h)
+    # each unordered pair counted once: Σ_{h'≠h} w (u_h' − cos u_h) / |v_h|
+    gv = (w * off) @ unit - (w * off * cos).sum(axis=-1, keepdims=True) * unit
+    gv = gv / safe[..., None]
+    return HeadDiversityGrads(masked_grad(m, gv.reshape(m.p.shape)))
+
+
+def detect_collapse(P, threshold=0.8, fraction=0.5, *, mask=None):
+    """Heads ``(...,)`` where at least ``fraction`` of real rows put ≥ ``threshold`` on one key."""
+    threshold = as_real(threshold, "threshold", allow_none=False)
+    fraction = as_real(fraction, "fraction", allow_none=False)
+    m = attention_map(P, mask)
+    peaked = (m.p.max(axis=-1) >= threshold).astype(np.float64)
+    return row_mean(peaked, m.rows) >= fraction
+
+
+def detect_uniform(P, tolerance=0.1, *, mask=None):
+    """Heads ``(...,)`` whose every real row has normalised entropy ≥ ``1 − tolerance``."""
+    tolerance = as_real(tolerance, "tolerance", allow_none=False)
+    m = attention_map(P, mask)
+    h = entropy(m.p, mask=m.allowed, normalize=True)
+    single = key_counts(m) <= 1
+    ok = (h >= 1.0 - tolerance) | ~m.rows | single
+    return ok.all(axis=-1)

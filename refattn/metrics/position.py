@@ -1,0 +1,171 @@
+"""Positional metrics: distances, locality, offsets, diagonal, positional bias, self vs context.
+
+``P (..., H, Lq, Lk)``; query i and key j are raw indices (for ``Lq != Lk`` maps the distance
+is still ``|i − j|``).  Per-row results ``P.shape[:-1]`` (0 on padded rows); per-head results
+``P.shape[:-2]``.  Every metric here except ``expected_offset`` is linear in P.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from refattn._validate import as_cotangent, as_int
+from refattn.metrics._maps import attention_map, key_counts, masked_grad, positions, row_mean, row_mean_backward
+
+__all__ = [
+    "MapGrads",
+    "diagonal_strength",
+    "diagonal_strength_backward",
+    "expected_offset",
+    "expected_offset_backward",
+    "locality_score",
+    "locality_score_backward",
+    "mean_distance",
+    "mean_distance_backward",
+    "offset_attention",
+    "offset_attention_backward",
+    "positional_bias",
+    "positional_bias_backward",
+    "self_context_balance",
+    "self_context_balance_backward",
+]
+
+
+class MapGrads(NamedTuple):
+    dP: np.ndarray
+
+
+def _distance(m):
+    i, j = positions(m)
+    return np.abs(i - j)  # (Lq, Lk)
+
+
+def mean_distance(P, *, mask=None):
+    """``Σ_j P_ij |i − j|`` per row ``(..., Lq)``."""
+    m = attention_map(P, mask)
+    return (m.p * _distance(m)).sum(axis=-1)
+
+
+def mean_distance_backward(dy, P, *, mask=None):
+    m = attention_map(P, mask)
+    d = as_cotangent(dy, m.p.shape[:-1], "dy")
+    return MapGrads(masked_grad(m, d[..., None] * _distance(m)))
+
+
+def _half_width(m):
+    n = key_counts(m).astype(np.float64)
+    return np.where(m.rows, n / 2.0, 1.0)
+
+
+def locality_score(P, *, mask=None):
+    """``1 − mean_distance / (n/2)`` per row, n = allowed keys of the row (1 = all on the diagonal)."""
+    m = attention_map(P, mask)
+    return np.where(m.rows, 1.0 - mean_distance(m.p, mask=m.allowed) / _half_width(m), 0.0)
+
+
+def locality_score_backward(dy, P, *, mask=None):
+    m = attention_map(P, mask)
+    d = as_cotangent(dy, m.p.shape[:-1], "dy")
+    return MapGrads(masked_grad(m, -(d / _half_width(m))[..., None] * _distance(m)))
+
+
+def _centre(m):
+    i, j = positions(m)
+    return (m.p * j).sum(axis=-1) - i[:, 0]  # (..., Lq): E_j[j] − i
+
+
+def expected_offset(P, *, mask=None):
+    """``|E_j[j] − i| = |Σ_j P_ij j − i|`` per row (0 on padded rows)."""
+    m = attention_map(P, mask)
+    return np.where(m.rows, np.abs(_centre(m)), 0.0)
+
+
+def expected_offset_backward(dy, P, *, mask=None):
+    """``dP_ij = dy_i sign(E[j] − i) j`` (subgradient 0 where ``E[j] = i``)."""
+    m = attention_map(P, mask)
+    d = as_cotangent(dy, m.p.shape[:-1], "dy")
+    _, j = positions(m)
+    return MapGrads(masked_grad(m, (d * np.sign(_centre(m)))[..., None] * j))
+
+
+def _offset_pattern(m, offset):
+    i, j = positions(m)
+    return (j - i == offset).astype(np.float64)  # (Lq, Lk)
+
+
+def _rows_with_target(m, offset):
+    target = np.arange(m.p.shape[-2]) + offset
+    return m.rows & ((target >= 0) & (target < m.p.shape[-1]))
+
+
+def offset_attention(P, offset, *, mask=None):
+    """Mean over real rows i (with key ``i + offset`` present) of ``P[i, i + offset]`` ``(...,)``.
+
+    ``offset = −1``: previous token; ``0``: self; ``+1``: next token.
+    """
+    m = attention_map(P, mask)
+    offset = as_int(offset, "offset")
+    return row_mean((m.p * _offset_pattern(m, offset)).sum(axis=-1), _rows_with_target(m, offset))
+
+
+def offset_attention_backward(dy, P, offset, *, mask=None):
+    m = attention_map(P, mask)
+    offset = as_int(offset, "offset")
+    rows = _rows_with_target(m, offset)
+    d = row_mean_backward(as_cotangent(dy, m.p.shape[:-2], "dy"), rows)
+    return MapGrads(masked_grad(m, d[..., None] * _offset_pattern(m, offset)))
+
+
+def diagonal_strength(P, *, mask=None):
+    """Mean over real rows of ``P_ii`` ``(...,)`` (``offset_attention`` with offset 0)."""
+    return offset_attention(P, 0, mask=mask)
+
+
+def diagonal_strength_backward(dy, P, *, mask=None):
+    return offset_attention_backward(dy, P, 0, mask=mask)
+
+
+def _regions(m):
+    """One-hot region of each allowed key by its rank among the row's allowed keys: first quarter,
+    middle half, last quarter → ``(..., Lq, Lk, 3)``."""
+    allowed = m.allowed.astype(np.float64)
+    rank = np.cumsum(allowed, axis=-1) - 1.0  # rank among allowed keys
+    n = allowed.sum(axis=-1, keepdims=True)
+    first = (4 * rank < n) & m.allowed
+    last = (4 * rank >= 3 * n) & m.allowed & ~first
+    middle = m.allowed & ~first & ~last
+    return np.stack([first, middle, last], axis=-1).astype(np.float64)
+
+
+def positional_bias(P, *, mask=None):
+    """Mean attention (over real rows) received by the first quarter, middle half and last quarter
+    of each row's allowed keys ``(..., 3)``."""
+    m = attention_map(P, mask)
+    mass = np.einsum("...j,...jr->...r", m.p, _regions(m))  # (..., Lq, 3)
+    return np.stack([row_mean(mass[..., r], m.rows) for r in range(3)], axis=-1)
+
+
+def positional_bias_backward(dy, P, *, mask=None):
+    m = attention_map(P, mask)
+    d = as_cotangent(dy, m.p.shape[:-2] + (3,), "dy")
+    per_row = np.stack([row_mean_backward(d[..., r], m.rows) for r in range(3)], axis=-1)  # (..., Lq, 3)
+    return MapGrads(masked_grad(m, np.einsum("...r,...jr->...j", per_row, _regions(m))))
+
+
+def _self_minus_context(m):
+    i, j = positions(m)
+    return np.where(i == j, 1.0, -1.0)  # (Lq, Lk)
+
+
+def self_context_balance(P, *, mask=None):
+    """Mean over real rows of ``P_ii − Σ_{j≠i} P_ij`` ``(...,)``: +1 all on self, −1 all on context."""
+    m = attention_map(P, mask)
+    return row_mean((m.p * _self_minus_context(m)).sum(axis=-1), m.rows)
+
+
+def self_context_balance_backward(dy, P, *, mask=None):
+    m = attention_map(P, mask)
+    d = row_mean_backward(as_cotangent(dy, m.p.shape[:-2], "dy"), m.rows)
+    return MapGrads(masked_grad(m, d[..., None] * _self_minus_context(m)))

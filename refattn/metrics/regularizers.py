@@ -1,0 +1,73 @@
+"""Regularizers on attention maps, with gradients.
+
+* ``entropy_regularizer(P, target=None)``: mean over real rows (and heads, batch) of
+  ``|H_i − target_i|``; ``target`` defaults to ``log(n_i / 4)`` with ``n_i`` the row's allowed keys
+  (a row spread over about a quarter of its keys); a scalar.
+* ``diversity_regularizer(P_heads)``: mean over maps of the mean pairwise cosine similarity of
+  the heads, ``1 − head_diversity`` (minimise it to make heads differ); a scalar.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from refattn._validate import as_cotangent, as_float
+from refattn.metrics._maps import attention_map, key_counts
+from refattn.metrics.distribution import entropy, entropy_backward, head_diversity, head_diversity_backward
+
+__all__ = [
+    "DiversityRegularizerGrads",
+    "EntropyRegularizerGrads",
+    "diversity_regularizer",
+    "diversity_regularizer_backward",
+    "entropy_regularizer",
+    "entropy_regularizer_backward",
+]
+
+
+class EntropyRegularizerGrads(NamedTuple):
+    dP: np.ndarray
+
+
+class DiversityRegularizerGrads(NamedTuple):
+    dP_heads: np.ndarray
+
+
+def _entropy_gap(P, target, mask):
+    m = attention_map(P, mask)
+    h = entropy(m.p, mask=m.allowed)
+    if target is None:
+        t = np.log(np.maximum(key_counts(m), 1) / 4.0)
+    else:
+        t = np.broadcast_to(as_float(target, "target"), h.shape)
+    count = max(int(m.rows.sum()), 1)
+    return m, h - t, count
+
+
+def entropy_regularizer(P, target=None, *, mask=None):
+    """``mean |H_i − target_i|`` over real rows: a scalar (0-d array)."""
+    m, gap, count = _entropy_gap(P, target, mask)
+    return np.asarray(np.where(m.rows, np.abs(gap), 0.0).sum() / count)
+
+
+def entropy_regularizer_backward(dy, P, target=None, *, mask=None):
+    """``dP = dy · sign(H − target) / count · dH/dP`` (subgradient 0 at ``H = target``)."""
+    m, gap, count = _entropy_gap(P, target, mask)
+    d = float(as_cotangent(dy, (), "dy"))
+    dh = np.where(m.rows, d * np.sign(gap) / count, 0.0)
+    return EntropyRegularizerGrads(entropy_backward(dh, m.p, mask=m.allowed).dP)
+
+
+def diversity_regularizer(P_heads, *, mask=None):
+    """Mean pairwise cosine similarity of the heads, averaged over maps: a scalar."""
+    return np.asarray(np.mean(1.0 - head_diversity(P_heads, mask=mask)))
+
+
+def diversity_regularizer_backward(dy, P_heads, *, mask=None):
+    div = head_diversity(P_heads, mask=mask)
+    d = float(as_cotangent(dy, (), "dy"))
+    return DiversityRegularizerGrads(
+        head_diversity_backward(np.full(div.shape, -d / max(div.size, 1)), P_heads, mask=mask).dP_heads
+    )

@@ -1,0 +1,171 @@
+"""Token-level metrics: attention received/given, top tokens, attention to given positions
+(Clark et al. 2019), function-word ratio, allocation efficiency, special-token bias.
+
+``P (..., H, Lq, Lk)``.  Key sets (``positions``, ``important``, ``special_positions``) are either
+integer key indices (shared by every map) or bool masks over keys — ``P.shape[:-3] + (Lk,)`` or
+``P.shape[:-2] + (Lk,)`` for per-example sets.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from refattn._validate import RefAttnError, as_cotangent, as_int, as_real
+from refattn.metrics._maps import attention_map, key_counts, masked_grad, row_mean, row_mean_backward
+
+__all__ = [
+    "FUNCTION_WORDS",
+    "MapGrads",
+    "allocation_efficiency",
+    "allocation_efficiency_backward",
+    "attention_given",
+    "attention_given_backward",
+    "attention_received",
+    "attention_received_backward",
+    "attention_to",
+    "attention_to_backward",
+    "function_word_ratio",
+    "function_word_ratio_backward",
+    "key_set",
+    "special_token_bias",
+    "top_tokens",
+]
+
+FUNCTION_WORDS = frozenset(
+    "a an the and or but nor so yet if then than that this these those of in on at by for with about against "
+    "between into through during before after above below to from up down over under again further once is am "
+    "are was were be been being have has had do does did not no it its he she they them his her their we us our "
+    "you your i me my as which who whom whose what there here".split()
+)
+
+
+class MapGrads(NamedTuple):
+    dP: np.ndarray
+
+
+def key_set(keys, shape, name="positions"):
+    """A 0/1 float weight over keys broadcastable to a map of ``shape (..., Lq, Lk)``."""
+    lk = shape[-1]
+    a = np.asarray(keys)
+    if a.dtype == bool:
+        if len(shape) >= 3 and a.shape == tuple(shape[:-3]) + (lk,):
+            return a[..., None, None, :].astype(np.float64)
+        if a.shape == tuple(shape[:-2]) + (lk,) or a.shape == (lk,):
+            return a[..., None, :].astype(np.float64)
+        raise RefAttnError(f"{name}: expected key indices or a bool mask over the {lk} keys, got shape {a.shape}")
+    if a.dtype.kind not in "iu" or a.ndim > 1:
+        raise RefAttnError(f"{name}: expected a 1-D list of key indices or a bool mask, got dtype {a.dtype} {a.shape}")
+    if a.size and (a.min() < -lk or a.max() >= lk):
+        raise RefAttnError(f"{name}: expected key indices in [0, {lk}), got {a.tolist()}")
+    w = np.zeros(lk)
+    w[a % lk] = 1.0
+    return w
+
+
+def attention_received(P, *, mask=None):
+    """Mean over real query rows of ``P_ij`` for each key ``(..., Lk)``."""
+    m = attention_map(P, mask)
+    count = np.maximum(m.rows.sum(axis=-1), 1)[..., None]
+    return m.p.sum(axis=-2) / count
+
+
+def attention_received_backward(dy, P, *, mask=None):
+    m = attention_map(P, mask)
+    d = as_cotangent(dy, m.p.shape[:-2] + m.p.shape[-1:], "dy")
+    count = np.maximum(m.rows.sum(axis=-1), 1)[..., None, None]
+    return MapGrads(masked_grad(m, d[..., None, :] / count))
+
+
+def attention_given(P, *, mask=None):
+    """Row mass ``Σ_j P_ij`` over allowed keys ``(..., Lq)`` (1 for a normalised row; less with sinks)."""
+    return attention_map(P, mask).p.sum(axis=-1)
+
+
+def attention_given_backward(dy, P, *, mask=None):
+    m = attention_map(P, mask)
+    d = as_cotangent(dy, m.p.shape[:-1], "dy")
+    return MapGrads(masked_grad(m, d[..., None]))
+
+
+def top_tokens(P, k, *, mask=None):
+    """Indices ``(..., k)`` of the ``k`` keys receiving the most attention (ties: lower index; masked keys last)."""
+    m = attention_map(P, mask)
+    k = as_int(k, "k", minimum=1)
+    if k > m.p.shape[-1]:
+        raise RefAttnError(f"k: expected at most Lk={m.p.shape[-1]}, got {k}")
+    received = attention_received(m.p, mask=m.allowed)
+    real = m.allowed.any(axis=-2)
+    return np.argsort(-np.where(real, received, -np.inf), axis=-1, kind="stable")[..., :k]
+
+
+def attention_to(P, positions, *, mask=None):
+    """Mean over real rows of the mass on the keys in ``positions`` ``(...,)`` (Clark et al.'s [CLS]/[SEP])."""
+    m = attention_map(P, mask)
+    w = key_set(positions, m.p.shape)
+    return row_mean((m.p * w).sum(axis=-1), m.rows)
+
+
+def attention_to_backward(dy, P, positions, *, mask=None):
+    m = attention_map(P, mask)
+    w = key_set(positions, m.p.shape)
+    d = row_mean_backward(as_cotangent(dy, m.p.shape[:-2], "dy"), m.rows)
+    return MapGrads(masked_grad(m, d[..., None] * w))
+
+
+def _share(m, w):
+    """Per row: share of the row's mass on the weighted keys, and the row mass."""
+    mass = m.p.sum(axis=-1)
+    on = (m.p * w).sum(axis=-1)
+    return np.where(mass > 0, on / np.where(mass > 0, mass, 1.0), 0.0), on, mass
+
+
+def _share_backward(dy, m, w):
+    _, on, mass = _share(m, w)
+    d = row_mean_backward(as_cotangent(dy, m.p.shape[:-2], "dy"), m.rows & (mass > 0))
+    safe = np.where(mass > 0, mass, 1.0)[..., None]
+    return MapGrads(masked_grad(m, d[..., None] * (w * safe - on[..., None]) / safe**2))
+
+
+def _function_word_set(P_shape, tokens, function_words):
+    words = np.asarray(tokens, dtype=object)
+    lk = P_shape[-1]
+    if words.shape[-1:] != (lk,):
+        raise RefAttnError(f"tokens: expected the {lk} key tokens (..., Lk), got shape {words.shape}")
+    vocab = {str(w).lower() for w in function_words}
+    is_fw = np.vectorize(lambda t: str(t).lower() in vocab, otypes=[bool])(words)
+    return key_set(is_fw, P_shape, "tokens")
+
+
+def function_word_ratio(P, tokens, function_words=FUNCTION_WORDS, *, mask=None):
+    """Mean over real rows of the share of mass on function-word keys ``(...,)`` (case-insensitive)."""
+    m = attention_map(P, mask)
+    share, _, mass = _share(m, _function_word_set(m.p.shape, tokens, function_words))
+    return row_mean(share, m.rows & (mass > 0))
+
+
+def function_word_ratio_backward(dy, P, tokens, function_words=FUNCTION_WORDS, *, mask=None):
+    m = attention_map(P, mask)
+    return _share_backward(dy, m, _function_word_set(m.p.shape, tokens, function_words))
+
+
+def allocation_efficiency(P, important, *, mask=None):
+    """Mean over real rows of the share of mass that lands on the ``important`` keys ``(...,)``, in [0, 1]."""
+    m = attention_map(P, mask)
+    share, _, mass = _share(m, key_set(important, m.p.shape, "important"))
+    return row_mean(share, m.rows & (mass > 0))
+
+
+def allocation_efficiency_backward(dy, P, important, *, mask=None):
+    m = attention_map(P, mask)
+    return _share_backward(dy, m, key_set(important, m.p.shape, "important"))
+
+
+def special_token_bias(P, special_positions, factor=2, *, mask=None):
+    """Heads ``(...,)`` giving special tokens more than ``factor`` × their uniform share ``|S|/n``."""
+    m = attention_map(P, mask)
+    factor = as_real(factor, "factor", allow_none=False)
+    w = key_set(special_positions, m.p.shape, "special_positions")
+    uniform = (np.broadcast_to(w, m.p.shape) * m.allowed).sum(axis=-1) / np.maximum(key_counts(m), 1)
+    return attention_to(m.p, special_positions, mask=m.allowed) > factor * row_mean(uniform, m.rows)

@@ -1,0 +1,300 @@
+"""Attention rollout and attention flow (Abnar & Zuidema 2020), with the rollout's backward.
+
+Maps are per layer, first layer first: ``(..., H, n, n)`` (or ``(..., n, n)`` with
+``head_fusion=None``), rows = queries.  Per layer::
+
+    Ā = fuse_heads(A)                       mean | max | min over H (None: already fused)
+    Ā = Ā with the ⌊discard_ratio·n⌋ smallest entries of each row set to 0 (ties: lower index first)
+    Â = residual·I + (1 − residual)·Ā       restricted to real tokens when a mask is given
+    Â = Â / rowsum(Â)                       when renormalize
+
+and ``R = Â_L ⋯ Â_{start_layer+1}``: later layers on the **left** (row-vector convention of the
+original code).  Flow is a max-flow on the layered graph with capacities ``Â``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import NamedTuple
+
+import numpy as np
+
+from refattn._validate import RefAttnError, as_bool, as_choice, as_cotangent, as_flag, as_float, as_int, as_real
+
+__all__ = ["HEAD_FUSIONS", "RolloutGrads", "attention_flow", "rollout", "rollout_backward"]
+
+HEAD_FUSIONS = ("mean", "max", "min", None)
+
+
+class RolloutGrads(NamedTuple):
+    """Gradients of rollout for the registry: ``dattentions (L, ..., H, n, n)`` stacked."""
+
+    dattentions: np.ndarray
+
+
+class _Options(NamedTuple):
+    residual: float
+    head_fusion: str | None
+    start_layer: int
+    discard_ratio: float
+    renormalize: bool
+
+
+def _options(residual, head_fusion, start_layer, discard_ratio, renormalize):
+    residual = as_real(residual, "residual", allow_none=False)
+    if not 0.0 <= residual <= 1.0:
+        raise RefAttnError(f"residual: expected a weight in [0, 1], got {residual}")
+    if head_fusion is not None:
+        as_choice(head_fusion, "head_fusion", HEAD_FUSIONS[:-1])
+    discard_ratio = as_real(discard_ratio, "discard_ratio", allow_none=False)
+    if not 0.0 <= discard_ratio < 1.0:
+        raise RefAttnError(f"discard_ratio: expected a fraction in [0, 1), got {discard_ratio}")
+    return _Options(
+        residual,
+        head_fusion,
+        as_int(start_layer, "start_layer", minimum=0),
+        discard_ratio,
+        as_flag(renormalize, "renormalize"),
+    )
+
+
+def _layer(a, index, opts, shape):
+    a = as_float(a, f"attentions[{index}]", ndim_min=3 if opts.head_fusion else 2)
+    if a.shape[-1] != a.shape[-2]:
+        raise RefAttnError(f"attentions[{index}]: expected square maps (..., n, n), got shape {a.shape}")
+    if shape is not None and a.shape != shape:
+        raise RefAttnError(f"attentions[{index}]: expected shape {shape} (as layer 0), got {a.shape}")
+    return a
+
+
+class _Fused(NamedTuple):
+    a_hat: np.ndarray  # (..., n, n) the layer's Â
+    choice: np.ndarray | None  # (..., n, n) head index chosen by max/min fusion
+    keep: np.ndarray | None  # (..., n, n) entries kept by discard_ratio
+    m: np.ndarray  # (..., n, n) before renormalisation
+    rowsum: np.ndarray  # (..., n, 1)
+    pair: np.ndarray | None  # (..., n, n) both tokens real (None: no mask)
+
+
+def _valid(mask, shape):
+    """Real-token mask ``(..., n)`` for fused maps of ``shape`` (..., n, n), or None."""
+    if mask is None:
+        return None
+    m = as_bool(mask, "mask")
+    try:
+        return np.broadcast_to(m, shape[:-1])
+    except ValueError:
+        raise RefAttnError(f"mask: expected a key-padding mask broadcastable to {shape[:-1]}, got {m.shape}") from None
+
+
+def _fuse(a, opts, valid):
+    """One layer's Â ``(..., n, n)`` from its map ``a`` and the intermediates the backward needs."""
+    choice = None
+    if opts.head_fusion == "mean":
+        f = a.mean(axis=-3)
+    elif opts.head_fusion in ("max", "min"):
+        choice = (np.argmax if opts.head_fusion == "max" else np.argmin)(a, axis=-3)
+        f = np.take_along_axis(a, choice[..., None, :, :], axis=-3)[..., 0, :, :]
+    else:
+        f = a
+    n = f.shape[-1]
+    pair = None if valid is None else valid[..., :, None] & valid[..., None, :]  # (..., n, n)
+    if pair is not None:
+        f = np.where(pair, f, 0.0)
+    keep = None
+    drop = int(np.floor(opts.discard_ratio * n))
+    if drop:
+        order = np.argsort(f, axis=-1, kind="stable")  # ascending; ties: lower index first
+        rank = np.empty_like(order)
+        np.put_along_axis(rank, order, np.arange(n), axis=-1)
+        keep = rank >= drop
+        f = f * keep
+    eye = np.eye(n) if pair is None else np.eye(n) * valid[..., None, :]
+    m = opts.residual * eye + (1.0 - opts.residual) * f
+    rowsum = np.ones(m.shape[:-1] + (1,))
+    if opts.renormalize:
+        s = m.sum(axis=-1, keepdims=True)
+        rowsum = np.where(s == 0, 1.0, s)  # rows of padded tokens (or all-zero rows) stay 0
+        m_hat = m / rowsum
+    else:
+        m_hat = m
+    return _Fused(m_hat, choice, keep, m, rowsum, pair)
+
+
+def _layers(attentions, opts, mask):
+    """Yield ``(index, map, fused)`` for the layers taking part, one at a time."""
+    if isinstance(attentions, np.ndarray) or not isinstance(attentions, (Iterable, Iterator)):
+        attentions = list(as_float(attentions, "attentions", ndim_min=3))
+    shape, valid = None, None
+    for index, a in enumerate(attentions):
+        a = _layer(a, index, opts, shape)
+        if shape is None:
+            shape = a.shape
+            fused_shape = a.shape[:-3] + a.shape[-2:] if opts.head_fusion else a.shape
+            valid = _valid(mask, fused_shape)
+        if index >= opts.start_layer:
+            yield index, a, _fuse(a, opts, valid)
+    if shape is None:
+        raise RefAttnError("attentions: expected at least one layer, got none")
+
+
+def rollout(
+    attentions,
+    *,
+    residual=0.5,
+    head_fusion="mean",
+    start_layer=0,
+    discard_ratio=0.0,
+    renormalize=True,
+    mask=None,
+    return_all=False,
+):
+    """Attention rollout ``R (..., n, n)``, or every prefix ``(L', ..., n, n)`` with ``return_all``.
+
+    ``attentions``: a sequence, stacked array or iterator of per-layer maps; an iterator is read
+    one layer at a time (memory does not grow with depth unless ``return_all``).  ``mask``: real
+    tokens ``(..., n)`` (True = real); padded tokens get zero rows and columns and rollout equals
+    that of the cropped maps.
+    """
+    opts = _options(residual, head_fusion, start_layer, discard_ratio, renormalize)
+    return_all = as_flag(return_all, "return_all")
+    r, prefixes = None, []
+    for _, _, fused in _layers(attentions, opts, mask):
+        r = fused.a_hat if r is None else fused.a_hat @ r  # later layers on the left
+        if return_all:
+            prefixes.append(r)
+    if r is None:
+        raise RefAttnError(f"start_layer: expected fewer than the number of layers, got {opts.start_layer}")
+    return np.stack(prefixes) if return_all else r
+
+
+def rollout_backward(
+    d_R,
+    attentions,
+    *,
+    residual=0.5,
+    head_fusion="mean",
+    start_layer=0,
+    discard_ratio=0.0,
+    renormalize=True,
+    mask=None,
+    return_all=False,
+):
+    """Gradients of :func:`rollout`: a list with one array per layer map (zeros before ``start_layer``).
+
+    max/min fusion give the subgradient of the selected head; the discard selection is held fixed.
+    """
+    opts = _options(residual, head_fusion, start_layer, discard_ratio, renormalize)
+    return_all = as_flag(return_all, "return_all")
+    maps, fused = [], []
+    for index, a, f in _layers(attentions, opts, mask):
+        maps.append((index, a))
+        fused.append(f)
+    first = maps[0][0]
+    shape = maps[0][1].shape
+    n_layers = first + len(maps)
+    r_shape = fused[0].a_hat.shape
+    d = as_cotangent(d_R, ((len(fused),) + r_shape) if return_all else r_shape, "d_R")
+    # prefixes P_k = Â_k ⋯ Â_first (P_{-1} = I)
+    prefixes, r = [], None
+    for f in fused:
+        r = f.a_hat if r is None else f.a_hat @ r
+        prefixes.append(r)
+    grads = [np.zeros(shape) for _ in range(n_layers)]
+    g = np.zeros(r_shape)
+    for k in range(len(fused) - 1, -1, -1):
+        # R_k = Â_k R_{k-1}: G_k = dR_k + Â_{k+1}ᵀ G_{k+1}
+        g = g + (d[k] if return_all else (d if k == len(fused) - 1 else 0.0))
+        prev = np.eye(r_shape[-1]) if k == 0 else prefixes[k - 1]
+        d_hat = g @ np.swapaxes(prev, -1, -2)  # (..., n, n)
+        g = np.swapaxes(fused[k].a_hat, -1, -2) @ g
+        grads[first + k] = _fuse_backward(d_hat, fused[k], opts, maps[k][1])
+    return grads
+
+
+def _fuse_backward(d_hat, f, opts, a):
+    """Undo one layer: renormalisation, residual, discard, head fusion → gradient of its map."""
+    if opts.renormalize:
+        # Â = M / rowsum(M)
+        d_m = (d_hat - np.sum(d_hat * f.a_hat, axis=-1, keepdims=True)) / f.rowsum
+        d_m = np.where(f.m.sum(axis=-1, keepdims=True) == 0, 0.0, d_m)
+    else:
+        d_m = d_hat
+    # M = r I + (1 - r) Ā
+    d_f = (1.0 - opts.residual) * d_m
+    if f.keep is not None:
+        d_f = d_f * f.keep
+    if f.pair is not None:  # Ā = where(both tokens real, Ā, 0)
+        d_f = np.where(f.pair, d_f, 0.0)
+    if opts.head_fusion == "mean":
+        return np.broadcast_to(d_f[..., None, :, :] / a.shape[-3], a.shape).copy()
+    if opts.head_fusion in ("max", "min"):
+        out = np.zeros(a.shape)
+        np.put_along_axis(out, f.choice[..., None, :, :], d_f[..., None, :, :], axis=-3)
+        return out
+    return d_f
+
+
+def attention_flow(attentions, *, residual=0.5, head_fusion="mean", output_layer=None, mask=None, normalize=True):
+    """Attention flow ``(..., n, n)``: max-flow from each node of the output layer to each input token.
+
+    Nodes ``(l, i)`` for l = 0..L (0 = input tokens), edges ``(l, i) → (l − 1, j)`` with capacity
+    ``Â^(l)_ij`` (renormalised, as rollout).  ``output_layer`` (1..L, default L) picks the source
+    layer.  Each max-flow is a linear program solved in float64 by SciPy's HiGHS (no integer
+    quantisation); rows are then normalised — a row with no flow at all is an error.
+    ``normalize=False`` returns the raw flows (each ≤ 1, the capacity out of a node).
+    """
+    from scipy.optimize import linprog
+
+    opts = _options(residual, head_fusion, 0, 0.0, True)
+    normalize = as_flag(normalize, "normalize")
+    layers = [f.a_hat for _, _, f in _layers(attentions, opts, mask)]
+    depth = len(layers) if output_layer is None else as_int(output_layer, "output_layer", minimum=1)
+    if depth > len(layers):
+        raise RefAttnError(f"output_layer: expected 1..{len(layers)}, got {depth}")
+    caps = np.stack(layers[:depth])  # (Lo, ..., n, n)
+    n = caps.shape[-1]
+    batch = caps.shape[1:-2]
+    valid = None if mask is None else np.broadcast_to(as_bool(mask, "mask"), batch + (n,))
+    out = np.zeros(batch + (n, n))
+    for b in np.ndindex(*batch):
+        cap = caps[(slice(None),) + b]  # (Lo, n, n): edge (l+1, i) -> (l, j) has capacity cap[l, i, j]
+        ok = np.ones(n, dtype=bool) if valid is None else valid[b]
+        for i in np.flatnonzero(ok):
+            flows = np.array([_max_flow(cap, i, j, linprog) if ok[j] else 0.0 for j in range(n)])
+            total = flows.sum()
+            if total <= 0:
+                raise RefAttnError(f"attentions: output node {i} (batch index {b}) carries no flow to any input token")
+            out[b + (i,)] = flows / total if normalize else flows
+    return out
+
+
+def _max_flow(cap, source, sink, linprog):
+    """Max flow from node ``source`` of the top layer to input token ``sink`` (layered graph, LP).
+
+    Variable ``x[l, i, j]`` is the flow on edge ``(l + 1, i) → (l, j)``, ``0 <= x <= cap[l, i, j]``.
+    """
+    depth, n, _ = cap.shape
+    upper = cap.copy()
+    upper[-1, np.arange(n) != source, :] = 0.0  # only the source emits at the top layer
+    upper[0, :, np.arange(n) != sink] = 0.0  # only the sink absorbs at the bottom layer
+    a_eq = []
+    for layer in range(1, depth):  # conservation at every intermediate node (layer, j)
+        for j in range(n):
+            coef = np.zeros(upper.shape)
+            coef[layer - 1, j, :] += 1.0  # out of (layer, j): edges (layer, j) -> (layer - 1, ·)
+            coef[layer, :, j] -= 1.0  # into (layer, j): edges (layer + 1, ·) -> (layer, j)
+            a_eq.append(coef.ravel())
+    objective = np.zeros(upper.shape)
+    objective[0, :, sink] = -1.0  # maximise the flow into the sink
+    res = linprog(
+        objective.ravel(),
+        A_eq=np.array(a_eq) if a_eq else None,
+        b_eq=np.zeros(len(a_eq)) if a_eq else None,
+        bounds=np.stack([np.zeros(upper.size), upper.ravel()], axis=1),
+        method="highs",
+        options={"primal_feasibility_tolerance": 1e-10, "dual_feasibility_tolerance": 1e-10},
+    )
+    if res.status != 0:
+        raise RefAttnError(f"attention_flow: the max-flow LP failed ({res.message})")
+    return max(-res.fun, 0.0)
