@@ -40,16 +40,17 @@ def _to_numpy(x, name):
         ) from exc
 
 
-def as_float(x, name, *, ndim_min=0, allow_neg_inf=False):
-    """``x`` as a new float64 array; rejects non-real dtypes and non-finite values.
+def as_float(x, name, *, ndim_min=0, allow_neg_inf=False, copy=True):
+    """``x`` as a float64 array; rejects non-real dtypes and non-finite values.
 
     ``allow_neg_inf`` admits ``-inf`` (biases, logits, sinks); NaN and ``+inf``
-    are always rejected.
+    are always rejected.  ``copy=False`` (for large read-only inputs) avoids
+    the copy when ``x`` already is a float64 array; the caller must not write to it.
     """
     a = _to_numpy(x, name)
     if a.dtype == bool or a.dtype.kind not in "iuf":
         raise RefAttnTypeError(f"{name}: expected real numbers (int or float dtype), got dtype {a.dtype}")
-    a = np.array(a, dtype=np.float64, copy=True)
+    a = np.array(a, dtype=np.float64, copy=True) if copy else np.asarray(a, dtype=np.float64)
     if a.ndim < ndim_min:
         raise RefAttnError(f"{name}: expected at least {ndim_min} dimensions, got shape {a.shape}")
     finite = np.isfinite(a)

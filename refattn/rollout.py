@@ -4,7 +4,7 @@ Maps are per layer, first layer first: ``(..., H, n, n)`` (or ``(..., n, n)`` wi
 ``head_fusion=None``), rows = queries.  Per layer::
 
     Ā = fuse_heads(A)                       mean | max | min over H (None: already fused)
-    Ā = Ā with the ⌊discard_ratio·n⌋ smallest entries of each row set to 0 (ties: lower index first)
+    Ā = Ā with the ⌊discard_ratio·n⌋ smallest entries of each row set to 0 (n real tokens; ties: lower index)
     Â = residual·I + (1 − residual)·Ā       restricted to real tokens when a mask is given
     Â = Â / rowsum(Â)                       when renormalize
 
@@ -59,7 +59,7 @@ def _options(residual, head_fusion, start_layer, discard_ratio, renormalize):
 
 
 def _layer(a, index, opts, shape):
-    a = as_float(a, f"attentions[{index}]", ndim_min=3 if opts.head_fusion else 2)
+    a = as_float(a, f"attentions[{index}]", ndim_min=3 if opts.head_fusion else 2, copy=False)  # read only
     if a.shape[-1] != a.shape[-2]:
         raise RefAttnError(f"attentions[{index}]: expected square maps (..., n, n), got shape {a.shape}")
     if shape is not None and a.shape != shape:
@@ -102,12 +102,14 @@ def _fuse(a, opts, valid):
     if pair is not None:
         f = np.where(pair, f, 0.0)
     keep = None
-    drop = int(np.floor(opts.discard_ratio * n))
-    if drop:
-        order = np.argsort(f, axis=-1, kind="stable")  # ascending; ties: lower index first
+    n_real = np.full(f.shape[:-2], n) if valid is None else valid.sum(axis=-1)  # (...,) real tokens per map
+    drop = np.floor(opts.discard_ratio * n_real).astype(np.int64)
+    if drop.any():
+        ranked = f if valid is None else np.where(valid[..., None, :], f, np.inf)  # padded keys never ranked low
+        order = np.argsort(ranked, axis=-1, kind="stable")  # ascending; ties: lower index first
         rank = np.empty_like(order)
         np.put_along_axis(rank, order, np.arange(n), axis=-1)
-        keep = rank >= drop
+        keep = rank >= drop[..., None, None]
         f = f * keep
     eye = np.eye(n) if pair is None else np.eye(n) * valid[..., None, :]
     m = opts.residual * eye + (1.0 - opts.residual) * f
@@ -121,8 +123,12 @@ def _fuse(a, opts, valid):
     return _Fused(m_hat, choice, keep, m, rowsum, pair)
 
 
-def _layers(attentions, opts, mask):
-    """Yield ``(index, map, fused)`` for the layers taking part, one at a time."""
+def _layers(attentions, opts, mask, *, keep_maps=False):
+    """Yield ``(index, map, fused)`` for the layers taking part, one at a time.
+
+    Without ``keep_maps`` the map is dropped (``None``) before the next layer is read, so a stream
+    of layers never holds two maps at once.
+    """
     if isinstance(attentions, np.ndarray) or not isinstance(attentions, (Iterable, Iterator)):
         attentions = list(as_float(attentions, "attentions", ndim_min=3))
     shape, valid = None, None
@@ -133,7 +139,12 @@ def _layers(attentions, opts, mask):
             fused_shape = a.shape[:-3] + a.shape[-2:] if opts.head_fusion else a.shape
             valid = _valid(mask, fused_shape)
         if index >= opts.start_layer:
-            yield index, a, _fuse(a, opts, valid)
+            fused = _fuse(a, opts, valid)
+            if not keep_maps:
+                del a
+                a = None
+            yield index, a, fused
+        del a
     if shape is None:
         raise RefAttnError("attentions: expected at least one layer, got none")
 
@@ -187,7 +198,7 @@ def rollout_backward(
     opts = _options(residual, head_fusion, start_layer, discard_ratio, renormalize)
     return_all = as_flag(return_all, "return_all")
     maps, fused = [], []
-    for index, a, f in _layers(attentions, opts, mask):
+    for index, a, f in _layers(attentions, opts, mask, keep_maps=True):
         maps.append((index, a))
         fused.append(f)
     first = maps[0][0]

@@ -422,13 +422,21 @@ def map_cases(draw, *, for_gradcheck=False, square=False, extra=None, second_map
     lq = draw(st.integers(1, 4))
     lk = lq if square else draw(st.integers(1, 4))
     shape = batch + (draw(st.integers(1, 3)), lq, lk)
-    inputs = (_maps(draw, shape),) + ((_maps(draw, shape),) if second_map else ())
     opts = {} if extra is None else extra(draw, shape)
+    key_mask = None
     if draw(st.booleans()):
-        opts["mask"] = np.array(
-            [[True] + [draw(st.booleans()) for _ in range(lk - 1)] for _ in range(max(int(np.prod(batch)), 1))]
-        ).reshape(batch + (lk,))
-    return Case(inputs, opts)
+        rows = [[True] + [draw(st.booleans()) for _ in range(lk - 1)] for _ in range(max(int(np.prod(batch)), 1))]
+        key_mask = np.array(rows).reshape(batch + (lk,))
+        opts["mask"] = key_mask
+
+    def one_map():
+        p = _maps(draw, shape)
+        if key_mask is None:
+            return p
+        p = p * key_mask[..., None, None, :]  # as a model gives them: softmax over the real keys only
+        return p / p.sum(axis=-1, keepdims=True)
+
+    return Case((one_map(),) + ((one_map(),) if second_map else ()), opts)
 
 
 def _token_ids(draw, shape):
@@ -538,7 +546,8 @@ _SMOOTHNESS = {
 def logits_cases(draw, *, for_gradcheck=False):
     """Logits ``(B?, H, Lq, Lk)`` with an optional key-padding mask (for ``entropy_from_logits``)."""
     case = draw(map_cases())
-    return Case((np.log(case.inputs[0]),), case.options)
+    with np.errstate(divide="ignore"):  # masked keys become -inf logits
+        return Case((np.log(case.inputs[0]),), case.options)
 
 
 @st.composite

@@ -1,0 +1,237 @@
+"""Rollout and flow: properties, agreement with networkx, streaming memory, and mutation checks."""
+
+import importlib
+import tracemalloc
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import refattn
+from refattn.testing.strategies import Case, rollout_cases
+from tests.mutation import assert_catches
+
+rollout_mod = importlib.import_module("refattn.rollout")
+CLOSE = dict(rtol=1e-12, atol=1e-13)
+
+
+def _softmax(x):
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def _a_hat(a, residual=0.5):
+    """The textbook Â of one layer (mean fusion, renormalised), written independently."""
+    m = residual * np.eye(a.shape[-1]) + (1 - residual) * a.mean(axis=-3)
+    return m / m.sum(-1, keepdims=True)
+
+
+def _plain(case):
+    """Options without mask/discard (the naive-product reference below handles only those)."""
+    return Case(case.inputs, {k: v for k, v in case.options.items() if k in ("residual", "start_layer")})
+
+
+# ---- properties --------------------------------------------------------------------------------
+
+
+def check_rows_stochastic_and_nonnegative(case):
+    opts = {k: v for k, v in case.options.items() if k not in ("renormalize", "return_all")}
+    r = refattn.rollout(*case.inputs, **opts)
+    assert (r >= 0).all()
+    real = opts.get("mask", np.ones(r.shape[-1], dtype=bool))
+    np.testing.assert_allclose(r.sum(-1)[..., real], 1.0, **CLOSE)
+
+
+def check_equals_naive_product_of_all_prefixes(case):
+    (maps,) = case.inputs
+    o = case.options
+    start = o.get("start_layer", 0)
+    hats = [_a_hat(a, o.get("residual", 0.5)) for a in maps[start:]]
+    want, r = [], np.eye(maps.shape[-1])
+    for h in hats:
+        r = h @ r  # later layers on the left
+        want.append(r)
+    np.testing.assert_allclose(refattn.rollout(maps, return_all=True, **o), np.stack(want), **CLOSE)
+
+
+def check_mean_fusion_invariant_to_head_permutation(case):
+    (maps,) = case.inputs
+    o = {**case.options, "head_fusion": "mean"}
+    perm = np.arange(maps.shape[-3])[::-1]
+    np.testing.assert_allclose(refattn.rollout(maps[..., perm, :, :], **o), refattn.rollout(maps, **o), **CLOSE)
+
+
+def check_padding_equals_cropping(case):
+    (maps,) = case.inputs
+    o = {k: v for k, v in case.options.items() if k != "mask"}
+    real = case.options.get("mask", np.ones(maps.shape[-1], dtype=bool))
+    r = refattn.rollout(maps, mask=real, **o)
+    crop = refattn.rollout(maps[..., real, :][..., real], **o)
+    np.testing.assert_allclose(r[..., real, :][..., real], crop, **CLOSE)
+    assert (r[..., ~real, :] == 0).all() and (r[..., :, ~real] == 0).all()
+
+
+def test_identity_layers_give_identity():
+    eye = np.broadcast_to(np.eye(5), (4, 2, 5, 5))
+    np.testing.assert_array_equal(refattn.rollout(eye), np.eye(5))
+
+
+def test_one_layer_gives_its_a_hat():
+    a = _softmax(np.random.default_rng(0).standard_normal((1, 3, 4, 4)))
+    np.testing.assert_allclose(refattn.rollout(a), _a_hat(a[0]), **CLOSE)
+
+
+def test_non_commuting_layers_fix_the_product_order():
+    rng = np.random.default_rng(1)
+    maps = _softmax(rng.standard_normal((2, 1, 4, 4)) * 3)
+    h1, h2 = _a_hat(maps[0]), _a_hat(maps[1])
+    assert np.abs(h2 @ h1 - h1 @ h2).max() > 1e-2
+    np.testing.assert_allclose(refattn.rollout(maps), h2 @ h1, **CLOSE)
+
+
+def test_discard_is_per_row_with_ties_to_the_lower_index():
+    a = np.array([[[[0.1, 0.1, 0.3, 0.5], [0.4, 0.3, 0.2, 0.1], [0.25, 0.25, 0.25, 0.25], [0.7, 0.1, 0.1, 0.1]]]])
+    r = refattn.rollout(a, discard_ratio=0.5, residual=0.0, renormalize=False)
+    assert r[0].tolist() == [0.0, 0.0, 0.3, 0.5]
+    assert r[1].tolist() == [0.4, 0.3, 0.0, 0.0]
+    assert r[2].tolist() == [0.0, 0.0, 0.25, 0.25]  # ties: the lower indices go first
+
+
+def _peak_bytes(layers, heads=4, n=192):
+    base = _softmax(np.random.default_rng(2).standard_normal((heads, n, n)))
+
+    def stream():
+        for i in range(layers):
+            yield base * (1.0 + 1e-3 * i)  # one new layer per step, as a model's hook would hand them over
+
+    tracemalloc.start()
+    refattn.rollout(stream())
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    return peak, heads * n * n * 8
+
+
+def test_an_iterator_of_many_large_layers_keeps_peak_memory_at_a_few_layers():
+    shallow, layer_bytes = _peak_bytes(4)
+    deep, _ = _peak_bytes(16)
+    assert deep < shallow + layer_bytes // 2, (shallow, deep)  # no growth with depth
+    assert deep < 3 * layer_bytes, (deep, layer_bytes)  # a few layers' worth, temporaries included
+
+
+def test_bad_arguments_are_named():
+    a = np.full((1, 1, 2, 2), 0.5)
+    with pytest.raises(refattn.RefAttnError, match="residual"):
+        refattn.rollout(a, residual=1.5)
+    with pytest.raises(refattn.RefAttnError, match="head_fusion"):
+        refattn.rollout(a, head_fusion="median")
+    with pytest.raises(refattn.RefAttnError, match="start_layer"):
+        refattn.rollout(a, start_layer=3)
+    with pytest.raises(refattn.RefAttnError, match=r"attentions\[1\]"):
+        refattn.rollout([a[0], np.full((1, 3, 3), 1 / 3)])
+    with pytest.raises(refattn.RefAttnError, match="square"):
+        refattn.rollout(np.ones((1, 1, 2, 3)))
+
+
+# ---- flow ---------------------------------------------------------------------------------------
+
+
+def _networkx_flow(maps, residual=0.5):
+    nx = pytest.importorskip("networkx")
+    n = maps.shape[-1]
+    g = nx.DiGraph()
+    for layer, a in enumerate(maps, start=1):
+        h = _a_hat(a, residual)
+        for i in range(n):
+            for j in range(n):
+                g.add_edge((layer, i), (layer - 1, j), capacity=float(h[i, j]))
+    top = len(maps)
+    return np.array([[nx.maximum_flow_value(g, (top, i), (0, j)) for j in range(n)] for i in range(n)])
+
+
+@pytest.mark.parametrize("layers, n", [(1, 3), (2, 4), (3, 3)])
+def test_flow_agrees_with_networkx(layers, n):
+    maps = _softmax(np.random.default_rng(layers * 10 + n).standard_normal((layers, 2, n, n)) * 2)
+    raw = _networkx_flow(maps)
+    np.testing.assert_allclose(refattn.attention_flow(maps, normalize=False), raw, rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(refattn.attention_flow(maps), raw / raw.sum(-1, keepdims=True), rtol=1e-8, atol=1e-10)
+
+
+def test_each_flow_is_at_most_one_and_scales_with_the_capacities():
+    maps = _softmax(np.random.default_rng(3).standard_normal((3, 2, 4, 4)))
+    raw = refattn.attention_flow(maps, normalize=False)
+    assert (raw <= 1 + 1e-9).all() and (raw >= 0).all()
+    from scipy.optimize import linprog
+
+    caps = np.stack([_a_hat(a) for a in maps])
+    for c in (0.5, 7.0):
+        assert rollout_mod._max_flow(c * caps, 1, 2, linprog) == pytest.approx(
+            c * rollout_mod._max_flow(caps, 1, 2, linprog), rel=1e-9
+        )
+
+
+def test_flow_output_layer_and_batch():
+    maps = _softmax(np.random.default_rng(4).standard_normal((3, 2, 2, 3, 3)))
+    full = refattn.attention_flow(maps, output_layer=2)
+    for b in range(2):
+        np.testing.assert_allclose(full[b], refattn.attention_flow(maps[:2, b], output_layer=2), rtol=1e-10)
+    with pytest.raises(refattn.RefAttnError, match="output_layer"):
+        refattn.attention_flow(maps, output_layer=4)
+
+
+# ---- the property table and its mutants ---------------------------------------------------------
+
+PROPERTIES = [
+    (check_rows_stochastic_and_nonnegative, rollout_cases(), "renormalisation_without_keepdims"),
+    (check_equals_naive_product_of_all_prefixes, rollout_cases().map(_plain), "earlier_layers_on_the_left"),
+    (check_mean_fusion_invariant_to_head_permutation, rollout_cases(), "first_head_only"),
+    (check_padding_equals_cropping, rollout_cases(), "padding_not_removed"),
+]
+
+
+@pytest.mark.parametrize("check, strategy, _m", PROPERTIES, ids=[p[0].__name__ for p in PROPERTIES])
+@given(data=st.data())
+def test_property(check, strategy, _m, data):
+    check(data.draw(strategy))
+
+
+def _fuse_mutant(change):
+    def patch(mp):
+        real = rollout_mod._fuse
+        mp.setattr(rollout_mod, "_fuse", lambda a, opts, valid: change(real, a, opts, valid))
+
+    return patch
+
+
+def _divide_columns(m):
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.nan_to_num(m / m.sum(axis=-1)[..., None, :])
+
+
+def _earlier_layers_on_the_left(mp):
+    """The column-vector form without transposes: Â_1 ⋯ Â_k instead of Â_k ⋯ Â_1."""
+    real = rollout_mod.rollout
+
+    def mutant(attentions, *, return_all=False, start_layer=0, **o):
+        maps = np.asarray(attentions)[start_layer:]
+        prefixes = [real(maps[: k + 1][::-1], **o) for k in range(len(maps))]
+        return np.stack(prefixes) if return_all else prefixes[-1]
+
+    mp.setattr(refattn, "rollout", mutant)
+
+
+MUTANTS = {
+    # vit-explain issue #16: dividing by a row sum without keepdims divides columns instead of rows
+    "renormalisation_without_keepdims": _fuse_mutant(
+        lambda real, a, o, v: (lambda f: f._replace(a_hat=_divide_columns(f.m)))(real(a, o, v))
+    ),
+    "earlier_layers_on_the_left": _earlier_layers_on_the_left,
+    "first_head_only": _fuse_mutant(lambda real, a, o, v: real(a[..., :1, :, :], o, v)),
+    "padding_not_removed": _fuse_mutant(lambda real, a, o, v: real(a, o, None)),
+}
+
+
+@pytest.mark.parametrize("check, strategy, mutant", PROPERTIES, ids=[p[2] for p in PROPERTIES])
+def test_property_catches_its_mutant(check, strategy, mutant, monkeypatch):
+    MUTANTS[mutant](monkeypatch)
+    assert_catches(strategy, check)
