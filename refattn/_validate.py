@@ -24,6 +24,11 @@ class RefAttnTypeError(RefAttnError, TypeError):
     """An argument of the wrong type (e.g. a float mask, a string array)."""
 
 
+def to_numpy(x, name):
+    """``x`` as a NumPy array without copying or converting (array-likes, ``__dlpack__``)."""
+    return _to_numpy(x, name)
+
+
 def _to_numpy(x, name):
     if isinstance(x, np.ndarray):
         return x

@@ -42,7 +42,7 @@ def check_window(window, name="window"):
     return tuple(None if w is None else as_int(w, f"{name}[{i}]", minimum=0) for i, w in enumerate(window))
 
 
-def _band(lq, lk, offset, left, right):
+def band(lq, lk, offset, left, right):
     """bool (lq, lk): ``i + offset - left <= j <= i + offset + right`` (None = unbounded)."""
     d = np.arange(lk)[None, :] - (np.arange(lq)[:, None] + offset)  # (lq, lk): j - (i + o)
     keep = np.ones((lq, lk), dtype=bool)
@@ -60,14 +60,14 @@ def _check_lengths(lq, lk):
 def causal(lq, lk, *, align=None):
     """bool ``(lq, lk)``: ``j <= i + o``."""
     lq, lk = _check_lengths(lq, lk)
-    return _band(lq, lk, alignment_offset(lq, lk, align, what="causal"), None, 0)
+    return band(lq, lk, alignment_offset(lq, lk, align, what="causal"), None, 0)
 
 
 def window(lq, lk, left, right, *, align=None):
     """bool ``(lq, lk)``: ``i + o - left <= j <= i + o + right``; ``None`` = unbounded side."""
     lq, lk = _check_lengths(lq, lk)
     left, right = check_window((left, right))
-    return _band(lq, lk, alignment_offset(lq, lk, align, what="window"), left, right)
+    return band(lq, lk, alignment_offset(lq, lk, align, what="window"), left, right)
 
 
 def structural(lq, lk, *, causal=False, window=None, align=None):
@@ -82,20 +82,20 @@ def structural(lq, lk, *, causal=False, window=None, align=None):
     left, right = window if window is not None else (None, None)
     if causal:
         right = 0 if right is None else min(right, 0)
-    return _band(lq, lk, o, left, right)
+    return band(lq, lk, o, left, right)
 
 
 def local(l, window_size):
     """bool ``(l, l)``: ``i − w//2 <= j <= i + w//2`` (sliding window of size ``w``)."""
     l, w = as_int(l, "l", minimum=0), as_int(window_size, "window_size", minimum=0)
-    return _band(l, l, 0, w // 2, w // 2)
+    return band(l, l, 0, w // 2, w // 2)
 
 
 def strided(l, stride):
     """bool ``(l, l)``: ``j ∈ {i − 1, i, i + 1}`` or ``j`` a multiple of ``stride``."""
     l, stride = as_int(l, "l", minimum=0), as_int(stride, "stride", minimum=1)
     j = np.arange(l)
-    return _band(l, l, 0, 1, 1) | (j % stride == 0)[None, :]
+    return band(l, l, 0, 1, 1) | (j % stride == 0)[None, :]
 
 
 def block(l, block_size):

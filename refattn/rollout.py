@@ -19,7 +19,17 @@ from typing import NamedTuple
 
 import numpy as np
 
-from refattn._validate import RefAttnError, as_bool, as_choice, as_cotangent, as_flag, as_float, as_int, as_real
+from refattn._validate import (
+    RefAttnError,
+    RefAttnTypeError,
+    as_bool,
+    as_choice,
+    as_cotangent,
+    as_flag,
+    as_int,
+    as_real,
+    to_numpy,
+)
 
 __all__ = ["HEAD_FUSIONS", "RolloutGrads", "attention_flow", "rollout", "rollout_backward"]
 
@@ -59,12 +69,36 @@ def _options(residual, head_fusion, start_layer, discard_ratio, renormalize):
 
 
 def _layer(a, index, opts, shape):
-    a = as_float(a, f"attentions[{index}]", ndim_min=3 if opts.head_fusion else 2, copy=False)  # read only
-    if a.shape[-1] != a.shape[-2]:
-        raise RefAttnError(f"attentions[{index}]: expected square maps (..., n, n), got shape {a.shape}")
+    """One layer's map, checked but not converted (fusion reads it once, in float64)."""
+    name = f"attentions[{index}]"
+    a = to_numpy(a, name)
+    if a.dtype == bool or a.dtype.kind not in "iuf":
+        raise RefAttnTypeError(f"{name}: expected real numbers (int or float dtype), got dtype {a.dtype}")
+    if a.ndim < (3 if opts.head_fusion else 2) or a.shape[-1] != a.shape[-2]:
+        raise RefAttnError(
+            f"{name}: expected square maps (..., {'H, ' if opts.head_fusion else ''}n, n), got shape {a.shape}"
+        )
     if shape is not None and a.shape != shape:
-        raise RefAttnError(f"attentions[{index}]: expected shape {shape} (as layer 0), got {a.shape}")
+        raise RefAttnError(f"{name}: expected shape {shape} (as layer 0), got {a.shape}")
     return a
+
+
+def _fused_heads(a, opts, name):
+    """Ā ``(..., n, n)`` in float64 and the chosen head (max/min); rejects non-finite maps."""
+    choice = None
+    if opts.head_fusion == "mean":
+        f = a.mean(axis=-3, dtype=np.float64)  # finite iff every head is (a float64 sum cannot overflow here)
+    elif opts.head_fusion in ("max", "min"):
+        if not np.isfinite(a.sum(dtype=np.float64)):  # max/min would hide a non-finite head
+            f = np.full(a.shape[-2:], np.nan)
+        else:
+            choice = (np.argmax if opts.head_fusion == "max" else np.argmin)(a, axis=-3)
+            f = np.take_along_axis(a, choice[..., None, :, :], axis=-3)[..., 0, :, :].astype(np.float64)
+    else:
+        f = a.astype(np.float64)
+    if not np.isfinite(f).all():
+        raise RefAttnError(f"{name}: expected finite values (no NaN or inf in any head)")
+    return f, choice
 
 
 class _Fused(NamedTuple):
@@ -87,16 +121,9 @@ def _valid(mask, shape):
         raise RefAttnError(f"mask: expected a key-padding mask broadcastable to {shape[:-1]}, got {m.shape}") from None
 
 
-def _fuse(a, opts, valid):
+def _fuse(a, opts, valid, name="attentions"):
     """One layer's Â ``(..., n, n)`` from its map ``a`` and the intermediates the backward needs."""
-    choice = None
-    if opts.head_fusion == "mean":
-        f = a.mean(axis=-3)
-    elif opts.head_fusion in ("max", "min"):
-        choice = (np.argmax if opts.head_fusion == "max" else np.argmin)(a, axis=-3)
-        f = np.take_along_axis(a, choice[..., None, :, :], axis=-3)[..., 0, :, :]
-    else:
-        f = a
+    f, choice = _fused_heads(a, opts, name)
     n = f.shape[-1]
     pair = None if valid is None else valid[..., :, None] & valid[..., None, :]  # (..., n, n)
     if pair is not None:
@@ -130,7 +157,9 @@ def _layers(attentions, opts, mask, *, keep_maps=False):
     of layers never holds two maps at once.
     """
     if isinstance(attentions, np.ndarray) or not isinstance(attentions, (Iterable, Iterator)):
-        attentions = list(as_float(attentions, "attentions", ndim_min=3))
+        attentions = to_numpy(attentions, "attentions")
+        if attentions.ndim < 3:
+            raise RefAttnError(f"attentions: expected per-layer maps (L, ..., n, n), got shape {attentions.shape}")
     shape, valid = None, None
     for index, a in enumerate(attentions):
         a = _layer(a, index, opts, shape)
@@ -138,8 +167,10 @@ def _layers(attentions, opts, mask, *, keep_maps=False):
             shape = a.shape
             fused_shape = a.shape[:-3] + a.shape[-2:] if opts.head_fusion else a.shape
             valid = _valid(mask, fused_shape)
+        if index < opts.start_layer and not np.isfinite(a).all():  # skipped, but still an input
+            raise RefAttnError(f"attentions[{index}]: expected finite values (no NaN or inf in any head)")
         if index >= opts.start_layer:
-            fused = _fuse(a, opts, valid)
+            fused = _fuse(a, opts, valid, f"attentions[{index}]")
             if not keep_maps:
                 del a
                 a = None

@@ -198,7 +198,7 @@ def test_property(check, strategy, _m, data):
 def _fuse_mutant(change):
     def patch(mp):
         real = rollout_mod._fuse
-        mp.setattr(rollout_mod, "_fuse", lambda a, opts, valid: change(real, a, opts, valid))
+        mp.setattr(rollout_mod, "_fuse", lambda a, opts, valid, *name: change(real, a, opts, valid))
 
     return patch
 

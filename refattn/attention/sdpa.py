@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from typing import NamedTuple
 
 import numpy as np
 
+from refattn import kernels as _kernels
 from refattn import masks as _masks
 from refattn._validate import (
     RefAttnError,
@@ -80,7 +82,10 @@ class Args:
     scale: float
     softcap: float | None
     bias: np.ndarray | None  # broadcastable to scores
-    allowed: np.ndarray | None  # bool, broadcastable to scores; None = all allowed
+    user_mask: np.ndarray | None  # bool, broadcastable to scores (the ``mask`` argument)
+    causal: bool
+    window: tuple  # (left, right), None = unbounded side
+    offset: int  # alignment offset o (0 top-left, Lk - Lq bottom-right)
     sinks: np.ndarray | None  # broadcastable to (..., Hq)
     keep_scale: np.ndarray | None  # keep / (1 - p), broadcastable to scores
     empty_rows: str
@@ -89,6 +94,18 @@ class Args:
     @property
     def groups(self):
         return self.q.shape[-3] // self.k.shape[-3]
+
+    @cached_property
+    def allowed(self):
+        """bool mask broadcastable to the scores (mask ∧ causal ∧ window), or None when all allowed."""
+        lq, lk = self.score_shape[-2:]
+        left, right = self.window
+        if self.causal:
+            right = 0 if right is None else min(right, 0)
+        band = None if (left is None and right is None) else _masks.band(lq, lk, self.offset, left, right)
+        if band is None:
+            return self.user_mask
+        return band if self.user_mask is None else self.user_mask & band
 
 
 def validate(
@@ -150,15 +167,18 @@ def validate(
     scale = 1.0 / math.sqrt(d) if scale is None else as_real(scale, "scale")
     softcap = as_real(softcap, "softcap", positive=True)
 
-    allowed = None
+    user_mask = None
     if mask is not None:
-        allowed = as_bool(mask, "mask", hint="; pass an additive float mask as bias=")
-        check_broadcast_to(allowed, score_shape, "mask", "the scores (..., Hq, Lq, Lk)")
-    struct = _masks.structural(lq, lk, causal=causal, window=window, align=align)
+        user_mask = as_bool(mask, "mask", hint="; pass an additive float mask as bias=")
+        check_broadcast_to(user_mask, score_shape, "mask", "the scores (..., Hq, Lq, Lk)")
+    causal = as_flag(causal, "causal")
+    window = (None, None) if window is None else _masks.check_window(window)
     if align is not None:
         as_choice(align, "align", _masks.ALIGNMENTS)
-    if struct is not None:
-        allowed = struct if allowed is None else allowed & struct
+    offset = 0
+    if causal or window != (None, None):
+        what = " and ".join(w for w, on in (("causal", causal), ("window", window != (None, None))) if on)
+        offset = _masks.alignment_offset(lq, lk, align, what=what)
 
     if bias is not None:
         bias = as_float(bias, "bias", allow_neg_inf=True)
@@ -180,7 +200,9 @@ def validate(
             f"dropout_mask: dropout_p={p} > 0 needs an explicit keep-mask (the reference is "
             "deterministic); build one with refattn.masks.dropout_mask(shape, p, seed)"
         )
-    return Args(q, k, v, scale, softcap, bias, allowed, sinks, keep_scale, empty_rows, score_shape)
+    return Args(
+        q, k, v, scale, softcap, bias, user_mask, causal, window, offset, sinks, keep_scale, empty_rows, score_shape
+    )
 
 
 def expand_kv(x, groups):
@@ -253,12 +275,16 @@ def sdpa(
     dropout_mask=None,
     empty_rows="zero",
     return_lse=False,
+    backend="auto",
 ):
     """Scaled dot-product attention; ``out (..., Hq, Lq, Dv)`` [, ``lse (..., Hq, Lq)``].
 
     ``lse`` is the natural log of the softmax denominator including the sink
     term, before dropout, ``-inf`` on empty rows.  See the module docstring for
-    shapes and the order of operations.
+    shapes and the order of operations.  ``backend``: ``"numpy"`` (this module, the
+    definition), ``"numba"`` (the tiled kernel: no Lq × Lk array, ≤ 1e-12 from numpy) or
+    ``"auto"`` (the kernel from ``refattn.kernels.AUTO_MIN_SCORES`` scores on, when numba
+    is installed).
     """
     return_lse = as_flag(return_lse, "return_lse")
     a = validate(
@@ -277,11 +303,14 @@ def sdpa(
         dropout_mask=dropout_mask,
         empty_rows=empty_rows,
     )
-    return run_forward(a, return_lse)
+    return run_forward(a, return_lse, backend)
 
 
-def run_forward(a: Args, return_lse):
+def run_forward(a: Args, return_lse, backend="numpy"):
     """Steps 1-7 on validated arguments: ``out`` [, ``lse``]."""
+    if _kernels.resolve_backend(backend, math.prod(a.score_shape)) == "numba":
+        out, lse = _kernels.sdpa_forward(a)
+        return (out, lse) if return_lse else out
     f = forward_scores(a)
     pd = f.p if a.keep_scale is None else f.p * a.keep_scale  # (..., Hq, Lq, Lk)
     out = pd @ expand_kv(a.v, a.groups)  # (..., Hq, Lq, Dv)
@@ -349,11 +378,13 @@ def sdpa_backward(
     dropout_p=0.0,
     dropout_mask=None,
     empty_rows="zero",
+    backend="auto",
 ):
     """Gradients of :func:`sdpa` for cotangents ``d_out (..., Hq, Lq, Dv)`` and ``d_lse (..., Hq, Lq)``.
 
     Returns :class:`SDPAGrads`; each gradient has the shape of its input (GQA
-    groups and broadcast dims summed).  ``d_lse`` is ignored on empty rows.
+    groups and broadcast dims summed).  ``d_lse`` is ignored on empty rows.  ``backend`` as
+    :func:`sdpa` (the kernel recomputes P from lse, FlashAttention-2 style).
     """
     a = validate(
         q,
@@ -371,15 +402,17 @@ def sdpa_backward(
         dropout_mask=dropout_mask,
         empty_rows=empty_rows,
     )
-    return run_backward(a, d_out, d_lse)
+    return run_backward(a, d_out, d_lse, backend)
 
 
-def run_backward(a: Args, d_out, d_lse):
+def run_backward(a: Args, d_out, d_lse, backend="numpy"):
     """Steps 7 back to 1 on validated arguments → :class:`SDPAGrads`."""
-    f = forward_scores(a)
     out_shape = a.score_shape[:-1] + (a.v.shape[-1],)
     d_o = as_cotangent(d_out, out_shape, "d_out")  # (..., Hq, Lq, Dv)
     dl = None if d_lse is None else as_cotangent(d_lse, a.score_shape[:-1], "d_lse")
+    if _kernels.resolve_backend(backend, math.prod(a.score_shape)) == "numba":
+        return SDPAGrads(*_kernels.sdpa_backward(a, d_o, dl))
+    f = forward_scores(a)
     dp, dve, _ = backward_values(a, f, d_o, expand_kv(a.v, a.groups))
     dq, dk, dbias, dsinks = backward_scores(a, f, dp, dl)
     dv = unbroadcast(reduce_kv(dve, a.groups), a.v.shape)

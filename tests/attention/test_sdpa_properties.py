@@ -244,9 +244,9 @@ MUTANTS = {
     ),
     "causal_off_by_one": lambda mp: mp.setattr(
         masks_mod,
-        "_band",
+        "band",
         (lambda real: lambda lq, lk, o, left, right: real(lq, lk, o, left, None if right is None else right + 1))(
-            masks_mod._band
+            masks_mod.band
         ),
     ),
     "bottom_right_off_by_one": lambda mp: mp.setattr(

@@ -1,0 +1,1 @@
+"""refattn's benchmarks: ``python -m benchmarks`` (see ``benchmarks/RESULTS.md``)."""

@@ -1,0 +1,257 @@
+"""Side-by-side measurements in one run: refattn kernel vs refattn NumPy vs PyTorch CPU vs float64 GEMM.
+
+``python -m benchmarks [--quick] [--sizes 1024 4096] [--output benchmarks/RESULTS.md]``
+
+Times are medians of ``--repeats`` runs, methods interleaved round-robin (BLAS worker threads that
+keep spinning after a product slow whatever runs next); ratios matter, not absolute times.
+Flop convention: forward 4·N²·D per head, forward+backward 14·N²·D, causal half.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import platform
+import statistics
+import time
+import tracemalloc
+
+import numpy as np
+
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "1")
+
+
+def _median_times(methods, repeats):
+    times = {name: [] for name in methods}
+    for _ in range(repeats):
+        for name, fn in methods.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+            time.sleep(0.15)  # let BLAS worker threads go idle before the next method
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def gemm_rate(n=2048, repeats=5):
+    a = np.random.default_rng(0).standard_normal((n, n))
+    t = _median_times({"gemm": lambda: a @ a}, repeats)["gemm"]
+    return 2 * n**3 / t
+
+
+def _forward_methods(q, k, v, causal, torch, with_numpy):
+    import refattn
+
+    methods = {"refattn kernel": lambda: refattn.sdpa(q, k, v, backend="numba", causal=causal)}
+    if with_numpy:
+        methods["refattn numpy"] = lambda: refattn.sdpa(q, k, v, backend="numpy", causal=causal)
+    if torch:
+        for dtype in (torch.float64, torch.float32):
+            tq, tk, tv = (torch.tensor(x, dtype=dtype) for x in (q, k, v))
+            methods[f"torch {str(dtype)[6:]}"] = _torch_forward(torch, tq, tk, tv, causal)
+    return methods
+
+
+def _torch_forward(torch, tq, tk, tv, causal):
+    return lambda: torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, is_causal=causal)
+
+
+def _backward_methods(q, k, v, d_out, causal, torch):
+    import refattn
+
+    def ours(backend):
+        def run():
+            refattn.sdpa(q, k, v, backend=backend, causal=causal)
+            refattn.sdpa_backward(d_out, q, k, v, backend=backend, causal=causal)
+
+        return run
+
+    methods = {"refattn kernel": ours("numba"), "refattn numpy": ours("numpy")}
+    if torch:
+        tq, tk, tv = (torch.tensor(x, requires_grad=True) for x in (q, k, v))
+        td = torch.tensor(d_out)
+
+        def torch_fb():
+            torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, is_causal=causal).backward(td)
+
+        methods["torch float64"] = torch_fb
+    return methods
+
+
+def sdpa_rows(sizes, repeats, gemm, heads=8, dim=64):
+    torch = importlib.util.find_spec("torch") and __import__("torch")
+    rows = []
+    for n in sizes:
+        rng = np.random.default_rng(n)
+        q, k, v = (rng.standard_normal((1, heads, n, dim)) for _ in range(3))
+        d_out = rng.standard_normal(q.shape)
+        for causal in (False, True):
+            fwd_flops = 4 * n * n * dim * heads / (2 if causal else 1)
+            times = _median_times(_forward_methods(q, k, v, causal, torch, n <= 4096), repeats)
+            for name, t in times.items():
+                rows.append(("forward", n, causal, name, t, fwd_flops / t / 1e9, fwd_flops / t / gemm))
+            if n > 4096:
+                continue
+            fb_flops = 14 * n * n * dim * heads / (2 if causal else 1)
+            for name, t in _median_times(
+                _backward_methods(q, k, v, d_out, causal, torch), max(2, repeats // 2)
+            ).items():
+                rows.append(("forward+backward", n, causal, name, t, fb_flops / t / 1e9, fb_flops / t / gemm))
+    return rows
+
+
+def memory_rows(sizes, dim=64):
+    """Peak Python-visible allocation (tracemalloc) beyond inputs, H = 1."""
+    import refattn
+
+    rows = []
+    for n in sizes:
+        rng = np.random.default_rng(1)
+        q, k, v = (rng.standard_normal((1, 1, n, dim)) for _ in range(3))
+        backends = ["numba"] + (["numpy"] if n <= 8192 else [])
+        for backend in backends:
+            refattn.sdpa(q[:, :, :256], k[:, :, :256], v[:, :, :256], backend=backend)
+            tracemalloc.start()
+            refattn.sdpa(q, k, v, backend=backend)
+            _, peak = tracemalloc.get_traced_memory()
+            tracemalloc.stop()
+            rows.append((n, backend, peak / 2**20, n * dim * 8 / 2**20))
+    return rows
+
+
+def rollout_rows(layers=28, heads=16, n=256, batch=32, repeats=3):
+    """Streaming rollout vs stacking every layer, and the head-mean pass alone (the bandwidth floor)."""
+    import refattn
+
+    base = np.random.default_rng(2).random((batch, heads, n, n), dtype=np.float32)
+    base /= base.sum(-1, keepdims=True)
+
+    def stream():
+        for i in range(layers):
+            yield base if i % 2 else base[..., ::-1, :]
+
+    def head_mean_pass():
+        for a in stream():
+            a.mean(axis=1, dtype=np.float64)
+
+    def stacked():
+        maps = np.stack(list(stream()))
+        return refattn.rollout(maps)
+
+    rows = []
+    for name, fn in (
+        ("head-mean pass (floor)", head_mean_pass),
+        ("rollout, streaming", lambda: refattn.rollout(stream())),
+        ("rollout, all layers stacked", stacked),
+    ):
+        times = []
+        for _ in range(repeats):
+            tracemalloc.start()
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+            _, peak = tracemalloc.get_traced_memory()
+            tracemalloc.stop()
+        rows.append((name, statistics.median(times), peak / 2**20))
+    return rows, base.nbytes / 2**20
+
+
+def loops_rows():
+    import refattn
+    from refattn.attention import loops
+
+    rng = np.random.default_rng(3)
+    q, k, v = (rng.standard_normal((1, 2, 32, 16)) for _ in range(3))
+    times = _median_times(
+        {"loops": lambda: loops.sdpa(q, k, v), "matrix (numpy)": lambda: refattn.sdpa(q, k, v, backend="numpy")}, 3
+    )
+    return times
+
+
+def compile_seconds():
+    import subprocess
+    import sys
+
+    code = (
+        "import time, numpy as np, refattn; t = time.perf_counter(); "
+        "refattn.sdpa(np.ones((1, 2, 4)), np.ones((1, 2, 4)), np.ones((1, 2, 4)), backend='numba'); "
+        "print(time.perf_counter() - t)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip())
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096, 16384])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="sizes 1024 and 4096, 3 repeats, no rollout")
+    parser.add_argument("--output", help="also write the Markdown table to this file")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.sizes, args.repeats = [1024, 4096], 3
+    import numba
+
+    lines = [
+        "# refattn benchmark results",
+        "",
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
+        f"Python {platform.python_version()}, numpy {np.__version__}, numba {numba.__version__}"
+        + (f", torch {__import__('torch').__version__}" if importlib.util.find_spec("torch") else "")
+        + ".",
+        f"Command: `python -m benchmarks {' '.join(argv or [])}`. Medians of {args.repeats} runs, interleaved.",
+        "",
+    ]
+    first_call = compile_seconds()
+    gemm = gemm_rate()
+    lines += [
+        f"float64 GEMM rate (n=2048): **{gemm / 1e9:.1f} GFLOP/s**; first kernel call in a fresh "
+        f"process (compile or load from the on-disk cache): {first_call:.1f} s.",
+        "",
+    ]
+    lines += [
+        "## SDPA (B=1, H=8, D=64, float64 unless noted)",
+        "",
+        "| pass | N | causal | method | time (s) | GFLOP/s | × GEMM rate |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for kind, n, causal, name, t, gf, frac in sdpa_rows(args.sizes, args.repeats, gemm):
+        lines.append(f"| {kind} | {n} | {causal} | {name} | {t:.3f} | {gf:.1f} | {frac:.2f} |")
+    lines += [
+        "",
+        "## Peak memory beyond inputs (H=1, D=64; tracemalloc)",
+        "",
+        "| N | backend | peak (MiB) | one N×D array (MiB) |",
+        "|---|---|---|---|",
+    ]
+    mem_sizes = [4096, 8192] if args.quick else [8192, 16384, 32768]
+    for n, backend, peak, nd in memory_rows(mem_sizes):
+        lines.append(f"| {n} | {backend} | {peak:.1f} | {nd:.1f} |")
+    loops = loops_rows()
+    lines += [
+        "",
+        "## Loops vs matrix (1×2×32×16)",
+        "",
+        f"loops {loops['loops']:.3f} s, matrix {loops['matrix (numpy)']:.5f} s "
+        f"({loops['loops'] / loops['matrix (numpy)']:.0f}× slower: the loops are for reading, not speed).",
+    ]
+    if not args.quick:
+        rows, layer_mib = rollout_rows()
+        lines += [
+            "",
+            f"## Rollout (L=28, H=16, n=256, B=32, float32 maps: {layer_mib:.0f} MiB per layer)",
+            "",
+            "| method | time (s) | peak traced (MiB) |",
+            "|---|---|---|",
+        ]
+        lines += [f"| {name} | {t:.2f} | {peak:.0f} |" for name, t, peak in rows]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.output:
+        with open(args.output, "w") as fh:
+            fh.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

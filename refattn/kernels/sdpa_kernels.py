@@ -1,0 +1,425 @@
+"""Numba kernels for tiled (online-softmax) SDPA: forward and backward.
+
+The NumPy twin that defines the math is :mod:`refattn.attention.tiled` (``sdpa_online`` and
+``sdpa_online_backward``); ``refattn.attention.sdpa`` defines the values.  Layout: every array is
+flattened to ``(N, H, L, E)`` with ``N`` the broadcast batch; per-score options (bias, mask, dropout
+keep-scale) are 4-D views ``(N, Hq, Lq, Lk)``, possibly with zero strides (broadcast), never
+materialised.  Only ``BLOCK_Q × BLOCK_K`` tiles are allocated, per task.
+
+Tile products go to BLAS (``np.dot``), one BLAS thread per task (the caller limits BLAS with
+threadpoolctl: a multithreaded BLAS inside the parallel loop runs 2.6–4.5× slower).
+Parallelism without races, so results are bitwise identical for any thread count:
+forward and dQ tasks own (n, h, query block); dK/dV tasks own (n, kv head, key block) and loop
+over their query heads and blocks in a fixed order.
+"""
+
+import math
+
+import numba as nb
+import numpy as np
+
+BLOCK_Q = 128
+BLOCK_K = 128
+
+_NOT_ALLOWED = -np.inf
+
+
+@nb.njit(inline="always", cache=True)
+def _allowed(i, j, causal, left, right, off):
+    d = j - (i + off)
+    if causal and d > 0:
+        return False
+    if right >= 0 and d > right:
+        return False
+    if left >= 0 and d < -left:
+        return False
+    return True
+
+
+@nb.njit(inline="always", cache=True)
+def _key_range(i0, i1, lk, causal, left, right, off):
+    """Keys that any row in [i0, i1) may attend under causal/window: [lo, hi)."""
+    hi = lk
+    upper = right if right >= 0 else -1
+    if causal and (upper < 0 or upper > 0):
+        upper = 0
+    if causal or right >= 0:
+        hi = min(lk, i1 - 1 + off + upper + 1)
+    lo = 0
+    if left >= 0:
+        lo = max(0, i0 + off - left)
+    return lo, max(lo, hi)
+
+
+@nb.njit(inline="always", cache=True)
+def _tile_logits(
+    q, k, n, h, kvh, i0, bq, j0, bk, scale, softcap, bias, has_bias, mask, has_mask, causal, left, right, off, tanh_t
+):
+    """Logits ``(bq, bk)`` of rows i0.. and keys j0.. (−inf where disallowed); the product by BLAS.
+    ``tanh_t`` receives tanh(s0/c) when softcap > 0."""
+    s = np.dot(q[n, h, i0 : i0 + bq, :], k[n, kvh, j0 : j0 + bk, :].T)
+    for r in range(bq):
+        i = i0 + r
+        for jj in range(bk):
+            j = j0 + jj
+            x = scale * s[r, jj]
+            if softcap > 0.0:
+                t = math.tanh(x / softcap)
+                tanh_t[r, jj] = t
+                x = softcap * t
+            if has_bias:
+                x += bias[n, h, i, j]
+            if not _allowed(i, j, causal, left, right, off) or (has_mask and not mask[n, h, i, j]):
+                x = _NOT_ALLOWED
+            s[r, jj] = x
+    return s
+
+
+@nb.njit(parallel=True, cache=True)
+def forward(
+    q,
+    k,
+    v,
+    bias,
+    has_bias,
+    mask,
+    has_mask,
+    keep,
+    has_keep,
+    sink,
+    scale,
+    softcap,
+    causal,
+    left,
+    right,
+    off,
+    empty_policy,
+    out,
+    lse,
+):
+    """out (N, Hq, Lq, Dv), lse (N, Hq, Lq); empty_policy 0 zero, 1 nan, 2 uniform."""
+    n_batch, hq, lq, d_dim = q.shape
+    hk, lk, dv = k.shape[1], k.shape[2], v.shape[3]
+    group = hq // hk
+    nqb = (lq + BLOCK_Q - 1) // BLOCK_Q
+    for task in nb.prange(n_batch * hq * nqb):
+        n = task // (hq * nqb)
+        h = (task // nqb) % hq
+        i0 = (task % nqb) * BLOCK_Q
+        i1 = min(i0 + BLOCK_Q, lq)
+        bq = i1 - i0
+        kvh = h // group
+        tanh_t = np.empty((BLOCK_Q, BLOCK_K))
+        acc = np.zeros((bq, dv))
+        m = np.empty(BLOCK_Q)
+        l_sum = np.empty(BLOCK_Q)
+        for r in range(bq):
+            m[r] = sink[n, h]
+            l_sum[r] = 1.0 if sink[n, h] > -np.inf else 0.0
+        lo, hi = _key_range(i0, i1, lk, causal, left, right, off)
+        for j0 in range(lo, hi, BLOCK_K):
+            bk = min(j0 + BLOCK_K, hi) - j0
+            s = _tile_logits(
+                q,
+                k,
+                n,
+                h,
+                kvh,
+                i0,
+                bq,
+                j0,
+                bk,
+                scale,
+                softcap,
+                bias,
+                has_bias,
+                mask,
+                has_mask,
+                causal,
+                left,
+                right,
+                off,
+                tanh_t,
+            )
+            for r in range(bq):  # online softmax: s becomes exp(s − m_new), the acc rescaled by alpha
+                row_max = -np.inf
+                for jj in range(bk):
+                    if s[r, jj] > row_max:
+                        row_max = s[r, jj]
+                m_new = max(m[r], row_max)
+                if m_new == -np.inf:
+                    for jj in range(bk):
+                        s[r, jj] = 0.0
+                    continue
+                alpha = math.exp(m[r] - m_new) if m[r] > -np.inf else 0.0
+                l_sum[r] *= alpha
+                for c in range(dv):
+                    acc[r, c] *= alpha
+                total = 0.0
+                for jj in range(bk):
+                    x = s[r, jj]
+                    p = 0.0 if x == -np.inf else math.exp(x - m_new)
+                    total += p
+                    if has_keep:
+                        p *= keep[n, h, i0 + r, j0 + jj]
+                    s[r, jj] = p
+                l_sum[r] += total
+                m[r] = m_new
+            acc += np.dot(s, v[n, kvh, j0 : j0 + bk, :])
+        for r in range(bq):
+            i = i0 + r
+            if l_sum[r] > 0.0:
+                inv = 1.0 / l_sum[r]
+                for c in range(dv):
+                    out[n, h, i, c] = acc[r, c] * inv
+                lse[n, h, i] = m[r] + math.log(l_sum[r])
+            else:
+                lse[n, h, i] = -np.inf
+                for c in range(dv):
+                    out[n, h, i, c] = 0.0
+                if empty_policy == 1:
+                    for c in range(dv):
+                        out[n, h, i, c] = np.nan
+                elif empty_policy == 2:
+                    for j in range(lk):
+                        w = 1.0 / lk
+                        if has_keep:
+                            w *= keep[n, h, i, j]
+                        for c in range(dv):
+                            out[n, h, i, c] += w * v[n, kvh, j, c]
+
+
+@nb.njit(inline="always", cache=True)
+def _tile_probabilities(s, bq, bk, lse, n, h, i0, lk, empty_policy):
+    """P = exp(s − lse) in place; rows with lse = −inf get the empty-row fill."""
+    for r in range(bq):
+        row_lse = lse[n, h, i0 + r]
+        for jj in range(bk):
+            if row_lse == -np.inf:
+                s[r, jj] = 0.0 if empty_policy == 0 else (np.nan if empty_policy == 1 else 1.0 / lk)
+            elif s[r, jj] == -np.inf:
+                s[r, jj] = 0.0
+            else:
+                s[r, jj] = math.exp(s[r, jj] - row_lse)
+
+
+@nb.njit(inline="always", cache=True)
+def _tile_ds(
+    p, dp, keep, has_keep, n, h, i0, bq, j0, bk, delta, dl, lse, empty_policy, softcap, tanh_t, dbias, want_dbias
+):
+    """ds = P (dP − Δ + dlse) [· (1 − tanh²)] in place of ``dp``; ``dp`` holds dO vᵀ on entry."""
+    for r in range(bq):
+        i = i0 + r
+        empty = lse[n, h, i] == -np.inf
+        for jj in range(bk):
+            j = j0 + jj
+            g = dp[r, jj]
+            if has_keep:
+                g *= keep[n, h, i, j]
+            g = p[r, jj] * (g - delta[n, h, i] + dl[n, h, i])
+            if empty and empty_policy == 2:
+                g = 0.0
+            if want_dbias:
+                dbias[n, h, i, j] = g
+            if softcap > 0.0:
+                g *= 1.0 - tanh_t[r, jj] * tanh_t[r, jj]
+            dp[r, jj] = g
+
+
+@nb.njit(parallel=True, cache=True)
+def backward_dq(
+    q,
+    k,
+    v,
+    bias,
+    has_bias,
+    mask,
+    has_mask,
+    keep,
+    has_keep,
+    scale,
+    softcap,
+    causal,
+    left,
+    right,
+    off,
+    empty_policy,
+    lse,
+    d_o,
+    delta,
+    dl,
+    dq,
+    dbias,
+    want_dbias,
+):
+    """dq (N, Hq, Lq, D) and, when asked, the full-size dbias; tasks own (n, h, query block)."""
+    n_batch, hq, lq, d_dim = q.shape
+    hk, lk = k.shape[1], k.shape[2]
+    group = hq // hk
+    nqb = (lq + BLOCK_Q - 1) // BLOCK_Q
+    for task in nb.prange(n_batch * hq * nqb):
+        n = task // (hq * nqb)
+        h = (task // nqb) % hq
+        i0 = (task % nqb) * BLOCK_Q
+        i1 = min(i0 + BLOCK_Q, lq)
+        bq = i1 - i0
+        kvh = h // group
+        tanh_t = np.empty((BLOCK_Q, BLOCK_K))
+        dq_blk = np.zeros((bq, d_dim))
+        lo, hi = (0, lk) if empty_policy != 0 else _key_range(i0, i1, lk, causal, left, right, off)
+        for j0 in range(lo, hi, BLOCK_K):
+            bk = min(j0 + BLOCK_K, hi) - j0
+            s = _tile_logits(
+                q,
+                k,
+                n,
+                h,
+                kvh,
+                i0,
+                bq,
+                j0,
+                bk,
+                scale,
+                softcap,
+                bias,
+                has_bias,
+                mask,
+                has_mask,
+                causal,
+                left,
+                right,
+                off,
+                tanh_t,
+            )
+            _tile_probabilities(s, bq, bk, lse, n, h, i0, lk, empty_policy)
+            ds = np.dot(d_o[n, h, i0:i1, :], v[n, kvh, j0 : j0 + bk, :].T)
+            _tile_ds(
+                s,
+                ds,
+                keep,
+                has_keep,
+                n,
+                h,
+                i0,
+                bq,
+                j0,
+                bk,
+                delta,
+                dl,
+                lse,
+                empty_policy,
+                softcap,
+                tanh_t,
+                dbias,
+                want_dbias,
+            )
+            dq_blk += np.dot(ds, k[n, kvh, j0 : j0 + bk, :])
+        for r in range(bq):
+            for d in range(d_dim):
+                dq[n, h, i0 + r, d] = scale * dq_blk[r, d]
+
+
+@nb.njit(parallel=True, cache=True)
+def backward_dkv(
+    q,
+    k,
+    v,
+    bias,
+    has_bias,
+    mask,
+    has_mask,
+    keep,
+    has_keep,
+    scale,
+    softcap,
+    causal,
+    left,
+    right,
+    off,
+    empty_policy,
+    lse,
+    d_o,
+    delta,
+    dl,
+    dk,
+    dv_out,
+):
+    """dk (N, Hk, Lk, D), dv (N, Hk, Lk, Dv); tasks own (n, kv head, key block)."""
+    n_batch, hq, lq, d_dim = q.shape
+    hk, lk, dv = k.shape[1], k.shape[2], v.shape[3]
+    group = hq // hk
+    nkb = (lk + BLOCK_K - 1) // BLOCK_K
+    for task in nb.prange(n_batch * hk * nkb):
+        n = task // (hk * nkb)
+        kvh = (task // nkb) % hk
+        j0 = (task % nkb) * BLOCK_K
+        bk = min(j0 + BLOCK_K, lk) - j0
+        tanh_t = np.empty((BLOCK_Q, BLOCK_K))
+        dummy = np.empty((1, 1, 1, 1))
+        dk_blk = np.zeros((bk, d_dim))
+        dv_blk = np.zeros((bk, dv))
+        for h in range(kvh * group, (kvh + 1) * group):
+            for i0 in range(0, lq, BLOCK_Q):
+                i1 = min(i0 + BLOCK_Q, lq)
+                bq = i1 - i0
+                lo, hi = (0, lk) if empty_policy != 0 else _key_range(i0, i1, lk, causal, left, right, off)
+                if j0 >= hi or j0 + bk <= lo:
+                    continue
+                s = _tile_logits(
+                    q,
+                    k,
+                    n,
+                    h,
+                    kvh,
+                    i0,
+                    bq,
+                    j0,
+                    bk,
+                    scale,
+                    softcap,
+                    bias,
+                    has_bias,
+                    mask,
+                    has_mask,
+                    causal,
+                    left,
+                    right,
+                    off,
+                    tanh_t,
+                )
+                _tile_probabilities(s, bq, bk, lse, n, h, i0, lk, empty_policy)
+                ds = np.dot(d_o[n, h, i0:i1, :], v[n, kvh, j0 : j0 + bk, :].T)
+                if has_keep:  # dv += P̃ᵀ dO
+                    pk = s.copy()
+                    for r in range(bq):
+                        for jj in range(bk):
+                            pk[r, jj] *= keep[n, h, i0 + r, j0 + jj]
+                    dv_blk += np.dot(pk.T, d_o[n, h, i0:i1, :])
+                else:
+                    dv_blk += np.dot(s.T, d_o[n, h, i0:i1, :])
+                _tile_ds(
+                    s,
+                    ds,
+                    keep,
+                    has_keep,
+                    n,
+                    h,
+                    i0,
+                    bq,
+                    j0,
+                    bk,
+                    delta,
+                    dl,
+                    lse,
+                    empty_policy,
+                    softcap,
+                    tanh_t,
+                    dummy,
+                    False,
+                )
+                dk_blk += np.dot(ds.T, q[n, h, i0:i1, :])  # dk += scale dsᵀ q
+        for jj in range(bk):
+            for d in range(d_dim):
+                dk[n, kvh, j0 + jj, d] = scale * dk_blk[jj, d]
+            for c in range(dv):
+                dv_out[n, kvh, j0 + jj, c] = dv_blk[jj, c]

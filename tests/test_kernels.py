@@ -1,0 +1,116 @@
+"""The Numba kernels against their NumPy definition, determinism across thread counts, backend choice."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+
+import refattn
+from refattn import kernels
+from refattn.testing.strategies import sdpa_cases
+
+needs_numba = pytest.mark.skipif(not kernels.numba_available(), reason="numba is not installed")
+
+
+def _rel(a, b):
+    a, b = np.asarray(a), np.asarray(b)
+    assert np.array_equal(np.isnan(a), np.isnan(b)) and np.array_equal(np.isinf(a), np.isinf(b))
+    finite = np.isfinite(b)
+    scale = max(float(np.max(np.abs(b[finite]), initial=0.0)), 1e-300)
+    return float(np.max(np.abs(a[finite] - b[finite]), initial=0.0)) / scale
+
+
+@needs_numba
+@settings(max_examples=40)
+@given(sdpa_cases())
+def test_kernel_equals_numpy_definition_for_every_option(case):
+    opts = {k: v for k, v in case.options.items() if k != "return_lse"}
+    fast = refattn.sdpa(*case.inputs, return_lse=True, backend="numba", **opts)
+    ref = refattn.sdpa(*case.inputs, return_lse=True, backend="numpy", **opts)
+    for a, b in zip(fast, ref):
+        assert _rel(a, b) <= 1e-12
+    rng = np.random.default_rng(0)
+    d_out, d_lse = rng.standard_normal(ref[0].shape), rng.standard_normal(ref[1].shape)
+    g_fast = refattn.sdpa_backward(d_out, *case.inputs, d_lse=d_lse, backend="numba", **opts)
+    g_ref = refattn.sdpa_backward(d_out, *case.inputs, d_lse=d_lse, backend="numpy", **opts)
+    for name, a, b in zip(g_ref._fields, g_fast, g_ref):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            assert _rel(a, b) <= 1e-12, name
+
+
+@needs_numba
+def test_kernel_at_tile_boundaries():
+    rng = np.random.default_rng(1)
+    for lq, lk in [(127, 129), (128, 128), (129, 255), (1, 300)]:
+        q, k, v = (
+            rng.standard_normal((1, 2, lq, 8)),
+            rng.standard_normal((1, 1, lk, 8)),
+            rng.standard_normal((1, 1, lk, 4)),
+        )
+        for opts in ({}, {"causal": True, "align": "bottom_right"}, {"window": (30, 5), "align": "top_left"}):
+            fast = refattn.sdpa(q, k, v, backend="numba", return_lse=True, **opts)
+            ref = refattn.sdpa(q, k, v, backend="numpy", return_lse=True, **opts)
+            for a, b in zip(fast, ref):
+                assert _rel(a, b) <= 1e-12, (lq, lk, opts)
+
+
+_DETERMINISM = """
+import hashlib, numpy as np, refattn
+rng = np.random.default_rng(0)
+q = rng.standard_normal((2, 4, 200, 16))
+k, v = rng.standard_normal((2, 2, 300, 16)), rng.standard_normal((2, 2, 300, 8))
+opts = dict(causal=True, align="bottom_right", softcap=3.0, sinks=np.zeros(4), bias=rng.standard_normal((200, 300)))
+out, lse = refattn.sdpa(q, k, v, return_lse=True, backend="numba", **opts)
+g = refattn.sdpa_backward(rng.standard_normal(out.shape), q, k, v, backend="numba", **opts)
+h = hashlib.sha256()
+for a in (out, lse) + tuple(g):
+    h.update(np.ascontiguousarray(a).tobytes())
+print(h.hexdigest())
+"""
+
+
+@needs_numba
+def test_bitwise_identical_for_one_and_two_threads():
+    digests = []
+    for threads in ("1", "2", "2"):
+        env = {**os.environ, "NUMBA_NUM_THREADS": threads}
+        run = subprocess.run([sys.executable, "-c", _DETERMINISM], capture_output=True, text=True, env=env, check=True)
+        digests.append(run.stdout.strip())
+    assert len(set(digests)) == 1, digests
+
+
+def test_backend_choice():
+    assert kernels.resolve_backend("numpy", 10**9) == "numpy"
+    assert kernels.resolve_backend("auto", 10) == "numpy"
+    with pytest.raises(refattn.RefAttnError, match="backend"):
+        refattn.sdpa(np.ones((1, 2, 2)), np.ones((1, 2, 2)), np.ones((1, 2, 2)), backend="gpu")
+    if kernels.numba_available():
+        assert kernels.resolve_backend("auto", kernels.AUTO_MIN_SCORES) == "numba"
+    else:
+        assert kernels.resolve_backend("auto", 10**9) == "numpy"
+        with pytest.raises(refattn.RefAttnError, match="numba is not installed"):
+            kernels.resolve_backend("numba", 1)
+
+
+def test_kernel_catches_a_wrong_alignment(monkeypatch):
+    """Mutation check: the agreement test fails when the kernel's alignment offset is off by one."""
+    if not kernels.numba_available():
+        pytest.skip("numba is not installed")
+    real = kernels._Flat.__init__
+
+    def shifted(self, a):
+        real(self, a)
+        g = list(self.geometry)
+        g[5] += 1
+        self.geometry = tuple(g)
+
+    monkeypatch.setattr(kernels._Flat, "__init__", shifted)
+    rng = np.random.default_rng(2)
+    q, k, v = rng.standard_normal((1, 4, 3)), rng.standard_normal((1, 6, 3)), rng.standard_normal((1, 6, 2))
+    fast = refattn.sdpa(q, k, v, causal=True, align="bottom_right", backend="numba")
+    ref = refattn.sdpa(q, k, v, causal=True, align="bottom_right", backend="numpy")
+    assert _rel(fast, ref) > 1e-3
