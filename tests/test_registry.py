@@ -196,6 +196,16 @@ def test_wrong_types_and_cotangent_shapes_rejected(name, data):
 # ---- mutation checks: each generic property fails on a broken variant -------------------------
 
 
+def _assert_gradcheck_catches(op):
+    def check(case):
+        try:
+            check_gradients(op, case)
+        except GradcheckError as exc:
+            raise AssertionError(str(exc)) from None
+
+    assert_catches(op.cases(for_gradcheck=True), check)
+
+
 def test_gradcheck_catches_a_backward_missing_the_softcap_factor(monkeypatch):
     real = sdpa_mod.backward_scores
 
@@ -203,28 +213,12 @@ def test_gradcheck_catches_a_backward_missing_the_softcap_factor(monkeypatch):
         return real(a, f._replace(tanh=None), dp, d_lse)
 
     monkeypatch.setattr(sdpa_mod, "backward_scores", no_softcap_derivative)
-    op = _registry.get("sdpa")
-
-    def check(case):
-        try:
-            check_gradients(op, case)
-        except GradcheckError as exc:
-            raise AssertionError(str(exc)) from None
-
-    assert_catches(op.cases(for_gradcheck=True), check)
+    _assert_gradcheck_catches(_registry.get("sdpa"))
 
 
 def test_gradcheck_catches_gqa_gradients_not_summed_over_the_group(monkeypatch):
     monkeypatch.setattr(sdpa_mod, "reduce_kv", lambda dx, g: dx if g == 1 else dx[..., ::g, :, :])
-    op = _registry.get("sdpa")
-
-    def check(case):
-        try:
-            check_gradients(op, case)
-        except GradcheckError as exc:
-            raise AssertionError(str(exc)) from None
-
-    assert_catches(op.cases(for_gradcheck=True), check)
+    _assert_gradcheck_catches(_registry.get("sdpa"))
 
 
 def test_batch_check_catches_normalisation_across_the_batch(monkeypatch):
