@@ -181,6 +181,44 @@ def compile_seconds():
     return float(out.stdout.strip())
 
 
+def _targets(timing, memory, rollout, layer_mib):
+    """The issue's targets, judged from the measurements of this run."""
+
+    def verdict(ok):
+        return "met" if ok else "**not met**"
+
+    out = ["| target | measured | verdict |", "|---|---|---|"]
+    for causal in (False, True):
+        ours = timing.get(("forward", 4096, causal, "refattn kernel"))
+        theirs = timing.get(("forward", 4096, causal, "torch float64"))
+        if ours and theirs:
+            ratio = ours[0] / theirs[0]
+            out.append(
+                f"| forward N=4096 causal={causal}: kernel ≤ 1.0× torch | {ratio:.2f}× | {verdict(ratio <= 1)} |"
+            )
+    ours = timing.get(("forward", 4096, False, "refattn kernel"))
+    if ours:
+        out.append(f"| forward N=4096: ≥ 50 % of the GEMM rate | {100 * ours[1]:.0f} % | {verdict(ours[1] >= 0.5)} |")
+    ours = timing.get(("forward+backward", 4096, False, "refattn kernel"))
+    theirs = timing.get(("forward+backward", 4096, False, "torch float64"))
+    if ours and theirs:
+        ratio = ours[0] / theirs[0]
+        out.append(f"| forward+backward N=4096: ≤ 1.0× torch | {ratio:.2f}× | {verdict(ratio <= 1)} |")
+    for n, backend, peak, _ in memory:
+        if n == 32768 and backend == "numba":
+            ok = peak < 64 + 16.5  # the output (16 MiB) is counted in the peak
+            out.append(f"| extra memory N=32768, H=1: < 64 MiB beyond the output | {peak:.0f} MiB | {verdict(ok)} |")
+    named = {name: (t, peak) for name, t, peak in rollout}
+    floor, stream = named.get("head-mean pass (floor)"), named.get("rollout, streaming")
+    if floor and stream:
+        ok = stream[1] <= 3 * layer_mib
+        out.append(f"| rollout peak ≤ 3 layers of maps | {stream[1]:.0f} vs {3 * layer_mib:.0f} MiB | {verdict(ok)} |")
+        ratio = stream[0] / floor[0]
+        out.append(f"| rollout time ≤ 1.5× the head-mean pass | {ratio:.2f}× | {verdict(ratio <= 1.5)} |")
+    out.append("| CLS-row rollout ≤ 1.1× the head-mean pass | no row-only path yet | **not built** |")
+    return out
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096, 16384])
@@ -215,8 +253,10 @@ def main(argv=None):
         "| pass | N | causal | method | time (s) | GFLOP/s | × GEMM rate |",
         "|---|---|---|---|---|---|---|",
     ]
-    for kind, n, causal, name, t, gf, frac in sdpa_rows(args.sizes, args.repeats, gemm):
+    sdpa = sdpa_rows(args.sizes, args.repeats, gemm)
+    for kind, n, causal, name, t, gf, frac in sdpa:
         lines.append(f"| {kind} | {n} | {causal} | {name} | {t:.3f} | {gf:.1f} | {frac:.2f} |")
+    timing = {(kind, n, causal, name): (t, frac) for kind, n, causal, name, t, _, frac in sdpa}
     lines += [
         "",
         "## Peak memory beyond inputs (H=1, D=64; tracemalloc)",
@@ -225,7 +265,8 @@ def main(argv=None):
         "|---|---|---|---|",
     ]
     mem_sizes = [4096, 8192] if args.quick else [8192, 16384, 32768]
-    for n, backend, peak, nd in memory_rows(mem_sizes):
+    memory = memory_rows(mem_sizes)
+    for n, backend, peak, nd in memory:
         lines.append(f"| {n} | {backend} | {peak:.1f} | {nd:.1f} |")
     loops = loops_rows()
     lines += [
@@ -245,6 +286,10 @@ def main(argv=None):
             "|---|---|---|",
         ]
         lines += [f"| {name} | {t:.2f} | {peak:.0f} |" for name, t, peak in rows]
+    else:
+        rows, layer_mib = [], 0.0
+    lines += ["", "## Targets (issue: fast enough to check real sizes), from this run", ""]
+    lines += _targets(timing, memory, rows, layer_mib)
     text = "\n".join(lines) + "\n"
     print(text)
     if args.output:
