@@ -9,5 +9,5 @@ from hypothesis import HealthCheck, settings
 
 _common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.register_profile("dev", max_examples=25, **_common)
-settings.register_profile("ci", max_examples=60, derandomize=True, database=None, print_blob=True, **_common)
+settings.register_profile("ci", max_examples=40, derandomize=True, database=None, print_blob=True, **_common)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "dev"))

@@ -513,9 +513,11 @@ def _gap_to_second(case):
 
 
 def _offset_away_from_zero(case):
-    p = case.inputs[0]
-    i = np.arange(p.shape[-2])
-    return np.min(np.abs((p * np.arange(p.shape[-1])).sum(-1) - i)) > 1e-3
+    from refattn.metrics._maps import attention_map
+
+    m = attention_map(case.inputs[0], case.options.get("mask"))
+    centre = (m.p * np.arange(m.p.shape[-1])).sum(-1) - np.arange(m.p.shape[-2])
+    return np.min(np.abs(np.where(m.rows, centre, 1.0))) > 1e-3
 
 
 def _distinct_maps(case):
