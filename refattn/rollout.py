@@ -190,16 +190,23 @@ def rollout(
     renormalize=True,
     mask=None,
     return_all=False,
+    rows=None,
 ):
     """Attention rollout ``R (..., n, n)``, or every prefix ``(L', ..., n, n)`` with ``return_all``.
 
     ``attentions``: a sequence, stacked array or iterator of per-layer maps; an iterator is read
     one layer at a time (memory does not grow with depth unless ``return_all``).  ``mask``: real
     tokens ``(..., n)`` (True = real); padded tokens get zero rows and columns and rollout equals
-    that of the cropped maps.
+    that of the cropped maps.  ``rows`` (an index or a list of them, e.g. 0 for [CLS]): only those
+    rows of R, ``(..., n)`` or ``(..., k, n)``, by a vector–matrix chain over the layers taken last
+    first — O(L·n²) per row instead of O(L·n³); needs the layers as a sequence or array.
     """
     opts = _options(residual, head_fusion, start_layer, discard_ratio, renormalize)
     return_all = as_flag(return_all, "return_all")
+    if rows is not None:
+        if return_all:
+            raise RefAttnError("rows: the row-only path returns R's rows, not every prefix; drop return_all")
+        return _rollout_rows(attentions, opts, mask, rows)
     r, prefixes = None, []
     for _, _, fused in _layers(attentions, opts, mask):
         r = fused.a_hat if r is None else fused.a_hat @ r  # later layers on the left
@@ -208,6 +215,41 @@ def rollout(
     if r is None:
         raise RefAttnError(f"start_layer: expected fewer than the number of layers, got {opts.start_layer}")
     return np.stack(prefixes) if return_all else r
+
+
+def _rows_index(rows, n):
+    idx = np.asarray(rows)
+    if idx.dtype.kind not in "iu" or idx.ndim > 1:
+        raise RefAttnError(f"rows: expected a row index or a 1-D list of them, got {rows!r}")
+    if idx.size and (idx.min() < -n or idx.max() >= n):
+        raise RefAttnError(f"rows: expected indices in [0, {n}), got {idx.tolist()}")
+    return idx % n
+
+
+def _rollout_rows(attentions, opts, mask, rows):
+    """Rows of R = Â_L ⋯ Â_s: ``v = Â_L[rows]``, then ``v ← v Â_l`` for l = L−1 … s."""
+    if isinstance(attentions, (Iterator,)) or not hasattr(attentions, "__len__"):
+        raise RefAttnError("attentions: the row-only rollout reads the layers last first; pass a list or an array")
+    count = len(attentions)
+    if count == 0:
+        raise RefAttnError("attentions: expected at least one layer, got none")
+    if opts.start_layer >= count:
+        raise RefAttnError(f"start_layer: expected fewer than the number of layers, got {opts.start_layer}")
+    shape, valid, v, idx = None, None, None, None
+    for index in range(count - 1, -1, -1):
+        a = _layer(attentions[index], index, opts, shape)
+        if shape is None:
+            shape = a.shape
+            fused_shape = a.shape[:-3] + a.shape[-2:] if opts.head_fusion else a.shape
+            valid = _valid(mask, fused_shape)
+            idx = _rows_index(rows, a.shape[-1])
+        if index < opts.start_layer:
+            if not np.isfinite(a).all():
+                raise RefAttnError(f"attentions[{index}]: expected finite values (no NaN or inf in any head)")
+            continue
+        a_hat = _fuse(a, opts, valid, f"attentions[{index}]").a_hat  # (..., n, n)
+        v = a_hat[..., np.atleast_1d(idx), :] if v is None else v @ a_hat  # (..., k, n)
+    return v[..., 0, :] if idx.ndim == 0 else v
 
 
 def rollout_backward(
@@ -221,13 +263,37 @@ def rollout_backward(
     renormalize=True,
     mask=None,
     return_all=False,
+    rows=None,
 ):
     """Gradients of :func:`rollout`: a list with one array per layer map (zeros before ``start_layer``).
 
     max/min fusion give the subgradient of the selected head; the discard selection is held fixed.
+    With ``rows``, ``d_R`` has the shape of those rows; it is scattered into R's full shape.
     """
     opts = _options(residual, head_fusion, start_layer, discard_ratio, renormalize)
     return_all = as_flag(return_all, "return_all")
+    if rows is not None:
+        if return_all:
+            raise RefAttnError("rows: the row-only path returns R's rows, not every prefix; drop return_all")
+        maps = list(attentions)
+        n = np.shape(maps[0])[-1]
+        idx = _rows_index(rows, n)
+        fused_batch = np.shape(maps[0])[:-3] if head_fusion else np.shape(maps[0])[:-2]
+        d_rows = as_cotangent(d_R, fused_batch + idx.shape + (n,), "d_R")
+        full = np.zeros(fused_batch + (n, n))
+        np.add.at(
+            full, (Ellipsis, idx if idx.ndim else idx[None], slice(None)), d_rows if idx.ndim else d_rows[..., None, :]
+        )
+        return rollout_backward(
+            full,
+            maps,
+            residual=residual,
+            head_fusion=head_fusion,
+            start_layer=start_layer,
+            discard_ratio=discard_ratio,
+            renormalize=renormalize,
+            mask=mask,
+        )
     maps, fused = [], []
     for index, a, f in _layers(attentions, opts, mask, keep_maps=True):
         maps.append((index, a))

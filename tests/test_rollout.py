@@ -72,6 +72,31 @@ def check_padding_equals_cropping(case):
     assert (r[..., ~real, :] == 0).all() and (r[..., :, ~real] == 0).all()
 
 
+def check_rows_path_equals_rows_of_the_full_rollout(case):
+    (maps,) = case.inputs
+    o = {k: v for k, v in case.options.items() if k != "return_all"}
+    full = refattn.rollout(maps, **o)
+    n = maps.shape[-1]
+    np.testing.assert_allclose(refattn.rollout(maps, rows=0, **o), full[..., 0, :], **CLOSE)
+    picked = [n - 1, 0]
+    np.testing.assert_allclose(refattn.rollout(list(maps), rows=picked, **o), full[..., picked, :], **CLOSE)
+
+
+def test_rows_path_needs_a_sequence_and_has_gradients():
+    maps = _softmax(np.random.default_rng(5).standard_normal((3, 2, 4, 4)))
+    with pytest.raises(refattn.RefAttnError, match="last first"):
+        refattn.rollout(iter(maps), rows=0)
+    with pytest.raises(refattn.RefAttnError, match="rows"):
+        refattn.rollout(maps, rows=[4])
+
+    def backward(d_R, attentions, **o):
+        return rollout_mod.RolloutGrads(np.stack(refattn.rollout_backward(d_R, attentions, **o)))
+
+    from refattn.testing import gradcheck
+
+    assert gradcheck(refattn.rollout, backward, (maps,), options={"rows": [2, 0], "residual": 0.3}).passed
+
+
 def test_identity_layers_give_identity():
     eye = np.broadcast_to(np.eye(5), (4, 2, 5, 5))
     np.testing.assert_array_equal(refattn.rollout(eye), np.eye(5))
@@ -186,6 +211,7 @@ PROPERTIES = [
     (check_equals_naive_product_of_all_prefixes, rollout_cases().map(_plain), "earlier_layers_on_the_left"),
     (check_mean_fusion_invariant_to_head_permutation, rollout_cases(), "first_head_only"),
     (check_padding_equals_cropping, rollout_cases(), "padding_not_removed"),
+    (check_rows_path_equals_rows_of_the_full_rollout, rollout_cases(), "rows_chained_first_layer_first"),
 ]
 
 
@@ -226,6 +252,13 @@ MUTANTS = {
         lambda real, a, o, v: (lambda f: f._replace(a_hat=_divide_columns(f.m)))(real(a, o, v))
     ),
     "earlier_layers_on_the_left": _earlier_layers_on_the_left,
+    "rows_chained_first_layer_first": lambda mp: mp.setattr(
+        rollout_mod,
+        "_rollout_rows",
+        lambda attentions, opts, mask, rows: (lambda r: r[..., rows, :])(
+            rollout_mod.rollout(list(attentions)[::-1], **opts._asdict(), mask=mask)
+        ),
+    ),
     "first_head_only": _fuse_mutant(lambda real, a, o, v: real(a[..., :1, :, :], o, v)),
     "padding_not_removed": _fuse_mutant(lambda real, a, o, v: real(a, o, None)),
 }
