@@ -1,4 +1,5 @@
-"""Hypothesis profiles: 'dev' (fast, the default) and 'ci' (derandomized, more examples, no deadline).
+"""Hypothesis profiles: 'dev' (fast, the default), 'ci' (derandomized, no deadline) and 'stress'
+(randomized, 200 examples: run locally with HYPOTHESIS_PROFILE=stress to shake out flaky cases).
 
 The 'ci' profile is loaded when the CI environment variable is set (tox passes it through).
 """
@@ -9,5 +10,6 @@ from hypothesis import HealthCheck, settings
 
 _common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.register_profile("dev", max_examples=25, **_common)
+settings.register_profile("stress", max_examples=200, **_common)  # local: randomized, to shake out flaky cases
 settings.register_profile("ci", max_examples=40, derandomize=True, database=None, print_blob=True, **_common)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "dev"))
