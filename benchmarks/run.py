@@ -138,10 +138,10 @@ def rollout_rows(layers=28, heads=16, n=256, batch=32, repeats=3):
         maps = np.stack(list(stream()))
         return refattn.rollout(maps)
 
-    layers = [base if i % 2 else base[..., ::-1, :] for i in range(layers)]  # views: no extra memory
+    layer_list = [base if i % 2 else base[..., ::-1, :] for i in range(layers)]  # views: no extra memory
     rows = []
     for name, fn in (
-        ("CLS-row rollout (rows=0)", lambda: refattn.rollout(layers, rows=0)),
+        ("CLS-row rollout (rows=0)", lambda: refattn.rollout(layer_list, rows=0)),
         ("head-mean pass (floor)", head_mean_pass),
         ("rollout, streaming", lambda: refattn.rollout(stream())),
         ("rollout, all layers stacked", stacked),
