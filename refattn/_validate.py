@@ -26,10 +26,6 @@ class RefAttnTypeError(RefAttnError, TypeError):
 
 def to_numpy(x, name):
     """``x`` as a NumPy array without copying or converting (array-likes, ``__dlpack__``)."""
-    return _to_numpy(x, name)
-
-
-def _to_numpy(x, name):
     if isinstance(x, np.ndarray):
         return x
     if hasattr(x, "__dlpack__") and not hasattr(x, "__array__"):
@@ -52,7 +48,7 @@ def as_float(x, name, *, ndim_min=0, allow_neg_inf=False, copy=True):
     are always rejected.  ``copy=False`` (for large read-only inputs) avoids
     the copy when ``x`` already is a float64 array; the caller must not write to it.
     """
-    a = _to_numpy(x, name)
+    a = to_numpy(x, name)
     if a.dtype == bool or a.dtype.kind not in "iuf":
         raise RefAttnTypeError(f"{name}: expected real numbers (int or float dtype), got dtype {a.dtype}")
     a = np.array(a, dtype=np.float64, copy=True) if copy else np.asarray(a, dtype=np.float64)
@@ -72,7 +68,7 @@ def as_float(x, name, *, ndim_min=0, allow_neg_inf=False, copy=True):
 
 def as_bool(x, name, *, hint=""):
     """``x`` as a bool array; a non-bool array is a :class:`RefAttnTypeError`."""
-    a = _to_numpy(x, name)
+    a = to_numpy(x, name)
     if a.dtype != bool:
         raise RefAttnTypeError(f"{name}: expected a bool array (True = keep), got dtype {a.dtype}{hint}")
     return np.array(a, dtype=bool, copy=True)

@@ -78,11 +78,17 @@ def structural(lq, lk, *, causal=False, window=None, align=None):
     if not causal and window is None:
         return None
     what = " and ".join(w for w, on in (("causal", causal), ("window", window is not None)) if on)
-    o = alignment_offset(lq, lk, align, what=what)
-    left, right = window if window is not None else (None, None)
+    return causal_window_band(lq, lk, causal, window or (None, None), alignment_offset(lq, lk, align, what=what))
+
+
+def causal_window_band(lq, lk, causal, window, offset):
+    """bool ``(lq, lk)``: causal ∧ window at a known offset, or None when neither restricts."""
+    left, right = window
     if causal:
         right = 0 if right is None else min(right, 0)
-    return band(lq, lk, o, left, right)
+    if left is None and right is None:
+        return None
+    return band(lq, lk, offset, left, right)
 
 
 def local(l, window_size):

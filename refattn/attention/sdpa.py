@@ -99,10 +99,7 @@ class Args:
     def allowed(self):
         """bool mask broadcastable to the scores (mask ∧ causal ∧ window), or None when all allowed."""
         lq, lk = self.score_shape[-2:]
-        left, right = self.window
-        if self.causal:
-            right = 0 if right is None else min(right, 0)
-        band = None if (left is None and right is None) else _masks.band(lq, lk, self.offset, left, right)
+        band = _masks.causal_window_band(lq, lk, self.causal, self.window, self.offset)
         if band is None:
             return self.user_mask
         return band if self.user_mask is None else self.user_mask & band
