@@ -20,6 +20,10 @@ class RefAttnError(ValueError):
     """A bad argument to a refattn op (wrong shape, value or option)."""
 
 
+class Unsupported(RefAttnError):
+    """An option a candidate implementation (or an adapter) cannot express."""
+
+
 class RefAttnTypeError(RefAttnError, TypeError):
     """An argument of the wrong type (e.g. a float mask, a string array)."""
 
@@ -41,6 +45,12 @@ def to_numpy(x, name):
         ) from exc
 
 
+def is_extension_float(dtype):
+    """Whether ``dtype`` is one of ml_dtypes' float formats (bfloat16, float8_*), which NumPy
+    reports as kind ``"V"``."""
+    return dtype.kind == "V" and dtype.names is None and dtype.type.__module__.startswith("ml_dtypes")
+
+
 def as_float(x, name, *, ndim_min=0, allow_neg_inf=False, copy=True):
     """``x`` as a float64 array; rejects non-real dtypes and non-finite values.
 
@@ -49,6 +59,8 @@ def as_float(x, name, *, ndim_min=0, allow_neg_inf=False, copy=True):
     the copy when ``x`` already is a float64 array; the caller must not write to it.
     """
     a = to_numpy(x, name)
+    if is_extension_float(a.dtype):
+        a = a.astype(np.float64)  # bfloat16, float8_*: exactly representable in float64
     if a.dtype == bool or a.dtype.kind not in "iuf":
         raise RefAttnTypeError(f"{name}: expected real numbers (int or float dtype), got dtype {a.dtype}")
     a = np.array(a, dtype=np.float64, copy=True) if copy else np.asarray(a, dtype=np.float64)

@@ -36,6 +36,9 @@ def test_kernel_equals_numpy_definition_for_every_option(case):
     d_out, d_lse = rng.standard_normal(ref[0].shape), rng.standard_normal(ref[1].shape)
     g_fast = refattn.sdpa_backward(d_out, *case.inputs, d_lse=d_lse, backend="numba", **opts)
     g_ref = refattn.sdpa_backward(d_out, *case.inputs, d_lse=d_lse, backend="numpy", **opts)
+    g_saved = refattn.sdpa_backward(d_out, *case.inputs, d_lse=d_lse, backend="numba", saved=fast, **opts)
+    for a, b in zip(g_saved, g_fast):  # the saved forward is the one the kernel would recompute
+        assert (a is None and b is None) or np.array_equal(a, b, equal_nan=True)
     for name, a, b in zip(g_ref._fields, g_fast, g_ref):
         assert (a is None) == (b is None), name
         if a is not None:
@@ -51,7 +54,13 @@ def test_kernel_at_tile_boundaries():
             rng.standard_normal((1, 1, lk, 8)),
             rng.standard_normal((1, 1, lk, 4)),
         )
-        for opts in ({}, {"causal": True, "align": "bottom_right"}, {"window": (30, 5), "align": "top_left"}):
+        bias = rng.standard_normal((lq, lk))
+        for opts in (
+            {},
+            {"bias": bias},
+            {"causal": True, "align": "bottom_right", "bias": bias},
+            {"window": (30, 5), "align": "top_left"},
+        ):
             fast = refattn.sdpa(q, k, v, backend="numba", return_lse=True, **opts)
             ref = refattn.sdpa(q, k, v, backend="numpy", return_lse=True, **opts)
             for a, b in zip(fast, ref):
@@ -114,3 +123,71 @@ def test_kernel_catches_a_wrong_alignment(monkeypatch):
     fast = refattn.sdpa(q, k, v, causal=True, align="bottom_right", backend="numba")
     ref = refattn.sdpa(q, k, v, causal=True, align="bottom_right", backend="numpy")
     assert _rel(fast, ref) > 1e-3
+
+
+def _exp_ulp_errors(exp_fn, x):
+    """Error of ``exp_fn(x)`` in ulps of the exact value (150-bit mpmath), on the points where it
+    differs most from NumPy's exp (a screen: NumPy's exp is itself within ~0.5 ulp)."""
+    mpmath = pytest.importorskip("mpmath")
+    got = exp_fn(x)
+    ref = np.exp(x)
+    screen = np.abs(got - ref) / np.spacing(ref)
+    worst = np.argsort(-screen)[:400]
+    errors = []
+    with mpmath.workprec(150):
+        for i in worst:
+            exact = mpmath.exp(mpmath.mpf(float(x[i])))
+            errors.append(float(abs(mpmath.mpf(float(got[i])) - exact) / mpmath.mpf(float(np.spacing(float(exact))))))
+    return max(errors)
+
+
+def _exp_points():
+    rng = np.random.default_rng(7)
+    return np.concatenate(
+        [
+            rng.uniform(-745.0, 0.0, 100_000),  # the kernels' domain: x − max ≤ 0
+            rng.uniform(-1.0, 0.0, 50_000),
+            rng.uniform(-40.0, 0.0, 50_000),
+            rng.uniform(-708.0, -700.0, 5_000),
+            rng.uniform(0.0, 709.7, 20_000),
+        ]
+    )
+
+
+@needs_numba
+def test_fast_exp_is_within_one_ulp_and_keeps_special_values():
+    import numba as nb
+
+    from refattn.kernels.fastexp import exp
+
+    @nb.njit(fastmath={"contract"})  # compiled as the kernels compile it
+    def exp_array(x):
+        out = np.empty_like(x)
+        for i in range(x.size):
+            out[i] = exp(x[i])
+        return out
+
+    assert _exp_ulp_errors(exp_array, _exp_points()) <= 1.0
+    special = np.array([0.0, -0.0, -np.inf, np.inf, -746.0, -745.13, 709.78, 709.79, 5e-324])
+    got = exp_array(special)
+    with np.errstate(over="ignore"):
+        assert np.array_equal(got, np.exp(special))
+    assert np.isnan(exp_array(np.array([np.nan]))[0])
+    subnormal = np.linspace(-745.1, -708.5, 2001)  # rounded once: within one subnormal step
+    assert np.max(np.abs(exp_array(subnormal) - np.exp(subnormal))) <= 5e-324
+
+
+def test_exp_ulp_check_catches_a_two_ulp_error():
+    x = _exp_points()[:20_000]
+    assert _exp_ulp_errors(lambda y: np.exp(y) * (1.0 + 4.5e-16), x) > 1.0
+
+
+def test_saved_forward_is_shape_checked():
+    q = k = v = np.ones((1, 2, 3, 4))
+    out, lse = refattn.sdpa(q, k, v, return_lse=True)
+    with pytest.raises(refattn.RefAttnError, match="saved: expected the pair"):
+        refattn.sdpa_backward(out, q, k, v, saved=out)
+    with pytest.raises(refattn.RefAttnError, match=r"saved lse: expected shape \(1, 2, 3\)"):
+        refattn.sdpa_backward(out, q, k, v, saved=(out, lse[..., :2]))
+    g = refattn.sdpa_backward(out, q, k, v, saved=(out, lse), backend="numpy")
+    np.testing.assert_array_equal(g.dq, refattn.sdpa_backward(out, q, k, v, backend="numpy").dq)

@@ -376,12 +376,17 @@ def sdpa_backward(
     dropout_mask=None,
     empty_rows="zero",
     backend="auto",
+    saved=None,
 ):
     """Gradients of :func:`sdpa` for cotangents ``d_out (..., Hq, Lq, Dv)`` and ``d_lse (..., Hq, Lq)``.
 
     Returns :class:`SDPAGrads`; each gradient has the shape of its input (GQA
     groups and broadcast dims summed).  ``d_lse`` is ignored on empty rows.  ``backend`` as
-    :func:`sdpa` (the kernel recomputes P from lse, FlashAttention-2 style).
+    :func:`sdpa` (the kernel recomputes P from lse, FlashAttention-2 style).  ``saved``: the
+    ``(out, lse)`` that ``sdpa(..., return_lse=True)`` returned for these same arguments; the
+    kernel then skips recomputing the forward (as autograd does with saved tensors).  It is
+    trusted, not recomputed: pass exactly what refattn returned.  The NumPy path rebuilds P and
+    does not use it.
     """
     a = validate(
         q,
@@ -399,16 +404,28 @@ def sdpa_backward(
         dropout_mask=dropout_mask,
         empty_rows=empty_rows,
     )
-    return run_backward(a, d_out, d_lse, backend)
+    return run_backward(a, d_out, d_lse, backend, saved)
 
 
-def run_backward(a: Args, d_out, d_lse, backend="numpy"):
+def _saved(saved, out_shape):
+    """``(out, lse)`` from the forward, shape-checked (values may be NaN / -inf, as sdpa returns)."""
+    if not (isinstance(saved, (tuple, list)) and len(saved) == 2):
+        raise RefAttnError("saved: expected the pair (out, lse) that sdpa(..., return_lse=True) returned")
+    out, lse = (np.asarray(x, dtype=np.float64) for x in saved)
+    for name, x, shape in (("saved out", out, out_shape), ("saved lse", lse, out_shape[:-1])):
+        if x.shape != shape:
+            raise RefAttnError(f"{name}: expected shape {shape}, got {x.shape}")
+    return out, lse
+
+
+def run_backward(a: Args, d_out, d_lse, backend="numpy", saved=None):
     """Steps 7 back to 1 on validated arguments → :class:`SDPAGrads`."""
     out_shape = a.score_shape[:-1] + (a.v.shape[-1],)
     d_o = as_cotangent(d_out, out_shape, "d_out")  # (..., Hq, Lq, Dv)
     dl = None if d_lse is None else as_cotangent(d_lse, a.score_shape[:-1], "d_lse")
+    saved = None if saved is None else _saved(saved, out_shape)
     if _kernels.resolve_backend(backend, math.prod(a.score_shape)) == "numba":
-        return SDPAGrads(*_kernels.sdpa_backward(a, d_o, dl))
+        return SDPAGrads(*_kernels.sdpa_backward(a, d_o, dl, saved))
     f = forward_scores(a)
     dp, dve, _ = backward_values(a, f, d_o, expand_kv(a.v, a.groups))
     dq, dk, dbias, dsinks = backward_scores(a, f, dp, dl)

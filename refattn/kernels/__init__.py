@@ -135,11 +135,12 @@ def sdpa_forward(a):
     return out.reshape(a.score_shape[:-1] + (a.v.shape[-1],)), lse.reshape(a.score_shape[:-1])
 
 
-def sdpa_backward(a, d_out, d_lse):
-    """``(dq, dk, dv, dbias, dsinks)`` by the backward kernels (P recomputed from lse)."""
+def sdpa_backward(a, d_out, d_lse, saved=None):
+    """``(dq, dk, dv, dbias, dsinks)`` by the backward kernels (P recomputed from lse); ``saved``:
+    the forward's ``(out, lse)``, recomputed when None."""
     f = _Flat(a)
     hq, lq = a.score_shape[-3:-1]
-    out, lse = sdpa_forward(a)
+    out, lse = sdpa_forward(a) if saved is None else saved
     out = out.reshape(f.n, hq, lq, -1)
     lse = lse.reshape(f.n, hq, lq)
     d_o = np.ascontiguousarray(np.broadcast_to(d_out, out.shape))

@@ -18,6 +18,8 @@ import math
 import numba as nb
 import numpy as np
 
+from refattn.kernels.fastexp import exp
+
 BLOCK_Q = 128
 BLOCK_K = 128
 
@@ -52,12 +54,36 @@ def _key_range(i0, i1, lk, causal, left, right, off):
 
 
 @nb.njit(inline="always", cache=True)
+def _tile_inside(i0, bq, j0, bk, causal, left, right, off):
+    """Whether causal/window allow every (row, key) of the tile: the offsets j − i − off span
+    [j0 − (i0 + bq − 1) − off, j0 + bk − 1 − i0 − off]."""
+    d_min = j0 - (i0 + bq - 1) - off
+    d_max = j0 + bk - 1 - i0 - off
+    if causal and d_max > 0:
+        return False
+    if right >= 0 and d_max > right:
+        return False
+    if left >= 0 and d_min < -left:
+        return False
+    return True
+
+
+@nb.njit(inline="always", cache=True)
 def _tile_logits(
     q, k, n, h, kvh, i0, bq, j0, bk, scale, softcap, bias, has_bias, mask, has_mask, causal, left, right, off, tanh_t
 ):
     """Logits ``(bq, bk)`` of rows i0.. and keys j0.. (−inf where disallowed); the product by BLAS.
     ``tanh_t`` receives tanh(s0/c) when softcap > 0."""
-    s = np.dot(q[n, h, i0 : i0 + bq, :], k[n, kvh, j0 : j0 + bk, :].T)
+    s = np.dot(q[n, h][i0 : i0 + bq], k[n, kvh][j0 : j0 + bk].T)
+    if softcap == 0.0 and not has_mask and _tile_inside(i0, bq, j0, bk, causal, left, right, off):
+        for r in range(bq):  # every key allowed: a plain scaled copy the compiler vectorises
+            if has_bias:
+                for jj in range(bk):
+                    s[r, jj] = scale * s[r, jj] + bias[n, h, i0 + r, j0 + jj]
+            else:
+                for jj in range(bk):
+                    s[r, jj] = scale * s[r, jj]
+        return s
     for r in range(bq):
         i = i0 + r
         for jj in range(bk):
@@ -75,7 +101,37 @@ def _tile_logits(
     return s
 
 
-@nb.njit(parallel=True, cache=True)
+@nb.njit(inline="always", cache=True)
+def _row_max(s, r, bk):
+    """max of s[r, :bk] by four interleaved chains (a fixed order: deterministic, not latency-bound)."""
+    m0 = m1 = m2 = m3 = -np.inf
+    j4 = bk - bk % 4
+    for jj in range(0, j4, 4):
+        m0 = max(m0, s[r, jj])
+        m1 = max(m1, s[r, jj + 1])
+        m2 = max(m2, s[r, jj + 2])
+        m3 = max(m3, s[r, jj + 3])
+    for jj in range(j4, bk):
+        m0 = max(m0, s[r, jj])
+    return max(max(m0, m1), max(m2, m3))
+
+
+@nb.njit(inline="always", cache=True)
+def _row_sum(s, r, bk):
+    """sum of s[r, :bk] by four interleaved partial sums, combined in a fixed order."""
+    a0 = a1 = a2 = a3 = 0.0
+    j4 = bk - bk % 4
+    for jj in range(0, j4, 4):
+        a0 += s[r, jj]
+        a1 += s[r, jj + 1]
+        a2 += s[r, jj + 2]
+        a3 += s[r, jj + 3]
+    for jj in range(j4, bk):
+        a0 += s[r, jj]
+    return (a0 + a1) + (a2 + a3)
+
+
+@nb.njit(parallel=True, cache=True, fastmath={"contract"})
 def forward(
     q,
     k,
@@ -142,30 +198,25 @@ def forward(
                 tanh_t,
             )
             for r in range(bq):  # online softmax: s becomes exp(s − m_new), the acc rescaled by alpha
-                row_max = -np.inf
-                for jj in range(bk):
-                    if s[r, jj] > row_max:
-                        row_max = s[r, jj]
+                row_max = _row_max(s, r, bk)
                 m_new = max(m[r], row_max)
                 if m_new == -np.inf:
                     for jj in range(bk):
                         s[r, jj] = 0.0
                     continue
-                alpha = math.exp(m[r] - m_new) if m[r] > -np.inf else 0.0
+                alpha = exp(m[r] - m_new)  # exp(−inf) = 0: no branch, the loops vectorise
                 l_sum[r] *= alpha
                 for c in range(dv):
                     acc[r, c] *= alpha
-                total = 0.0
                 for jj in range(bk):
-                    x = s[r, jj]
-                    p = 0.0 if x == -np.inf else math.exp(x - m_new)
-                    total += p
-                    if has_keep:
-                        p *= keep[n, h, i0 + r, j0 + jj]
-                    s[r, jj] = p
+                    s[r, jj] = exp(s[r, jj] - m_new)
+                total = _row_sum(s, r, bk)
+                if has_keep:
+                    for jj in range(bk):
+                        s[r, jj] *= keep[n, h, i0 + r, j0 + jj]
                 l_sum[r] += total
                 m[r] = m_new
-            acc += np.dot(s, v[n, kvh, j0 : j0 + bk, :])
+            acc += np.dot(s, v[n, kvh][j0 : j0 + bk])
         for r in range(bq):
             i = i0 + r
             if l_sum[r] > 0.0:
@@ -194,13 +245,13 @@ def _tile_probabilities(s, bq, bk, lse, n, h, i0, lk, empty_policy):
     """P = exp(s − lse) in place; rows with lse = −inf get the empty-row fill."""
     for r in range(bq):
         row_lse = lse[n, h, i0 + r]
-        for jj in range(bk):
-            if row_lse == -np.inf:
-                s[r, jj] = 0.0 if empty_policy == 0 else (np.nan if empty_policy == 1 else 1.0 / lk)
-            elif s[r, jj] == -np.inf:
-                s[r, jj] = 0.0
-            else:
-                s[r, jj] = math.exp(s[r, jj] - row_lse)
+        if row_lse == -np.inf:
+            fill = 0.0 if empty_policy == 0 else (np.nan if empty_policy == 1 else 1.0 / lk)
+            for jj in range(bk):
+                s[r, jj] = fill
+        else:
+            for jj in range(bk):
+                s[r, jj] = exp(s[r, jj] - row_lse)  # exp(−inf) = 0
 
 
 @nb.njit(inline="always", cache=True)
@@ -208,17 +259,26 @@ def _tile_ds(
     p, dp, keep, has_keep, n, h, i0, bq, j0, bk, delta, dl, lse, empty_policy, softcap, tanh_t, dbias, want_dbias
 ):
     """ds = P (dP − Δ + dlse) [· (1 − tanh²)] in place of ``dp``; ``dp`` holds dO vᵀ on entry."""
+    plain = not has_keep and not want_dbias and softcap == 0.0
     for r in range(bq):
         i = i0 + r
-        empty = lse[n, h, i] == -np.inf
+        d_row, dl_row = delta[n, h, i], dl[n, h, i]
+        if lse[n, h, i] == -np.inf and empty_policy == 2:  # the uniform fill does not depend on s
+            for jj in range(bk):
+                dp[r, jj] = 0.0
+                if want_dbias:
+                    dbias[n, h, i, j0 + jj] = 0.0
+            continue
+        if plain:  # no branch in the loop: it vectorises
+            for jj in range(bk):
+                dp[r, jj] = p[r, jj] * ((dp[r, jj] - d_row) + dl_row)
+            continue
         for jj in range(bk):
             j = j0 + jj
             g = dp[r, jj]
             if has_keep:
                 g *= keep[n, h, i, j]
-            g = p[r, jj] * (g - delta[n, h, i] + dl[n, h, i])
-            if empty and empty_policy == 2:
-                g = 0.0
+            g = p[r, jj] * ((g - d_row) + dl_row)
             if want_dbias:
                 dbias[n, h, i, j] = g
             if softcap > 0.0:
@@ -226,7 +286,7 @@ def _tile_ds(
             dp[r, jj] = g
 
 
-@nb.njit(parallel=True, cache=True)
+@nb.njit(parallel=True, cache=True, fastmath={"contract"})
 def backward_dq(
     q,
     k,
@@ -292,7 +352,7 @@ def backward_dq(
                 tanh_t,
             )
             _tile_probabilities(s, bq, bk, lse, n, h, i0, lk, empty_policy)
-            ds = np.dot(d_o[n, h, i0:i1, :], v[n, kvh, j0 : j0 + bk, :].T)
+            ds = np.dot(d_o[n, h][i0:i1], v[n, kvh][j0 : j0 + bk].T)
             _tile_ds(
                 s,
                 ds,
@@ -313,13 +373,13 @@ def backward_dq(
                 dbias,
                 want_dbias,
             )
-            dq_blk += np.dot(ds, k[n, kvh, j0 : j0 + bk, :])
+            dq_blk += np.dot(ds, k[n, kvh][j0 : j0 + bk])
         for r in range(bq):
             for d in range(d_dim):
                 dq[n, h, i0 + r, d] = scale * dq_blk[r, d]
 
 
-@nb.njit(parallel=True, cache=True)
+@nb.njit(parallel=True, cache=True, fastmath={"contract"})
 def backward_dkv(
     q,
     k,
@@ -388,15 +448,15 @@ def backward_dkv(
                     tanh_t,
                 )
                 _tile_probabilities(s, bq, bk, lse, n, h, i0, lk, empty_policy)
-                ds = np.dot(d_o[n, h, i0:i1, :], v[n, kvh, j0 : j0 + bk, :].T)
+                ds = np.dot(d_o[n, h][i0:i1], v[n, kvh][j0 : j0 + bk].T)
                 if has_keep:  # dv += P̃ᵀ dO
                     pk = s.copy()
                     for r in range(bq):
                         for jj in range(bk):
                             pk[r, jj] *= keep[n, h, i0 + r, j0 + jj]
-                    dv_blk += np.dot(pk.T, d_o[n, h, i0:i1, :])
+                    dv_blk += np.dot(pk.T, d_o[n, h][i0:i1])
                 else:
-                    dv_blk += np.dot(s.T, d_o[n, h, i0:i1, :])
+                    dv_blk += np.dot(s.T, d_o[n, h][i0:i1])
                 _tile_ds(
                     s,
                     ds,
@@ -417,7 +477,7 @@ def backward_dkv(
                     dummy,
                     False,
                 )
-                dk_blk += np.dot(ds.T, q[n, h, i0:i1, :])  # dk += scale dsᵀ q
+                dk_blk += np.dot(ds.T, q[n, h][i0:i1])  # dk += scale dsᵀ q
         for jj in range(bk):
             for d in range(d_dim):
                 dk[n, kvh, j0 + jj, d] = scale * dk_blk[jj, d]

@@ -1,0 +1,199 @@
+"""Run PyTorch attention (CPU or CUDA, any dtype) and judge it against refattn.
+
+* :func:`torch_sdpa` runs ``F.scaled_dot_product_attention`` with refattn's options translated
+  (refattn's bool ``mask`` is True = keep, as torch's bool ``attn_mask``; causal/window with either
+  alignment become an explicit mask unless plain ``is_causal`` means the same; ``bias`` joins the mask
+  as a float ``attn_mask`` whose gradient is ``dbias``; GQA via ``enable_gqa``) and returns
+  float64 NumPy outputs and autograd gradients.
+* :func:`run_callable` does the same for any function of torch tensors ``(q, k, v) -> out``.
+* :func:`check_torch` / :func:`check_callable` run one and return the
+  :class:`refattn.testing.compare.Verdict` of the tolerance rule for the tensor dtype.
+* :func:`mha_params` / :func:`mha_param_grads` read an ``nn.MultiheadAttention``'s weights (and
+  their ``.grad``) as :class:`refattn.MHAParams`.
+
+Options torch SDPA has no form for (softcap, sinks, dropout with an explicit keep-mask, the
+``"nan"``/``"uniform"`` empty-row policies) raise :class:`Unsupported`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from refattn import lowp
+from refattn._validate import RefAttnError, Unsupported
+
+__all__ = [
+    "Unsupported",
+    "check_callable",
+    "check_torch",
+    "mha_param_grads",
+    "mha_params",
+    "run_callable",
+    "torch_dtype",
+    "torch_sdpa",
+    "translate_options",
+]
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError as exc:  # pragma: no cover - exercised only without torch
+        raise RefAttnError("refattn.adapters.torch needs PyTorch: pip install 'refattn[torch]'") from exc
+    return torch
+
+
+def torch_dtype(dtype):
+    """The torch dtype for a refattn format name (``"bfloat16"``, ``"float8_e4m3"``, ...)."""
+    torch = _torch()
+    name = lowp.format_of(dtype).name
+    return {"float8_e4m3": torch.float8_e4m3fn}.get(name) or getattr(torch, name)
+
+
+def translate_options(q, k, v, **options):
+    """refattn sdpa options → keyword arguments of ``F.scaled_dot_product_attention`` (NumPy arrays
+    for ``attn_mask``); raises :class:`Unsupported` for what SDPA cannot express."""
+    from refattn.attention.sdpa import validate
+
+    a = validate(q, k, v, **options)
+    if a.softcap is not None:
+        raise Unsupported("softcap: torch SDPA has no logit soft-capping")
+    if a.sinks is not None:
+        raise Unsupported("sinks: torch SDPA has no attention sinks")
+    if a.keep_scale is not None:
+        raise Unsupported("dropout_mask: torch SDPA draws its own dropout mask (no explicit keep-mask)")
+    if a.empty_rows != "zero":
+        raise Unsupported(f"empty_rows={a.empty_rows!r}: torch SDPA gives zeros on fully masked rows")
+    kw = {"scale": a.scale}
+    if a.groups > 1:
+        kw["enable_gqa"] = True
+    lq, lk = a.score_shape[-2:]
+    plain_causal = a.causal and a.window == (None, None) and a.offset == 0 and a.user_mask is None
+    if plain_causal and a.bias is None:
+        kw["is_causal"] = True  # top-left alignment: torch's is_causal
+    elif a.bias is not None:
+        kw["attn_mask"] = a.bias if a.allowed is None else np.where(a.allowed, a.bias, -np.inf)
+    elif a.allowed is not None:
+        kw["attn_mask"] = np.broadcast_to(a.allowed, np.broadcast_shapes(a.allowed.shape, (lq, lk)))
+    return kw
+
+
+def _tensor(torch, x, dtype, device, grad):
+    t = torch.tensor(np.asarray(x, dtype=np.float64), device=device).to(dtype)
+    return t.requires_grad_(grad)
+
+
+def _numpy(t):
+    return None if t is None else t.detach().to("cpu", dtype=_torch().float64).numpy()
+
+
+def run_callable(fn, q, k, v, *, dtype="float64", device="cpu", d_out=None, bias=None, **fn_kwargs):
+    """``fn(q, k, v, **fn_kwargs) -> out`` on torch tensors of ``dtype`` on ``device``; returns a dict
+    of float64 arrays: ``out`` and, with a cotangent ``d_out``, ``dq``, ``dk``, ``dv`` (``dbias`` when
+    a ``bias`` tensor is passed to ``fn`` as ``attn_mask``)."""
+    torch = _torch()
+    tdt = torch_dtype(dtype)
+    grad = d_out is not None
+    tq, tk, tv = (_tensor(torch, x, tdt, device, grad) for x in (q, k, v))
+    if bias is not None:
+        if np.asarray(bias).dtype == bool:
+            fn_kwargs["attn_mask"] = torch.tensor(np.asarray(bias), device=device)
+            bias = None
+        else:
+            tb = _tensor(torch, bias, tdt, device, grad)
+            fn_kwargs["attn_mask"] = tb
+    out = fn(tq, tk, tv, **fn_kwargs)
+    outputs = {"out": _numpy(out)}
+    if grad:
+        out.backward(_tensor(torch, d_out, tdt, device, False))
+        outputs.update(dq=_numpy(tq.grad), dk=_numpy(tk.grad), dv=_numpy(tv.grad))
+        if bias is not None:
+            outputs["dbias"] = _numpy(tb.grad)
+    return outputs
+
+
+def torch_sdpa(q, k, v, *, dtype="float64", device="cpu", d_out=None, **options):
+    """``F.scaled_dot_product_attention`` on refattn's inputs and options; outputs as :func:`run_callable`.
+    The inputs are rounded to ``dtype`` by the conversion to torch."""
+    torch = _torch()
+    kw = translate_options(q, k, v, **options)
+    mask = kw.pop("attn_mask", None)
+    outputs = run_callable(
+        torch.nn.functional.scaled_dot_product_attention,
+        q,
+        k,
+        v,
+        dtype=dtype,
+        device=device,
+        d_out=d_out,
+        bias=mask,
+        **kw,
+    )
+    if "dbias" in outputs and options.get("bias") is not None:
+        from refattn._validate import unbroadcast
+
+        dbias = np.where(np.isfinite(outputs["dbias"]), outputs["dbias"], 0.0)  # the mask's full shape
+        outputs["dbias"] = unbroadcast(dbias, np.shape(options["bias"]))
+    else:
+        outputs.pop("dbias", None)
+    return outputs
+
+
+def _rounded_inputs(q, k, v, options, dtype):
+    """The float64 values the candidate's low-precision inputs hold (what the golden must be computed on)."""
+    rd = lambda x: lowp.round_to(x, dtype)  # noqa: E731
+    opts = dict(options)
+    if opts.get("bias") is not None:
+        opts["bias"] = rd(opts["bias"])
+    return rd(q), rd(k), rd(v), opts
+
+
+def check_callable(fn, q, k, v, *, dtype="float64", device="cpu", d_out=None, rule="flash", options=None, **fn_kwargs):
+    """Run ``fn`` (as :func:`run_callable`) and judge it against refattn for the sdpa ``options`` it
+    is meant to compute; returns the :class:`refattn.testing.compare.Verdict`."""
+    from refattn.testing.compare import check_attention
+
+    options = dict(options or {})
+    outputs = run_callable(fn, q, k, v, dtype=dtype, device=device, d_out=d_out, **fn_kwargs)
+    q, k, v, options = _rounded_inputs(q, k, v, options, dtype)
+    grads = {n: outputs[n] for n in ("dq", "dk", "dv") if n in outputs}
+    d = None if d_out is None else lowp.round_to(d_out, dtype)
+    return check_attention(outputs["out"], q, k, v, dtype=dtype, grads=grads or None, d_out=d, rule=rule, **options)
+
+
+def check_torch(q, k, v, *, dtype="float64", device="cpu", d_out=None, rule="flash", **options):
+    """Run :func:`torch_sdpa` and judge it: a :class:`refattn.testing.compare.Verdict`."""
+    from refattn.testing.compare import check_attention
+
+    outputs = torch_sdpa(q, k, v, dtype=dtype, device=device, d_out=d_out, **options)
+    q, k, v, options = _rounded_inputs(q, k, v, options, dtype)
+    grads = {n: outputs[n] for n in ("dq", "dk", "dv", "dbias") if n in outputs}
+    d = None if d_out is None else lowp.round_to(d_out, dtype)
+    return check_attention(outputs["out"], q, k, v, dtype=dtype, grads=grads or None, d_out=d, rule=rule, **options)
+
+
+def mha_params(mha):
+    """An ``nn.MultiheadAttention``'s weights as :class:`refattn.MHAParams` (float64 NumPy, ``x @ W``)."""
+    return _mha_arrays(mha, lambda t: t.detach().to("cpu", dtype=_torch().float64).numpy())
+
+
+def mha_param_grads(mha):
+    """The ``.grad`` of an ``nn.MultiheadAttention``'s weights as :class:`refattn.MHAParams`."""
+    return _mha_arrays(mha, lambda t: t.grad.detach().to("cpu", dtype=_torch().float64).numpy())
+
+
+def _mha_arrays(mha, read):
+    from refattn.attention.multihead import MHAParams
+
+    e = mha.embed_dim
+    if mha._qkv_same_embed_dim:
+        w = read(mha.in_proj_weight)
+        w_q, w_k, w_v = w[:e].T, w[e : 2 * e].T, w[2 * e :].T
+    else:
+        w_q, w_k, w_v = (read(getattr(mha, n)).T for n in ("q_proj_weight", "k_proj_weight", "v_proj_weight"))
+    if mha.in_proj_bias is None:
+        raise Unsupported("nn.MultiheadAttention(bias=False): refattn's MHAParams carries biases; pass zeros")
+    b = read(mha.in_proj_bias)
+    return MHAParams(
+        w_q, w_k, w_v, read(mha.out_proj.weight).T, b[:e], b[e : 2 * e], b[2 * e :], read(mha.out_proj.bias)
+    )

@@ -1,0 +1,194 @@
+"""Cross-check every implementation available on this machine over a suite of cases.
+
+An :class:`Implementation` runs a :class:`refattn.io.Case` and returns its outputs; each run is
+judged by :func:`refattn.io.check_case` (the tolerance rule for the implementation's dtype).  The
+built-in implementations: refattn's own forms (Numba kernel, FlashAttention-2 tiled NumPy, chunked
+NumPy, Python loops) against the NumPy definition, and PyTorch SDPA on CPU (float64, float32,
+bfloat16) and on CUDA (float16, bfloat16) when torch (and a GPU) are there.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from refattn._validate import RefAttnError, Unsupported
+from refattn.io import Case, check_case
+
+__all__ = ["CheckRow", "Implementation", "available_implementations", "run_checks"]
+
+
+@dataclass(frozen=True)
+class Implementation:
+    """A candidate: ``run(case) -> {"out": ..., "lse": ..., "dq": ...}`` (any subset with ``out``)."""
+
+    name: str
+    dtype: str
+    run: Callable
+    note: str = ""
+
+
+@dataclass
+class CheckRow:
+    """One (case, implementation) result: the worst quantity by error ratio."""
+
+    case: str
+    implementation: str
+    dtype: str
+    status: str  # "pass", "FAIL", "unsupported", "error"
+    quantity: str = ""
+    max_error: float = float("nan")
+    allowed: float = float("nan")
+    ratio: float = float("nan")
+    seconds: float = 0.0
+    detail: str = ""
+
+    def as_dict(self):
+        return dict(self.__dict__)
+
+
+def _refattn_kernel(case):
+    import refattn
+
+    opts = case.sdpa_options()
+    out, lse = refattn.sdpa(case.q, case.k, case.v, return_lse=True, backend="numba", **opts)
+    grads = refattn.sdpa_backward(
+        case.cotangents["d_out"], case.q, case.k, case.v, d_lse=case.cotangents.get("d_lse"), backend="numba", **opts
+    )
+    return {"out": out, "lse": lse, **{n: g for n, g in grads._asdict().items() if g is not None}}
+
+
+def _refattn_tiled(forward, backward, **tiles):
+    def run(case):
+        opts = case.sdpa_options()
+        out, lse = forward(case.q, case.k, case.v, return_lse=True, **tiles, **opts)
+        grads = backward(
+            case.cotangents["d_out"], case.q, case.k, case.v, d_lse=case.cotangents.get("d_lse"), **tiles, **opts
+        )
+        return {"out": out, "lse": lse, **{n: g for n, g in grads._asdict().items() if g is not None}}
+
+    return run
+
+
+def _refattn_loops(case):
+    from refattn.attention import loops
+
+    out, lse = loops.sdpa(case.q, case.k, case.v, return_lse=True, **case.sdpa_options())
+    return {"out": out, "lse": lse}
+
+
+def _torch_run(dtype, device):
+    def run(case):
+        from refattn.adapters.torch import torch_sdpa
+
+        if "d_lse" in case.cotangents:
+            raise Unsupported("d_lse: torch SDPA returns no lse, so its gradients take no lse cotangent")
+        return torch_sdpa(
+            case.q,
+            case.k,
+            case.v,
+            dtype=dtype,
+            device=device,
+            d_out=case.cotangents.get("d_out"),
+            **case.sdpa_options(),
+        )
+
+    return run
+
+
+def available_implementations(*, torch=True, kernels=True):
+    """The implementations this machine can run, refattn's own first."""
+    from refattn.attention import tiled
+
+    impls = []
+    if kernels and importlib.util.find_spec("numba") is not None:
+        impls.append(Implementation("refattn numba kernel", "float64", _refattn_kernel, "tiled, 128×128"))
+    impls += [
+        Implementation(
+            "refattn online (FA2)",
+            "float64",
+            _refattn_tiled(tiled.sdpa_online, tiled.sdpa_online_backward, block_q=16, block_k=24),
+        ),
+        Implementation(
+            "refattn chunked", "float64", _refattn_tiled(tiled.sdpa_chunked, tiled.sdpa_chunked_backward, chunk_size=7)
+        ),
+        Implementation("refattn loops", "float64", _refattn_loops, "forward only"),
+    ]
+    if torch and importlib.util.find_spec("torch") is not None:
+        import torch as _t
+
+        for dt in ("float64", "float32", "bfloat16"):
+            impls.append(Implementation(f"torch sdpa cpu {dt}", dt, _torch_run(dt, "cpu")))
+        if _t.cuda.is_available():
+            for dt in ("float16", "bfloat16"):
+                impls.append(Implementation(f"torch sdpa cuda {dt}", dt, _torch_run(dt, "cuda")))
+    return impls
+
+
+def _judge(case: Case, impl: Implementation, rule):
+    t0 = time.perf_counter()
+    try:
+        outputs = impl.run(case)
+    except Unsupported as exc:
+        return CheckRow(case.name, impl.name, impl.dtype, "unsupported", detail=str(exc))
+    seconds = time.perf_counter() - t0
+    if impl.dtype != "float64":  # the candidate computed on rounded inputs: judge it on those
+        case = _rounded_case(case, impl.dtype)
+    verdict = check_case(case.with_outputs(outputs, dtype=impl.dtype, implementation=impl.name), rule=rule)
+    worst = max(verdict.judgements, key=lambda j: j.ratio if not j.nonfinite else float("inf"))
+    return CheckRow(
+        case.name,
+        impl.name,
+        impl.dtype,
+        "pass" if verdict.passed else "FAIL",
+        worst.quantity,
+        worst.max_error,
+        worst.allowed,
+        worst.ratio,
+        seconds,
+        "" if verdict.passed else verdict.report(),
+    )
+
+
+def _rounded_case(case: Case, dtype):
+    from refattn import lowp
+
+    arrays = {n: (a if a.dtype == bool else lowp.round_to(a, dtype)) for n, a in case.arrays.items()}
+    cot = {n: lowp.round_to(a, dtype) for n, a in case.cotangents.items()}
+    return Case(case.name, arrays, case.options, cot, case.outputs, case.dtype, case.implementation)
+
+
+def run_checks(cases, implementations, *, rule="flash", progress=None):
+    """Judge every implementation on every case; returns a list of :class:`CheckRow`.
+
+    ``progress``: a callable ``(done, total, label)`` (the command line draws a bar with it).
+    """
+    if not implementations:
+        raise RefAttnError("implementations: none to check")
+    rows = []
+    total = len(cases) * len(implementations)
+    for impl in implementations:
+        for case in cases:
+            if progress:
+                progress(len(rows), total, f"{impl.name}: {case.name}")
+            try:
+                rows.append(_judge(case, impl, rule))
+            except Exception as exc:  # a crashing candidate is a failed check, reported, not a crash of ours
+                rows.append(CheckRow(case.name, impl.name, impl.dtype, "error", detail=f"{type(exc).__name__}: {exc}"))
+    if progress:
+        progress(total, total, "done")
+    return rows
+
+
+def stderr_progress(done, total, label, width=30):
+    """A one-line progress bar on stderr (only when it is a terminal)."""
+    if not sys.stderr.isatty():
+        return
+    filled = int(width * done / max(total, 1))
+    sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {label[:50]:<50}")
+    if done == total:
+        sys.stderr.write("\n")
+    sys.stderr.flush()

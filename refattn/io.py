@@ -1,0 +1,336 @@
+"""Case files: SDPA inputs, options and outputs in a versioned ``.npz`` any language can read.
+
+Schema version 1 (``specs/case-format.md``): arrays ``q (B, Hq, Lq, D)``, ``k (B, Hk, Lk, D)``,
+``v (B, Hk, Lk, Dv)`` and optionally ``mask`` (bool), ``bias``, ``sinks``, ``dropout_mask`` (bool),
+broadcastable as :func:`refattn.sdpa` states; ``options``: a JSON object of the scalar options; the
+cotangents ``d_out`` [, ``d_lse``]; outputs ``out``, ``lse`` and gradients ``dq``, ``dk``, ``dv``,
+``dbias``, ``dsinks``; ``version``; ``dtype``: the precision the outputs were computed in; ``name``
+and ``implementation``: free text.  Files are read with ``allow_pickle=False``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from refattn import lowp
+from refattn._validate import RefAttnError
+
+__all__ = [
+    "CASE_VERSION",
+    "Case",
+    "check_case",
+    "golden_outputs",
+    "load_attentions",
+    "load_case",
+    "save_attentions",
+    "save_case",
+    "standard_suite",
+    "write_golden",
+]
+
+CASE_VERSION = 1
+INPUT_KEYS = ("q", "k", "v")
+OPTION_ARRAYS = {"mask": "b", "bias": "f", "sinks": "f", "dropout_mask": "b"}  # name: dtype kind
+COTANGENT_KEYS = ("d_out", "d_lse")
+OUTPUT_KEYS = ("out", "lse", "dq", "dk", "dv", "dbias", "dsinks")
+TEXT_KEYS = ("options", "dtype", "name", "implementation")
+SCALAR_OPTIONS = {
+    "causal": (bool,),
+    "window": (list, type(None)),
+    "align": (str, type(None)),
+    "scale": (int, float, type(None)),
+    "softcap": (int, float, type(None)),
+    "dropout_p": (int, float),
+    "empty_rows": (str,),
+}
+_KNOWN = set(INPUT_KEYS) | set(OPTION_ARRAYS) | set(COTANGENT_KEYS) | set(OUTPUT_KEYS) | set(TEXT_KEYS) | {"version"}
+
+
+@dataclass
+class Case:
+    """One case: inputs, sdpa options, cotangents, and (when written by an implementation) outputs."""
+
+    name: str
+    arrays: dict  # q, k, v and the option arrays present (mask, bias, sinks, dropout_mask)
+    options: dict = field(default_factory=dict)  # JSON-able scalar options
+    cotangents: dict = field(default_factory=dict)  # d_out [, d_lse]
+    outputs: dict = field(default_factory=dict)  # out, lse, dq, ... (any subset)
+    dtype: str = "float64"
+    implementation: str = ""
+
+    @property
+    def q(self):
+        return self.arrays["q"]
+
+    @property
+    def k(self):
+        return self.arrays["k"]
+
+    @property
+    def v(self):
+        return self.arrays["v"]
+
+    def sdpa_options(self):
+        """Keyword arguments for :func:`refattn.sdpa`: scalar options and option arrays."""
+        kw = dict(self.options)
+        if kw.get("window") is not None:
+            kw["window"] = tuple(kw["window"])
+        kw.update({n: a for n, a in self.arrays.items() if n in OPTION_ARRAYS})
+        return kw
+
+    def with_outputs(self, outputs, *, dtype="float64", implementation=""):
+        """A copy carrying ``outputs`` (a mapping of output names to arrays)."""
+        unknown = set(outputs) - set(OUTPUT_KEYS)
+        if unknown:
+            raise RefAttnError(f"outputs: expected keys among {OUTPUT_KEYS}, got {sorted(unknown)}")
+        kept = {n: np.asarray(a, dtype=np.float64) for n, a in outputs.items() if a is not None}
+        return Case(self.name, self.arrays, self.options, self.cotangents, kept, dtype, implementation)
+
+
+def _text(value):
+    return np.array(str(value))
+
+
+def save_case(path, case: Case):
+    """Write ``case`` to ``path`` (``.npz``, uncompressed; no pickled objects)."""
+    payload = dict(case.arrays)
+    payload.update(case.cotangents)
+    payload.update(case.outputs)
+    payload["options"] = _text(json.dumps(case.options, sort_keys=True))
+    payload["version"] = np.array(CASE_VERSION, dtype=np.int64)
+    payload["dtype"] = _text(lowp.format_of(case.dtype).name)
+    payload["name"] = _text(case.name)
+    payload["implementation"] = _text(case.implementation)
+    np.savez(path, **payload)
+    return Path(path) if str(path).endswith(".npz") else Path(f"{path}.npz")
+
+
+def _read_text(data, key, path, default=""):
+    if key not in data:
+        return default
+    a = data[key]
+    if a.dtype.kind != "U" or a.ndim != 0:
+        raise RefAttnError(f"{path}: key '{key}': expected a 0-d unicode string, got dtype {a.dtype} shape {a.shape}")
+    return str(a)
+
+
+def _check_options(options, path):
+    if not isinstance(options, dict):
+        raise RefAttnError(f"{path}: key 'options': expected a JSON object, got {type(options).__name__}")
+    for name, value in options.items():
+        if name not in SCALAR_OPTIONS:
+            raise RefAttnError(f"{path}: options: unknown option {name!r}; expected among {sorted(SCALAR_OPTIONS)}")
+        if isinstance(value, bool) and bool not in SCALAR_OPTIONS[name]:
+            raise RefAttnError(f"{path}: options: {name}: expected {SCALAR_OPTIONS[name]}, got a bool")
+        if not isinstance(value, SCALAR_OPTIONS[name]):
+            raise RefAttnError(f"{path}: options: {name}: expected {SCALAR_OPTIONS[name]}, got {value!r}")
+    return options
+
+
+def load_case(path) -> Case:
+    """Read and validate a case file; a :class:`RefAttnError` names the file and the bad key."""
+    path = os.fspath(path)
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            keys = set(npz.files)
+            unknown = keys - _KNOWN
+            if unknown:
+                raise RefAttnError(f"{path}: unknown keys {sorted(unknown)}; expected among {sorted(_KNOWN)}")
+            missing = [key for key in (*INPUT_KEYS, "version", "options") if key not in keys]
+            if missing:
+                raise RefAttnError(f"{path}: missing required keys {missing}")
+            data = {key: npz[key] for key in keys}
+    except (OSError, zipfile.BadZipFile, EOFError) as exc:
+        raise RefAttnError(f"{path}: not a readable .npz case file ({exc})") from exc
+    except ValueError as exc:  # object arrays need pickle: refused
+        raise RefAttnError(f"{path}: refused: the file holds pickled objects or a malformed array ({exc})") from exc
+    version = data["version"]
+    if version.shape != () or version.dtype.kind not in "iu":
+        raise RefAttnError(
+            f"{path}: key 'version': expected a 0-d integer, got dtype {version.dtype} shape {version.shape}"
+        )
+    if int(version) != CASE_VERSION:
+        raise RefAttnError(
+            f"{path}: unknown case-file version {int(version)}; this refattn reads version {CASE_VERSION}"
+        )
+    try:
+        options = json.loads(_read_text(data, "options", path))
+    except json.JSONDecodeError as exc:
+        raise RefAttnError(f"{path}: key 'options': not valid JSON ({exc})") from exc
+    _check_options(options, path)
+    arrays = {}
+    for key in (*INPUT_KEYS, *OPTION_ARRAYS, *COTANGENT_KEYS, *OUTPUT_KEYS):
+        if key not in data:
+            continue
+        a = data[key]
+        want = OPTION_ARRAYS.get(key, "f")
+        if want == "b" and a.dtype != bool:
+            raise RefAttnError(f"{path}: key '{key}': expected a bool array, got dtype {a.dtype}")
+        if want == "f" and a.dtype.kind not in "fiu":
+            raise RefAttnError(f"{path}: key '{key}': expected a float array, got dtype {a.dtype}")
+        arrays[key] = a if want == "b" else a.astype(np.float64)
+    for key in INPUT_KEYS:
+        if arrays[key].ndim < 3:
+            raise RefAttnError(
+                f"{path}: key '{key}': expected at least 3 dims (..., H, L, D), got shape {arrays[key].shape}"
+            )
+    dtype = _read_text(data, "dtype", path, "float64")
+    lowp.format_of(dtype)
+    case = Case(
+        name=_read_text(data, "name", path) or Path(path).stem,
+        arrays={k: arrays[k] for k in (*INPUT_KEYS, *OPTION_ARRAYS) if k in arrays},
+        options=options,
+        cotangents={k: arrays[k] for k in COTANGENT_KEYS if k in arrays},
+        outputs={k: arrays[k] for k in OUTPUT_KEYS if k in arrays},
+        dtype=dtype,
+        implementation=_read_text(data, "implementation", path),
+    )
+    _validate_call(case, path)
+    return case
+
+
+def _validate_call(case, path):
+    """The inputs and options make a valid sdpa call (shapes, broadcasting, option values)."""
+    from refattn.attention.sdpa import validate
+
+    try:
+        a = validate(case.q, case.k, case.v, **case.sdpa_options())
+    except (RefAttnError, TypeError) as exc:
+        raise RefAttnError(f"{path}: the inputs do not make a valid sdpa call: {exc}") from exc
+    out_shape = a.score_shape[:-1] + (a.v.shape[-1],)
+    if "d_out" in case.cotangents and case.cotangents["d_out"].shape != out_shape:
+        raise RefAttnError(f"{path}: key 'd_out': expected shape {out_shape}, got {case.cotangents['d_out'].shape}")
+    if "d_lse" in case.cotangents and case.cotangents["d_lse"].shape != out_shape[:-1]:
+        raise RefAttnError(
+            f"{path}: key 'd_lse': expected shape {out_shape[:-1]}, got {case.cotangents['d_lse'].shape}"
+        )
+    wanted = {"out": out_shape, "lse": out_shape[:-1], "dq": a.q.shape, "dk": a.k.shape, "dv": a.v.shape}
+    wanted.update({n: case.arrays[n[1:]].shape for n in ("dbias", "dsinks") if n[1:] in case.arrays})
+    for name, value in case.outputs.items():
+        if name not in wanted:
+            raise RefAttnError(f"{path}: key '{name}': the case has no {name[1:]} input to differentiate")
+        if value.shape != wanted[name]:
+            raise RefAttnError(f"{path}: key '{name}': expected shape {wanted[name]}, got {value.shape}")
+    if any(n in case.outputs for n in ("dq", "dk", "dv", "dbias", "dsinks")) and "d_out" not in case.cotangents:
+        raise RefAttnError(f"{path}: gradients are present but the cotangent 'd_out' is missing")
+
+
+def golden_outputs(case: Case):
+    """refattn's float64 outputs for ``case``: out, lse and, with a cotangent, the gradients."""
+    import refattn
+
+    opts = case.sdpa_options()
+    out, lse = refattn.sdpa(case.q, case.k, case.v, return_lse=True, **opts)
+    outputs = {"out": out, "lse": lse}
+    if "d_out" in case.cotangents:
+        grads = refattn.sdpa_backward(
+            case.cotangents["d_out"], case.q, case.k, case.v, d_lse=case.cotangents.get("d_lse"), **opts
+        )
+        outputs.update({n: g for n, g in grads._asdict().items() if g is not None})
+    return outputs
+
+
+def check_case(case: Case, *, rule="flash", dtype=None, **rule_options):
+    """Judge the outputs a case file carries against the golden: a :class:`refattn.testing.compare.Verdict`."""
+    from refattn.testing.compare import check_attention
+
+    if "out" not in case.outputs:
+        raise RefAttnError(f"{case.name}: no 'out' in the file: write the implementation's output under 'out'")
+    grads = {n: case.outputs[n] for n in ("dq", "dk", "dv", "dbias", "dsinks") if n in case.outputs}
+    return check_attention(
+        case.outputs["out"],
+        case.q,
+        case.k,
+        case.v,
+        dtype=dtype or case.dtype,
+        lse=case.outputs.get("lse"),
+        grads=grads or None,
+        d_out=case.cotangents.get("d_out"),
+        d_lse=case.cotangents.get("d_lse"),
+        rule=rule,
+        **rule_options,
+        **case.sdpa_options(),
+    )
+
+
+def standard_suite():
+    """The built-in cases (no outputs): every sdpa option and the variants expressible as sdpa inputs."""
+    from refattn.testing.suite import standard_cases
+
+    return standard_cases()
+
+
+def write_golden(directory, suite="standard"):
+    """Write every case of ``suite`` with refattn's outputs to ``directory``; returns the paths."""
+    if suite != "standard":
+        raise RefAttnError(f"suite: expected 'standard', got {suite!r}")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for case in standard_suite():
+        golden = case.with_outputs(golden_outputs(case), implementation="refattn golden (float64)")
+        paths.append(save_case(directory / f"{case.name}.npz", golden))
+    return paths
+
+
+ATTENTION_KEYS = ("attentions", "mask", "tokens", "version")
+
+
+def save_attentions(path, attentions, *, mask=None, tokens=None):
+    """Write per-layer attention maps ``(..., H, n, n)`` (first layer first) for ``refattn rollout`` /
+    ``refattn metrics``: key ``attentions`` ``(L, ..., H, n, n)``, optional ``mask`` (bool ``(..., n)``,
+    True = real token) and ``tokens`` (int ``(..., n)``), ``version``."""
+    payload = {
+        "attentions": np.stack([np.asarray(a, dtype=np.float64) for a in attentions]),
+        "version": np.array(CASE_VERSION, dtype=np.int64),
+    }
+    if mask is not None:
+        payload["mask"] = np.asarray(mask, dtype=bool)
+    if tokens is not None:
+        payload["tokens"] = np.asarray(tokens, dtype=np.int64)
+    np.savez(path, **payload)
+
+
+def load_attentions(path):
+    """Read a file written by :func:`save_attentions` (or any ``.npz`` with those keys; per-layer keys
+    ``layer_0``, ``layer_1``, ... are accepted instead of ``attentions``): ``(layers, mask, tokens)``."""
+    path = os.fspath(path)
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            data = {key: npz[key] for key in npz.files}
+    except (OSError, zipfile.BadZipFile, EOFError) as exc:
+        raise RefAttnError(f"{path}: not a readable .npz file ({exc})") from exc
+    except ValueError as exc:
+        raise RefAttnError(f"{path}: refused: the file holds pickled objects or a malformed array ({exc})") from exc
+    layer_keys = sorted(
+        (k for k in data if k.startswith("layer_")), key=lambda k: int(k[6:]) if k[6:].isdigit() else -1
+    )
+    if "attentions" in data:
+        stacked = data["attentions"]
+        if stacked.ndim < 4:
+            raise RefAttnError(f"{path}: key 'attentions': expected (L, ..., H, n, n), got shape {stacked.shape}")
+        layers = list(stacked)
+    elif layer_keys:
+        if [k[6:] for k in layer_keys] != [str(i) for i in range(len(layer_keys))]:
+            raise RefAttnError(f"{path}: expected keys layer_0 … layer_{len(layer_keys) - 1}, got {layer_keys}")
+        layers = [data[k] for k in layer_keys]
+    else:
+        raise RefAttnError(f"{path}: expected a key 'attentions' (L, ..., H, n, n) or keys layer_0, layer_1, ...")
+    unknown = set(data) - set(ATTENTION_KEYS) - set(layer_keys)
+    if unknown:
+        raise RefAttnError(f"{path}: unknown keys {sorted(unknown)}; expected {ATTENTION_KEYS} or layer_<i>")
+    for i, a in enumerate(layers):
+        if a.dtype.kind != "f" or a.ndim < 3 or a.shape[-1] != a.shape[-2]:
+            raise RefAttnError(f"{path}: layer {i}: expected float maps (..., H, n, n), got {a.dtype} {a.shape}")
+    mask, tokens = data.get("mask"), data.get("tokens")
+    if mask is not None and mask.dtype != bool:
+        raise RefAttnError(f"{path}: key 'mask': expected bool (True = real token), got dtype {mask.dtype}")
+    if tokens is not None and tokens.dtype.kind not in "iu":
+        raise RefAttnError(f"{path}: key 'tokens': expected integer ids, got dtype {tokens.dtype}")
+    return layers, mask, tokens

@@ -1,0 +1,271 @@
+"""Low-precision emulation: exact rounding to fp32/fp16/bf16/fp8 and the SDPA "twin".
+
+The twin is the reference run the way a kernel in a low-precision dtype runs it (what
+flash-attn's tests call ``attention_ref(..., upcast=False, reorder_ops=...)``): inputs, the scaled
+operand, logits, ``P`` and outputs rounded to ``dtype``; products and softmax sums accumulated in
+``accumulate`` precision.  Its distance from the float64 golden is the error budget of the tolerance
+rules in :mod:`refattn.testing.compare`.  Every value returned is a float64 array holding values
+representable in ``dtype``.  Conventions and derivations: ``specs/lowp.md``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from refattn._validate import RefAttnError, as_choice, as_cotangent, to_numpy, unbroadcast
+from refattn.attention.sdpa import SDPAGrads, expand_kv, reduce_kv, validate
+
+__all__ = ["FORMATS", "ACCUMULATE", "Format", "format_of", "round_to", "sdpa_twin", "sdpa_twin_backward"]
+
+
+class Format(NamedTuple):
+    """A binary floating-point format: stored fraction bits, smallest normal exponent, largest finite
+    value, and what overflow (and ``±inf``) becomes."""
+
+    name: str
+    fraction_bits: int
+    min_exponent: int
+    max_finite: float
+    overflow: float  # inf, or nan for formats without infinities (float8_e4m3fn)
+
+    @property
+    def eps(self):
+        """Distance from 1 to the next representable value."""
+        return 2.0**-self.fraction_bits
+
+
+FORMATS = {
+    f.name: f
+    for f in (
+        Format("float64", 52, -1022, float(np.finfo(np.float64).max), np.inf),
+        Format("float32", 23, -126, float(np.finfo(np.float32).max), np.inf),
+        Format("float16", 10, -14, 65504.0, np.inf),
+        Format("bfloat16", 7, -126, (2.0 - 2.0**-7) * 2.0**127, np.inf),
+        Format("float8_e4m3", 3, -6, 448.0, np.nan),  # OCP E4M3 "fn": no inf, overflow is NaN
+        Format("float8_e5m2", 2, -14, 57344.0, np.inf),
+    )
+}
+_ALIASES = {
+    "fp64": "float64",
+    "fp32": "float32",
+    "fp16": "float16",
+    "half": "float16",
+    "bf16": "bfloat16",
+    "fp8_e4m3": "float8_e4m3",
+    "float8_e4m3fn": "float8_e4m3",
+    "fp8_e5m2": "float8_e5m2",
+}
+ACCUMULATE = ("float32", "float64")
+
+
+def format_of(dtype) -> Format:
+    """The :class:`Format` named by ``dtype``: a name in :data:`FORMATS` or an alias (``"bf16"``,
+    ``"fp16"``, ``"float8_e4m3fn"``, ...), a NumPy/ml_dtypes dtype, or a torch dtype."""
+    if isinstance(dtype, Format):
+        return dtype
+    name = str(dtype).removeprefix("torch.")
+    if not isinstance(dtype, str):
+        try:
+            name = np.dtype(dtype).name
+        except TypeError:
+            pass
+    name = _ALIASES.get(name, name)
+    if name not in FORMATS:
+        raise RefAttnError(f"dtype: expected one of {sorted(FORMATS)} (or an alias {sorted(_ALIASES)}), got {dtype!r}")
+    return FORMATS[name]
+
+
+def round_to(x, dtype):
+    """``x`` rounded to the nearest value of ``dtype`` (ties to even), as float64; same shape.
+
+    One rounding straight from float64 (no detour through float32, which would round twice);
+    results below the smallest normal are rounded to the format's subnormal grid; values past the
+    largest finite one become ``inf`` (``nan`` for float8_e4m3, which has no infinity); NaN stays NaN.
+    """
+    fmt = format_of(dtype)
+    a = to_numpy(x, "x")
+    if a.dtype == bool or a.dtype.kind not in "iufV":
+        raise RefAttnError(f"x: expected real numbers, got dtype {a.dtype}")
+    x = np.asarray(a, dtype=np.float64)
+    if fmt.name == "float64":
+        return x.copy()
+    mag = np.abs(x)
+    with np.errstate(invalid="ignore", over="ignore"):
+        _, e2 = np.frexp(mag)  # mag = m·2^e2 with m in [0.5, 1): exponent = e2 − 1
+        exponent = np.maximum(e2 - 1, fmt.min_exponent)
+        quantum = np.ldexp(1.0, exponent - fmt.fraction_bits)  # spacing of the format at mag
+        r = np.round(mag / quantum) * quantum  # both steps exact but the rounding; np.round: ties to even
+        r = np.where(r > fmt.max_finite, fmt.overflow, r)
+        r = np.where(np.isinf(mag), fmt.overflow, r)
+        r = np.where(np.isnan(mag), np.nan, r)
+    return np.copysign(r, x)
+
+
+class _Precision:
+    """Rounding to the storage dtype (``rd``) and accumulation in ``accumulate`` precision."""
+
+    def __init__(self, dtype, accumulate):
+        self.fmt = format_of(dtype)
+        as_choice(accumulate, "accumulate", ACCUMULATE)
+        self.acc = np.float32 if accumulate == "float32" else np.float64
+
+    def rd(self, x):
+        return round_to(x, self.fmt)
+
+    def ra(self, x):
+        """Rounded to the accumulation precision."""
+        return np.asarray(x, dtype=self.acc).astype(np.float64)
+
+    def mm(self, a, b):
+        """``a @ b`` with products and sums in the accumulation precision (BLAS in that precision)."""
+        return np.matmul(a.astype(self.acc), b.astype(self.acc)).astype(np.float64)
+
+    def sum(self, x, axis=-1):
+        return x.astype(self.acc).sum(axis=axis, dtype=self.acc).astype(np.float64)
+
+
+class _TwinForward(NamedTuple):
+    qs: np.ndarray  # (..., Hq, Lq, D)  the query operand of the product (scaled unless reorder_ops)
+    ks: np.ndarray  # (..., Hq, Lk, D)  the expanded key operand (scaled when reorder_ops)
+    ve: np.ndarray  # (..., Hq, Lk, Dv) expanded values, rounded
+    tanh: np.ndarray | None  # (..., Hq, Lq, Lk)
+    p: np.ndarray  # (..., Hq, Lq, Lk)  rounded probabilities (before dropout)
+    pd: np.ndarray  # (..., Hq, Lq, Lk) after dropout, rounded
+    lse: np.ndarray  # (..., Hq, Lq)     in accumulation precision, -inf on empty rows
+    empty: np.ndarray  # (..., Hq, Lq)
+    p_sink: np.ndarray | None  # (..., Hq, Lq)
+
+
+def _twin_forward(a, pr: _Precision, reorder_ops):
+    rd, ra = pr.rd, pr.ra
+    q, ke, ve = rd(a.q), expand_kv(rd(a.k), a.groups), expand_kv(rd(a.v), a.groups)
+    if reorder_ops:  # the scale moved from q to k (flash-attn's reorder_ops=True)
+        qs, ks = q, rd(ke * a.scale)
+    else:
+        qs, ks = rd(q * a.scale), ke
+    s = rd(pr.mm(qs, np.swapaxes(ks, -1, -2)))  # (..., Hq, Lq, Lk)
+    t = None
+    if a.softcap is not None:
+        t = rd(np.tanh(rd(s / a.softcap)))
+        s = rd(a.softcap * t)
+    if a.bias is not None:
+        s = rd(s + rd(a.bias))
+    if a.allowed is not None:
+        s = np.where(a.allowed, s, -np.inf)
+    s = np.broadcast_to(s, a.score_shape)
+    sink = None
+    if a.sinks is not None:
+        sink = np.broadcast_to(rd(a.sinks)[..., None], a.score_shape[:-1])  # (..., Hq, Lq)
+    m = s.max(axis=-1)
+    if sink is not None:
+        m = np.maximum(m, sink)
+    empty = np.isneginf(m)
+    m_safe = np.where(empty, 0.0, m)
+    e = ra(np.exp(ra(s - m_safe[..., None])))  # softmax in the accumulation precision
+    denom = pr.sum(e)
+    p_sink = None
+    if sink is not None:
+        p_sink = ra(np.exp(ra(sink - m_safe)))
+        denom = ra(denom + p_sink)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        p = rd(ra(e / denom[..., None]))
+        lse = np.where(empty, -np.inf, ra(m_safe + np.log(np.where(empty, 1.0, denom))))
+        if p_sink is not None:
+            p_sink = np.where(empty, 0.0, ra(p_sink / denom))
+    if empty.any():
+        fill = {"zero": 0.0, "nan": np.nan, "uniform": rd(1.0 / a.score_shape[-1])}[a.empty_rows]
+        p = np.where(empty[..., None], fill, p)
+    pd = p if a.keep_scale is None else rd(p * a.keep_scale)
+    return _TwinForward(qs, ks, ve, t, p, pd, lse, empty, p_sink)
+
+
+def sdpa_twin(
+    q,
+    k,
+    v,
+    *,
+    dtype,
+    accumulate="float32",
+    reorder_ops=False,
+    return_lse=False,
+    **options,
+):
+    """SDPA as a kernel in ``dtype`` computes it: ``out (..., Hq, Lq, Dv)`` [, ``lse (..., Hq, Lq)``].
+
+    ``options`` are :func:`refattn.sdpa`'s (mask, bias, causal, window, align, scale, softcap, sinks,
+    dropout_p, dropout_mask, empty_rows).  Order of operations and roundings (``rd`` to ``dtype``,
+    ``ra`` to ``accumulate``)::
+
+        q, k, v, bias, sinks = rd(·)
+        s = rd(mm(rd(scale·q), kᵀ))          or rd(mm(q, rd(scale·k)ᵀ)) with reorder_ops
+        s = rd(c·rd(tanh(rd(s/c))))           softcap
+        s = rd(s + bias); −inf where masked
+        P = rd(ra(e / ra(Σ e + e_sink))), e = ra(exp(ra(s − m)))
+        out = rd(mm(rd(P·keep/(1−p)), v))
+
+    ``mm`` multiplies in the accumulation precision (BLAS in float32 for ``"float32"``).  ``lse``
+    stays in the accumulation precision.  With ``dtype="float64", accumulate="float64"`` the twin
+    equals :func:`refattn.sdpa` up to float64 reassociation.
+    """
+    pr = _Precision(dtype, accumulate)
+    a = validate(q, k, v, **options)
+    f = _twin_forward(a, pr, bool(reorder_ops))
+    out = pr.rd(pr.mm(f.pd, f.ve))
+    return (out, f.lse) if return_lse else out
+
+
+def sdpa_twin_backward(
+    d_out,
+    q,
+    k,
+    v,
+    *,
+    dtype,
+    accumulate="float32",
+    reorder_ops=False,
+    d_lse=None,
+    **options,
+):
+    """The backward a kernel in ``dtype`` computes (autograd of :func:`sdpa_twin`'s graph, every
+    intermediate rounded to ``dtype``, products and row sums in ``accumulate``): :class:`SDPAGrads`.
+
+    ``dP = rd(mm(dO, vᵀ))·keep``, ``Δ = ra(Σ P dP)``, ``ds = rd(P (dP − Δ + dlse))``
+    [``· rd(1 − t²)``], ``dq = rd(scale · rd(mm(ds, k)))``, ``dk = rd(mm(dsᵀ, q_scaled))``
+    (the scale on the other side with reorder_ops), ``dv = rd(mm(P̃ᵀ, dO))``; GQA groups summed in
+    the accumulation precision.  In float64 these are :func:`refattn.sdpa_backward`'s gradients.
+    """
+    pr = _Precision(dtype, accumulate)
+    rd, ra = pr.rd, pr.ra
+    a = validate(q, k, v, **options)
+    f = _twin_forward(a, pr, bool(reorder_ops))
+    out_shape = a.score_shape[:-1] + (a.v.shape[-1],)
+    d_o = rd(as_cotangent(d_out, out_shape, "d_out"))
+    dl = np.zeros(f.lse.shape)
+    if d_lse is not None:
+        dl = np.where(f.empty, 0.0, rd(as_cotangent(d_lse, out_shape[:-1], "d_lse")))
+    dve = pr.mm(np.swapaxes(f.pd, -1, -2), d_o)  # (..., Hq, Lk, Dv)
+    dp = rd(pr.mm(d_o, np.swapaxes(f.ve, -1, -2)))  # (..., Hq, Lq, Lk)
+    if a.keep_scale is not None:
+        dp = rd(dp * a.keep_scale)
+    p = f.p
+    delta = pr.sum(p * dp)  # (..., Hq, Lq)
+    ds = rd(ra(p * ra(ra(dp - delta[..., None]) + dl[..., None])))
+    if a.empty_rows == "uniform" and f.empty.any():
+        ds = np.where(f.empty[..., None], 0.0, ds)
+    dsinks = None
+    if a.sinks is not None:
+        dsinks = rd(unbroadcast(pr.sum(f.p_sink * (dl - delta), axis=-1), a.sinks.shape))
+    dbias = None if a.bias is None else rd(unbroadcast(ds, a.bias.shape))
+    if f.tanh is not None:
+        ds = rd(ds * rd(1.0 - f.tanh**2))
+    if reorder_ops:  # s = q (scale k)ᵀ
+        dq = rd(pr.mm(ds, f.ks))
+        dke = rd(a.scale * rd(pr.mm(np.swapaxes(ds, -1, -2), f.qs)))
+    else:  # s = (scale q) kᵀ
+        dq = rd(a.scale * rd(pr.mm(ds, f.ks)))
+        dke = rd(pr.mm(np.swapaxes(ds, -1, -2), f.qs))
+    dk = rd(ra(reduce_kv(dke, a.groups)))
+    dv = rd(ra(reduce_kv(dve, a.groups)))
+    return SDPAGrads(unbroadcast(dq, a.q.shape), unbroadcast(dk, a.k.shape), unbroadcast(dv, a.v.shape), dbias, dsinks)

@@ -1,0 +1,68 @@
+"""Figures for saved attention maps: per-head heatmaps, the rollout map, per-layer metric curves.
+
+Needs matplotlib (``pip install 'refattn[plot]'``); drawn with the non-interactive Agg backend.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from refattn._validate import RefAttnError
+
+__all__ = ["plot_attention_report"]
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError as exc:
+        raise RefAttnError("--plot needs matplotlib: pip install 'refattn[plot]'") from exc
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_attention_report(path, layers, *, rollout_map=None, summary=None, item=0, max_heads=8):
+    """Write a PNG: the last layer's heads ``(H, n, n)`` of batch item ``item``, the rollout map
+    ``(n, n)`` of that item, and each per-layer metric of ``summary`` (``(L, H)`` arrays) averaged over
+    heads.  Returns ``path``."""
+    plt = _pyplot()
+    last = np.asarray(layers[-1], dtype=np.float64)
+    last = last.reshape((-1,) + last.shape[-3:])[item]  # (H, n, n)
+    heads = min(last.shape[0], max_heads)
+    curves = {k: v for k, v in (summary or {}).items() if np.ndim(v) == 2}
+    panels = heads + (rollout_map is not None) + (1 if curves else 0)
+    cols = min(4, panels)
+    rows = -(-panels // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.0 * rows), squeeze=False)
+    flat = list(axes.ravel())
+    for h in range(heads):
+        ax = flat.pop(0)
+        ax.imshow(last[h], cmap="viridis", vmin=0.0)
+        ax.set_title(f"layer {len(layers) - 1}, head {h}", fontsize=9)
+        ax.set_xlabel("key")
+        ax.set_ylabel("query")
+    if rollout_map is not None:
+        ax = flat.pop(0)
+        r = np.asarray(rollout_map).reshape((-1,) + np.shape(rollout_map)[-2:])[item]
+        ax.imshow(r, cmap="magma", vmin=0.0)
+        ax.set_title("rollout R = Â_L ⋯ Â_1", fontsize=9)
+        ax.set_xlabel("input token")
+        ax.set_ylabel("output token")
+    if curves:
+        ax = flat.pop(0)
+        x = np.arange(len(layers))
+        for name, values in curves.items():
+            v = np.asarray(values, dtype=np.float64).mean(axis=-1)
+            scale = np.max(np.abs(v)) or 1.0
+            ax.plot(x, v / scale, marker="o", label=name)
+        ax.set_title("per-layer metrics (head mean, / max)", fontsize=9)
+        ax.set_xlabel("layer")
+        ax.legend(fontsize=6)
+    for ax in flat:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

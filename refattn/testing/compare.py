@@ -1,0 +1,389 @@
+"""Precision-aware tolerance rules: is a candidate's attention output (and gradient) right?
+
+A candidate computed in ``dtype`` is compared with the float64 golden (:func:`refattn.sdpa`), and
+its error is judged against the error of the low-precision twin (:mod:`refattn.lowp`), the same
+computation done the way a kernel in that dtype does it.  Rules (``specs/compare.md``):
+
+* ``"flash"`` (flash-attn, FA3/FA4): ``max|actual − golden| ≤ k · max|twin − golden| + floor``,
+  ``k = 2`` for outputs and 3 for gradients, ``floor = 2 · max|rd(rd(rd(g) + 0.3) − 0.3) − rd(g)|``
+  (the rounding error of one addition at the scale of the values, in ``dtype``).
+* ``"torch"`` (PyTorch's SDPA tests): elementwise ``|actual − golden| ≤ atol + rtol · |golden|`` with
+  ``atol = fudge · max(max|twin − golden|, atol₀)``, ``rtol = fudge · max(max |twin − golden|/|golden|,
+  rtol₀)``, ``fudge = 5`` by default, ``atol₀/rtol₀`` PyTorch's per-dtype defaults.
+* ``"allclose"``: fixed elementwise ``atol + rtol · |golden|`` per dtype (xformers' values).
+
+A float64 candidate has no meaningful twin (a float64 twin is the golden); every rule then allows
+``FLOAT64_BUDGET · max(1, max|golden|)``, the budget refattn holds its own kernels to.
+NaN and ±inf must sit where the golden has them; elsewhere they fail.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from refattn import lowp
+from refattn._validate import RefAttnError, as_choice, to_numpy
+
+__all__ = [
+    "ALLCLOSE_TOLERANCES",
+    "AttentionMismatch",
+    "FLOAT64_BUDGET",
+    "Judgement",
+    "RULES",
+    "TORCH_DEFAULTS",
+    "Verdict",
+    "assert_attention_close",
+    "check_attention",
+    "judge",
+]
+
+RULES = ("flash", "torch", "allclose")
+FLASH_FACTOR = {"output": 2.0, "gradient": 3.0}
+TORCH_FUDGE = 5.0
+FLOAT64_BUDGET = 1e-12
+# PyTorch test_transformers.py default_atol/default_rtol (float32, float16, bfloat16); float8: the
+# bfloat16 values scaled by the ratio of unit roundoffs (refattn's extension, not PyTorch's).
+TORCH_DEFAULTS = {
+    "float32": (1e-5, 1.3e-6),
+    "float16": (1e-3, 1e-3),
+    "bfloat16": (1e-3, 1.6e-2),
+    "float8_e4m3": (1.6e-2, 2.56e-1),
+    "float8_e5m2": (3.2e-2, 5.12e-1),
+}
+# xformers' memory-efficient attention ERROR_ATOL / ERROR_RTOL (float32, float16, bfloat16);
+# float8: the bfloat16 values scaled by the ratio of unit roundoffs.
+ALLCLOSE_TOLERANCES = {
+    "float32": (3e-4, 2e-5),
+    "float16": (4e-3, 4e-4),
+    "bfloat16": (2e-2, 5e-3),
+    "float8_e4m3": (3.2e-1, 8e-2),
+    "float8_e5m2": (6.4e-1, 1.6e-1),
+}
+_KIND = {"out": "output", "lse": "output"}
+
+
+class AttentionMismatch(AssertionError):
+    """A candidate outside the tolerance rule; the message is the full report."""
+
+    def __init__(self, verdict):
+        super().__init__(verdict.report())
+        self.verdict = verdict
+
+
+@dataclass
+class Judgement:
+    """The rule applied to one quantity (``out``, ``lse``, ``dq``, ...)."""
+
+    quantity: str
+    rule: str
+    dtype: str
+    passed: bool
+    max_error: float  # max |actual − golden| over positions finite in both
+    allowed: float  # the budget at the worst element (flash: the whole bound)
+    twin_error: float  # max |twin − golden| (0 for float64)
+    floor: float
+    worst_index: tuple | None
+    actual_value: float
+    golden_value: float
+    over_budget: int  # elements over the budget
+    size: int
+    worst_rows: list = field(default_factory=list)  # [(row index, max error)], worst first
+    rows_over: int = 0
+    rows: int = 0
+    confined_to_masked: bool | None = None  # every failing row is a masked/padded row
+    nonfinite: str = ""  # NaN/inf placement differences, "" when identical
+
+    @property
+    def ratio(self):
+        """max error / allowed: ≤ 1 passes (the ratio of the worst element for elementwise rules)."""
+        return self.max_error / self.allowed if self.allowed > 0 else (0.0 if self.max_error == 0 else math.inf)
+
+    def report(self):
+        status = "ok" if self.passed else "FAIL"
+        lines = [f"{self.quantity}: {status} (rule {self.rule!r}, dtype {self.dtype})"]
+        if self.worst_index is not None:
+            lines.append(
+                f"  max |actual − golden| = {self.max_error:.3e} at index {self.worst_index}: "
+                f"actual {self.actual_value!r}, golden {self.golden_value!r}"
+            )
+        twin = f"; twin error {self.twin_error:.3e}" if self.dtype != "float64" else ""
+        ratio = f"error/twin {self.max_error / self.twin_error:.2f}" if self.twin_error > 0 else "twin exact"
+        lines.append(
+            f"  allowed {self.allowed:.3e} (floor {self.floor:.3e}{twin}); error ratio {self.ratio:.2f}, {ratio}"
+        )
+        if self.over_budget:
+            where = ""
+            if self.confined_to_masked is not None:
+                where = "; all in masked/padded rows" if self.confined_to_masked else "; not only in masked/padded rows"
+            counts = f"{self.over_budget} of {self.size} elements over budget"
+            lines.append(f"  {counts}, in {self.rows_over} of {self.rows} rows{where}")
+            shown = ", ".join(f"{idx}: {err:.3e}" for idx, err in self.worst_rows)
+            lines.append(f"  worst rows (index: max error): {shown}")
+        if self.nonfinite:
+            lines.append(f"  NaN/inf: {self.nonfinite}")
+        return "\n".join(lines)
+
+
+@dataclass
+class Verdict:
+    """Every quantity judged for one candidate; truthy when all pass."""
+
+    judgements: list
+
+    @property
+    def passed(self):
+        return all(j.passed for j in self.judgements)
+
+    def __bool__(self):
+        return self.passed
+
+    def __getitem__(self, quantity):
+        for j in self.judgements:
+            if j.quantity == quantity:
+                return j
+        raise KeyError(quantity)
+
+    def report(self):
+        head = "refattn: candidate matches" if self.passed else "refattn: candidate does NOT match"
+        return "\n".join([head] + [j.report() for j in self.judgements])
+
+
+def _floor(golden, fmt):
+    """flash-attn's floor ``2 · max|rd(rd(rd(g) + 0.3) − 0.3) − rd(g)|`` computed in ``fmt``."""
+    g = lowp.round_to(golden, fmt)
+    return 2.0 * float(np.max(np.abs(lowp.round_to(lowp.round_to(g + 0.3, fmt) - 0.3, fmt) - g), initial=0.0))
+
+
+def _nonfinite_placement(actual, golden):
+    """A description of where NaN/±inf differ, "" when they sit at the same places."""
+    notes = []
+    for what, test in (("NaN", np.isnan), ("+inf", np.isposinf), ("-inf", np.isneginf)):
+        a, g = test(actual), test(golden)
+        extra, missing = a & ~g, g & ~a
+        if extra.any():
+            first = tuple(int(i) for i in np.argwhere(extra)[0])
+            notes.append(f"actual has {int(extra.sum())} {what} where golden has none, first at {first}")
+        if missing.any():
+            first = tuple(int(i) for i in np.argwhere(missing)[0])
+            notes.append(f"golden has {int(missing.sum())} {what} where actual has none, first at {first}")
+    return "; ".join(notes)
+
+
+def judge(
+    quantity,
+    actual,
+    golden,
+    twin=None,
+    *,
+    dtype,
+    rule="flash",
+    kind=None,
+    masked_rows=None,
+    factor=None,
+    fudge=TORCH_FUDGE,
+    atol=None,
+    rtol=None,
+    max_rows=5,
+):
+    """Apply ``rule`` to one quantity; returns a :class:`Judgement` (raises nothing on a mismatch).
+
+    ``actual``, ``golden``, ``twin``: arrays of one shape (``twin`` None for float64).  ``kind``:
+    ``"output"`` or ``"gradient"`` (from the name when None: ``out``/``lse`` are outputs).
+    ``masked_rows``: bool, broadcastable to ``actual.shape[:-1]``, True on rows that are masked or
+    padded.  ``factor`` overrides flash's k, ``atol``/``rtol`` the torch/allclose tolerances.
+    """
+    as_choice(rule, "rule", RULES)
+    fmt = lowp.format_of(dtype)
+    kind = kind or _KIND.get(quantity, "gradient")
+    as_choice(kind, "kind", ("output", "gradient"))
+    actual = to_numpy(actual, quantity).astype(np.float64)  # also bfloat16/float8 (ml_dtypes) arrays
+    golden = np.asarray(golden, dtype=np.float64)
+    if actual.shape != golden.shape:
+        raise RefAttnError(f"{quantity}: expected shape {golden.shape} (the golden's), got {actual.shape}")
+    twin = golden if twin is None or fmt.name == "float64" else np.asarray(twin, dtype=np.float64)
+    both = np.isfinite(actual) & np.isfinite(golden)
+    with np.errstate(invalid="ignore"):  # inf − inf where both are infinite: not an error, skipped
+        err = np.where(both, np.abs(actual - golden), 0.0)
+        twin_diff = np.abs(twin - golden)
+    twin_err = float(np.max(np.where(np.isfinite(twin) & np.isfinite(golden), twin_diff, 0.0), initial=0.0))
+    scale_g = float(np.max(np.abs(np.where(np.isfinite(golden), golden, 0.0)), initial=0.0))
+    floor = 0.0
+    if fmt.name == "float64":
+        budget = np.full(err.shape, FLOAT64_BUDGET * max(1.0, scale_g))
+    elif rule == "flash":
+        floor = _floor(np.where(np.isfinite(golden), golden, 0.0), fmt)
+        k = FLASH_FACTOR[kind] if factor is None else float(factor)
+        budget = np.full(err.shape, k * twin_err + floor)
+    else:
+        if rule == "torch":
+            atol0, rtol0 = TORCH_DEFAULTS[fmt.name]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                rel = np.where(both & (golden != 0), np.abs(twin - golden) / np.abs(golden), 0.0)
+            atol_ = fudge * max(twin_err, atol0) if atol is None else atol
+            rtol_ = fudge * max(float(np.max(rel, initial=0.0)), rtol0) if rtol is None else rtol
+        else:
+            atol0, rtol0 = ALLCLOSE_TOLERANCES[fmt.name]
+            atol_, rtol_ = (atol0 if atol is None else atol), (rtol0 if rtol is None else rtol)
+        floor = atol_
+        budget = atol_ + rtol_ * np.abs(np.where(np.isfinite(golden), golden, 0.0))
+    over = err > budget
+    nonfinite = _nonfinite_placement(actual, golden)
+    worst = None
+    actual_value = golden_value = math.nan
+    if err.size:
+        flat = int(np.argmax(err / np.maximum(budget, 1e-300))) if over.any() else int(np.argmax(err))
+        worst = tuple(int(i) for i in np.unravel_index(flat, err.shape))
+        actual_value, golden_value = float(actual[worst]), float(golden[worst])
+    max_error = float(err.max(initial=0.0))
+    allowed = float(budget[worst]) if worst is not None else float(budget.max(initial=0.0))
+    j = Judgement(
+        quantity,
+        rule,
+        fmt.name,
+        not over.any() and not nonfinite,
+        max_error,
+        allowed,
+        twin_err,
+        floor,
+        worst,
+        actual_value,
+        golden_value,
+        int(over.sum()),
+        int(err.size),
+        nonfinite=nonfinite,
+    )
+    if err.ndim >= 1 and err.size:
+        bad_rows = over.reshape(-1, err.shape[-1]).any(axis=-1) if err.ndim > 1 else over
+        row_err = err.reshape(-1, err.shape[-1]).max(axis=-1) if err.ndim > 1 else err
+        row_shape = err.shape[:-1] if err.ndim > 1 else err.shape
+        j.rows, j.rows_over = int(bad_rows.size), int(bad_rows.sum())
+        order = np.argsort(-row_err, kind="stable")[:max_rows]
+        j.worst_rows = [(tuple(int(i) for i in np.unravel_index(r, row_shape)), float(row_err[r])) for r in order]
+        if masked_rows is not None and bad_rows.any():
+            m = np.broadcast_to(np.asarray(masked_rows, dtype=bool), row_shape).reshape(-1)
+            j.confined_to_masked = bool(np.all(m[bad_rows]))
+    return j
+
+
+_GRAD_NAMES = ("dq", "dk", "dv", "dbias", "dsinks")
+
+
+def _as_grad_map(grads):
+    if grads is None:
+        return {}
+    if isinstance(grads, Mapping):
+        unknown = set(grads) - set(_GRAD_NAMES)
+        if unknown:
+            raise RefAttnError(f"grads: expected keys among {_GRAD_NAMES}, got {sorted(unknown)}")
+        return {k: v for k, v in grads.items() if v is not None}
+    grads = tuple(grads)
+    if not 3 <= len(grads) <= 5:
+        raise RefAttnError(f"grads: expected (dq, dk, dv[, dbias, dsinks]) or a mapping, got {len(grads)} items")
+    return {name: g for name, g in zip(_GRAD_NAMES, grads) if g is not None}
+
+
+def _masked_rows(q, k, v, options):
+    """Rows of out/dq (..., Hq, Lq) with no allowed key, and rows of dk/dv (..., Hk, Lk) no query sees."""
+    from refattn.attention.sdpa import validate
+
+    a = validate(q, k, v, **options)
+    if a.allowed is None:
+        return None, None
+    allowed = np.broadcast_to(a.allowed, a.score_shape)
+    query_rows = ~allowed.any(axis=-1)
+    *lead, hq, lq, lk = a.score_shape
+    key_rows = ~allowed.reshape(*lead, hq // a.groups, a.groups, lq, lk).any(axis=(-3, -2))
+    return query_rows, key_rows
+
+
+def check_attention(
+    actual,
+    q,
+    k,
+    v,
+    *,
+    dtype,
+    lse=None,
+    grads=None,
+    d_out=None,
+    d_lse=None,
+    rule="flash",
+    accumulate="float32",
+    reorder_ops=True,
+    factor_out=None,
+    factor_grad=None,
+    fudge=TORCH_FUDGE,
+    atol=None,
+    rtol=None,
+    **options,
+):
+    """Judge a candidate's ``out`` (and ``lse``, gradients) against the golden; returns a :class:`Verdict`.
+
+    ``actual``: the candidate's output ``(..., Hq, Lq, Dv)`` for inputs ``q, k, v`` and sdpa
+    ``options``.  ``lse``: its log-sum-exp, if it returns one.  ``grads``: its gradients for the
+    cotangents ``d_out`` [, ``d_lse``] (a mapping with keys dq, dk, dv, dbias, dsinks or a tuple in that order).
+    ``dtype``: the precision the candidate computed in (its inputs are taken to be ``q, k, v``
+    rounded to it: pass the float64 values the candidate's low-precision inputs hold).
+    """
+    import refattn
+
+    options.pop("return_lse", None)
+    golden, golden_lse = refattn.sdpa(q, k, v, return_lse=True, **options)
+    fmt = lowp.format_of(dtype)
+    twin_kw = dict(dtype=fmt.name, accumulate=accumulate, reorder_ops=reorder_ops, **options)
+    twin, twin_lse = (None, None)
+    if fmt.name != "float64":
+        twin, twin_lse = lowp.sdpa_twin(q, k, v, return_lse=True, **twin_kw)
+    rows_q, rows_k = _masked_rows(q, k, v, options)
+    common = dict(dtype=fmt.name, rule=rule, fudge=fudge, atol=atol, rtol=rtol)
+    judgements = [judge("out", actual, golden, twin, masked_rows=rows_q, factor=factor_out, **common)]
+    if lse is not None:
+        judgements.append(
+            judge(
+                "lse",
+                np.expand_dims(np.asarray(lse, float), -1),
+                golden_lse[..., None],
+                None if twin_lse is None else twin_lse[..., None],
+                masked_rows=rows_q,
+                factor=factor_out,
+                **common,
+            )
+        )
+    cand = _as_grad_map(grads)
+    if cand:
+        if d_out is None:
+            raise RefAttnError("d_out: gradients were given, so the cotangent they were computed for is needed")
+        g = refattn.sdpa_backward(d_out, q, k, v, d_lse=d_lse, **options)._asdict()
+        t = {}
+        if fmt.name != "float64":
+            t = lowp.sdpa_twin_backward(d_out, q, k, v, d_lse=d_lse, **twin_kw)._asdict()
+        rows = {"dq": rows_q, "dk": rows_k, "dv": rows_k}
+        for name, value in cand.items():
+            if g[name] is None:
+                raise RefAttnError(f"grads: {name} was given but the call has no {name[1:]} argument")
+            judgements.append(
+                judge(
+                    name,
+                    value,
+                    g[name],
+                    t.get(name),
+                    kind="gradient",
+                    masked_rows=rows.get(name),
+                    factor=factor_grad,
+                    **common,
+                )
+            )
+    return Verdict(judgements)
+
+
+def assert_attention_close(actual, q, k, v, *, dtype, **kwargs):
+    """Raise :class:`AttentionMismatch` (an AssertionError with the report) unless the candidate
+    passes; returns the :class:`Verdict` otherwise.  Arguments as :func:`check_attention`."""
+    verdict = check_attention(actual, q, k, v, dtype=dtype, **kwargs)
+    if not verdict.passed:
+        raise AttentionMismatch(verdict)
+    return verdict

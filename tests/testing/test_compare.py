@@ -1,0 +1,129 @@
+"""The tolerance rules: the twin passes, a planted error just over the budget fails, reports are useful."""
+
+import numpy as np
+import pytest
+
+import refattn
+from refattn import lowp
+from refattn.testing.compare import (
+    AttentionMismatch,
+    assert_attention_close,
+    check_attention,
+    judge,
+)
+
+
+def _inputs(dtype, seed=0, shape=(2, 2, 24, 16)):
+    rng = np.random.default_rng(seed)
+    q, k, v = (lowp.round_to(rng.standard_normal(shape), dtype) for _ in range(3))
+    d_out = lowp.round_to(rng.standard_normal(shape), dtype)
+    return q, k, v, d_out
+
+
+@pytest.mark.parametrize("rule", ["flash", "torch", "allclose"])
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "float8_e4m3"])
+def test_the_twin_itself_passes_every_rule(rule, dtype):
+    q, k, v, d_out = _inputs(dtype)
+    opts = {"causal": True}
+    twin = lowp.sdpa_twin(q, k, v, dtype=dtype, reorder_ops=True, **opts)
+    grads = lowp.sdpa_twin_backward(d_out, q, k, v, dtype=dtype, reorder_ops=True, **opts)
+    verdict = assert_attention_close(twin, q, k, v, dtype=dtype, grads=grads, d_out=d_out, rule=rule, **opts)
+    assert [j.quantity for j in verdict.judgements] == ["out", "dq", "dk", "dv"]
+
+
+def _plant(actual, golden, index, allowed, factor):
+    bad = actual.copy()
+    bad[index] = golden[index] + factor * allowed
+    return bad
+
+
+@pytest.mark.parametrize("rule", ["flash", "torch", "allclose"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_a_planted_error_just_over_the_budget_fails_and_just_under_passes(rule, dtype):
+    q, k, v, _ = _inputs(dtype, seed=1)
+    twin = lowp.sdpa_twin(q, k, v, dtype=dtype, reorder_ops=True)
+    golden = refattn.sdpa(q, k, v)
+    index = (1, 0, 7, 3)
+    probe = judge("out", golden, golden, twin, dtype=dtype, rule=rule)  # budget at each element
+    if rule == "flash":
+        allowed = probe.allowed
+    else:  # elementwise: atol + rtol |golden| at the planted element
+        eps = judge("out", _plant(golden, golden, index, 1.0, 0.0), golden, twin, dtype=dtype, rule=rule)
+        allowed = eps.floor + (probe.allowed - probe.floor) * abs(golden[index]) / max(abs(probe.golden_value), 1e-300)
+    over = _plant(golden, golden, index, allowed, 1.02)
+    under = _plant(golden, golden, index, allowed, 0.98)
+    verdict = check_attention(over, q, k, v, dtype=dtype, rule=rule)
+    assert not verdict.passed and verdict["out"].worst_index == index and verdict["out"].over_budget == 1
+    assert check_attention(under, q, k, v, dtype=dtype, rule=rule).passed
+
+
+def test_float64_candidates_get_the_float64_budget():
+    rng = np.random.default_rng(2)
+    q, k, v = (rng.standard_normal((1, 2, 130, 8)) for _ in range(3))
+    loops = refattn.attention.loops.sdpa(q, k, v, causal=True)
+    assert check_attention(loops, q, k, v, dtype="float64", causal=True).passed
+    golden = refattn.sdpa(q, k, v, causal=True)
+    assert not check_attention(golden + 1e-9, q, k, v, dtype="float64", causal=True).passed
+
+
+def test_report_names_the_worst_element_rows_and_masked_confinement():
+    q, k, v, _ = _inputs("bfloat16", seed=3, shape=(2, 1, 10, 8))
+    mask = refattn.masks.from_lengths([10, 6], [10, 4], 10, 10)[:, None]  # item 1: rows 6.. are padded
+    twin = lowp.sdpa_twin(q, k, v, dtype="bfloat16", reorder_ops=True, mask=mask)
+    bad = twin.copy()
+    bad[1, 0, 8, :] = 5.0  # garbage only in a padded row
+    verdict = check_attention(bad, q, k, v, dtype="bfloat16", mask=mask)
+    out = verdict["out"]
+    assert not verdict.passed and out.confined_to_masked is True
+    assert out.worst_index[:3] == (1, 0, 8) and out.rows_over == 1
+    text = verdict.report()
+    assert "(1, 0, 8" in text and "all in masked/padded rows" in text and "golden" in text
+    bad[0, 0, 2, 1] += 1.0  # and one in a real row
+    assert check_attention(bad, q, k, v, dtype="bfloat16", mask=mask)["out"].confined_to_masked is False
+    with pytest.raises(AttentionMismatch, match="does NOT match") as info:
+        assert_attention_close(bad, q, k, v, dtype="bfloat16", mask=mask)
+    assert isinstance(info.value, AssertionError) and not info.value.verdict.passed
+
+
+def test_nan_and_inf_must_sit_where_the_golden_has_them():
+    q, k, v, _ = _inputs("float16", seed=4, shape=(1, 1, 6, 4))
+    mask = np.ones((6, 6), dtype=bool)
+    mask[2] = False  # an empty row
+    golden = refattn.sdpa(q, k, v, mask=mask, empty_rows="nan")
+    twin = lowp.sdpa_twin(q, k, v, dtype="float16", mask=mask, empty_rows="nan")
+    assert check_attention(twin, q, k, v, dtype="float16", mask=mask, empty_rows="nan").passed
+    zeros = np.where(np.isnan(twin), 0.0, twin)  # 0 where the golden says NaN
+    verdict = check_attention(zeros, q, k, v, dtype="float16", mask=mask, empty_rows="nan")
+    assert not verdict.passed and "golden has 4 NaN where actual has none" in verdict["out"].nonfinite
+    stray = twin.copy()
+    stray[0, 0, 0, 0] = np.inf
+    assert "+inf" in check_attention(stray, q, k, v, dtype="float16", mask=mask, empty_rows="nan")["out"].nonfinite
+    assert np.isnan(golden[0, 0, 2]).all()
+
+
+def test_lse_and_gradients_as_tuple_or_mapping_and_bad_arguments():
+    q, k, v, d_out = _inputs("bfloat16", seed=5)
+    twin, lse = lowp.sdpa_twin(q, k, v, dtype="bfloat16", reorder_ops=True, return_lse=True)
+    g = lowp.sdpa_twin_backward(d_out, q, k, v, dtype="bfloat16", reorder_ops=True)
+    v1 = check_attention(twin, q, k, v, dtype="bfloat16", lse=lse, grads=g, d_out=d_out)
+    v2 = check_attention(twin, q, k, v, dtype="bfloat16", grads={"dq": g.dq, "dv": g.dv}, d_out=d_out)
+    assert v1.passed and v2.passed and [j.quantity for j in v2.judgements] == ["out", "dq", "dv"]
+    with pytest.raises(refattn.RefAttnError, match="d_out"):
+        check_attention(twin, q, k, v, dtype="bfloat16", grads=g)
+    with pytest.raises(refattn.RefAttnError, match="grads: expected keys"):
+        check_attention(twin, q, k, v, dtype="bfloat16", grads={"dx": g.dq}, d_out=d_out)
+    with pytest.raises(refattn.RefAttnError, match="expected shape"):
+        check_attention(twin[..., :-1], q, k, v, dtype="bfloat16")
+    with pytest.raises(refattn.RefAttnError, match="rule"):
+        check_attention(twin, q, k, v, dtype="bfloat16", rule="close-enough")
+
+
+def test_a_gradient_off_by_the_scale_is_caught():
+    """A classic kernel bug: dq missing the softmax scale."""
+    q, k, v, d_out = _inputs("bfloat16", seed=6)
+    g = lowp.sdpa_twin_backward(d_out, q, k, v, dtype="bfloat16", reorder_ops=True)
+    wrong = {"dq": g.dq * np.sqrt(16), "dk": g.dk, "dv": g.dv}
+    verdict = check_attention(
+        lowp.sdpa_twin(q, k, v, dtype="bfloat16"), q, k, v, dtype="bfloat16", grads=wrong, d_out=d_out
+    )
+    assert not verdict.passed and not verdict["dq"].passed and verdict["dk"].passed
