@@ -117,31 +117,48 @@ def memory_rows(sizes, dim=64):
     return rows
 
 
-def rollout_rows(layers=28, heads=16, n=256, batch=32, repeats=3):
+def rollout_rows(layers=28, heads=16, n=256, batch=32, repeats=5):
     """Streaming rollout vs stacking every layer, and the head-mean pass alone (the bandwidth floor)."""
     import refattn
+    from refattn import kernels
 
     base = np.random.default_rng(2).random((batch, heads, n, n), dtype=np.float32)
     base /= base.sum(-1, keepdims=True)
 
+    flipped = np.ascontiguousarray(base[..., ::-1, :])  # a second, non-commuting layer
+
     def stream():
         for i in range(layers):
-            yield base if i % 2 else base[..., ::-1, :]
+            yield base if i % 2 else flipped
 
-    def head_mean_pass():
+    def head_mean_numpy():
         for a in stream():
             a.mean(axis=1, dtype=np.float64)
+
+    def head_mean_kernel():  # the rollout kernel with residual 0 and no renormalisation: the head mean alone
+        for a in stream():
+            kernels.rollout_fuse_mean(a, 0.0, False)
+
+    a_hat = refattn.rollout([base])  # one layer's Â (B, n, n)
+
+    def chain_alone():  # the L matrix products R ← Â R, nothing else: the compute bound of a full rollout
+        r = a_hat
+        for _ in range(layers - 1):
+            r = a_hat @ r
 
     def stacked():
         maps = np.stack(list(stream()))
         return refattn.rollout(maps)
 
-    layer_list = [base if i % 2 else base[..., ::-1, :] for i in range(layers)]  # views: no extra memory
+    layer_list = [base if i % 2 else flipped for i in range(layers)]  # two arrays: no extra memory
     rows = []
     for name, fn in (
+        ("head-mean pass, kernel (floor)", head_mean_kernel),
+        ("head-mean pass, NumPy", head_mean_numpy),
         ("CLS-row rollout (rows=0)", lambda: refattn.rollout(layer_list, rows=0)),
-        ("head-mean pass (floor)", head_mean_pass),
         ("rollout, streaming", lambda: refattn.rollout(stream())),
+        ("rollout, streaming, NumPy backend", lambda: refattn.rollout(stream(), backend="numpy")),
+        ("matrix chain alone (L products Â R)", chain_alone),
         ("rollout, all layers stacked", stacked),
     ):
         times = []
@@ -209,12 +226,14 @@ def _targets(timing, memory, rollout, layer_mib):
             ok = peak < 64 + 16.5  # the output (16 MiB) is counted in the peak
             out.append(f"| extra memory N=32768, H=1: < 64 MiB beyond the output | {peak:.0f} MiB | {verdict(ok)} |")
     named = {name: (t, peak) for name, t, peak in rollout}
-    floor, stream = named.get("head-mean pass (floor)"), named.get("rollout, streaming")
+    floor, stream = named.get("head-mean pass, kernel (floor)"), named.get("rollout, streaming")
+    chain = named.get("matrix chain alone (L products Â R)")
     if floor and stream:
         ok = stream[1] <= 3 * layer_mib
         out.append(f"| rollout peak ≤ 3 layers of maps | {stream[1]:.0f} vs {3 * layer_mib:.0f} MiB | {verdict(ok)} |")
         ratio = stream[0] / floor[0]
-        out.append(f"| rollout time ≤ 1.5× the head-mean pass | {ratio:.2f}× | {verdict(ratio <= 1.5)} |")
+        bound = f" (the matrix chain alone: {chain[0] / floor[0]:.2f}×)" if chain else ""
+        out.append(f"| rollout time ≤ 1.5× the head-mean pass | {ratio:.2f}×{bound} | {verdict(ratio <= 1.5)} |")
     cls = named.get("CLS-row rollout (rows=0)")
     if floor and cls:
         ratio = cls[0] / floor[0]

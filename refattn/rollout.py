@@ -17,8 +17,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import NamedTuple
 
+import math
+
 import numpy as np
 
+from refattn import kernels as _kernels
 from refattn._validate import (
     RefAttnError,
     RefAttnTypeError,
@@ -150,7 +153,24 @@ def _fuse(a, opts, valid, name="attentions"):
     return _Fused(m_hat, choice, keep, m, rowsum, pair)
 
 
-def _layers(attentions, opts, mask, *, keep_maps=False):
+def _kernel_applies(a, opts, valid, backend):
+    """Whether the rollout kernel computes this layer: mean fusion, no mask, nothing discarded."""
+    simple = opts.head_fusion == "mean" and valid is None and math.floor(opts.discard_ratio * a.shape[-1]) == 0
+    return simple and _kernels.resolve_backend(backend, a.size) == "numba"
+
+
+def _a_hat(a, opts, valid, name, backend):
+    """One layer's Â for the forward: by the kernel when it applies, else by :func:`_fuse`, the
+    definition."""
+    if _kernel_applies(a, opts, valid, backend):
+        a_hat = _kernels.rollout_fuse_mean(a, opts.residual, opts.renormalize)
+        if a_hat is None:
+            raise RefAttnError(f"{name}: expected finite values (no NaN or inf in any head)")
+        return a_hat
+    return _fuse(a, opts, valid, name).a_hat
+
+
+def _layers(attentions, opts, mask, *, keep_maps=False, backend=None):
     """Yield ``(index, map, fused)`` for the layers taking part, one at a time.
 
     Without ``keep_maps`` the map is dropped (``None``) before the next layer is read, so a stream
@@ -170,7 +190,11 @@ def _layers(attentions, opts, mask, *, keep_maps=False):
         if index < opts.start_layer and not np.isfinite(a).all():  # skipped, but still an input
             raise RefAttnError(f"attentions[{index}]: expected finite values (no NaN or inf in any head)")
         if index >= opts.start_layer:
-            fused = _fuse(a, opts, valid, f"attentions[{index}]")
+            name = f"attentions[{index}]"
+            if backend is None:  # the backward's intermediates
+                fused = _fuse(a, opts, valid, name)
+            else:
+                fused = _Fused(_a_hat(a, opts, valid, name, backend), None, None, None, None, None)
             if not keep_maps:
                 del a
                 a = None
@@ -191,6 +215,7 @@ def rollout(
     mask=None,
     return_all=False,
     rows=None,
+    backend="auto",
 ):
     """Attention rollout ``R (..., n, n)``, or every prefix ``(L', ..., n, n)`` with ``return_all``.
 
@@ -200,15 +225,20 @@ def rollout(
     that of the cropped maps.  ``rows`` (an index or a list of them, e.g. 0 for [CLS]): only those
     rows of R, ``(..., n)`` or ``(..., k, n)``, by a vector–matrix chain over the layers taken last
     first — O(L·n²) per row instead of O(L·n³); needs the layers as a sequence or array.
+    ``backend``: ``"numba"`` fuses each layer (head mean, residual, renormalisation) in one
+    parallel read of its maps (mean fusion without mask or discard; otherwise NumPy), ``"numpy"``
+    the definition, ``"auto"`` the kernel for layers of ``refattn.kernels.AUTO_MIN_SCORES``
+    entries and more.
     """
     opts = _options(residual, head_fusion, start_layer, discard_ratio, renormalize)
     return_all = as_flag(return_all, "return_all")
+    _kernels.resolve_backend(backend, 0)  # validates the choice
     if rows is not None:
         if return_all:
             raise RefAttnError("rows: the row-only path returns R's rows, not every prefix; drop return_all")
-        return _rollout_rows(attentions, opts, mask, rows)
+        return _rollout_rows(attentions, opts, mask, rows, backend)
     r, prefixes = None, []
-    for _, _, fused in _layers(attentions, opts, mask):
+    for _, _, fused in _layers(attentions, opts, mask, backend=backend):
         r = fused.a_hat if r is None else fused.a_hat @ r  # later layers on the left
         if return_all:
             prefixes.append(r)
@@ -226,7 +256,7 @@ def _rows_index(rows, n):
     return idx % n
 
 
-def _rollout_rows(attentions, opts, mask, rows):
+def _rollout_rows(attentions, opts, mask, rows, backend):
     """Rows of R = Â_L ⋯ Â_s: ``v = Â_L[rows]``, then ``v ← v Â_l`` for l = L−1 … s."""
     if isinstance(attentions, (Iterator,)) or not hasattr(attentions, "__len__"):
         raise RefAttnError("attentions: the row-only rollout reads the layers last first; pass a list or an array")
@@ -247,7 +277,16 @@ def _rollout_rows(attentions, opts, mask, rows):
             if not np.isfinite(a).all():
                 raise RefAttnError(f"attentions[{index}]: expected finite values (no NaN or inf in any head)")
             continue
-        a_hat = _fuse(a, opts, valid, f"attentions[{index}]").a_hat  # (..., n, n)
+        name = f"attentions[{index}]"
+        if _kernel_applies(a, opts, valid, backend):  # v Â inside the kernel: Â is never formed
+            if v is None:
+                v = np.zeros(a.shape[:-3] + (np.atleast_1d(idx).size, a.shape[-1]))
+                v[..., np.arange(v.shape[-2]), np.atleast_1d(idx)] = 1.0  # e_rows Â = Â[rows]
+            v = _kernels.rollout_rows_product(v, a, opts.residual, opts.renormalize)
+            if v is None:
+                raise RefAttnError(f"{name}: expected finite values (no NaN or inf in any head)")
+            continue
+        a_hat = _fuse(a, opts, valid, name).a_hat  # (..., n, n)
         v = a_hat[..., np.atleast_1d(idx), :] if v is None else v @ a_hat  # (..., k, n)
     return v[..., 0, :] if idx.ndim == 0 else v
 

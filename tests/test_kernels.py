@@ -10,7 +10,7 @@ from hypothesis import given, settings
 
 import refattn
 from refattn import kernels
-from refattn.testing.strategies import sdpa_cases
+from refattn.testing.strategies import rollout_cases, sdpa_cases
 
 needs_numba = pytest.mark.skipif(not kernels.numba_available(), reason="numba is not installed")
 
@@ -76,7 +76,10 @@ opts = dict(causal=True, align="bottom_right", softcap=3.0, sinks=np.zeros(4), b
 out, lse = refattn.sdpa(q, k, v, return_lse=True, backend="numba", **opts)
 g = refattn.sdpa_backward(rng.standard_normal(out.shape), q, k, v, backend="numba", **opts)
 h = hashlib.sha256()
-for a in (out, lse) + tuple(g):
+maps = [refattn.softmax(rng.standard_normal((3, 4, 64, 64))).astype(np.float32) for _ in range(5)]
+r = refattn.rollout(maps, backend="numba")
+r0 = refattn.rollout(maps, rows=[0, 5], backend="numba")
+for a in (out, lse) + tuple(g) + (r, r0):
     h.update(np.ascontiguousarray(a).tobytes())
 print(h.hexdigest())
 """
@@ -191,3 +194,33 @@ def test_saved_forward_is_shape_checked():
         refattn.sdpa_backward(out, q, k, v, saved=(out, lse[..., :2]))
     g = refattn.sdpa_backward(out, q, k, v, saved=(out, lse), backend="numpy")
     np.testing.assert_array_equal(g.dq, refattn.sdpa_backward(out, q, k, v, backend="numpy").dq)
+
+
+@needs_numba
+@settings(max_examples=40)
+@given(rollout_cases())
+def test_rollout_kernel_equals_numpy_definition(case):
+    opts = {k: v for k, v in case.options.items() if k not in ("return_all",)}
+    layers = case.inputs[0]
+    for maps in (layers, [np.asarray(a, dtype=np.float32) for a in layers]):
+        ref = refattn.rollout(maps, backend="numpy", **opts)
+        fast = refattn.rollout(maps, backend="numba", **opts)
+        assert _rel(fast, ref) <= 1e-12
+        rows = refattn.rollout(maps, rows=[0, -1], backend="numba", **opts)
+        assert _rel(rows, ref[..., [0, -1], :]) <= 1e-12
+
+
+@needs_numba
+def test_rollout_kernel_reads_strided_maps_and_rejects_non_finite():
+    rng = np.random.default_rng(3)
+    base = refattn.softmax(rng.standard_normal((2, 3, 40, 40))).astype(np.float32)
+    layers = [base, base[..., ::-1, :], base[:, ::-1]]  # negative strides, no copies
+    ref = refattn.rollout(layers, backend="numpy")
+    assert _rel(refattn.rollout(layers, backend="numba"), ref) <= 1e-12
+    assert _rel(refattn.rollout(layers, rows=[3, 0], backend="numba"), ref[..., [3, 0], :]) <= 1e-12
+    bad = base.copy()
+    bad[1, 2, 5, 7] = np.nan
+    with pytest.raises(refattn.RefAttnError, match=r"attentions\[1\]: expected finite values"):
+        refattn.rollout([base, bad], backend="numba")
+    with pytest.raises(refattn.RefAttnError, match=r"attentions\[1\]: expected finite values"):
+        refattn.rollout([base, bad], rows=0, backend="numba")

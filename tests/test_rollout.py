@@ -255,7 +255,7 @@ MUTANTS = {
     "rows_chained_first_layer_first": lambda mp: mp.setattr(
         rollout_mod,
         "_rollout_rows",
-        lambda attentions, opts, mask, rows: (lambda r: r[..., rows, :])(
+        lambda attentions, opts, mask, rows, backend: (lambda r: r[..., rows, :])(
             rollout_mod.rollout(list(attentions)[::-1], **opts._asdict(), mask=mask)
         ),
     ),

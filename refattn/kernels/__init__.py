@@ -15,7 +15,14 @@ import numpy as np
 
 from refattn._validate import RefAttnError, as_choice, unbroadcast
 
-__all__ = ["BACKENDS", "AUTO_MIN_SCORES", "numba_available", "resolve_backend"]
+__all__ = [
+    "BACKENDS",
+    "AUTO_MIN_SCORES",
+    "numba_available",
+    "resolve_backend",
+    "rollout_fuse_mean",
+    "rollout_rows_product",
+]
 
 BACKENDS = ("auto", "numpy", "numba")
 AUTO_MIN_SCORES = 1 << 18  # "auto" uses the kernel from this many scores (N·Hq·Lq·Lk) on
@@ -71,6 +78,66 @@ def _kernels():
             kernel.disable_compile()
             _compiled[name] = kernel
     return _compiled
+
+
+def _rollout_kernel():
+    """The rollout pass compiled for float32 and float64 maps of any strides (first call only)."""
+    if "fuse_mean" not in _compiled:
+        from numba import types
+
+        from refattn.kernels import rollout_kernels as kern
+
+        for f in (types.float32, types.float64):
+            for layout in ("C", "A"):  # contiguous maps vectorise; any strides (views) as the fallback
+                sig = (types.Array(f, 4, layout, readonly=True), types.float64, types.boolean,
+                       types.Array(types.float64, 3, "C"), types.Array(types.boolean, 1, "C"))  # fmt: skip
+                kern.fuse_mean.compile(types.void(*sig))
+                sig_rows = (sig[0], types.float64, types.boolean, types.Array(types.float64, 3, "C", readonly=True),
+                            types.Array(types.float64, 4, "C"), types.Array(types.boolean, 1, "C"))  # fmt: skip
+                kern.fuse_mean_rows.compile(types.void(*sig_rows))
+        for kernel in (kern.fuse_mean, kern.fuse_mean_rows):
+            kernel.disable_compile()
+            _compiled[kernel.__name__] = kernel
+    return _compiled["fuse_mean"], _compiled["fuse_mean_rows"]
+
+
+def rollout_fuse_mean(a, residual, renormalize, out=None):
+    """Â ``(..., n, n)`` float64 of one layer ``a (..., H, n, n)`` (float32 or float64) by the kernel:
+    head mean, ``residual·I`` added, rows renormalised; None when a row is not finite.  ``out``: a
+    float64 C-contiguous buffer of Â's size to write into (reused across layers: no page faults)."""
+    if a.dtype not in (np.float32, np.float64):
+        a = a.astype(np.float64)
+    lead, (heads, n) = a.shape[:-3], a.shape[-3:-1]
+    maps = a.reshape((-1, heads, n, n)).view()
+    maps.flags.writeable = False  # matches the read-only signatures exactly (the caller's array is untouched)
+    if out is None:
+        out = np.empty(lead + (n, n))
+    flat_out = out.reshape((-1, n, n))
+    bad = np.empty(maps.shape[0] * n, dtype=bool)
+    _rollout_kernel()[0](maps, float(residual), bool(renormalize), flat_out, bad)
+    return None if bad.any() else out
+
+
+ROLLOUT_ROW_BLOCKS = 8  # row blocks per map in rollout_rows_product: tasks for the threads, summed in order
+
+
+def rollout_rows_product(v, a, residual, renormalize):
+    """``v Â`` ``(..., k, n)`` for rows ``v (..., k, n)`` and one layer ``a (..., H, n, n)``, Â formed
+    row by row inside the kernel (one read of the maps, no n×n array); None when a row is not finite."""
+    if a.dtype not in (np.float32, np.float64):
+        a = a.astype(np.float64)
+    heads, n = a.shape[-3:-1]
+    maps = a.reshape((-1, heads, n, n)).view()
+    maps.flags.writeable = False
+    rows = np.ascontiguousarray(np.broadcast_to(v, a.shape[:-3] + v.shape[-2:]), dtype=np.float64)
+    rows = rows.reshape((maps.shape[0],) + v.shape[-2:]).view()
+    rows.flags.writeable = False
+    partial = np.empty((maps.shape[0], ROLLOUT_ROW_BLOCKS) + v.shape[-2:])
+    bad = np.empty(maps.shape[0] * n, dtype=bool)
+    _rollout_kernel()[1](maps, float(residual), bool(renormalize), rows, partial, bad)
+    if bad.any():
+        return None
+    return partial.sum(axis=1).reshape(a.shape[:-3] + v.shape[-2:])
 
 
 def _one_blas_thread():
