@@ -14,10 +14,9 @@ original code).  Flow is a max-flow on the layered graph with capacities ``Â``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator
 from typing import NamedTuple
-
-import math
 
 import numpy as np
 
