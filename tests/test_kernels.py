@@ -224,3 +224,19 @@ def test_rollout_kernel_reads_strided_maps_and_rejects_non_finite():
         refattn.rollout([base, bad], backend="numba")
     with pytest.raises(refattn.RefAttnError, match=r"attentions\[1\]: expected finite values"):
         refattn.rollout([base, bad], rows=0, backend="numba")
+
+
+@needs_numba
+def test_entropy_kernel_equals_numpy_definition():
+    rng = np.random.default_rng(4)
+    p = refattn.softmax(3 * rng.standard_normal((2, 3, 50, 50)))
+    p[0, 0, 0, :10] = 0.0  # 0 log 0 = 0
+    for maps in (p, p.astype(np.float32), p[:, :, ::2]):
+        for normalize in (False, True):
+            fast = refattn.metrics.entropy(maps, normalize=normalize, backend="numba")
+            ref = refattn.metrics.entropy(maps, normalize=normalize, backend="numpy")
+            assert _rel(fast, ref) <= 1e-12
+    bad = p.copy()
+    bad[1, 2, 3, 4] = np.inf
+    with pytest.raises(refattn.RefAttnError, match="expected finite values"):
+        refattn.metrics.entropy(bad, backend="numba")

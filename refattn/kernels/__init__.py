@@ -140,6 +140,30 @@ def rollout_rows_product(v, a, residual, renormalize):
     return partial.sum(axis=1).reshape(a.shape[:-3] + v.shape[-2:])
 
 
+def row_entropy(p):
+    """Row entropy ``(...,)`` of maps ``p (..., n)`` (float32 or float64, no mask) by the kernel; None
+    when an entry is not finite."""
+    if "row_entropy" not in _compiled:
+        from numba import types
+
+        from refattn.kernels import metric_kernels as kern
+
+        for f in (types.float32, types.float64):
+            sig = (types.Array(f, 2, "C", readonly=True), types.Array(types.float64, 1, "C"),
+                   types.Array(types.boolean, 1, "C"))  # fmt: skip
+            kern.row_entropy.compile(types.void(*sig))
+        kern.row_entropy.disable_compile()
+        _compiled["row_entropy"] = kern.row_entropy
+    if p.dtype not in (np.float32, np.float64):
+        p = p.astype(np.float64)
+    rows = np.ascontiguousarray(p).reshape((-1, p.shape[-1])).view()
+    rows.flags.writeable = False
+    out = np.empty(rows.shape[0])
+    bad = np.empty(rows.shape[0], dtype=bool)
+    _compiled["row_entropy"](rows, out, bad)
+    return None if bad.any() else out.reshape(p.shape[:-1])
+
+
 def _one_blas_thread():
     """BLAS limited to one thread while a kernel's parallel tasks call it (load the kernels first)."""
     from threadpoolctl import threadpool_limits

@@ -11,7 +11,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from refattn._validate import RefAttnError, as_cotangent, as_float, as_real
+from refattn import kernels as _kernels
+from refattn._validate import RefAttnError, as_cotangent, as_float, as_real, to_numpy
 from refattn.metrics._maps import (
     attention_map,
     interpret_mask,
@@ -76,8 +77,24 @@ def _log_counts(m):
     return np.where(n > 1, np.log(np.maximum(n, 1)), 0.0)  # a single-key row has entropy 0
 
 
-def entropy(P, *, mask=None, normalize=False):
-    """Row entropy ``−Σ_j P_ij log P_ij`` over allowed keys ``(..., Lq)``; ``normalize``: ÷ log(n allowed)."""
+def entropy(P, *, mask=None, normalize=False, backend="auto"):
+    """Row entropy ``−Σ_j P_ij log P_ij`` over allowed keys ``(..., Lq)``; ``normalize``: ÷ log(n allowed).
+
+    ``backend``: ``"numba"`` (a parallel kernel reading P once, without a mask), ``"numpy"`` (the
+    definition) or ``"auto"`` (the kernel from ``refattn.kernels.AUTO_MIN_SCORES`` entries on).
+    """
+    if mask is None and _kernels.resolve_backend(backend, int(np.size(P))) == "numba":
+        p = to_numpy(P, "P")
+        if p.dtype == bool or p.dtype.kind not in "iuf" or p.ndim < 2:
+            attention_map(P)  # the definition's error for a bad map
+        h = _kernels.row_entropy(p)
+        if h is None:
+            attention_map(P)  # names the first non-finite entry
+        if normalize:
+            n = p.shape[-1]
+            h = h / np.log(n) if n > 1 else np.zeros_like(h)
+        return h
+    _kernels.resolve_backend(backend, 0)
     m = attention_map(P, mask)
     h = np.where(m.rows, -_xlogx(m.p).sum(axis=-1), 0.0)
     if normalize:
