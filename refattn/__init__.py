@@ -3,8 +3,8 @@
 Public API (re-exports only); see README.md and specs/.
 """
 
-from refattn import attention, masks, metrics, testing
-from refattn._validate import RefAttnError, RefAttnTypeError
+from refattn import attention, io, lowp, masks, metrics, testing
+from refattn._validate import RefAttnError, RefAttnTypeError, Unsupported
 from refattn.attention.allocation import (
     AllocationGate,
     AllocationGrads,
@@ -74,6 +74,9 @@ __all__ = [
     "LogSumExpGrads",
     "RefAttnError",
     "RefAttnTypeError",
+    "Unsupported",
+    "io",
+    "lowp",
     "SDPAGrads",
     "SoftmaxGrads",
     "attention_weights",

@@ -1,0 +1,95 @@
+"""The PyTorch adapter: every translated option agrees with refattn; CUDA in fp16/bf16 when present."""
+
+import numpy as np
+import pytest
+
+import refattn
+from refattn import io, lowp
+
+torch = pytest.importorskip("torch")
+from refattn.adapters import torch as ta  # noqa: E402
+
+pytestmark = pytest.mark.torch
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+SUITE = {c.name: c for c in io.standard_suite()}
+TRANSLATED = [
+    n
+    for n, c in SUITE.items()
+    if not {"softcap", "sinks", "dropout_mask"} & set(c.arrays) | set(c.options)
+    and c.options.get("empty_rows", "zero") == "zero"
+    and "d_lse" not in c.cotangents
+]
+
+
+@pytest.mark.parametrize("name", TRANSLATED)
+def test_every_translated_option_agrees_in_float64(name):
+    case = SUITE[name]
+    got = ta.torch_sdpa(case.q, case.k, case.v, d_out=case.cotangents["d_out"], **case.sdpa_options())
+    golden = io.golden_outputs(case)
+    for key, value in got.items():
+        np.testing.assert_allclose(value, golden[key], rtol=1e-10, atol=1e-12, err_msg=f"{name}:{key}")
+    assert set(got) == {"out", "dq", "dk", "dv"} | ({"dbias"} if "bias" in case.arrays else set())
+
+
+def test_is_causal_is_used_only_for_top_left_alignment():
+    q = k = v = np.zeros((1, 1, 3, 4))
+    assert ta.translate_options(q, k, v, causal=True)["is_causal"] is True
+    bottom = ta.translate_options(q, np.zeros((1, 1, 5, 4)), np.zeros((1, 1, 5, 4)), causal=True, align="bottom_right")
+    assert "is_causal" not in bottom and bottom["attn_mask"].dtype == bool
+    assert ta.translate_options(np.zeros((1, 4, 3, 4)), k, v)["enable_gqa"] is True
+
+
+@pytest.mark.parametrize("option", [{"softcap": 2.0}, {"sinks": np.zeros(1)}, {"empty_rows": "nan"}])
+def test_untranslatable_options_are_refused(option):
+    q = np.zeros((1, 1, 3, 4))
+    with pytest.raises(refattn.Unsupported):
+        ta.torch_sdpa(q, q, q, **option)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"] + (["float16"] if torch.cuda.is_available() else []))
+def test_low_precision_torch_passes_the_flash_rule(device, dtype):
+    if device == "cpu" and dtype == "float16":
+        pytest.skip("float16 SDPA backward on CPU is not what kernels run")
+    case = SUITE["causal_bottom_right"]
+    verdict = ta.check_torch(
+        case.q, case.k, case.v, dtype=dtype, device=device, d_out=case.cotangents["d_out"], **case.sdpa_options()
+    )
+    assert verdict.passed, verdict.report()
+
+
+def test_a_user_callable_with_a_bug_is_caught():
+    case = SUITE["causal_square"]
+
+    def my_attention(q, k, v):  # forgets the causal mask
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+    verdict = ta.check_callable(my_attention, case.q, case.k, case.v, dtype="float32", options={"causal": True})
+    assert not verdict.passed and "out: FAIL" in verdict.report()
+
+    def right(q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    assert ta.check_callable(
+        right, case.q, case.k, case.v, dtype="bfloat16", d_out=case.cotangents["d_out"], options={"causal": True}
+    ).passed
+
+
+def test_multihead_attention_weights_round_trip():
+    torch.manual_seed(0)
+    mha = torch.nn.MultiheadAttention(8, 2, batch_first=True, dtype=torch.float64)
+    x = np.random.default_rng(0).standard_normal((2, 5, 8))
+    tx = torch.tensor(x, requires_grad=True)
+    y, _ = mha(tx, tx, tx, need_weights=False)
+    y.sum().backward()
+    params = ta.mha_params(mha)
+    np.testing.assert_allclose(refattn.multihead_attention(x, params, num_heads=2), y.detach().numpy(), rtol=1e-12)
+    grads = refattn.multihead_attention_backward(np.ones(y.shape), x, params, num_heads=2)
+    for ours, theirs in zip(grads.dparams, ta.mha_param_grads(mha)):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-10, atol=1e-12)
+
+
+def test_rounded_inputs_are_what_the_golden_sees():
+    q = np.full((1, 1, 2, 2), 1 + 2**-9)  # not a bfloat16 value
+    got = ta.torch_sdpa(q, q, q, dtype="bfloat16")
+    np.testing.assert_array_equal(got["out"], lowp.round_to(got["out"], "bfloat16"))
