@@ -15,6 +15,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 __all__ = [
+    "TILE_LENGTHS",
+    "attention_inputs",
     "Case",
     "allocation_cases",
     "chunked_cases",
@@ -121,6 +123,77 @@ def _attention_case(draw, *, with_v, for_gradcheck):
     if with_v and draw(st.booleans()):
         opts["return_lse"] = True
     return Case(inputs, opts)
+
+
+TILE_LENGTHS = (1, 2, 3, 17, 31, 32, 33, 63, 64, 65, 127, 128, 129)
+
+
+@st.composite
+def attention_inputs(
+    draw,
+    *,
+    lengths=TILE_LENGTHS,
+    head_dims=(8, 16, 64),
+    max_batch=2,
+    max_heads=4,
+    options=("causal", "window", "mask", "bias", "scale", "gqa"),
+    adversarial=True,
+    dtype=None,
+):
+    """Inputs for property-testing a user's attention kernel against refattn: a :class:`Case` with
+    ``inputs = (q (B, Hq, Lq, D), k (B, Hk, Lk, D), v (B, Hk, Lk, D))`` and sdpa ``options``.
+
+    Lengths are drawn from ``lengths`` (by default both sides of the 32/64/128 tile boundaries);
+    ``options`` names what may be drawn: ``"causal"``, ``"window"`` (either alignment),
+    ``"mask"`` (key padding per batch item, query padding too: empty rows occur), ``"bias"``,
+    ``"scale"``, ``"gqa"`` (Hk dividing Hq), ``"softcap"``, ``"sinks"``.  ``adversarial`` adds rows
+    with large logits (a row of q scaled by 30) and near ties (keys equal to 1e-9).  With ``dtype``
+    (``"bfloat16"``, ...) every array is rounded to that format, so a kernel's low-precision inputs
+    hold exactly the values refattn sees.  Arrays come from a drawn seed (fast at 129 × 64).
+    """
+    from refattn import lowp
+
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    b = draw(st.integers(1, max_batch))
+    hk = draw(st.integers(1, max_heads))
+    groups = draw(st.sampled_from([g for g in (1, 2, 4) if hk * g <= max_heads] or [1])) if "gqa" in options else 1
+    hq = hk * groups
+    lq, lk, d = draw(st.sampled_from(lengths)), draw(st.sampled_from(lengths)), draw(st.sampled_from(head_dims))
+    q, k, v = (
+        rng.standard_normal((b, hq, lq, d)),
+        rng.standard_normal((b, hk, lk, d)),
+        rng.standard_normal((b, hk, lk, d)),
+    )
+    if adversarial and draw(st.booleans()):
+        q[..., rng.integers(lq), :] *= 30.0  # one row of large logits: a softmax that must not overflow
+    if adversarial and lk > 1 and draw(st.booleans()):
+        k[..., 1, :] = k[..., 0, :] + 1e-9 * rng.standard_normal(k[..., 0, :].shape)  # near-tied keys
+    opts = {}
+    if "causal" in options and draw(st.booleans()):
+        opts["causal"] = True
+    if "window" in options and draw(st.booleans()):
+        opts["window"] = (draw(st.sampled_from([None, 0, 1, 31, 64])), draw(st.sampled_from([None, 0, 1, 31, 64])))
+    if opts and draw(st.booleans()) or (opts and lq != lk):
+        opts["align"] = draw(st.sampled_from(["top_left", "bottom_right"]))
+    if "mask" in options and draw(st.booleans()):
+        from refattn.masks import from_lengths
+
+        k_len = [int(rng.integers(1, lk + 1)) for _ in range(b)]
+        q_len = [int(rng.integers(0, lq + 1)) for _ in range(b)] if draw(st.booleans()) else None
+        opts["mask"] = from_lengths(q_len, k_len, lq, lk)[:, None]  # (B, 1, Lq, Lk)
+    if "bias" in options and draw(st.booleans()):
+        opts["bias"] = rng.standard_normal((hq, lq, lk))
+    if "scale" in options and draw(st.booleans()):
+        opts["scale"] = draw(st.sampled_from([0.05, 0.5, 1.0]))
+    if "softcap" in options and draw(st.booleans()):
+        opts["softcap"] = draw(st.sampled_from([5.0, 30.0]))
+    if "sinks" in options and draw(st.booleans()):
+        opts["sinks"] = rng.standard_normal(hq)
+    if dtype is not None:
+        rd = lambda x: lowp.round_to(x, dtype)  # noqa: E731
+        q, k, v = rd(q), rd(k), rd(v)
+        opts.update({n: rd(opts[n]) for n in ("bias", "sinks") if n in opts})
+    return Case((q, k, v), opts)
 
 
 def sdpa_cases(*, for_gradcheck=False):
