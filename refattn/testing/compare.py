@@ -10,7 +10,8 @@ computation done the way a kernel in that dtype does it.  Rules (``specs/compare
 * ``"torch"`` (PyTorch's SDPA tests): elementwise ``|actual − golden| ≤ atol + rtol · |golden|`` with
   ``atol = fudge · max(max|twin − golden|, atol₀)``, ``rtol = fudge · max(max |twin − golden|/|golden|,
   rtol₀)``, ``fudge = 5`` by default, ``atol₀/rtol₀`` PyTorch's per-dtype defaults.
-* ``"allclose"``: fixed elementwise ``atol + rtol · |golden|`` per dtype (xformers' values).
+* ``"allclose"``: fixed elementwise ``atol + rtol · |golden|`` per dtype, for outputs and for
+  gradients (xformers' forward and backward values).
 
 A float64 candidate has no meaningful twin (a float64 twin is the golden); every rule then allows
 ``FLOAT64_BUDGET · max(1, max|golden|)``, the budget refattn holds its own kernels to.
@@ -29,6 +30,7 @@ from refattn import lowp
 from refattn._validate import RefAttnError, as_choice, to_numpy
 
 __all__ = [
+    "ALLCLOSE_GRAD_TOLERANCES",
     "ALLCLOSE_TOLERANCES",
     "AttentionMismatch",
     "FLOAT64_BUDGET",
@@ -62,6 +64,14 @@ ALLCLOSE_TOLERANCES = {
     "bfloat16": (2e-2, 5e-3),
     "float8_e4m3": (3.2e-1, 8e-2),
     "float8_e5m2": (6.4e-1, 1.6e-1),
+}
+# xformers' AttentionBwOpBase ERROR_ATOL / ERROR_RTOL for gradients; float8 scaled as above.
+ALLCLOSE_GRAD_TOLERANCES = {
+    "float32": (9e-4, 1e-4),
+    "float16": (0.2, 0.02),
+    "bfloat16": (0.9, 0.1),
+    "float8_e4m3": (14.4, 1.6),
+    "float8_e5m2": (28.8, 3.2),
 }
 _KIND = {"out": "output", "lse": "output"}
 
@@ -226,7 +236,8 @@ def judge(
             atol_ = fudge * max(twin_err, atol0) if atol is None else atol
             rtol_ = fudge * max(float(np.max(rel, initial=0.0)), rtol0) if rtol is None else rtol
         else:
-            atol0, rtol0 = ALLCLOSE_TOLERANCES[fmt.name]
+            table = ALLCLOSE_TOLERANCES if kind == "output" else ALLCLOSE_GRAD_TOLERANCES
+            atol0, rtol0 = table[fmt.name]
             atol_, rtol_ = (atol0 if atol is None else atol), (rtol0 if rtol is None else rtol)
         floor = atol_
         budget = atol_ + rtol_ * np.abs(np.where(np.isfinite(golden), golden, 0.0))
