@@ -27,7 +27,7 @@ def _table(headers, rows):
     line = "  ".join(f"{h:<{w}}" for h, w in zip(headers, widths))
     out = [line, "  ".join("-" * w for w in widths)]
     out += ["  ".join(f"{str(c):<{w}}" for c, w in zip(r, widths)) for r in rows]
-    return "\n".join(out)
+    return "\n".join(x.rstrip() for x in out)
 
 
 def _print_checks(rows, verbose):

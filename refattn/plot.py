@@ -31,7 +31,8 @@ def plot_attention_report(path, layers, *, rollout_map=None, summary=None, item=
     last = np.asarray(layers[-1], dtype=np.float64)
     last = last.reshape((-1,) + last.shape[-3:])[item]  # (H, n, n)
     heads = min(last.shape[0], max_heads)
-    curves = {k: v for k, v in (summary or {}).items() if np.ndim(v) == 2}
+    shown = ("normalized_entropy", "confidence", "locality", "previous_token", "attention_to_first", "induction")
+    curves = {k: v for k, v in (summary or {}).items() if k in shown and np.ndim(v) == 2}  # each in [0, 1]
     panels = heads + (rollout_map is not None) + (1 if curves else 0)
     cols = min(4, panels)
     rows = -(-panels // cols)
@@ -39,14 +40,14 @@ def plot_attention_report(path, layers, *, rollout_map=None, summary=None, item=
     flat = list(axes.ravel())
     for h in range(heads):
         ax = flat.pop(0)
-        ax.imshow(last[h], cmap="viridis", vmin=0.0)
+        ax.imshow(last[h], cmap="viridis", vmin=0.0, interpolation="nearest")
         ax.set_title(f"layer {len(layers) - 1}, head {h}", fontsize=9)
         ax.set_xlabel("key")
         ax.set_ylabel("query")
     if rollout_map is not None:
         ax = flat.pop(0)
         r = np.asarray(rollout_map).reshape((-1,) + np.shape(rollout_map)[-2:])[item]
-        ax.imshow(r, cmap="magma", vmin=0.0)
+        ax.imshow(r, cmap="magma", vmin=0.0, interpolation="nearest")
         ax.set_title("rollout R = Â_L ⋯ Â_1", fontsize=9)
         ax.set_xlabel("input token")
         ax.set_ylabel("output token")
@@ -54,11 +55,11 @@ def plot_attention_report(path, layers, *, rollout_map=None, summary=None, item=
         ax = flat.pop(0)
         x = np.arange(len(layers))
         for name, values in curves.items():
-            v = np.asarray(values, dtype=np.float64).mean(axis=-1)
-            scale = np.max(np.abs(v)) or 1.0
-            ax.plot(x, v / scale, marker="o", label=name)
-        ax.set_title("per-layer metrics (head mean, / max)", fontsize=9)
+            ax.plot(x, np.asarray(values, dtype=np.float64).mean(axis=-1), marker="o", label=name)
+        ax.set_title("per-layer metrics (mean over heads)", fontsize=9)
         ax.set_xlabel("layer")
+        ax.set_xticks(x)
+        ax.set_ylim(-0.05, 1.05)
         ax.legend(fontsize=6)
     for ax in flat:
         ax.axis("off")
