@@ -29,6 +29,14 @@ induction = 6.0 * ((j == i - 7) & (i >= 8))  # attend to the token after the ear
 layers = []
 for layer in range(4):
     noise = 0.5 * rng.standard_normal((4, n, n))
-    layers.append(np.stack([head(previous + noise[0]), head(sink + noise[1]), head(local + noise[2]),
-                            head((induction if layer >= 2 else previous) + noise[3])])[None])
+    layers.append(
+        np.stack(
+            [
+                head(previous + noise[0]),
+                head(sink + noise[1]),
+                head(local + noise[2]),
+                head((induction if layer >= 2 else previous) + noise[3]),
+            ]
+        )[None]
+    )
 io.save_attentions(sys.argv[1] if len(sys.argv) > 1 else "example_maps.npz", layers, tokens=tokens)

@@ -9,7 +9,9 @@
 * :func:`check_torch` / :func:`check_callable` run one and return the
   :class:`refattn.testing.compare.Verdict` of the tolerance rule for the tensor dtype.
 * :func:`mha_params` / :func:`mha_param_grads` read an ``nn.MultiheadAttention``'s weights (and
-  their ``.grad``) as :class:`refattn.MHAParams`.
+  their ``.grad``) as :class:`refattn.MHAParams`; :func:`check_mha` runs the module (batch-first,
+  any dtype and device) and judges its output and input gradients against
+  :func:`refattn.multihead_attention` on its own weights.
 
 Options torch SDPA has no form for (softcap, sinks, dropout with an explicit keep-mask, the
 ``"nan"``/``"uniform"`` empty-row policies) raise :class:`Unsupported`.
@@ -25,6 +27,7 @@ from refattn._validate import RefAttnError, Unsupported
 __all__ = [
     "Unsupported",
     "check_callable",
+    "check_mha",
     "check_torch",
     "mha_param_grads",
     "mha_params",
@@ -197,3 +200,45 @@ def _mha_arrays(mha, read):
     return MHAParams(
         w_q, w_k, w_v, read(mha.out_proj.weight).T, b[:e], b[e : 2 * e], b[2 * e :], read(mha.out_proj.bias)
     )
+
+
+def check_mha(mha, x, *, kv=None, key_padding_mask=None, causal=False, d_y=None, rule=None):
+    """Run ``nn.MultiheadAttention`` ``mha`` (``batch_first=True``) on ``x (B, L, E)`` [and ``kv``] and
+    judge it: a :class:`refattn.testing.compare.Verdict` over ``out`` and, with a cotangent ``d_y``,
+    ``dx`` (and ``dkv``).  ``key_padding_mask``: PyTorch's polarity (True = ignore).  The golden is
+    :func:`refattn.multihead_attention` in float64 on the module's weights; float64 modules get the
+    float64 budget, others the ``"allclose"`` rule (no low-precision twin of the projections exists)."""
+    import refattn
+    from refattn.testing.compare import Verdict, judge
+
+    torch = _torch()
+    dtype = str(next(mha.parameters()).dtype).removeprefix("torch.")
+    fmt = lowp.format_of(dtype).name
+    rule = rule or ("flash" if fmt == "float64" else "allclose")
+    device = next(mha.parameters()).device
+    grad = d_y is not None
+    tx = _tensor(torch, x, torch_dtype(fmt), device, grad)
+    tkv = tx if kv is None else _tensor(torch, kv, torch_dtype(fmt), device, grad)
+    kw = {}
+    ours = {}
+    if key_padding_mask is not None:
+        kw["key_padding_mask"] = torch.tensor(np.asarray(key_padding_mask, dtype=bool), device=device)
+        ours["mask"] = ~np.asarray(key_padding_mask, dtype=bool)[:, None, None, :]
+    if causal:
+        lq, lk = tx.shape[1], tkv.shape[1]
+        kw["attn_mask"] = torch.triu(torch.ones(lq, lk, dtype=torch.bool, device=device), 1)  # True = blocked
+        ours.update(causal=True, align="top_left")
+    y, _ = mha(tx, tkv, tkv, need_weights=False, **kw)
+    params = mha_params(mha)
+    x64 = _numpy(tx)
+    kv64 = None if kv is None else _numpy(tkv)
+    golden = refattn.multihead_attention(x64, params, num_heads=mha.num_heads, kv=kv64, **ours)
+    judgements = [judge("out", _numpy(y), golden, dtype=fmt, rule=rule, kind="output")]
+    if grad:
+        y.backward(_tensor(torch, d_y, torch_dtype(fmt), device, False))
+        d64 = lowp.round_to(d_y, fmt)
+        g = refattn.multihead_attention_backward(d64, x64, params, num_heads=mha.num_heads, kv=kv64, **ours)
+        judgements.append(judge("dx", _numpy(tx.grad), g.dx, dtype=fmt, rule=rule, kind="gradient"))
+        if kv is not None:
+            judgements.append(judge("dkv", _numpy(tkv.grad), g.dkv, dtype=fmt, rule=rule, kind="gradient"))
+    return Verdict(judgements)

@@ -70,11 +70,32 @@ def _tile_inside(i0, bq, j0, bk, causal, left, right, off):
 
 @nb.njit(inline="always", cache=True)
 def _tile_logits(
-    q, k, n, h, kvh, i0, bq, j0, bk, scale, softcap, bias, has_bias, mask, has_mask, causal, left, right, off, tanh_t
+    q,
+    k,
+    n,
+    h,
+    kvh,
+    i0,
+    bq,
+    j0,
+    bk,
+    scale,
+    softcap,
+    bias,
+    has_bias,
+    mask,
+    has_mask,
+    causal,
+    left,
+    right,
+    off,
+    tanh_t,
+    s_buf,
 ):
-    """Logits ``(bq, bk)`` of rows i0.. and keys j0.. (−inf where disallowed); the product by BLAS.
-    ``tanh_t`` receives tanh(s0/c) when softcap > 0."""
-    s = np.dot(q[n, h][i0 : i0 + bq], k[n, kvh][j0 : j0 + bk].T)
+    """Logits ``(bq, bk)`` of rows i0.. and keys j0.. (−inf where disallowed), a view of the task's
+    buffer ``s_buf``; the product by BLAS.  ``tanh_t`` receives tanh(s0/c) when softcap > 0."""
+    s = s_buf[: bq * bk].reshape((bq, bk))
+    np.dot(q[n, h][i0 : i0 + bq], k[n, kvh][j0 : j0 + bk].T, s)
     if softcap == 0.0 and not has_mask and _tile_inside(i0, bq, j0, bk, causal, left, right, off):
         for r in range(bq):  # every key allowed: a plain scaled copy the compiler vectorises
             if has_bias:
@@ -166,6 +187,8 @@ def forward(
         bq = i1 - i0
         kvh = h // group
         tanh_t = np.empty((BLOCK_Q, BLOCK_K))
+        s_buf = np.empty(BLOCK_Q * BLOCK_K)  # tile buffers, once per task: no allocation per tile
+        pv = np.empty((bq, dv))
         acc = np.zeros((bq, dv))
         m = np.empty(BLOCK_Q)
         l_sum = np.empty(BLOCK_Q)
@@ -196,6 +219,7 @@ def forward(
                 right,
                 off,
                 tanh_t,
+                s_buf,
             )
             for r in range(bq):  # online softmax: s becomes exp(s − m_new), the acc rescaled by alpha
                 row_max = _row_max(s, r, bk)
@@ -216,7 +240,8 @@ def forward(
                         s[r, jj] *= keep[n, h, i0 + r, j0 + jj]
                 l_sum[r] += total
                 m[r] = m_new
-            acc += np.dot(s, v[n, kvh][j0 : j0 + bk])
+            np.dot(s, v[n, kvh][j0 : j0 + bk], pv)
+            acc += pv
         for r in range(bq):
             i = i0 + r
             if l_sum[r] > 0.0:
@@ -325,6 +350,8 @@ def backward_dq(
         bq = i1 - i0
         kvh = h // group
         tanh_t = np.empty((BLOCK_Q, BLOCK_K))
+        s_buf, ds_buf = np.empty(BLOCK_Q * BLOCK_K), np.empty(BLOCK_Q * BLOCK_K)
+        dq_part = np.empty((bq, d_dim))
         dq_blk = np.zeros((bq, d_dim))
         lo, hi = (0, lk) if empty_policy != 0 else _key_range(i0, i1, lk, causal, left, right, off)
         for j0 in range(lo, hi, BLOCK_K):
@@ -350,9 +377,11 @@ def backward_dq(
                 right,
                 off,
                 tanh_t,
+                s_buf,
             )
             _tile_probabilities(s, bq, bk, lse, n, h, i0, lk, empty_policy)
-            ds = np.dot(d_o[n, h][i0:i1], v[n, kvh][j0 : j0 + bk].T)
+            ds = ds_buf[: bq * bk].reshape((bq, bk))
+            np.dot(d_o[n, h][i0:i1], v[n, kvh][j0 : j0 + bk].T, ds)
             _tile_ds(
                 s,
                 ds,
@@ -373,7 +402,8 @@ def backward_dq(
                 dbias,
                 want_dbias,
             )
-            dq_blk += np.dot(ds, k[n, kvh][j0 : j0 + bk])
+            np.dot(ds, k[n, kvh][j0 : j0 + bk], dq_part)
+            dq_blk += dq_part
         for r in range(bq):
             for d in range(d_dim):
                 dq[n, h, i0 + r, d] = scale * dq_blk[r, d]
@@ -415,6 +445,8 @@ def backward_dkv(
         j0 = (task % nkb) * BLOCK_K
         bk = min(j0 + BLOCK_K, lk) - j0
         tanh_t = np.empty((BLOCK_Q, BLOCK_K))
+        s_buf, ds_buf, pk_buf = np.empty(BLOCK_Q * BLOCK_K), np.empty(BLOCK_Q * BLOCK_K), np.empty(BLOCK_Q * BLOCK_K)
+        dk_part, dv_part = np.empty((bk, d_dim)), np.empty((bk, dv))
         dummy = np.empty((1, 1, 1, 1))
         dk_blk = np.zeros((bk, d_dim))
         dv_blk = np.zeros((bk, dv))
@@ -446,17 +478,20 @@ def backward_dkv(
                     right,
                     off,
                     tanh_t,
+                    s_buf,
                 )
                 _tile_probabilities(s, bq, bk, lse, n, h, i0, lk, empty_policy)
-                ds = np.dot(d_o[n, h][i0:i1], v[n, kvh][j0 : j0 + bk].T)
+                ds = ds_buf[: bq * bk].reshape((bq, bk))
+                np.dot(d_o[n, h][i0:i1], v[n, kvh][j0 : j0 + bk].T, ds)
                 if has_keep:  # dv += P̃ᵀ dO
-                    pk = s.copy()
+                    pk = pk_buf[: bq * bk].reshape((bq, bk))
                     for r in range(bq):
                         for jj in range(bk):
-                            pk[r, jj] *= keep[n, h, i0 + r, j0 + jj]
-                    dv_blk += np.dot(pk.T, d_o[n, h][i0:i1])
+                            pk[r, jj] = s[r, jj] * keep[n, h, i0 + r, j0 + jj]
+                    np.dot(pk.T, d_o[n, h][i0:i1], dv_part)
                 else:
-                    dv_blk += np.dot(s.T, d_o[n, h][i0:i1])
+                    np.dot(s.T, d_o[n, h][i0:i1], dv_part)
+                dv_blk += dv_part
                 _tile_ds(
                     s,
                     ds,
@@ -477,7 +512,8 @@ def backward_dkv(
                     dummy,
                     False,
                 )
-                dk_blk += np.dot(ds.T, q[n, h][i0:i1])  # dk += scale dsᵀ q
+                np.dot(ds.T, q[n, h][i0:i1], dk_part)  # dk += scale dsᵀ q
+                dk_blk += dk_part
         for jj in range(bk):
             for d in range(d_dim):
                 dk[n, kvh, j0 + jj, d] = scale * dk_blk[jj, d]

@@ -93,3 +93,29 @@ def test_rounded_inputs_are_what_the_golden_sees():
     q = np.full((1, 1, 2, 2), 1 + 2**-9)  # not a bfloat16 value
     got = ta.torch_sdpa(q, q, q, dtype="bfloat16")
     np.testing.assert_array_equal(got["out"], lowp.round_to(got["out"], "bfloat16"))
+
+
+@pytest.mark.parametrize("cross, padding, causal", [(False, False, False), (True, True, False), (False, True, True)])
+def test_check_mha_float64_and_float32(cross, padding, causal):
+    torch.manual_seed(1)
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 5, 8))
+    kv = rng.standard_normal((2, 6, 8)) if cross else None
+    lk = 6 if cross else 5
+    pad = np.zeros((2, lk), dtype=bool)
+    pad[1, -2:] = True
+    kw = dict(kv=kv, key_padding_mask=pad if padding else None, causal=causal, d_y=rng.standard_normal((2, 5, 8)))
+    for dtype in (torch.float64, torch.float32):
+        mha = torch.nn.MultiheadAttention(8, 2, batch_first=True, dtype=dtype)
+        verdict = ta.check_mha(mha, x, **kw)
+        assert verdict.passed, verdict.report()
+        assert [j.quantity for j in verdict.judgements] == ["out", "dx"] + (["dkv"] if cross else [])
+
+
+def test_check_mha_catches_swapped_projections(monkeypatch):
+    torch.manual_seed(2)
+    mha = torch.nn.MultiheadAttention(8, 2, batch_first=True, dtype=torch.float64)
+    x = np.random.default_rng(2).standard_normal((1, 4, 8))
+    real = ta.mha_params
+    monkeypatch.setattr(ta, "mha_params", lambda m: real(m)._replace(w_q=real(m).w_k, w_k=real(m).w_q))
+    assert not ta.check_mha(mha, x).passed
