@@ -8,6 +8,25 @@ import numba as nb
 import numpy as np
 
 
+@nb.njit(inline="always", cache=True)
+def _fused_row(a, b, i, weight, residual, row):
+    """Row i of map b before renormalisation, ``weight·Σ_h a[b, h, i] + residual·e_i``, into ``row``;
+    returns its sum (heads added in order: deterministic)."""
+    n = row.shape[0]
+    for j in range(n):
+        row[j] = 0.0
+    for h in range(a.shape[1]):
+        src = a[b, h, i]
+        for j in range(n):
+            row[j] += src[j]
+    total = 0.0
+    for j in range(n):
+        row[j] *= weight
+        total += row[j]
+    row[i] += residual
+    return total + residual
+
+
 @nb.njit(parallel=True, cache=True)
 def fuse_mean(a, residual, renormalize, out, bad):
     """``out[b] = (residual·I + (1 − residual)·mean_h a[b, h]) / rowsum`` for ``a (B, H, n, n)``;
@@ -18,18 +37,7 @@ def fuse_mean(a, residual, renormalize, out, bad):
         b = task // n
         i = task % n
         row = out[b, i]
-        for j in range(n):
-            row[j] = 0.0
-        for h in range(heads):
-            src = a[b, h, i]
-            for j in range(n):
-                row[j] += src[j]
-        total = 0.0
-        for j in range(n):
-            row[j] *= weight
-            total += row[j]
-        row[i] += residual
-        total += residual
+        total = _fused_row(a, b, i, weight, residual, row)
         bad[task] = not np.isfinite(total)
         if renormalize and total != 0.0:
             for j in range(n):
@@ -53,18 +61,7 @@ def fuse_mean_rows(a, residual, renormalize, v, partial, bad):
         acc[:] = 0.0
         row = np.empty(n)
         for i in range(blk * size, min(n, (blk + 1) * size)):
-            for j in range(n):
-                row[j] = 0.0
-            for h in range(heads):
-                src = a[m, h, i]
-                for j in range(n):
-                    row[j] += src[j]
-            total = 0.0
-            for j in range(n):
-                row[j] *= weight
-                total += row[j]
-            row[i] += residual
-            total += residual
+            total = _fused_row(a, m, i, weight, residual, row)
             bad[m * n + i] = not np.isfinite(total)
             for r in range(rows_v):
                 c = v[m, r, i] / total if renormalize and total != 0.0 else v[m, r, i]
