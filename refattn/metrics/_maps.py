@@ -26,8 +26,8 @@ class Map(NamedTuple):
 def interpret_mask(shape, mask):
     """``(allowed, rows)`` for a map of ``shape (..., Lq, Lk)``: bool arrays broadcast to the map and its rows."""
     lq, lk = shape[-2:]
-    if mask is None:
-        return np.ones(shape, dtype=bool), np.ones(shape[:-1], dtype=bool)
+    if mask is None:  # read-only broadcasts: no map-sized array allocated
+        return np.broadcast_to(np.True_, tuple(shape)), np.broadcast_to(np.True_, tuple(shape[:-1]))
     m = as_bool(mask, "mask")
     if len(shape) >= 3 and m.shape == shape[:-3] + (lk,):  # key padding of a map with heads
         allowed = m[..., None, None, :]
@@ -55,7 +55,7 @@ def attention_map(P, mask=None, *, name="P"):
     """Validate a map and its mask → :class:`Map` (masked entries and padded rows zeroed)."""
     p = as_float(P, name, ndim_min=2)
     allowed, rows = interpret_mask(p.shape, mask)
-    return Map(np.where(allowed, p, 0.0), allowed, rows)
+    return Map(p if mask is None else np.where(allowed, p, 0.0), allowed, rows)  # p: already a fresh copy
 
 
 def row_mean(values, rows):
