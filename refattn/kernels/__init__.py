@@ -46,76 +46,88 @@ def resolve_backend(backend, score_count):
     return "numpy"
 
 
+def _sdpa_signatures(t):
+    f8, b1, i8 = t.float64, t.boolean, t.int64
+    in4 = t.Array(f8, 4, "C", readonly=True)  # inputs: contiguous, read only
+    in3 = t.Array(f8, 3, "C", readonly=True)
+    out4 = t.Array(f8, 4, "C")  # outputs
+    out3 = t.Array(f8, 3, "C")
+    ro4 = t.Array(f8, 4, "A", readonly=True)  # per-score views, any strides (broadcast)
+    rob4 = t.Array(b1, 4, "A", readonly=True)
+    ro2 = t.Array(f8, 2, "A", readonly=True)
+    geometry = (f8, f8, b1, i8, i8, i8, i8)  # scale, softcap, causal, left, right, offset, empty policy
+    per_score = (ro4, b1, rob4, b1, ro4, b1)  # bias, has_bias, mask, has_mask, keep, has_keep
+    grads_in = (in3, in4, in3, in3)  # lse, d_out, delta, d_lse
+    return {
+        "forward": [(in4, in4, in4) + per_score + (ro2,) + geometry + (out4, out3)],
+        "backward_dq": [(in4, in4, in4) + per_score + geometry + grads_in + (out4, out4, b1)],
+        "backward_dkv": [(in4, in4, in4) + per_score + geometry + grads_in + (out4, out4)],
+    }
+
+
 def _kernels():
-    """The kernel module with each kernel compiled for its one signature (first call only)."""
-    if not _compiled:
-        import scipy.linalg.cython_blas  # noqa: F401  the BLAS numba's np.dot calls: loaded before any limit
-        from numba import types
+    """The attention kernels, each compiled for its one signature (first call only)."""
+    import scipy.linalg.cython_blas  # noqa: F401  the BLAS numba's np.dot calls: loaded before any limit
 
-        from refattn.kernels import sdpa_kernels as kern
+    with warnings.catch_warnings():  # numba's performance notes on BLAS operands: known
+        warnings.simplefilter("ignore")
+        return _compile("sdpa_kernels", _sdpa_signatures)
 
-        f8, b1, i8 = types.float64, types.boolean, types.int64
-        in4 = types.Array(f8, 4, "C", readonly=True)  # inputs: contiguous, read only
-        in3 = types.Array(f8, 3, "C", readonly=True)
-        out4 = types.Array(f8, 4, "C")  # outputs
-        out3 = types.Array(f8, 3, "C")
-        ro4 = types.Array(f8, 4, "A", readonly=True)  # per-score views, any strides (broadcast)
-        rob4 = types.Array(b1, 4, "A", readonly=True)
-        ro2 = types.Array(f8, 2, "A", readonly=True)
-        geometry = (f8, f8, b1, i8, i8, i8, i8)  # scale, softcap, causal, left, right, offset, empty policy
-        per_score = (ro4, b1, rob4, b1, ro4, b1)  # bias, has_bias, mask, has_mask, keep, has_keep
-        grads_in = (in3, in4, in3, in3)  # lse, d_out, delta, d_lse
-        signatures = {
-            "forward": (in4, in4, in4) + per_score + (ro2,) + geometry + (out4, out3),
-            "backward_dq": (in4, in4, in4) + per_score + geometry + grads_in + (out4, out4, b1),
-            "backward_dkv": (in4, in4, in4) + per_score + geometry + grads_in + (out4, out4),
-        }
-        for name, sig in signatures.items():
+
+def _compile(module, signatures):
+    """The kernels of ``refattn.kernels.<module>`` compiled for their explicit signatures (first call
+    only, then cached on disk); ``signatures``: a callable ``types -> {kernel name: [signature, ...]}``."""
+    from numba import types
+
+    kern = importlib.import_module(f"refattn.kernels.{module}")
+    kernels = {}
+    for name, sigs in signatures(types).items():  # compiled once per process, then looked up
+        if name not in _compiled:
             kernel = getattr(kern, name)
-            with warnings.catch_warnings():  # numba notes that 4-D tile slices are copied for BLAS: known
-                warnings.simplefilter("ignore")
+            for sig in sigs:
                 kernel.compile(types.void(*sig))
             kernel.disable_compile()
             _compiled[name] = kernel
-    return _compiled
+        kernels[name] = _compiled[name]
+    return kernels
 
 
-def _rollout_kernel():
-    """The rollout pass compiled for float32 and float64 maps of any strides (first call only)."""
-    if "fuse_mean" not in _compiled:
-        from numba import types
-
-        from refattn.kernels import rollout_kernels as kern
-
-        for f in (types.float32, types.float64):
-            for layout in ("C", "A"):  # contiguous maps vectorise; any strides (views) as the fallback
-                sig = (types.Array(f, 4, layout, readonly=True), types.float64, types.boolean,
-                       types.Array(types.float64, 3, "C"), types.Array(types.boolean, 1, "C"))  # fmt: skip
-                kern.fuse_mean.compile(types.void(*sig))
-                sig_rows = (sig[0], types.float64, types.boolean, types.Array(types.float64, 3, "C", readonly=True),
-                            types.Array(types.float64, 4, "C"), types.Array(types.boolean, 1, "C"))  # fmt: skip
-                kern.fuse_mean_rows.compile(types.void(*sig_rows))
-        for kernel in (kern.fuse_mean, kern.fuse_mean_rows):
-            kernel.disable_compile()
-            _compiled[kernel.__name__] = kernel
-    return _compiled["fuse_mean"], _compiled["fuse_mean_rows"]
+def _rollout_signatures(t):
+    maps = [t.Array(f, 4, layout, readonly=True) for f in (t.float32, t.float64) for layout in ("C", "A")]
+    bad = t.Array(t.boolean, 1, "C")  # contiguous maps vectorise; any strides (views) as the fallback
+    return {
+        "fuse_mean": [(m, t.float64, t.boolean, t.Array(t.float64, 3, "C"), bad) for m in maps],
+        "fuse_mean_rows": [
+            (m, t.float64, t.boolean, t.Array(t.float64, 3, "C", readonly=True), t.Array(t.float64, 4, "C"), bad)
+            for m in maps
+        ],
+    }
 
 
-def rollout_fuse_mean(a, residual, renormalize, out=None):
+def _entropy_signatures(t):
+    rows = [t.Array(f, 2, "C", readonly=True) for f in (t.float32, t.float64)]
+    return {"row_entropy": [(r, t.Array(t.float64, 1, "C"), t.Array(t.boolean, 1, "C")) for r in rows]}
+
+
+def _read_only(x, shape):
+    """``x`` (float32 kept, other dtypes as float64) reshaped to ``shape``, as a read-only view: it matches
+    the kernels' read-only signatures exactly and the caller's array is never written."""
+    if x.dtype not in (np.float32, np.float64):
+        x = x.astype(np.float64)
+    view = x.reshape(shape).view()
+    view.flags.writeable = False
+    return view
+
+
+def rollout_fuse_mean(a, residual, renormalize):
     """Â ``(..., n, n)`` float64 of one layer ``a (..., H, n, n)`` (float32 or float64) by the kernel:
-    head mean, ``residual·I`` added, rows renormalised; None when a row is not finite.  ``out``: a
-    float64 C-contiguous buffer of Â's size to write into (reused across layers: no page faults)."""
-    if a.dtype not in (np.float32, np.float64):
-        a = a.astype(np.float64)
-    lead, (heads, n) = a.shape[:-3], a.shape[-3:-1]
-    maps = a.reshape((-1, heads, n, n)).view()
-    maps.flags.writeable = False  # matches the read-only signatures exactly (the caller's array is untouched)
-    if out is None:
-        out = np.empty(lead + (n, n))
-    flat_out = out.reshape((-1, n, n))
+    head mean, ``residual·I`` added, rows renormalised; None when a row is not finite."""
+    heads, n = a.shape[-3:-1]
+    maps = _read_only(a, (-1, heads, n, n))
+    out = np.empty((maps.shape[0], n, n))
     bad = np.empty(maps.shape[0] * n, dtype=bool)
-    _rollout_kernel()[0](maps, float(residual), bool(renormalize), flat_out, bad)
-    return None if bad.any() else out
+    _compile("rollout_kernels", _rollout_signatures)["fuse_mean"](maps, float(residual), bool(renormalize), out, bad)
+    return None if bad.any() else out.reshape(a.shape[:-3] + (n, n))
 
 
 ROLLOUT_ROW_BLOCKS = 8  # row blocks per map in rollout_rows_product: tasks for the threads, summed in order
@@ -124,17 +136,16 @@ ROLLOUT_ROW_BLOCKS = 8  # row blocks per map in rollout_rows_product: tasks for 
 def rollout_rows_product(v, a, residual, renormalize):
     """``v Â`` ``(..., k, n)`` for rows ``v (..., k, n)`` and one layer ``a (..., H, n, n)``, Â formed
     row by row inside the kernel (one read of the maps, no n×n array); None when a row is not finite."""
-    if a.dtype not in (np.float32, np.float64):
-        a = a.astype(np.float64)
     heads, n = a.shape[-3:-1]
-    maps = a.reshape((-1, heads, n, n)).view()
-    maps.flags.writeable = False
-    rows = np.ascontiguousarray(np.broadcast_to(v, a.shape[:-3] + v.shape[-2:]), dtype=np.float64)
-    rows = rows.reshape((maps.shape[0],) + v.shape[-2:]).view()
-    rows.flags.writeable = False
+    maps = _read_only(a, (-1, heads, n, n))
+    rows = _read_only(
+        np.ascontiguousarray(np.broadcast_to(v, a.shape[:-3] + v.shape[-2:]), dtype=np.float64),
+        (maps.shape[0],) + v.shape[-2:],
+    )
     partial = np.empty((maps.shape[0], ROLLOUT_ROW_BLOCKS) + v.shape[-2:])
     bad = np.empty(maps.shape[0] * n, dtype=bool)
-    _rollout_kernel()[1](maps, float(residual), bool(renormalize), rows, partial, bad)
+    kernel = _compile("rollout_kernels", _rollout_signatures)["fuse_mean_rows"]
+    kernel(maps, float(residual), bool(renormalize), rows, partial, bad)
     if bad.any():
         return None
     return partial.sum(axis=1).reshape(a.shape[:-3] + v.shape[-2:])
@@ -143,24 +154,10 @@ def rollout_rows_product(v, a, residual, renormalize):
 def row_entropy(p):
     """Row entropy ``(...,)`` of maps ``p (..., n)`` (float32 or float64, no mask) by the kernel; None
     when an entry is not finite."""
-    if "row_entropy" not in _compiled:
-        from numba import types
-
-        from refattn.kernels import metric_kernels as kern
-
-        for f in (types.float32, types.float64):
-            sig = (types.Array(f, 2, "C", readonly=True), types.Array(types.float64, 1, "C"),
-                   types.Array(types.boolean, 1, "C"))  # fmt: skip
-            kern.row_entropy.compile(types.void(*sig))
-        kern.row_entropy.disable_compile()
-        _compiled["row_entropy"] = kern.row_entropy
-    if p.dtype not in (np.float32, np.float64):
-        p = p.astype(np.float64)
-    rows = np.ascontiguousarray(p).reshape((-1, p.shape[-1])).view()
-    rows.flags.writeable = False
+    rows = _read_only(np.ascontiguousarray(p), (-1, p.shape[-1]))
     out = np.empty(rows.shape[0])
     bad = np.empty(rows.shape[0], dtype=bool)
-    _compiled["row_entropy"](rows, out, bad)
+    _compile("metric_kernels", _entropy_signatures)["row_entropy"](rows, out, bad)
     return None if bad.any() else out.reshape(p.shape[:-1])
 
 
