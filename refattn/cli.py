@@ -77,21 +77,8 @@ def _check_files(args):
         if not case.outputs:
             raise RefAttnError(f"{path}: no outputs to check (write the implementation's out/lse/dq/... keys)")
         verdict = io.check_case(case, rule=args.rule, dtype=args.dtype)
-        worst = max(verdict.judgements, key=lambda j: j.ratio if not j.nonfinite else math.inf)
-        rows.append(
-            CheckRow(
-                case.name,
-                case.implementation or path.name,
-                args.dtype or case.dtype,
-                "pass" if verdict.passed else "FAIL",
-                worst.quantity,
-                worst.max_error,
-                worst.allowed,
-                worst.ratio,
-                0.0,
-                "" if verdict.passed else verdict.report(),
-            )
-        )
+        dtype = args.dtype or case.dtype
+        rows.append(CheckRow.from_verdict(case.name, case.implementation or path.name, dtype, verdict))
     return rows
 
 

@@ -49,6 +49,26 @@ class CheckRow:
     def as_dict(self):
         return dict(self.__dict__)
 
+    @classmethod
+    def from_verdict(cls, case, implementation, dtype, verdict, seconds=0.0):
+        """The row of a :class:`refattn.testing.compare.Verdict`: its worst quantity by error ratio
+        (a NaN/inf misplacement counts as the worst)."""
+        worst = max(verdict.judgements, key=lambda j: j.ratio if not j.nonfinite else float("inf"))
+        status = "pass" if verdict.passed else "FAIL"
+        detail = "" if verdict.passed else verdict.report()
+        return cls(
+            case,
+            implementation,
+            dtype,
+            status,
+            worst.quantity,
+            worst.max_error,
+            worst.allowed,
+            worst.ratio,
+            seconds,
+            detail,
+        )
+
 
 def _refattn_kernel(case):
     import refattn
@@ -138,26 +158,13 @@ def _judge(case: Case, impl: Implementation, rule):
     if impl.dtype != "float64":  # the candidate computed on rounded inputs: judge it on those
         case = _rounded_case(case, impl.dtype)
     verdict = check_case(case.with_outputs(outputs, dtype=impl.dtype, implementation=impl.name), rule=rule)
-    worst = max(verdict.judgements, key=lambda j: j.ratio if not j.nonfinite else float("inf"))
-    return CheckRow(
-        case.name,
-        impl.name,
-        impl.dtype,
-        "pass" if verdict.passed else "FAIL",
-        worst.quantity,
-        worst.max_error,
-        worst.allowed,
-        worst.ratio,
-        seconds,
-        "" if verdict.passed else verdict.report(),
-    )
+    return CheckRow.from_verdict(case.name, impl.name, impl.dtype, verdict, seconds)
 
 
 def _rounded_case(case: Case, dtype):
     from refattn import lowp
 
-    arrays = {n: (a if a.dtype == bool else lowp.round_to(a, dtype)) for n, a in case.arrays.items()}
-    cot = {n: lowp.round_to(a, dtype) for n, a in case.cotangents.items()}
+    arrays, cot = lowp.round_arrays(case.arrays, dtype), lowp.round_arrays(case.cotangents, dtype)
     return Case(case.name, arrays, case.options, cot, case.outputs, case.dtype, case.implementation)
 
 

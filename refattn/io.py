@@ -133,23 +133,28 @@ def _check_options(options, path):
     return options
 
 
+def _read_npz(path):
+    """Every array of an ``.npz`` as a dict, read without pickle; a :class:`RefAttnError` names the file."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return {key: npz[key] for key in npz.files}
+    except (OSError, zipfile.BadZipFile, EOFError) as exc:
+        raise RefAttnError(f"{path}: not a readable .npz file ({exc})") from exc
+    except ValueError as exc:  # object arrays need pickle: refused, never unpickled
+        raise RefAttnError(f"{path}: refused: the file holds pickled objects or a malformed array ({exc})") from exc
+
+
 def load_case(path) -> Case:
     """Read and validate a case file; a :class:`RefAttnError` names the file and the bad key."""
     path = os.fspath(path)
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            keys = set(npz.files)
-            unknown = keys - _KNOWN
-            if unknown:
-                raise RefAttnError(f"{path}: unknown keys {sorted(unknown)}; expected among {sorted(_KNOWN)}")
-            missing = [key for key in (*INPUT_KEYS, "version", "options") if key not in keys]
-            if missing:
-                raise RefAttnError(f"{path}: missing required keys {missing}")
-            data = {key: npz[key] for key in keys}
-    except (OSError, zipfile.BadZipFile, EOFError) as exc:
-        raise RefAttnError(f"{path}: not a readable .npz case file ({exc})") from exc
-    except ValueError as exc:  # object arrays need pickle: refused
-        raise RefAttnError(f"{path}: refused: the file holds pickled objects or a malformed array ({exc})") from exc
+    data = _read_npz(path)
+    keys = set(data)
+    unknown = keys - _KNOWN
+    if unknown:
+        raise RefAttnError(f"{path}: unknown keys {sorted(unknown)}; expected among {sorted(_KNOWN)}")
+    missing = [key for key in (*INPUT_KEYS, "version", "options") if key not in keys]
+    if missing:
+        raise RefAttnError(f"{path}: missing required keys {missing}")
     version = data["version"]
     if version.shape != () or version.dtype.kind not in "iu":
         raise RefAttnError(
@@ -301,13 +306,7 @@ def load_attentions(path):
     """Read a file written by :func:`save_attentions` (or any ``.npz`` with those keys; per-layer keys
     ``layer_0``, ``layer_1``, ... are accepted instead of ``attentions``): ``(layers, mask, tokens)``."""
     path = os.fspath(path)
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            data = {key: npz[key] for key in npz.files}
-    except (OSError, zipfile.BadZipFile, EOFError) as exc:
-        raise RefAttnError(f"{path}: not a readable .npz file ({exc})") from exc
-    except ValueError as exc:
-        raise RefAttnError(f"{path}: refused: the file holds pickled objects or a malformed array ({exc})") from exc
+    data = _read_npz(path)
     layer_keys = sorted(
         (k for k in data if k.startswith("layer_")), key=lambda k: int(k[6:]) if k[6:].isdigit() else -1
     )

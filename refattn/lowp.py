@@ -17,7 +17,16 @@ import numpy as np
 from refattn._validate import RefAttnError, as_choice, as_cotangent, to_numpy, unbroadcast
 from refattn.attention.sdpa import SDPAGrads, expand_kv, reduce_kv, validate
 
-__all__ = ["FORMATS", "ACCUMULATE", "Format", "format_of", "round_to", "sdpa_twin", "sdpa_twin_backward"]
+__all__ = [
+    "FORMATS",
+    "ACCUMULATE",
+    "Format",
+    "format_of",
+    "round_arrays",
+    "round_to",
+    "sdpa_twin",
+    "sdpa_twin_backward",
+]
 
 
 class Format(NamedTuple):
@@ -101,6 +110,12 @@ def round_to(x, dtype):
         r = np.where(np.isinf(mag), fmt.overflow, r)
         r = np.where(np.isnan(mag), np.nan, r)
     return np.copysign(r, x)
+
+
+def round_arrays(arrays, dtype):
+    """A mapping of arrays with every numeric one rounded to ``dtype`` (bool masks kept as they are):
+    the values a candidate computing in ``dtype`` receives."""
+    return {n: (a if np.asarray(a).dtype == bool else round_to(a, dtype)) for n, a in arrays.items() if a is not None}
 
 
 class _Precision:

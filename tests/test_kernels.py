@@ -11,6 +11,7 @@ from hypothesis import given, settings
 import refattn
 from refattn import kernels
 from refattn.testing.strategies import rollout_cases, sdpa_cases
+from tests.mutation import assert_catches
 
 needs_numba = pytest.mark.skipif(not kernels.numba_available(), reason="numba is not installed")
 
@@ -196,10 +197,7 @@ def test_saved_forward_is_shape_checked():
     np.testing.assert_array_equal(g.dq, refattn.sdpa_backward(out, q, k, v, backend="numpy").dq)
 
 
-@needs_numba
-@settings(max_examples=40)
-@given(rollout_cases())
-def test_rollout_kernel_equals_numpy_definition(case):
+def _rollout_kernel_matches(case):
     opts = {k: v for k, v in case.options.items() if k not in ("return_all",)}
     layers = case.inputs[0]
     for maps in (layers, [np.asarray(a, dtype=np.float32) for a in layers]):
@@ -208,6 +206,21 @@ def test_rollout_kernel_equals_numpy_definition(case):
         assert _rel(fast, ref) <= 1e-12
         rows = refattn.rollout(maps, rows=[0, -1], backend="numba", **opts)
         assert _rel(rows, ref[..., [0, -1], :]) <= 1e-12
+
+
+@needs_numba
+@settings(max_examples=40)
+@given(rollout_cases())
+def test_rollout_kernel_equals_numpy_definition(case):
+    _rollout_kernel_matches(case)
+
+
+@needs_numba
+def test_rollout_kernel_property_catches_a_missing_residual(monkeypatch):
+    """Mutant: the kernel path called with residual 0 (the identity term forgotten)."""
+    real = kernels.rollout_fuse_mean
+    monkeypatch.setattr(kernels, "rollout_fuse_mean", lambda a, residual, renormalize: real(a, 0.0, renormalize))
+    assert_catches(rollout_cases(), _rollout_kernel_matches)
 
 
 @needs_numba

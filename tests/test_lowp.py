@@ -41,12 +41,23 @@ def _is_rne(x, r, fmt):
     return bool(np.all(on_grid) and np.all(twice <= quantum[ok]) and np.all(tie_even))
 
 
-@settings(max_examples=60)
-@given(doubles, st.sampled_from(["float16", "float32"]))
-def test_round_to_equals_numpy_casts_from_float64(x, name):
+def _equals_numpy_cast(args):
+    x, name = args
     with np.errstate(over="ignore"):
         expected = x.astype(ML[name]).astype(np.float64)
     np.testing.assert_array_equal(lowp.round_to(x, name), expected)
+
+
+@settings(max_examples=60)
+@given(st.tuples(doubles, st.sampled_from(["float16", "float32"])))
+def test_round_to_equals_numpy_casts_from_float64(args):
+    _equals_numpy_cast(args)
+
+
+def test_cast_property_catches_rounding_toward_zero(monkeypatch):
+    """Mutant: the quotient truncated instead of rounded to nearest even."""
+    monkeypatch.setattr(lowp.np, "round", np.trunc)  # undone by monkeypatch after the test
+    assert_catches(st.tuples(doubles, st.sampled_from(["float16", "float32"])), _equals_numpy_cast)
 
 
 @settings(max_examples=60)

@@ -144,11 +144,11 @@ def torch_sdpa(q, k, v, *, dtype="float64", device="cpu", d_out=None, **options)
 
 def _rounded_inputs(q, k, v, options, dtype):
     """The float64 values the candidate's low-precision inputs hold (what the golden must be computed on)."""
-    rd = lambda x: lowp.round_to(x, dtype)  # noqa: E731
     opts = dict(options)
     if opts.get("bias") is not None:
-        opts["bias"] = rd(opts["bias"])
-    return rd(q), rd(k), rd(v), opts
+        opts.update(lowp.round_arrays({"bias": opts["bias"]}, dtype))
+    q, k, v = lowp.round_arrays({"q": q, "k": k, "v": v}, dtype).values()
+    return q, k, v, opts
 
 
 def check_callable(fn, q, k, v, *, dtype="float64", device="cpu", d_out=None, rule="flash", options=None, **fn_kwargs):

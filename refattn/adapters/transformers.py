@@ -233,7 +233,6 @@ def _rotate_as_the_model(q, k, position_embeddings, ours):
 def check_model(model, input_ids, *, attention_mask=None, tolerance=1e-10):
     """Run ``model`` on ``input_ids`` (B, L), recompute each attention layer with refattn and compare;
     returns a :class:`ModelCheck` (its ``attentions`` feed :func:`refattn.rollout` and the metrics)."""
-    torch, _ = _imports()
     modules = _attention_modules(model)
     calls = {}
 
@@ -246,14 +245,10 @@ def check_model(model, input_ids, *, attention_mask=None, tolerance=1e-10):
 
     handles = [m.register_forward_hook(hook(i), with_kwargs=True) for i, m, _ in modules]
     try:
-        with torch.no_grad():
-            ids = torch.as_tensor(np.asarray(input_ids))
-            mask = None if attention_mask is None else torch.as_tensor(np.asarray(attention_mask))
-            result = model(input_ids=ids, attention_mask=mask, output_attentions=True)
+        attentions = model_attentions(model, input_ids, attention_mask=attention_mask)
     finally:
         for h in handles:
             h.remove()
-    attentions = [_np(a) for a in result.attentions]
     check = ModelCheck(type(model).__name__, attentions=attentions)
     for i, module, arch in modules:
         hidden, kwargs, output = calls[i]
