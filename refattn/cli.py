@@ -115,17 +115,10 @@ def cmd_golden(args):
     return 0
 
 
-def _load_maps(args):
-    from refattn import io
-
-    layers, mask, tokens = io.load_attentions(args.file)
-    return layers, mask, tokens
-
-
 def cmd_rollout(args):
     import refattn
 
-    layers, mask, tokens = _load_maps(args)
+    layers, mask, tokens = refattn.io.load_attentions(args.file)
     r = refattn.rollout(layers, residual=args.residual, head_fusion=args.head_fusion, mask=mask)
     flat = r.reshape((-1,) + r.shape[-2:])  # (items, n, n)
     row = args.row
@@ -152,7 +145,7 @@ def cmd_rollout(args):
 def cmd_metrics(args):
     import refattn
 
-    layers, mask, tokens = _load_maps(args)
+    layers, mask, tokens = refattn.io.load_attentions(args.file)
     summary = refattn.metrics.summarize(layers, tokens, mask=mask)
     per_head = {k: v for k, v in summary.items() if v.ndim == 2}
     if args.json:
