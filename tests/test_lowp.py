@@ -87,10 +87,16 @@ def test_rne_check_catches_truncation_and_ties_away():
     assert not _is_rne(x, np.floor(x * 128 + 0.5) / 128, fmt)  # ties away from zero
 
 
-def test_round_to_rounds_once_where_ml_dtypes_rounds_twice():
-    x = np.array([1 + 2**-8 + 2**-30])  # just above the tie between 1 and 1 + 2^-7
-    assert lowp.round_to(x, "bfloat16")[0] == 1 + 2**-7
-    assert x.astype(ml_dtypes.bfloat16).astype(np.float64)[0] == 1.0  # float32 detour: a tie, to even
+def test_round_to_rounds_once_from_float64():
+    """A float64 just above a bfloat16 tie becomes an exact tie if it is first rounded to float32
+    (older ml_dtypes did that; 0.7.0 rounds once). The RNE predicate, not any library, is the arbiter."""
+    fmt = lowp.FORMATS["bfloat16"]
+    x = np.array([1 + 2**-8 + 2**-30, -(1 + 3 * 2**-8 - 2**-30)])
+    r = lowp.round_to(x, "bfloat16")
+    np.testing.assert_array_equal(r, [1 + 2**-7, -(1 + 2**-7)])
+    assert _is_rne(x, r, fmt)
+    through_float32 = np.array([1.0, -(1 + 2 * 2**-7)])  # what a float32 detour gives: ties to even
+    assert not _is_rne(x, through_float32, fmt)
 
 
 def test_round_to_special_values_and_overflow():
