@@ -9,7 +9,7 @@ from hypothesis import given
 
 import refattn
 from refattn.testing.strategies import softmax_cases
-from tests.mutation import assert_catches
+from tests.mutation import assert_catches, violates
 
 softmax_mod = importlib.import_module("refattn.softmax")
 
@@ -91,6 +91,26 @@ def test_large_logits_do_not_overflow():
     assert refattn.logsumexp(x)[0] == pytest.approx(1000 + np.log1p(np.exp(-1)), rel=1e-15)
 
 
+# Random, never all ones: softmax's backward of a constant cotangent is identically zero, so an
+# all-ones dy cannot tell a zeroed empty-row gradient from one that flows through the fill.
+DY = np.random.default_rng(7).standard_normal((2, 2))
+
+
+def check_fully_masked_row_backward(dy):
+    """softmax_backward on a kept row and a fully masked row, under each policy, for cotangent dy (2, 2)."""
+    x = np.array([[1.0, 2.0], [3.0, 4.0]])
+    mask = np.array([[True, True], [False, False]])
+    p = refattn.softmax(x[0])
+    kept = p * (dy[0] - p @ dy[0])  # p (dy - Σ p dy)
+    for policy in ("zero", "uniform", "nan"):
+        dx = refattn.softmax_backward(dy, x, mask=mask, empty_rows=policy).dx
+        np.testing.assert_allclose(dx[0], kept, rtol=1e-14, atol=1e-16, err_msg=policy)
+        if policy == "nan":
+            assert np.isnan(dx[1]).all()
+        else:  # 0 (zero) and a constant fill (uniform) do not depend on x
+            np.testing.assert_array_equal(dx[1], 0.0, err_msg=policy)
+
+
 def test_policies_on_a_fully_masked_row():
     x = np.array([[1.0, 2.0], [3.0, 4.0]])
     mask = np.array([[True, True], [False, False]])
@@ -99,9 +119,15 @@ def test_policies_on_a_fully_masked_row():
     assert refattn.softmax(x, mask=mask, empty_rows="uniform")[1].tolist() == [0.5, 0.5]
     assert refattn.log_softmax(x, mask=mask, empty_rows="uniform")[1].tolist() == [-np.log(2)] * 2
     assert np.isneginf(refattn.logsumexp(x, mask=mask)[1])
-    dy = np.ones((2, 2))
-    assert refattn.softmax_backward(dy, x, mask=mask, empty_rows="uniform").dx[1].tolist() == [0.0, 0.0]
-    assert np.isnan(refattn.softmax_backward(dy, x, mask=mask, empty_rows="nan").dx[1]).all()
+    check_fully_masked_row_backward(DY)
+
+
+def test_fully_masked_row_check_catches_a_gradient_through_the_uniform_fill(monkeypatch):
+    """Mutant: the 'uniform' empty row is differentiated as if its 1/n fill were a softmax."""
+    monkeypatch.setattr(softmax_mod, "_empty_rows_grad", lambda dx, empty, empty_rows: dx)
+    assert violates(check_fully_masked_row_backward, DY)
+    # the all-ones cotangent the test used before is blind to this bug
+    assert not violates(check_fully_masked_row_backward, np.full((2, 2), 1.0))
 
 
 def test_bad_arguments_are_named():
@@ -114,4 +140,4 @@ def test_bad_arguments_are_named():
     with pytest.raises(refattn.RefAttnError, match="x: expected finite values or -inf"):
         refattn.softmax(np.array([1.0, np.inf]))
     with pytest.raises(refattn.RefAttnError, match=r"dy: expected shape \(2,\)"):
-        refattn.logsumexp_backward(np.ones(3), np.ones((2, 3)))
+        refattn.logsumexp_backward(np.zeros(3), np.ones((2, 3)))

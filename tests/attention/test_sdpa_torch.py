@@ -62,16 +62,33 @@ def test_matches_torch_sdpa_and_autograd(name, device):
         np.testing.assert_allclose(grads.dbias, dmask_t, rtol=1e-11, atol=1e-12)
 
 
-def test_fully_masked_rows_match_torch_zero_policy():
+# refattn's default empty_rows="zero" is PyTorch's: from 2.5 its math path uses _safe_softmax and
+# gives 0 (value and gradients) on a fully masked row, for bool and float (-inf) masks alike; older
+# versions gave NaN there, which refattn states as empty_rows="nan" (specs/sdpa.md, "Empty rows").
+@pytest.mark.skipif(
+    tuple(int(x) for x in torch.__version__.split(".")[:2]) < (2, 5), reason="PyTorch < 2.5 gives NaN rows"
+)
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_fully_masked_rows_match_torch_zero_policy(kind):
     rng = np.random.default_rng(1)
     q, k, v = rng.standard_normal((1, 3, 4)), rng.standard_normal((1, 5, 4)), rng.standard_normal((1, 5, 2))
-    mask = np.ones((3, 5), dtype=bool)
-    mask[1] = False
-    out_t, _, _ = _run_torch(q, k, v, np.ones((1, 3, 2)), "cpu", attn_mask=mask)
-    out = refattn.sdpa(q, k, v, mask=mask)
-    rows = [0, 2]
-    np.testing.assert_allclose(out[:, rows], out_t[:, rows], rtol=1e-12)
-    # PyTorch's math path gives 0 (_safe_softmax) or NaN on a fully masked row depending on the
-    # version and backend; refattn states both as empty_rows="zero" and "nan".
-    assert np.all(out[:, 1] == 0)
-    assert np.all(out_t[:, 1] == 0) or np.all(np.isnan(out_t[:, 1]))
+    keep = np.ones((3, 5), dtype=bool)
+    keep[1] = False  # row 1 fully masked
+    keep[0, 2] = False
+    if kind == "bool":
+        ours, theirs = dict(mask=keep), keep
+    else:
+        bias = np.where(keep, rng.standard_normal((3, 5)), -np.inf)
+        ours, theirs = dict(bias=bias), bias
+    d_out = rng.standard_normal((1, 3, 2))
+    out_t, grads_t, dmask_t = _run_torch(q, k, v, d_out, "cpu", attn_mask=theirs)
+    out = refattn.sdpa(q, k, v, **ours)
+    grads = refattn.sdpa_backward(d_out, q, k, v, **ours)
+    np.testing.assert_array_equal(out_t[:, 1], 0.0)
+    np.testing.assert_array_equal(grads_t[0][:, 1], 0.0)  # dq of the empty row
+    np.testing.assert_allclose(out, out_t, rtol=1e-12, atol=1e-13)
+    for g, gt in zip(grads[:3], grads_t):
+        np.testing.assert_allclose(g, gt, rtol=1e-11, atol=1e-12)
+    if kind == "float":
+        np.testing.assert_array_equal(dmask_t[1], 0.0)
+        np.testing.assert_allclose(grads.dbias, dmask_t, rtol=1e-11, atol=1e-12)
