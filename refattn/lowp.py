@@ -24,6 +24,8 @@ __all__ = [
     "format_of",
     "round_arrays",
     "round_to",
+    "SCALE_AT",
+    "TWIN_VARIANTS",
     "sdpa_twin",
     "sdpa_twin_backward",
 ]
@@ -141,26 +143,81 @@ class _Precision:
         return x.astype(self.acc).sum(axis=axis, dtype=self.acc).astype(np.float64)
 
 
+SCALE_AT = ("q", "k", "scores")
+LOG2E = 1.4426950408889634  # log2(e), correctly rounded in float64
+
+
+class _Choices(NamedTuple):
+    """The implementation choices a low-precision kernel may make (``specs/lowp.md``)."""
+
+    scale_at: str  # "q": rd(scale·q) kᵀ;  "k": q rd(scale·k)ᵀ;  "scores": rd(scale · rd(q kᵀ))
+    exp2: bool  # softmax exponent formed in base 2: exp2(ra(s·log2 e) − ra(m·log2 e))
+    recompute_p: bool  # backward: P = exp(s − lse) from the stored lse, Δ = rowsum(dO ∘ O)
+    block_k: int | None  # forward: online softmax over key blocks of this size, P unnormalised in PV
+
+
+# The admissible implementations a tolerance rule must not condemn (``specs/compare.md``): each is
+# a coherent set of choices that correct low-precision kernels make; a rule's budget covers all.
+TWIN_VARIANTS = {
+    "reference": {"scale_at": "k"},  # flash-attn's same-dtype reference (reorder_ops=True)
+    "scale_on_q": {"scale_at": "q"},  # PyTorch's math backend: q scaled before the product
+    # PyTorch's fused CPU flash kernel: scale after the product, P recomputed in the backward from
+    # the stored float32 lse, Δ = rowsum(dO ∘ O)
+    "fused_cpu": {"scale_at": "scores", "recompute_p": True},
+    # FA2-style GPU kernel: exp2 with the scale folded into log2 e, online softmax over key blocks
+    # of 64 (rescaled float32 accumulators), P recomputed in the backward
+    "flash2": {"scale_at": "scores", "exp2": True, "recompute_p": True, "block_k": 64},
+}
+
+
+def _choices(reorder_ops, scale_at, exp2, recompute_p, block_k):
+    if scale_at is None:
+        scale_at = "k" if reorder_ops else "q"
+    as_choice(scale_at, "scale_at", SCALE_AT)
+    if reorder_ops and scale_at != "k":
+        raise RefAttnError(f"scale_at: reorder_ops=True moves the scale to k, got scale_at={scale_at!r}")
+    if block_k is not None and (isinstance(block_k, bool) or not isinstance(block_k, int) or block_k < 1):
+        raise RefAttnError(f"block_k: expected a positive int or None, got {block_k!r}")
+    return _Choices(scale_at, bool(exp2), bool(recompute_p), block_k)
+
+
 class _TwinForward(NamedTuple):
-    qs: np.ndarray  # (..., Hq, Lq, D)  the query operand of the product (scaled unless reorder_ops)
-    ks: np.ndarray  # (..., Hq, Lk, D)  the expanded key operand (scaled when reorder_ops)
+    qs: np.ndarray  # (..., Hq, Lq, D)  the query operand of the product (scaled when scale_at="q")
+    ks: np.ndarray  # (..., Hq, Lk, D)  the expanded key operand (scaled when scale_at="k")
     ve: np.ndarray  # (..., Hq, Lk, Dv) expanded values, rounded
     tanh: np.ndarray | None  # (..., Hq, Lq, Lk)
+    s: np.ndarray  # (..., Hq, Lq, Lk)  final logits, rounded, -inf where masked
+    sink: np.ndarray | None  # (..., Hq, Lq) rounded sink logits
     p: np.ndarray  # (..., Hq, Lq, Lk)  rounded probabilities (before dropout)
     pd: np.ndarray  # (..., Hq, Lq, Lk) after dropout, rounded
     lse: np.ndarray  # (..., Hq, Lq)     in accumulation precision, -inf on empty rows
     empty: np.ndarray  # (..., Hq, Lq)
     p_sink: np.ndarray | None  # (..., Hq, Lq)
+    out: np.ndarray  # (..., Hq, Lq, Dv) rounded
 
 
-def _twin_forward(a, pr: _Precision, reorder_ops):
+def _exp(x, pr: _Precision, exp2):
+    """``exp(x)`` in the accumulation precision; with ``exp2`` the exponent is formed in base 2, one
+    rounding per scaled term: ``exp2(ra(a·log2 e) − ra(b·log2 e))`` for ``x = a − b`` (pass the pair)."""
+    a, b = x
+    with np.errstate(invalid="ignore"):
+        if exp2:
+            return pr.ra(np.exp2(pr.ra(pr.ra(a * LOG2E) - pr.ra(b * LOG2E))))
+        return pr.ra(np.exp(pr.ra(a - b)))
+
+
+def _twin_forward(a, pr: _Precision, c: _Choices):
     rd, ra = pr.rd, pr.ra
     q, ke, ve = rd(a.q), expand_kv(rd(a.k), a.groups), expand_kv(rd(a.v), a.groups)
-    if reorder_ops:  # the scale moved from q to k (flash-attn's reorder_ops=True)
+    if c.scale_at == "k":  # the scale moved from q to k (flash-attn's reorder_ops=True)
         qs, ks = q, rd(ke * a.scale)
-    else:
+    elif c.scale_at == "q":
         qs, ks = rd(q * a.scale), ke
+    else:
+        qs, ks = q, ke
     s = rd(pr.mm(qs, np.swapaxes(ks, -1, -2)))  # (..., Hq, Lq, Lk)
+    if c.scale_at == "scores":
+        s = rd(a.scale * s)
     t = None
     if a.softcap is not None:
         t = rd(np.tanh(rd(s / a.softcap)))
@@ -178,11 +235,11 @@ def _twin_forward(a, pr: _Precision, reorder_ops):
         m = np.maximum(m, sink)
     empty = np.isneginf(m)
     m_safe = np.where(empty, 0.0, m)
-    e = ra(np.exp(ra(s - m_safe[..., None])))  # softmax in the accumulation precision
+    e = _exp((s, m_safe[..., None]), pr, c.exp2)  # softmax in the accumulation precision
     denom = pr.sum(e)
     p_sink = None
     if sink is not None:
-        p_sink = ra(np.exp(ra(sink - m_safe)))
+        p_sink = _exp((sink, m_safe), pr, c.exp2)
         denom = ra(denom + p_sink)
     with np.errstate(invalid="ignore", divide="ignore"):
         p = rd(ra(e / denom[..., None]))
@@ -193,7 +250,48 @@ def _twin_forward(a, pr: _Precision, reorder_ops):
         fill = {"zero": 0.0, "nan": np.nan, "uniform": rd(1.0 / a.score_shape[-1])}[a.empty_rows]
         p = np.where(empty[..., None], fill, p)
     pd = p if a.keep_scale is None else rd(p * a.keep_scale)
-    return _TwinForward(qs, ks, ve, t, p, pd, lse, empty, p_sink)
+    out = rd(pr.mm(pd, ve))
+    if c.block_k is not None:
+        blocked_out, blocked_lse = _online_forward(s, sink, ve, a, pr, c)
+        out = np.where(empty[..., None], out, blocked_out)
+        lse = np.where(empty, lse, blocked_lse)
+    return _TwinForward(qs, ks, ve, t, s, sink, p, pd, lse, empty, p_sink, out)
+
+
+def _rescale_factor(m_old, m_new, pr: _Precision, exp2):
+    """``exp(m_old − m_new)``: what the accumulators are multiplied by when the row max grows (0 while
+    the row has seen no key)."""
+    return np.where(np.isneginf(m_old), 0.0, _exp((m_old, m_new), pr, exp2))
+
+
+def _online_forward(s, sink, ve, a, pr: _Precision, c: _Choices):
+    """The forward of a flash-style kernel (FA2's online softmax) over key blocks of ``c.block_k``:
+    a running max ``m``, a running sum ``l`` and an accumulator rescaled by ``exp(m_old − m_new)`` in
+    the accumulation precision; each block's *unnormalised* ``rd(exp(s − m))`` enters the PV
+    product; ``out = rd(acc / l)``.  A sink is the first "key" (value 0).  Empty rows are left to
+    the caller.  Returns ``out (..., Hq, Lq, Dv)`` and ``lse (..., Hq, Lq)``."""
+    rd, ra = pr.rd, pr.ra
+    lead = s.shape[:-1]
+    m = np.full(lead, -np.inf) if sink is None else np.array(sink, dtype=np.float64)
+    l_sum = np.where(np.isneginf(m), 0.0, 1.0)
+    acc = np.zeros(lead + (ve.shape[-1],))
+    keep = None if a.keep_scale is None else np.broadcast_to(a.keep_scale, s.shape)
+    for j0 in range(0, s.shape[-1], c.block_k):
+        sj = s[..., j0 : j0 + c.block_k]  # (..., Hq, Lq, bk)
+        m_new = np.maximum(m, sj.max(axis=-1))
+        m_safe = np.where(np.isneginf(m_new), 0.0, m_new)
+        alpha = _rescale_factor(m, m_safe, pr, c.exp2)  # (..., Hq, Lq)
+        e = np.where(np.isneginf(sj), 0.0, _exp((sj, m_safe[..., None]), pr, c.exp2))
+        l_sum = ra(ra(l_sum * alpha) + pr.sum(e))
+        pj = rd(e)
+        if keep is not None:
+            pj = rd(pj * keep[..., j0 : j0 + c.block_k])
+        acc = ra(ra(acc * alpha[..., None]) + pr.mm(pj, ve[..., j0 : j0 + c.block_k, :]))
+        m = m_new
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = rd(ra(acc / l_sum[..., None]))
+        lse = ra(np.where(np.isneginf(m), 0.0, m) + np.log(l_sum))
+    return out, lse
 
 
 def sdpa_twin(
@@ -204,6 +302,10 @@ def sdpa_twin(
     dtype,
     accumulate="float32",
     reorder_ops=False,
+    scale_at=None,
+    exp2=False,
+    recompute_p=False,
+    block_k=None,
     return_lse=False,
     **options,
 ):
@@ -214,21 +316,27 @@ def sdpa_twin(
     ``ra`` to ``accumulate``)::
 
         q, k, v, bias, sinks = rd(·)
-        s = rd(mm(rd(scale·q), kᵀ))          or rd(mm(q, rd(scale·k)ᵀ)) with reorder_ops
+        s = rd(mm(rd(scale·q), kᵀ))          scale_at="q" (default; reorder_ops=False)
+            rd(mm(q, rd(scale·k)ᵀ))          scale_at="k" (reorder_ops=True: flash-attn's ref)
+            rd(scale · rd(mm(q, kᵀ)))        scale_at="scores" (scale applied to the scores)
         s = rd(c·rd(tanh(rd(s/c))))           softcap
         s = rd(s + bias); −inf where masked
         P = rd(ra(e / ra(Σ e + e_sink))), e = ra(exp(ra(s − m)))
+            exp2=True: e = ra(exp2(ra(ra(s·log2 e) − ra(m·log2 e))))
         out = rd(mm(rd(P·keep/(1−p)), v))
+            block_k=b: FA2's online softmax over key blocks of b (rescaled float accumulators,
+            unnormalised rd(e) in the PV product, out = rd(acc / l))
 
     ``mm`` multiplies in the accumulation precision (BLAS in float32 for ``"float32"``).  ``lse``
-    stays in the accumulation precision.  With ``dtype="float64", accumulate="float64"`` the twin
-    equals :func:`refattn.sdpa` up to float64 reassociation.
+    stays in the accumulation precision.  ``recompute_p`` changes only the backward
+    (:func:`sdpa_twin_backward`).  With ``dtype="float64", accumulate="float64"`` the twin equals
+    :func:`refattn.sdpa` up to float64 reassociation, whatever the choices.
     """
     pr = _Precision(dtype, accumulate)
+    c = _choices(reorder_ops, scale_at, exp2, recompute_p, block_k)
     a = validate(q, k, v, **options)
-    f = _twin_forward(a, pr, bool(reorder_ops))
-    out = pr.rd(pr.mm(f.pd, f.ve))
-    return (out, f.lse) if return_lse else out
+    f = _twin_forward(a, pr, c)
+    return (f.out, f.lse) if return_lse else f.out
 
 
 def sdpa_twin_backward(
@@ -240,6 +348,10 @@ def sdpa_twin_backward(
     dtype,
     accumulate="float32",
     reorder_ops=False,
+    scale_at=None,
+    exp2=False,
+    recompute_p=False,
+    block_k=None,
     d_lse=None,
     **options,
 ):
@@ -248,39 +360,56 @@ def sdpa_twin_backward(
 
     ``dP = rd(mm(dO, vᵀ))·keep``, ``Δ = ra(Σ P dP)``, ``ds = rd(P (dP − Δ + dlse))``
     [``· rd(1 − t²)``], ``dq = rd(scale · rd(mm(ds, k)))``, ``dk = rd(mm(dsᵀ, q_scaled))``
-    (the scale on the other side with reorder_ops), ``dv = rd(mm(P̃ᵀ, dO))``; GQA groups summed in
-    the accumulation precision.  In float64 these are :func:`refattn.sdpa_backward`'s gradients.
+    (the scale on the other side with scale_at="k"; after the product with "scores"),
+    ``dv = rd(mm(P̃ᵀ, dO))``; GQA groups summed in the accumulation precision.  With ``recompute_p``
+    (what flash-style backward kernels do) ``P = rd(ra(exp(ra(s − lse))))`` is recomputed from the
+    forward's lse (exp2 as in the forward) and ``Δ = ra(Σ dO ∘ out)`` from the forward's rounded
+    output.  In float64 these are :func:`refattn.sdpa_backward`'s gradients.
     """
     pr = _Precision(dtype, accumulate)
     rd, ra = pr.rd, pr.ra
+    c = _choices(reorder_ops, scale_at, exp2, recompute_p, block_k)
     a = validate(q, k, v, **options)
-    f = _twin_forward(a, pr, bool(reorder_ops))
+    f = _twin_forward(a, pr, c)
     out_shape = a.score_shape[:-1] + (a.v.shape[-1],)
     d_o = rd(as_cotangent(d_out, out_shape, "d_out"))
     dl = np.zeros(f.lse.shape)
     if d_lse is not None:
         dl = np.where(f.empty, 0.0, rd(as_cotangent(d_lse, out_shape[:-1], "d_lse")))
-    dve = pr.mm(np.swapaxes(f.pd, -1, -2), d_o)  # (..., Hq, Lk, Dv)
+    p, pd, p_sink = f.p, f.pd, f.p_sink
+    if c.recompute_p:  # P from the stored lse, as the kernel's backward recomputes it
+        live = ~f.empty[..., None]
+        lse_safe = np.where(f.empty, 0.0, f.lse)[..., None]
+        p = np.where(live & ~np.isneginf(f.s), rd(_exp((f.s, lse_safe), pr, c.exp2)), p)
+        pd = p if a.keep_scale is None else rd(p * a.keep_scale)
+        if f.sink is not None:
+            p_sink = np.where(f.empty, 0.0, _exp((f.sink, lse_safe[..., 0]), pr, c.exp2))
+    dve = pr.mm(np.swapaxes(pd, -1, -2), d_o)  # (..., Hq, Lk, Dv)
     dp = rd(pr.mm(d_o, np.swapaxes(f.ve, -1, -2)))  # (..., Hq, Lq, Lk)
     if a.keep_scale is not None:
         dp = rd(dp * a.keep_scale)
-    p = f.p
-    delta = pr.sum(p * dp)  # (..., Hq, Lq)
+    if c.recompute_p:  # Δ = Σ_j P dP = dO · out, from the forward's rounded output
+        delta = pr.sum(d_o * f.out)  # (..., Hq, Lq); empty rows: as Σ P dP with the policy's fill
+    else:
+        delta = pr.sum(p * dp)  # (..., Hq, Lq)
     ds = rd(ra(p * ra(ra(dp - delta[..., None]) + dl[..., None])))
     if a.empty_rows == "uniform" and f.empty.any():
         ds = np.where(f.empty[..., None], 0.0, ds)
     dsinks = None
     if a.sinks is not None:
-        dsinks = rd(unbroadcast(pr.sum(f.p_sink * (dl - delta), axis=-1), a.sinks.shape))
+        dsinks = rd(unbroadcast(pr.sum(p_sink * (dl - delta), axis=-1), a.sinks.shape))
     dbias = None if a.bias is None else rd(unbroadcast(ds, a.bias.shape))
     if f.tanh is not None:
         ds = rd(ds * rd(1.0 - f.tanh**2))
-    if reorder_ops:  # s = q (scale k)ᵀ
+    if c.scale_at == "k":  # s = q (scale k)ᵀ
         dq = rd(pr.mm(ds, f.ks))
         dke = rd(a.scale * rd(pr.mm(np.swapaxes(ds, -1, -2), f.qs)))
-    else:  # s = (scale q) kᵀ
+    elif c.scale_at == "q":  # s = (scale q) kᵀ
         dq = rd(a.scale * rd(pr.mm(ds, f.ks)))
         dke = rd(pr.mm(np.swapaxes(ds, -1, -2), f.qs))
+    else:  # s = scale (q kᵀ)
+        dq = rd(a.scale * rd(pr.mm(ds, f.ks)))
+        dke = rd(a.scale * rd(pr.mm(np.swapaxes(ds, -1, -2), f.qs)))
     dk = rd(ra(reduce_kv(dke, a.groups)))
     dv = rd(ra(reduce_kv(dve, a.groups)))
     return SDPAGrads(unbroadcast(dq, a.q.shape), unbroadcast(dk, a.k.shape), unbroadcast(dv, a.v.shape), dbias, dsinks)

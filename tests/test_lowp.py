@@ -119,16 +119,17 @@ def test_format_names_and_errors():
         lowp.sdpa_twin(np.ones((1, 2, 2)), np.ones((1, 2, 2)), np.ones((1, 2, 2)), dtype="bf16", accumulate="int8")
 
 
-def _twin_matches_sdpa(case):
+def _twin_matches_sdpa(case, choices=None):
     opts = {k: v for k, v in case.options.items() if k != "return_lse"}
+    twin_kw = dict(dtype="float64", accumulate="float64", **(choices or {}))
     out, lse = refattn.sdpa(*case.inputs, return_lse=True, backend="numpy", **opts)
-    t_out, t_lse = lowp.sdpa_twin(*case.inputs, dtype="float64", accumulate="float64", return_lse=True, **opts)
+    t_out, t_lse = lowp.sdpa_twin(*case.inputs, return_lse=True, **twin_kw, **opts)
     np.testing.assert_allclose(t_out, out, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(t_lse, lse, rtol=1e-12, atol=1e-12)
     rng = np.random.default_rng(0)
     d_out, d_lse = rng.standard_normal(out.shape), rng.standard_normal(lse.shape)
     g = refattn.sdpa_backward(d_out, *case.inputs, d_lse=d_lse, backend="numpy", **opts)
-    tg = lowp.sdpa_twin_backward(d_out, *case.inputs, d_lse=d_lse, dtype="float64", accumulate="float64", **opts)
+    tg = lowp.sdpa_twin_backward(d_out, *case.inputs, d_lse=d_lse, **twin_kw, **opts)
     for name, a, b in zip(g._fields, g, tg):
         assert (a is None) == (b is None), name
         if a is not None:
@@ -139,6 +140,33 @@ def _twin_matches_sdpa(case):
 @given(sdpa_cases())
 def test_float64_twin_equals_sdpa_for_every_option(case):
     _twin_matches_sdpa(case)
+
+
+@settings(max_examples=15)
+@given(sdpa_cases(), st.sampled_from(sorted(lowp.TWIN_VARIANTS)), st.sampled_from([1, 3, 64]))
+def test_every_admissible_twin_in_float64_equals_sdpa(case, variant, block_k):
+    """Each implementation choice is the same maths: in float64 every variant is the golden."""
+    choices = dict(lowp.TWIN_VARIANTS[variant])
+    if "block_k" in choices:
+        choices["block_k"] = block_k
+    _twin_matches_sdpa(case, choices)
+
+
+def test_variant_property_catches_a_missing_online_rescale(monkeypatch):
+    """Mutant: the online softmax forgets to rescale its accumulators when the row max grows."""
+    monkeypatch.setattr(lowp, "_rescale_factor", lambda m_old, m_new, pr, exp2: np.where(np.isneginf(m_old), 0.0, 1.0))
+    flash2 = dict(lowp.TWIN_VARIANTS["flash2"], block_k=3)
+    assert_catches(sdpa_cases(), lambda case: _twin_matches_sdpa(case, flash2))
+
+
+def test_twin_choices_are_validated():
+    q = np.ones((1, 2, 4))
+    with pytest.raises(refattn.RefAttnError, match="scale_at: expected one of"):
+        lowp.sdpa_twin(q, q, q, dtype="bf16", scale_at="v")
+    with pytest.raises(refattn.RefAttnError, match="reorder_ops=True moves the scale to k"):
+        lowp.sdpa_twin(q, q, q, dtype="bf16", reorder_ops=True, scale_at="q")
+    with pytest.raises(refattn.RefAttnError, match="block_k: expected a positive int"):
+        lowp.sdpa_twin_backward(q, q, q, q, dtype="bf16", block_k=0)
 
 
 def test_twin_property_catches_a_tiled_gqa_head_map(monkeypatch):

@@ -1,15 +1,18 @@
 """Precision-aware tolerance rules: is a candidate's attention output (and gradient) right?
 
 A candidate computed in ``dtype`` is compared with the float64 golden (:func:`refattn.sdpa`), and
-its error is judged against the error of the low-precision twin (:mod:`refattn.lowp`), the same
-computation done the way a kernel in that dtype does it.  Rules (``specs/compare.md``):
+its error is judged against the error of the low-precision twins (:mod:`refattn.lowp`), the same
+computation done the ways correct kernels in that dtype do it (:data:`refattn.lowp.TWIN_VARIANTS`:
+where the scale is applied, exp2, online softmax in tiles, P recomputed from the stored lse); the
+largest twin error sets the budget.  Rules (``specs/compare.md``):
 
 * ``"flash"`` (flash-attn, FA3/FA4): ``max|actual − golden| ≤ k · max|twin − golden| + floor``,
   ``k = 2`` for outputs and 3 for gradients, ``floor = 2 · max|rd(rd(rd(g) + 0.3) − 0.3) − rd(g)|``
   (the rounding error of one addition at the scale of the values, in ``dtype``).
 * ``"torch"`` (PyTorch's SDPA tests): elementwise ``|actual − golden| ≤ atol + rtol · |golden|`` with
   ``atol = fudge · max(max|twin − golden|, atol₀)``, ``rtol = fudge · max(max |twin − golden|/|golden|,
-  rtol₀)``, ``fudge = 5`` by default, ``atol₀/rtol₀`` PyTorch's per-dtype defaults.
+  rtol₀)`` (the max over elements with ``|golden| > atol``), ``fudge = 5`` by default, ``atol₀/rtol₀``
+  PyTorch's per-dtype defaults.
 * ``"allclose"``: fixed elementwise ``atol + rtol · |golden|`` per dtype, for outputs and for
   gradients (xformers' forward and backward values).
 
@@ -106,6 +109,9 @@ class Judgement:
     rows: int = 0
     confined_to_masked: bool | None = None  # every failing row is a masked/padded row
     nonfinite: str = ""  # NaN/inf placement differences, "" when identical
+    twin_name: str = ""  # the admissible twin whose error is largest (sets the budget)
+    closest_twin: str = ""  # the admissible twin nearest the candidate: the choices it most likely makes
+    closest_distance: float = math.nan  # max |actual − that twin|
 
     @property
     def ratio(self):
@@ -120,11 +126,14 @@ class Judgement:
                 f"  max |actual − golden| = {self.max_error:.3e} at index {self.worst_index}: "
                 f"actual {self.actual_value!r}, golden {self.golden_value!r}"
             )
-        twin = f"; twin error {self.twin_error:.3e}" if self.dtype != "float64" else ""
+        named = f" ({self.twin_name})" if self.twin_name else ""
+        twin = f"; twin error {self.twin_error:.3e}{named}" if self.dtype != "float64" else ""
         ratio = f"error/twin {self.max_error / self.twin_error:.2f}" if self.twin_error > 0 else "twin exact"
         lines.append(
             f"  allowed {self.allowed:.3e} (floor {self.floor:.3e}{twin}); error ratio {self.ratio:.2f}, {ratio}"
         )
+        if self.closest_twin and self.dtype != "float64":
+            lines.append(f"  closest twin: {self.closest_twin} (max |actual − twin| = {self.closest_distance:.3e})")
         if self.over_budget:
             where = ""
             if self.confined_to_masked is not None:
@@ -201,7 +210,9 @@ def judge(
 ):
     """Apply ``rule`` to one quantity; returns a :class:`Judgement` (raises nothing on a mismatch).
 
-    ``actual``, ``golden``, ``twin``: arrays of one shape (``twin`` None for float64).  ``kind``:
+    ``actual``, ``golden``: arrays of one shape.  ``twin``: an array of that shape, or a mapping
+    ``{name: array}`` of admissible twins whose elementwise largest error ``max_i |twin_i − golden|``
+    is the twin error (None for float64).  ``kind``:
     ``"output"`` or ``"gradient"`` (from the name when None: ``out``/``lse`` are outputs).
     ``masked_rows``: bool, broadcastable to ``actual.shape[:-1]``, True on rows that are masked or
     padded.  ``factor`` overrides flash's k, ``atol``/``rtol`` the torch/allclose tolerances.
@@ -214,12 +225,29 @@ def judge(
     golden = np.asarray(golden, dtype=np.float64)
     if actual.shape != golden.shape:
         raise RefAttnError(f"{quantity}: expected shape {golden.shape} (the golden's), got {actual.shape}")
-    twin = golden if twin is None or fmt.name == "float64" else np.asarray(twin, dtype=np.float64)
+    twins = {} if twin is None or fmt.name == "float64" else (twin if isinstance(twin, Mapping) else {"": twin})
     both = np.isfinite(actual) & np.isfinite(golden)
     with np.errstate(invalid="ignore"):  # inf − inf where both are infinite: not an error, skipped
         err = np.where(both, np.abs(actual - golden), 0.0)
-        twin_diff = np.abs(twin - golden)
-    twin_err = float(np.max(np.where(np.isfinite(twin) & np.isfinite(golden), twin_diff, 0.0), initial=0.0))
+        twin_diffs = {}
+        for name, t in twins.items():
+            t = np.asarray(t, dtype=np.float64)
+            if t.shape != golden.shape:
+                raise RefAttnError(f"twin {name!r}: expected shape {golden.shape}, got {t.shape}")
+            twin_diffs[name] = np.where(np.isfinite(t) & np.isfinite(golden), np.abs(t - golden), 0.0)
+    twin_diff = np.zeros(golden.shape)  # the envelope: elementwise the largest admissible error
+    twin_err, twin_name = 0.0, ""
+    for name, d in twin_diffs.items():
+        twin_diff = np.maximum(twin_diff, d)
+        if float(d.max(initial=0.0)) > twin_err:
+            twin_err, twin_name = float(d.max()), name
+    closest_twin, closest_distance = "", math.nan
+    for name, t in twins.items():
+        t = np.asarray(t, dtype=np.float64)
+        with np.errstate(invalid="ignore"):
+            dist = float(np.max(np.where(both & np.isfinite(t), np.abs(actual - t), 0.0), initial=0.0))
+        if name and (not closest_twin or dist < closest_distance):  # the first of equals
+            closest_twin, closest_distance = name, dist
     scale_g = float(np.max(np.abs(np.where(np.isfinite(golden), golden, 0.0)), initial=0.0))
     floor = 0.0
     if fmt.name == "float64":
@@ -231,9 +259,11 @@ def judge(
     else:
         if rule == "torch":
             atol0, rtol0 = TORCH_DEFAULTS[fmt.name]
-            with np.errstate(divide="ignore", invalid="ignore"):
-                rel = np.where(both & (golden != 0), np.abs(twin - golden) / np.abs(golden), 0.0)
             atol_ = fudge * max(twin_err, atol0) if atol is None else atol
+            # relative twin error only where |golden| exceeds atol: near-zero goldens (already
+            # covered by atol) would otherwise make rtol unbounded (PyTorch takes every element)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                rel = np.where(both & (np.abs(golden) > atol_), twin_diff / np.abs(golden), 0.0)
             rtol_ = fudge * max(float(np.max(rel, initial=0.0)), rtol0) if rtol is None else rtol
         else:
             table = ALLCLOSE_TOLERANCES if kind == "output" else ALLCLOSE_GRAD_TOLERANCES
@@ -266,6 +296,9 @@ def judge(
         int(over.sum()),
         int(err.size),
         nonfinite=nonfinite,
+        twin_name=twin_name,
+        closest_twin=closest_twin,
+        closest_distance=closest_distance,
     )
     if err.ndim >= 1 and err.size:
         bad_rows = over.reshape(-1, err.shape[-1]).any(axis=-1) if err.ndim > 1 else over
@@ -324,7 +357,7 @@ def check_attention(
     d_lse=None,
     rule="flash",
     accumulate="float32",
-    reorder_ops=True,
+    twins="admissible",
     factor_out=None,
     factor_grad=None,
     fudge=TORCH_FUDGE,
@@ -339,16 +372,23 @@ def check_attention(
     cotangents ``d_out`` [, ``d_lse``] (a mapping with keys dq, dk, dv, dbias, dsinks or a tuple in that order).
     ``dtype``: the precision the candidate computed in (its inputs are taken to be ``q, k, v``
     rounded to it: pass the float64 values the candidate's low-precision inputs hold).
+    ``twins``: the admissible implementations the budget covers — ``"admissible"`` (every entry of
+    :data:`refattn.lowp.TWIN_VARIANTS`), one of their names, or a mapping ``{name: choices}`` of
+    :func:`refattn.lowp.sdpa_twin` keyword choices; each quantity's twin error is the largest.
     """
     import refattn
 
     options.pop("return_lse", None)
     golden, golden_lse = refattn.sdpa(q, k, v, return_lse=True, **options)
     fmt = lowp.format_of(dtype)
-    twin_kw = dict(dtype=fmt.name, accumulate=accumulate, reorder_ops=reorder_ops, **options)
+    variants = _twin_variants(twins)
     twin, twin_lse = (None, None)
     if fmt.name != "float64":
-        twin, twin_lse = lowp.sdpa_twin(q, k, v, return_lse=True, **twin_kw)
+        twin, twin_lse = {}, {}
+        for name, choices in variants.items():
+            twin[name], twin_lse[name] = lowp.sdpa_twin(
+                q, k, v, dtype=fmt.name, accumulate=accumulate, return_lse=True, **choices, **options
+            )
     rows_q, rows_k = _masked_rows(q, k, v, options)
     common = dict(dtype=fmt.name, rule=rule, fudge=fudge, atol=atol, rtol=rtol)
     judgements = [judge("out", actual, golden, twin, masked_rows=rows_q, factor=factor_out, **common)]
@@ -358,7 +398,7 @@ def check_attention(
                 "lse",
                 np.expand_dims(np.asarray(lse, float), -1),
                 golden_lse[..., None],
-                None if twin_lse is None else twin_lse[..., None],
+                None if twin_lse is None else {n: t[..., None] for n, t in twin_lse.items()},
                 masked_rows=rows_q,
                 factor=factor_out,
                 **common,
@@ -371,7 +411,12 @@ def check_attention(
         g = refattn.sdpa_backward(d_out, q, k, v, d_lse=d_lse, **options)._asdict()
         t = {}
         if fmt.name != "float64":
-            t = lowp.sdpa_twin_backward(d_out, q, k, v, d_lse=d_lse, **twin_kw)._asdict()
+            for name, choices in variants.items():
+                tg = lowp.sdpa_twin_backward(
+                    d_out, q, k, v, dtype=fmt.name, accumulate=accumulate, d_lse=d_lse, **choices, **options
+                )
+                for quantity, value in tg._asdict().items():
+                    t.setdefault(quantity, {})[name] = value
         rows = {"dq": rows_q, "dk": rows_k, "dv": rows_k}
         for name, value in cand.items():
             if g[name] is None:
@@ -389,6 +434,18 @@ def check_attention(
                 )
             )
     return Verdict(judgements)
+
+
+def _twin_variants(twins):
+    """``twins`` as a mapping ``{name: sdpa_twin choices}``."""
+    if isinstance(twins, str):
+        if twins == "admissible":
+            return dict(lowp.TWIN_VARIANTS)
+        as_choice(twins, "twins", ("admissible",) + tuple(lowp.TWIN_VARIANTS))
+        return {twins: lowp.TWIN_VARIANTS[twins]}
+    if not isinstance(twins, Mapping) or not twins:
+        raise RefAttnError(f"twins: expected 'admissible', a name or a non-empty mapping of choices, got {twins!r}")
+    return {str(n): dict(c) for n, c in twins.items()}
 
 
 def assert_attention_close(actual, q, k, v, *, dtype, **kwargs):
