@@ -36,10 +36,18 @@ def alignment_offset(lq, lk, align, *, what="causal/window"):
 
 
 def check_window(window, name="window"):
-    """Validate ``(left, right)``; each an int >= 0 or None.  Returns a tuple."""
+    """Validate ``(left, right)``; each an int >= 0 (of any size: see :func:`clip_window`) or None.
+    Returns a tuple."""
     if not isinstance(window, (tuple, list)) or len(window) != 2:
         raise RefAttnError(f"{name}: expected a pair (left, right) of ints >= 0 or None, got {window!r}")
     return tuple(None if w is None else as_int(w, f"{name}[{i}]", minimum=0) for i, w in enumerate(window))
+
+
+def clip_window(window, lq, lk):
+    """``(left, right)`` with each int side clipped to ``lq + lk``: the offsets ``j - (i + o)`` of
+    either alignment lie strictly inside ``±max(lq, lk)``, so a wider side excludes nothing (the same
+    mask as ``None``), and index arithmetic on the clipped sides cannot overflow int64."""
+    return tuple(None if w is None else min(w, lq + lk) for w in window)
 
 
 def band(lq, lk, offset, left, right):

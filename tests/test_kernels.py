@@ -3,10 +3,15 @@
 import os
 import subprocess
 import sys
+import tracemalloc
+import zlib
+from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import refattn
 from refattn import kernels
@@ -46,26 +51,387 @@ def test_kernel_equals_numpy_definition_for_every_option(case):
             assert _rel(a, b) <= 1e-12, name
 
 
-@needs_numba
-def test_kernel_at_tile_boundaries():
+class TileCase(NamedTuple):
+    """A kernel-vs-definition case at lengths that cross the 128-wide tiles (``D = 8``, ``Dv = 5``)."""
+
+    name: str
+    lq: int
+    lk: int
+    batch: tuple = ((1,), (1,), (1,))  # leading dims of q, k, v
+    heads: tuple = (2, 2)  # Hq, Hk
+    options: Callable = lambda rng, score: {}  # noqa: E731  (rng, score shape) -> sdpa options
+    empty: bool = False  # whether some rows are empty (every key disallowed)
+
+
+def _padding(rng, score, empty_rows):
+    """Key padding per batch element and two query rows without any key: ``(B, 1, Lq, Lk)``."""
+    lk = score[-1]
+    keys = np.arange(lk) < rng.integers(lk // 2, lk, size=score[:-3] + (1, 1, 1))
+    rows = np.ones((score[-2], 1), dtype=bool)
+    rows[[3, score[-2] - 2]] = False
+    return {"mask": keys & rows, "empty_rows": empty_rows}
+
+
+def _dropout(score, p=0.25):
+    return {"dropout_p": p, "dropout_mask": refattn.masks.dropout_mask(score, p, seed=5)}
+
+
+def _with_neg_inf(x, every=7):
+    x = x.copy()
+    x.reshape(-1)[::every] = -np.inf
+    return x
+
+
+TILE_CASES = [
+    TileCase("plain, Lq < Lk", 127, 300),
+    TileCase("plain, Lq > Lk, GQA", 300, 129, heads=(4, 2)),
+    TileCase(
+        "Lq = 128, Lk = 256: whole tiles, causal", 128, 256, options=lambda r, s: {"causal": True, "align": "top_left"}
+    ),
+    TileCase(
+        "one query row, bias (Lk,), causal",
+        1,
+        300,
+        options=lambda r, s: {"bias": r.standard_normal(s[-1]), "causal": True, "align": "bottom_right"},
+    ),
+    TileCase("full bias, GQA", 200, 129, ((2,),) * 3, (4, 2), lambda r, s: {"bias": r.standard_normal(s)}),
+    TileCase("bias (Lk,)", 300, 200, options=lambda r, s: {"bias": r.standard_normal(s[-1])}),
+    TileCase(
+        "bias (Lq, 1) over heads", 129, 300, ((2,),) * 3, options=lambda r, s: {"bias": r.standard_normal((s[-2], 1))}
+    ),
+    TileCase("bias (Hq, 1, 1)", 200, 300, options=lambda r, s: {"bias": r.standard_normal((s[-3], 1, 1))}),
+    TileCase("bias (1, 1) scalar-like, Lk = 129", 129, 129, options=lambda r, s: {"bias": r.standard_normal((1, 1))}),
+    TileCase(
+        "bias (2, 1, 1, Lq, Lk) under batch (2, 3)",
+        200,
+        300,
+        ((2, 3), (2, 1), (1, 3)),
+        options=lambda r, s: {"bias": r.standard_normal((2, 1, 1) + s[-2:])},
+    ),
+    TileCase(
+        "bias (3, 1, 1, Lk) with -inf under batch (2, 3), GQA",
+        129,
+        200,
+        ((2, 3), (1, 3), (2, 1)),
+        (4, 2),
+        lambda r, s: {"bias": _with_neg_inf(r.standard_normal((3, 1, 1, s[-1])))},
+    ),
+    TileCase(
+        "mask and empty rows, zero", 200, 300, ((2,),) * 3, options=lambda r, s: _padding(r, s, "zero"), empty=True
+    ),
+    TileCase("mask and empty rows, nan", 300, 200, ((2,),) * 3, options=lambda r, s: _padding(r, s, "nan"), empty=True),
+    TileCase(
+        "mask and empty rows, uniform, dropout",
+        129,
+        300,
+        ((2,),) * 3,
+        options=lambda r, s: {**_padding(r, s, "uniform"), **_dropout(s)},
+        empty=True,
+    ),
+    TileCase("causal top_left, Lq > Lk", 300, 129, options=lambda r, s: {"causal": True, "align": "top_left"}),
+    TileCase(
+        "causal bottom_right, Lq > Lk: empty rows, uniform",
+        300,
+        129,
+        options=lambda r, s: {"causal": True, "align": "bottom_right", "empty_rows": "uniform"},
+        empty=True,
+    ),
+    TileCase(
+        "causal bottom_right, Lq > Lk: empty rows, zero, bias (Lk,)",
+        300,
+        200,
+        options=lambda r, s: {"causal": True, "align": "bottom_right", "bias": r.standard_normal(s[-1])},
+        empty=True,
+    ),
+    TileCase("causal bottom_right, Lq < Lk", 129, 300, options=lambda r, s: {"causal": True, "align": "bottom_right"}),
+    TileCase("window (30, 5) top_left", 200, 300, options=lambda r, s: {"window": (30, 5), "align": "top_left"}),
+    TileCase(
+        "window (30, 5) bottom_right, Lq > Lk: empty rows",
+        300,
+        200,
+        options=lambda r, s: {"window": (30, 5), "align": "bottom_right"},
+        empty=True,
+    ),
+    TileCase(
+        "window (0, 0) top_left, Lq > Lk: empty rows, nan",
+        300,
+        129,
+        options=lambda r, s: {"window": (0, 0), "align": "top_left", "empty_rows": "nan"},
+        empty=True,
+    ),
+    TileCase(
+        "window (None, 10), causal, softcap",
+        200,
+        257,
+        options=lambda r, s: {"window": (None, 10), "causal": True, "align": "bottom_right", "softcap": 2.0},
+    ),
+    TileCase(
+        "window (200, None), scale",
+        129,
+        300,
+        options=lambda r, s: {"window": (200, None), "align": "top_left", "scale": 0.3},
+    ),
+    TileCase(
+        "window (2**70, sys.maxsize) is no window",
+        200,
+        300,
+        options=lambda r, s: {"window": (2**70, sys.maxsize), "align": "bottom_right"},
+    ),
+    TileCase(
+        "dropout and sinks", 200, 300, heads=(4, 2), options=lambda r, s: {**_dropout(s), "sinks": r.standard_normal(4)}
+    ),
+    TileCase(
+        "sinks keep masked rows non-empty",
+        300,
+        129,
+        ((2,),) * 3,
+        options=lambda r, s: {**_padding(r, s, "nan"), "sinks": np.array([0.5, -np.inf])},
+        empty=True,
+    ),
+    TileCase(
+        "softcap, bias (Lk,), GQA",
+        200,
+        300,
+        heads=(4, 1),
+        options=lambda r, s: {"softcap": 1.5, "bias": r.standard_normal(s[-1])},
+    ),
+    TileCase(
+        "batch 0",
+        129,
+        300,
+        ((0,), (1,), (1,)),
+        options=lambda r, s: {
+            "bias": r.standard_normal(s[-1]),
+            "sinks": np.zeros(2),
+            "causal": True,
+            "align": "top_left",
+        },
+    ),
+    TileCase(
+        "everything, batch (2, 3)",
+        300,
+        200,
+        ((2, 3), (1, 3), (2, 1)),
+        (4, 2),
+        lambda r, s: {
+            **_padding(r, s, "nan"),
+            **_dropout(s),
+            "bias": _with_neg_inf(r.standard_normal((1, 4, 1, s[-1])), 11),
+            "sinks": _with_neg_inf(r.standard_normal((3, 4)), 5),
+            "softcap": 3.0,
+            "window": (100, 20),
+            "align": "bottom_right",
+        },
+        empty=True,
+    ),
+]
+
+
+def _tile_case(case):
+    """``(q, k, v), options`` of a :class:`TileCase`, drawn from a seed of its name."""
+    rng = np.random.default_rng(zlib.crc32(case.name.encode()))
+    (bq, bk, bv), (hq, hk) = case.batch, case.heads
+    q = rng.standard_normal(bq + (hq, case.lq, 8))
+    k = rng.standard_normal(bk + (hk, case.lk, 8))
+    v = rng.standard_normal(bv + (hk, case.lk, 5))
+    score = np.broadcast_shapes(bq, bk, bv) + (hq, case.lq, case.lk)
+    return (q, k, v), case.options(rng, score)
+
+
+def _kernel_matches_at_tile_sizes(case):
+    """Forward (out, lse) and backward (every gradient, random d_out and d_lse) of the kernel against
+    the NumPy definition, ≤ 1e-12 relative, NaN and ±inf at the same places."""
+    inputs, opts = _tile_case(case)
+    fast = refattn.sdpa(*inputs, return_lse=True, backend="numba", **opts)
+    ref = refattn.sdpa(*inputs, return_lse=True, backend="numpy", **opts)
+    for name, a, b in zip(("out", "lse"), fast, ref):
+        assert a.shape == b.shape, (case.name, name)
+        assert _rel(a, b) <= 1e-12, (case.name, name)
     rng = np.random.default_rng(1)
-    for lq, lk in [(127, 129), (128, 128), (129, 255), (1, 300)]:
-        q, k, v = (
-            rng.standard_normal((1, 2, lq, 8)),
-            rng.standard_normal((1, 1, lk, 8)),
-            rng.standard_normal((1, 1, lk, 4)),
+    d_out, d_lse = rng.standard_normal(ref[0].shape), rng.standard_normal(ref[1].shape)
+    g_fast = refattn.sdpa_backward(d_out, *inputs, d_lse=d_lse, backend="numba", **opts)
+    g_ref = refattn.sdpa_backward(d_out, *inputs, d_lse=d_lse, backend="numpy", **opts)
+    for name, a, b in zip(g_ref._fields, g_fast, g_ref):
+        assert (a is None) == (b is None), (case.name, name)
+        if a is not None:
+            assert a.shape == b.shape, (case.name, name)
+            assert _rel(a, b) <= 1e-12, (case.name, name)
+
+
+@needs_numba
+@pytest.mark.parametrize("case", TILE_CASES, ids=[c.name for c in TILE_CASES])
+def test_kernel_equals_numpy_definition_across_tiles(case):
+    _kernel_matches_at_tile_sizes(case)
+
+
+def test_tile_cases_cross_tiles_and_have_the_empty_rows_they_claim():
+    for case in TILE_CASES:
+        assert max(case.lq, case.lk) > 128, case.name
+        inputs, opts = _tile_case(case)
+        lse = refattn.sdpa(*inputs, return_lse=True, backend="numpy", **opts)[1]
+        assert bool(np.isneginf(lse).any()) == case.empty, case.name
+
+
+def _first_row_ranges(real):
+    """Mutant: each query block's key range is its first row's, so the block's later rows lose keys."""
+    return lambda lq, lk, causal, window, offset, block: np.ascontiguousarray(
+        real(lq, lk, causal, window, offset, 1)[::block]
+    )
+
+
+def _partial_tile_dropped(real):
+    """Mutant: a key range longer than one tile loses its last, partial tile."""
+
+    def ranges(lq, lk, causal, window, offset, block):
+        r = real(lq, lk, causal, window, offset, block)
+        lo, hi = r[:, 0], r[:, 1]
+        cut = (hi - lo > block) & ((hi - lo) % block > 0)
+        return np.stack([lo, np.where(cut, hi - (hi - lo) % block, hi)], axis=1)
+
+    return ranges
+
+
+@needs_numba
+@pytest.mark.parametrize("mutant", [_first_row_ranges, _partial_tile_dropped], ids=lambda m: m.__name__)
+def test_tile_test_catches_a_wrong_key_range(mutant, monkeypatch):
+    """The key tiles each query block visits come from ``kernels.key_ranges``: both mutants of it are
+    caught by the multi-tile comparison (and the real ranges are the tightest that lose no key)."""
+    monkeypatch.setattr(kernels, "key_ranges", mutant(kernels.key_ranges))
+    assert_catches(st.sampled_from(TILE_CASES), _kernel_matches_at_tile_sizes)
+
+
+def test_key_ranges_are_the_keys_the_band_allows():
+    rng = np.random.default_rng(8)
+    for _ in range(200):
+        lq, lk, block = (int(x) for x in rng.integers(1, 40, size=3))
+        causal = bool(rng.integers(2))
+        window = tuple(None if rng.integers(3) == 0 else int(rng.integers(0, 50)) for _ in range(2))
+        offset = int(rng.choice([0, lk - lq]))
+        band = refattn.masks.causal_window_band(lq, lk, causal, window, offset)
+        band = np.ones((lq, lk), dtype=bool) if band is None else band
+        for b, (lo, hi) in enumerate(kernels.key_ranges(lq, lk, causal, window, offset, block)):
+            keys = np.flatnonzero(band[b * block : (b + 1) * block].any(axis=0))
+            expected = (int(keys[0]), int(keys[-1]) + 1) if keys.size else (lo, lo)
+            assert (int(lo), int(hi)) == expected, (lq, lk, block, causal, window, offset, b)
+
+
+@needs_numba
+def test_kernel_backward_takes_several_batch_dims_and_empty_batches():
+    """Regression: the kernel backward raised a raw ValueError for q (2, 3, 1, 4, 8) and for batch 0."""
+    rng = np.random.default_rng(9)
+    for q_shape, kv_batch in (((2, 3, 1, 4, 8), (3,)), ((0, 1, 4, 8), (1,))):
+        q = rng.standard_normal(q_shape)
+        k, v = rng.standard_normal(kv_batch + (1, 6, 8)), rng.standard_normal(kv_batch + (1, 6, 3))
+        d_out = rng.standard_normal(q_shape[:-1] + (3,))
+        g_fast = refattn.sdpa_backward(d_out, q, k, v, backend="numba")
+        g_ref = refattn.sdpa_backward(d_out, q, k, v, backend="numpy")
+        for name, a, b in zip(("dq", "dk", "dv"), g_fast[:3], g_ref[:3]):
+            assert a.shape == b.shape, (q_shape, name)
+            assert _rel(a, b) <= 1e-12, (q_shape, name)
+
+
+@needs_numba
+def test_huge_window_sides_equal_unbounded_ones_on_both_backends():
+    """Regression: window=(0, sys.maxsize) gave zeros on the kernel (int64 overflow), (0, 2**63) an
+    OverflowError.  Sides are clipped to Lq + Lk at validation: any int >= 0 is accepted."""
+    rng = np.random.default_rng(10)
+    q, k, v = rng.standard_normal((1, 2, 5, 8)), rng.standard_normal((1, 2, 7, 8)), rng.standard_normal((1, 2, 7, 3))
+    d_out = rng.standard_normal((1, 2, 5, 3))
+    for huge, same in (
+        ((0, sys.maxsize), (0, None)),
+        ((0, 2**63), (0, None)),
+        ((2**70, 1), (None, 1)),
+        ((2**64, 2**64), None),
+    ):
+        for backend in ("numpy", "numba"):
+            opts = {"align": "bottom_right", "backend": backend, "return_lse": True}
+            for a, b in zip(refattn.sdpa(q, k, v, window=huge, **opts), refattn.sdpa(q, k, v, window=same, **opts)):
+                assert np.array_equal(a, b), (huge, backend)
+            del opts["return_lse"]
+            g = refattn.sdpa_backward(d_out, q, k, v, window=huge, **opts)
+            g_same = refattn.sdpa_backward(d_out, q, k, v, window=same, **opts)
+            for name, a, b in zip(("dq", "dk", "dv"), g[:3], g_same[:3]):
+                assert np.array_equal(a, b), (huge, backend, name)
+
+
+@needs_numba
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+def test_overflowing_logits_raise_on_both_backends(backend):
+    """Regression: finite q, k whose logits overflow float64 gave zeros and lse -inf on the kernel
+    (posing as empty rows) and NaN on NumPy; both now raise, forward and backward."""
+    huge = np.full((1, 1, 3, 4), 1e200)
+    cancel = huge * np.array([1.0, 1.0, 1.0, -1.0])  # products ±inf: q·k is inf − inf
+    near = np.full((1, 1, 3, 4), 4e153)  # q·k = 6.4e307: finite, above the limit 2**1022 = 4.5e307
+    for q, k in ((huge, huge), (huge, cancel), (near, near)):
+        v = np.ones((1, 1, 3, 2))
+        with pytest.raises(refattn.RefAttnError, match=r"q, k, scale: the logits .* overflow float64"):
+            refattn.sdpa(q, k, v, backend=backend)
+        with pytest.raises(refattn.RefAttnError, match=r"q, k, scale: the logits .* overflow float64"):
+            refattn.sdpa_backward(np.ones((1, 1, 3, 2)), q, k, v, backend=backend)
+    with pytest.raises(refattn.RefAttnError, match=r"bias: expected entries <= 2\*\*1022"):
+        refattn.sdpa(
+            np.ones((1, 3, 4)), np.ones((1, 3, 4)), np.ones((1, 3, 2)), bias=np.full(3, 1e308), backend=backend
         )
-        bias = rng.standard_normal((lq, lk))
-        for opts in (
-            {},
-            {"bias": bias},
-            {"causal": True, "align": "bottom_right", "bias": bias},
-            {"window": (30, 5), "align": "top_left"},
-        ):
-            fast = refattn.sdpa(q, k, v, backend="numba", return_lse=True, **opts)
-            ref = refattn.sdpa(q, k, v, backend="numpy", return_lse=True, **opts)
-            for a, b in zip(fast, ref):
-                assert _rel(a, b) <= 1e-12, (lq, lk, opts)
+
+
+@needs_numba
+def test_large_entries_that_do_not_overflow_are_accepted():
+    """``D · max|q| · max|k|`` overflows here, but every Σ_d |q_id k_jd| is small: the exact check passes
+    and both backends agree."""
+    rng = np.random.default_rng(12)
+    q, k, v = (
+        rng.standard_normal((1, 2, 130, 8)),
+        rng.standard_normal((1, 2, 140, 8)),
+        rng.standard_normal((1, 2, 140, 3)),
+    )
+    q[..., 0], k[..., 1] = 0.0, 0.0
+    q[0, 1, 7, 1], k[0, 1, 9, 0] = 1e160, 1e160  # never multiplied together
+    fast = refattn.sdpa(q, k, v, backend="numba", return_lse=True)
+    ref = refattn.sdpa(q, k, v, backend="numpy", return_lse=True)
+    for a, b in zip(fast, ref):
+        assert np.isfinite(b).all()
+        assert _rel(a, b) <= 1e-12
+
+
+def _peak_mib(fn):
+    """Peak traced allocation of ``fn()`` in MiB (tracemalloc sees every NumPy array; the kernels'
+    per-task tiles, from numba's allocator, are O(tile) and not counted)."""
+    tracemalloc.start()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1] / 2**20
+    finally:
+        tracemalloc.stop()
+
+
+@needs_numba
+def test_kernel_memory_with_a_broadcast_bias_is_that_of_no_bias():
+    """Regression: the kernel backward allocated dbias at the score shape (N, Hq, Lq, Lk) and summed
+    it, 16 MiB here for a (Lk,) bias.  Now dbias is reduced inside the kernels into the bias' own
+    shape: a broadcast bias costs its own size, not one Lq × Lk array (8 MiB).  Per-score views over
+    a broadcast batch are not copied either (a (3, 1, Lq, Lk) bias under batch (2, 3) was)."""
+    rng = np.random.default_rng(13)
+    lq = lk = 1024
+    q, k, v = (rng.standard_normal((2, 2, n, 8)) for n in (lq, lk, lk))
+    d_out = rng.standard_normal(q.shape)
+    score_mib = lq * lk * 8 / 2**20
+    refattn.sdpa_backward(d_out[..., :4, :], q[..., :4, :], k, v, backend="numba")  # compiled or loaded first
+    fwd_none = _peak_mib(lambda: refattn.sdpa(q, k, v, backend="numba"))
+    bwd_none = _peak_mib(lambda: refattn.sdpa_backward(d_out, q, k, v, backend="numba"))
+    for bias in (rng.standard_normal(lk), rng.standard_normal((lq, 1)), rng.standard_normal((2, 1, 1))):
+        fwd = _peak_mib(lambda b=bias: refattn.sdpa(q, k, v, bias=b, backend="numba"))
+        bwd = _peak_mib(lambda b=bias: refattn.sdpa_backward(d_out, q, k, v, bias=b, backend="numba"))
+        assert fwd - fwd_none <= score_mib / 8, bias.shape
+        assert bwd - bwd_none <= score_mib / 8, bias.shape
+    q, k, v, d_out = (x[:1, None, :1, :512].repeat(2, axis=0).repeat(3, axis=1) for x in (q, k, v, d_out))
+    bias = rng.standard_normal((3, 1, 512, 512))  # 6 MiB; copied per score batch element: 12 MiB more
+    fwd_none = _peak_mib(lambda: refattn.sdpa(q, k, v, backend="numba"))
+    bwd_none = _peak_mib(lambda: refattn.sdpa_backward(d_out, q, k, v, backend="numba"))
+    fwd = _peak_mib(lambda: refattn.sdpa(q, k, v, bias=bias, backend="numba"))
+    bwd = _peak_mib(lambda: refattn.sdpa_backward(d_out, q, k, v, bias=bias, backend="numba"))
+    bias_mib = bias.nbytes / 2**20
+    assert fwd - fwd_none <= 1.5 * bias_mib  # the validated copy and its finiteness check
+    assert bwd - bwd_none <= 2.5 * bias_mib  # and dbias
 
 
 _DETERMINISM = """
@@ -76,11 +442,14 @@ k, v = rng.standard_normal((2, 2, 300, 16)), rng.standard_normal((2, 2, 300, 8))
 opts = dict(causal=True, align="bottom_right", softcap=3.0, sinks=np.zeros(4), bias=rng.standard_normal((200, 300)))
 out, lse = refattn.sdpa(q, k, v, return_lse=True, backend="numba", **opts)
 g = refattn.sdpa_backward(rng.standard_normal(out.shape), q, k, v, backend="numba", **opts)
+biased = []  # dbias reduced into broadcast shapes: by the dQ kernel, by the dK/dV kernel, in slots
+for bias in (rng.standard_normal(300), rng.standard_normal((200, 1)), rng.standard_normal((4, 1, 1))):
+    biased += refattn.sdpa_backward(rng.standard_normal(out.shape), q, k, v, bias=bias, backend="numba")[:4]
 h = hashlib.sha256()
 maps = [refattn.softmax(rng.standard_normal((3, 4, 64, 64))).astype(np.float32) for _ in range(5)]
 r = refattn.rollout(maps, backend="numba")
 r0 = refattn.rollout(maps, rows=[0, 5], backend="numba")
-for a in (out, lse) + tuple(g) + (r, r0):
+for a in (out, lse) + tuple(g) + tuple(biased) + (r, r0):
     h.update(np.ascontiguousarray(a).tobytes())
 print(h.hexdigest())
 """
@@ -244,6 +613,7 @@ def test_entropy_kernel_equals_numpy_definition():
     rng = np.random.default_rng(4)
     p = refattn.softmax(3 * rng.standard_normal((2, 3, 50, 50)))
     p[0, 0, 0, :10] = 0.0  # 0 log 0 = 0
+    p[0, 0, 0] /= p[0, 0, 0].sum()  # still a probability row
     for maps in (p, p.astype(np.float32), p[:, :, ::2]):
         for normalize in (False, True):
             fast = refattn.metrics.entropy(maps, normalize=normalize, backend="numba")

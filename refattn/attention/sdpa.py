@@ -176,6 +176,7 @@ def validate(
     if causal or window != (None, None):
         what = " and ".join(w for w, on in (("causal", causal), ("window", window != (None, None))) if on)
         offset = _masks.alignment_offset(lq, lk, align, what=what)
+    window = _masks.clip_window(window, lq, lk)
 
     if bias is not None:
         bias = as_float(bias, "bias", allow_neg_inf=True)
@@ -183,6 +184,7 @@ def validate(
     if sinks is not None:
         sinks = as_float(sinks, "sinks", allow_neg_inf=True)
         check_broadcast_to(sinks, tuple(batch) + (hq,), "sinks", "(..., Hq)")
+    check_logits(q, k, scale, bias, (qn, kn))
 
     p = as_real(dropout_p, "dropout_p", allow_none=False)
     if not 0.0 <= p < 1.0:
@@ -200,6 +202,54 @@ def validate(
     return Args(
         q, k, v, scale, softcap, bias, user_mask, causal, window, offset, sinks, keep_scale, empty_rows, score_shape
     )
+
+
+LOGIT_LIMIT = 2.0**1022  # bound on Σ_d |q_d k_d| and on bias: a sum of two such terms, rounded, stays finite
+_CHECK_ROWS = 256  # query rows per product in the exact overflow check
+
+
+def _max_abs(x):
+    return max(float(np.max(x, initial=0.0)), -float(np.min(x, initial=0.0)))
+
+
+def max_abs_dot(q, k):
+    """``max_ij Σ_d |q_id| |k_jd|`` over every query row i and key j of its kv head, ``q (..., Hq, Lq, D)``
+    and ``k (..., Hk, Lk, D)``; a block of rows at a time (O(rows · Lk) memory), ``inf`` on overflow."""
+    batch = np.broadcast_shapes(q.shape[:-3], k.shape[:-3])
+    hk, lk, d = k.shape[-3:]
+    rows = q.shape[-3] // hk * q.shape[-2]  # the query rows of each kv head's group
+    qa = np.abs(np.broadcast_to(q, batch + q.shape[-3:])).reshape(-1, hk, rows, d)  # (N, Hk, g·Lq, D)
+    ka = np.abs(np.broadcast_to(k, batch + k.shape[-3:])).reshape(-1, hk, lk, d)  # (N, Hk, Lk, D)
+    best = 0.0
+    with np.errstate(over="ignore"):
+        for n, h in np.ndindex(qa.shape[:2]):
+            for i0 in range(0, rows, _CHECK_ROWS):
+                best = max(best, float(np.max(qa[n, h, i0 : i0 + _CHECK_ROWS] @ ka[n, h].T)))
+    return best
+
+
+def check_logits(q, k, scale, bias, names=("q", "k")):
+    """RefAttnError unless every logit fits float64 whatever the summation order: ``max(1, |scale|) ·
+    Σ_d |q_id| |k_jd| <= LOGIT_LIMIT`` for every pair (the product q·kᵀ is formed before it is
+    scaled, so it must fit too) and ``bias <= LOGIT_LIMIT``.  Cheap first: ``D · max|q| · max|k|``
+    bounds every sum, and only when that bound exceeds the limit are the sums formed (blockwise)."""
+    growth = max(1.0, abs(scale))
+    mq, mk = _max_abs(q), _max_abs(k)
+    with np.errstate(over="ignore", invalid="ignore"):
+        bound = q.shape[-1] * mq * mk * growth  # inf or NaN (0 · inf) when it overflows
+    if not bound <= LOGIT_LIMIT:
+        bound = max_abs_dot(q, k) * growth
+    if not bound <= LOGIT_LIMIT:
+        qn, kn = names
+        raise RefAttnError(
+            f"{qn}, {kn}, scale: the logits scale · {qn} {kn}ᵀ overflow float64 (max_ij Σ_d |{qn}_id {kn}_jd| · "
+            f"max(1, |scale|) = {bound:.3g} > 2**1022; max |{qn}| = {mq:.3g}, max |{kn}| = {mk:.3g}, "
+            f"scale = {scale:.3g}); rescale {qn} or {kn}"
+        )
+    if bias is not None and np.max(bias, initial=-np.inf) > LOGIT_LIMIT:
+        raise RefAttnError(
+            f"bias: expected entries <= 2**1022 (larger logits overflow float64), got max {np.max(bias):.3g}"
+        )
 
 
 def expand_kv(x, groups):

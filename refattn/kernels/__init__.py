@@ -18,6 +18,7 @@ from refattn._validate import RefAttnError, as_choice, unbroadcast
 __all__ = [
     "BACKENDS",
     "AUTO_MIN_SCORES",
+    "key_ranges",
     "numba_available",
     "resolve_backend",
     "rollout_fuse_mean",
@@ -52,16 +53,19 @@ def _sdpa_signatures(t):
     in3 = t.Array(f8, 3, "C", readonly=True)
     out4 = t.Array(f8, 4, "C")  # outputs
     out3 = t.Array(f8, 3, "C")
+    dbias = t.Array(f8, 5, "C")
     ro4 = t.Array(f8, 4, "A", readonly=True)  # per-score views, any strides (broadcast)
     rob4 = t.Array(b1, 4, "A", readonly=True)
     ro2 = t.Array(f8, 2, "A", readonly=True)
+    idx2, idx1 = t.Array(i8, 2, "C"), t.Array(i8, 1, "C")
+    per_score = (ro4, b1, rob4, b1, ro4, b1, idx2)  # bias, has_bias, mask, has_mask, keep, has_keep, maps
     geometry = (f8, f8, b1, i8, i8, i8, i8)  # scale, softcap, causal, left, right, offset, empty policy
-    per_score = (ro4, b1, rob4, b1, ro4, b1)  # bias, has_bias, mask, has_mask, keep, has_keep
+    tasks = (idx2, idx2, idx1)  # key ranges per query block, (n, head) pairs, group starts
     grads_in = (in3, in4, in3, in3)  # lse, d_out, delta, d_lse
     return {
-        "forward": [(in4, in4, in4) + per_score + (ro2,) + geometry + (out4, out3)],
-        "backward_dq": [(in4, in4, in4) + per_score + geometry + grads_in + (out4, out4, b1)],
-        "backward_dkv": [(in4, in4, in4) + per_score + geometry + grads_in + (out4, out4)],
+        "forward": [(in4, in4, in4) + per_score + (ro2,) + geometry + (idx2, out4, out3)],
+        "backward_dq": [(in4, in4, in4) + per_score + geometry + tasks + grads_in + (out4, dbias, b1)],
+        "backward_dkv": [(in4, in4, in4) + per_score + geometry + tasks + grads_in + (out4, out4, dbias, b1)],
     }
 
 
@@ -172,12 +176,53 @@ def _flat(x, batch, n):
     return np.ascontiguousarray(np.broadcast_to(x, batch + x.shape[-3:])).reshape((n,) + x.shape[-3:])
 
 
-def _per_score(x, score_shape, n, dtype):
-    """A (N, Hq, Lq, Lk) read-only view of a broadcastable per-score array (a dummy when absent)."""
+def _aligned(x, ndim):
+    """``x`` with leading axes of length 1 up to ``ndim`` axes (a view)."""
+    return x.reshape((1,) * (ndim - x.ndim) + x.shape)
+
+
+def _own_batch(shape, batch):
+    """int64 ``(N,)``: for each element of the flattened ``batch``, the flat index of the element that
+    an array with (aligned, broadcastable) batch shape ``shape`` gives it."""
+    own = np.arange(math.prod(shape), dtype=np.int64).reshape(shape)
+    return np.ascontiguousarray(np.broadcast_to(own, batch)).reshape(-1)
+
+
+def _per_score(x, score_shape, dtype):
+    """A broadcastable per-score array as the kernels read it: a read-only view ``(Nx, Hq, Lq, Lk)``
+    over its own ``Nx`` batch elements (zero strides where it broadcasts: nothing of the score shape
+    is allocated), whether it is given, and its batch map ``(N,)`` (a dummy and zeros when absent)."""
+    batch = score_shape[:-3]
     if x is None:
-        return np.broadcast_to(np.zeros(1, dtype=dtype), (1, 1, 1, 1)), False
-    view = np.broadcast_to(np.asarray(x, dtype=dtype), score_shape)
-    return view.reshape((n,) + score_shape[-3:]), True
+        return np.broadcast_to(np.zeros(1, dtype=dtype), (1, 1, 1, 1)), False, np.zeros(math.prod(batch), np.int64)
+    x = _aligned(np.asarray(x, dtype=dtype), len(score_shape))
+    own = x.shape[:-3]
+    view = np.broadcast_to(x.reshape((math.prod(own),) + x.shape[-3:]), (math.prod(own),) + score_shape[-3:])
+    return view, True, _own_batch(own, batch)
+
+
+def key_ranges(lq, lk, causal, window, offset, block):
+    """int64 ``(⌈lq / block⌉, 2)``: for each block of ``block`` query rows, the keys ``[lo, hi)`` that
+    causal/window let some row of the block attend (every other key tile is skipped); ``window``
+    sides are ints (clipped by validation) or None."""
+    left, right = window
+    if causal:
+        right = 0 if right is None else min(right, 0)
+    i0 = np.arange(0, lq, block, dtype=np.int64)  # first rows
+    i1 = np.minimum(i0 + block, lq)  # one past the last rows
+    lo = np.zeros_like(i0) if left is None else np.clip(i0 + offset - left, 0, lk)  # first row's first key
+    hi = np.full_like(i0, lk) if right is None else np.clip(i1 + offset + right, 0, lk)  # last row's last + 1
+    return np.stack([lo, np.maximum(lo, hi)], axis=1)
+
+
+def _task_groups(key, heads):
+    """``(pairs (M, 2), starts (G + 1,))``: the ``M`` (n, head) pairs of flat index ``n·heads + head``,
+    sorted by ``key (M,)`` (stable: in index order within a group), and where each group of equal keys
+    starts; a task owns a group, so pairs that write the same dbias entries share one task."""
+    order = np.argsort(key, kind="stable")
+    _, first = np.unique(key[order], return_index=True)
+    pairs = np.stack(np.divmod(order, heads), axis=1).astype(np.int64)
+    return pairs, np.append(first, key.size).astype(np.int64)
 
 
 class _Flat:
@@ -190,9 +235,10 @@ class _Flat:
         self.q = _flat(a.q, self.batch, self.n)
         self.k = _flat(a.k, self.batch, self.n)
         self.v = _flat(a.v, self.batch, self.n)
-        self.bias, self.has_bias = _per_score(a.bias, a.score_shape, self.n, np.float64)
-        self.mask, self.has_mask = _per_score(a.user_mask, a.score_shape, self.n, bool)  # causal/window: on the fly
-        self.keep, self.has_keep = _per_score(a.keep_scale, a.score_shape, self.n, np.float64)
+        self.bias, self.has_bias, bias_map = _per_score(a.bias, a.score_shape, np.float64)
+        self.mask, self.has_mask, mask_map = _per_score(a.user_mask, a.score_shape, bool)  # causal/window: on the fly
+        self.keep, self.has_keep, keep_map = _per_score(a.keep_scale, a.score_shape, np.float64)
+        self.maps = np.stack([bias_map, mask_map, keep_map])  # (3, N)
         hq, lq, lk = a.score_shape[-3:]
         sink = np.full(self.batch + (hq,), -np.inf) if a.sinks is None else np.broadcast_to(a.sinks, self.batch + (hq,))
         self.sink = np.asarray(sink, dtype=np.float64).reshape(self.n, hq)
@@ -208,54 +254,111 @@ class _Flat:
         )
 
     def per_score(self):
-        return (self.bias, self.has_bias, self.mask, self.has_mask, self.keep, self.has_keep)
+        return (self.bias, self.has_bias, self.mask, self.has_mask, self.keep, self.has_keep, self.maps)
+
+    def key_ranges(self, every_key=False):
+        """The key range of each query block (``key_ranges``); ``every_key``: all of ``[0, Lk)``."""
+        from refattn.kernels.sdpa_kernels import BLOCK_Q
+
+        lq, lk = self.a.score_shape[-2:]
+        if every_key:
+            return np.tile(np.array([0, lk], dtype=np.int64), (-(-lq // BLOCK_Q), 1))
+        return key_ranges(lq, lk, self.a.causal, self.a.window, self.a.offset, BLOCK_Q)
 
 
 def sdpa_forward(a):
     """``(out, lse)`` of sdpa on validated arguments ``a``, by the forward kernel."""
+    kern = _kernels()  # before the limit: loading the kernels loads the BLAS they call
     f = _Flat(a)
     hq, lq = a.score_shape[-3:-1]
     out = np.zeros((f.n, hq, lq, a.v.shape[-1]))
     lse = np.zeros((f.n, hq, lq))
-    kern = _kernels()  # before the limit: loading the kernels loads the BLAS they call
     with _one_blas_thread():
-        kern["forward"](f.q, f.k, f.v, *f.per_score(), f.sink, *f.geometry, out, lse)
+        kern["forward"](f.q, f.k, f.v, *f.per_score(), f.sink, *f.geometry, f.key_ranges(), out, lse)
     return out.reshape(a.score_shape[:-1] + (a.v.shape[-1],)), lse.reshape(a.score_shape[:-1])
+
+
+class _BiasGrad:
+    """Where the backward kernels add dbias, and their task groups.
+
+    ``acc (P, Nb, Hb, Lqb, Lkb)`` is the bias' own shape (aligned to the scores, batch flattened to
+    ``Nb``) times ``P`` slots.  A bias with its own query rows is reduced by the dQ kernel (``rows``:
+    its tasks own query blocks, ``P = 1``); one without (``Lqb = 1 < Lq``) by the dK/dV kernel
+    (``keys``: its tasks own key blocks; with ``Lkb = 1`` too every block adds into the same entries,
+    so each block gets a slot, ``P`` = the number of key blocks, summed here in a fixed order).  The
+    pairs that add into the same entries form one task group: one writer per entry, one order."""
+
+    def __init__(self, f):
+        from refattn.kernels.sdpa_kernels import BLOCK_K
+
+        a = f.a
+        hq, lq, lk = a.score_shape[-3:]
+        hk = a.k.shape[-3]
+        dq_key, dkv_key = np.arange(f.n * hq), np.arange(f.n * hk)  # one pair per group
+        self.rows = self.keys = False
+        self.acc = None
+        if a.bias is not None:
+            shape = _aligned(a.bias, len(a.score_shape)).shape
+            hb, lqb, lkb = shape[-3:]
+            self.rows, self.keys = lqb == lq, lqb != lq
+            slots = -(-lk // BLOCK_K) if self.keys and lkb == 1 else 1
+            self.acc = np.zeros((slots, math.prod(shape[:-3]), hb, lqb, lkb))
+            own = f.maps[0]  # (N,) the bias batch element of each score batch element
+            if self.rows:  # pair (n, h) adds into acc[0, own[n], h or 0]
+                n, h = np.divmod(dq_key, hq)
+                dq_key = own[n] * hb + (h if hb > 1 else 0)
+            else:  # pair (n, kv head) adds into acc[:, own[n], its group's query heads or 0]
+                n, kvh = np.divmod(dkv_key, hk)
+                dkv_key = own[n] * hb + (kvh * (hq // hk) if hb > 1 else 0)
+        self.dq_groups, self.dkv_groups = _task_groups(dq_key, hq), _task_groups(dkv_key, hk)
+
+    def dq_args(self):
+        """``(pairs, starts, dbias, want_dbias)`` of the dQ kernel (a placeholder when it adds none)."""
+        return (*self.dq_groups, self.acc if self.rows else np.zeros((1,) * 5), self.rows)
+
+    def dkv_args(self):
+        """``(pairs, starts, dbias, want_dbias)`` of the dK/dV kernel."""
+        return (*self.dkv_groups, self.acc if self.keys else np.zeros((1,) * 5), self.keys)
+
+    def dbias(self, bias_shape):
+        """dbias in the bias' own shape (slots summed in order)."""
+        return (self.acc[0] if self.acc.shape[0] == 1 else self.acc.sum(axis=0)).reshape(bias_shape)
 
 
 def sdpa_backward(a, d_out, d_lse, saved=None):
     """``(dq, dk, dv, dbias, dsinks)`` by the backward kernels (P recomputed from lse); ``saved``:
-    the forward's ``(out, lse)``, recomputed when None."""
+    the forward's ``(out, lse)``, recomputed when None.  Extra memory O(N·H·L·D) plus dbias in the
+    bias' own shape: dbias is reduced inside the kernels, never materialised at the score shape."""
+    kern = _kernels()
     f = _Flat(a)
     hq, lq = a.score_shape[-3:-1]
+    dv_dim = a.v.shape[-1]
     out, lse = sdpa_forward(a) if saved is None else saved
-    out = out.reshape(f.n, hq, lq, -1)
+    out = out.reshape(f.n, hq, lq, dv_dim)
     lse = lse.reshape(f.n, hq, lq)
-    d_o = np.ascontiguousarray(np.broadcast_to(d_out, out.shape))
+    d_o = np.ascontiguousarray(np.reshape(d_out, out.shape))
     empty = np.isneginf(lse)
     dl = np.zeros(lse.shape) if d_lse is None else np.where(empty, 0.0, np.reshape(d_lse, lse.shape))
     delta = np.einsum("nhie,nhie->nhi", d_o, out)  # Δ = rowsum(dO ∘ O)
-    kern = _kernels()
-    dq = np.zeros(f.q.shape)
-    dbias_full = np.zeros((f.n,) + a.score_shape[-3:]) if a.bias is not None else np.zeros((1, 1, 1, 1))
-    dk, dv = np.zeros(f.k.shape), np.zeros(f.v.shape)
+    ranges = f.key_ranges(every_key=a.empty_rows != "zero")  # NaN / uniform rows reach every key
+    g = _BiasGrad(f)
+    dq, dk, dv = np.zeros(f.q.shape), np.zeros(f.k.shape), np.zeros(f.v.shape)
+    common = (f.q, f.k, f.v, *f.per_score(), *f.geometry, ranges)
+    grads = (lse, d_o, delta, dl)
     with _one_blas_thread():
-        kern["backward_dq"](
-            f.q, f.k, f.v, *f.per_score(), *f.geometry, lse, d_o, delta, dl, dq, dbias_full, a.bias is not None
-        )
-        kern["backward_dkv"](f.q, f.k, f.v, *f.per_score(), *f.geometry, lse, d_o, delta, dl, dk, dv)
+        pairs, starts, dbias, want = g.dq_args()
+        kern["backward_dq"](*common, pairs, starts, *grads, dq, dbias, want)
+        pairs, starts, dbias, want = g.dkv_args()
+        kern["backward_dkv"](*common, pairs, starts, *grads, dk, dv, dbias, want)
     dsinks = None
     if a.sinks is not None:
         p_sink = np.where(empty, 0.0, np.exp(f.sink[..., None] - np.where(empty, 0.0, lse)))
         dsinks = unbroadcast((p_sink * (dl - delta)).sum(axis=-1).reshape(f.batch + (hq,)), a.sinks.shape)
-    dbias = None
-    if a.bias is not None:
-        dbias = unbroadcast(dbias_full.reshape(a.score_shape), a.bias.shape)
     shape = f.batch
     return (
         unbroadcast(dq.reshape(shape + f.q.shape[1:]), a.q.shape),
         unbroadcast(dk.reshape(shape + f.k.shape[1:]), a.k.shape),
         unbroadcast(dv.reshape(shape + f.v.shape[1:]), a.v.shape),
-        dbias,
+        None if a.bias is None else g.dbias(a.bias.shape),
         dsinks,
     )

@@ -1,16 +1,22 @@
 """Numba kernels for tiled (online-softmax) SDPA: forward and backward.
 
 The NumPy twin that defines the math is :mod:`refattn.attention.tiled` (``sdpa_online`` and
-``sdpa_online_backward``); ``refattn.attention.sdpa`` defines the values.  Layout: every array is
-flattened to ``(N, H, L, E)`` with ``N`` the broadcast batch; per-score options (bias, mask, dropout
-keep-scale) are 4-D views ``(N, Hq, Lq, Lk)``, possibly with zero strides (broadcast), never
-materialised.  Only ``BLOCK_Q × BLOCK_K`` tiles are allocated, per task.
+``sdpa_online_backward``); ``refattn.attention.sdpa`` defines the values.  Layout: q, k, v and the
+outputs are flattened to ``(N, H, L, E)`` with ``N`` the broadcast batch; per-score options (bias,
+mask, dropout keep-scale) are never materialised: each is a 4-D view ``(Nx, Hq, Lq, Lk)`` over its
+own ``Nx`` batch elements, zero strides where it broadcasts, and ``maps[0|1|2, n]`` is the element
+that score batch ``n`` reads (bias, mask, keep).  Only ``BLOCK_Q × BLOCK_K`` tiles are allocated,
+per task.  Which keys a query block visits comes from the caller (``ranges[query block] = [lo, hi)``,
+``refattn.kernels.key_ranges``).
 
 Tile products go to BLAS (``np.dot``), one BLAS thread per task (the caller limits BLAS with
 threadpoolctl: a multithreaded BLAS inside the parallel loop runs 2.6–4.5× slower).
 Parallelism without races, so results are bitwise identical for any thread count:
-forward and dQ tasks own (n, h, query block); dK/dV tasks own (n, kv head, key block) and loop
-over their query heads and blocks in a fixed order.
+forward tasks own (n, h, query block); the backward's tasks own (group of (n, head) pairs, block):
+dQ tasks a query block, dK/dV tasks a key block, looping over their pairs, query heads and blocks in
+a fixed order.  A group is one pair unless ``dbias`` is reduced into a broadcast bias: then a group
+holds every pair that adds into the same ``dbias`` entries, so each entry has one writer and one
+summation order.
 """
 
 import math
@@ -36,21 +42,6 @@ def _allowed(i, j, causal, left, right, off):
     if left >= 0 and d < -left:
         return False
     return True
-
-
-@nb.njit(inline="always", cache=True)
-def _key_range(i0, i1, lk, causal, left, right, off):
-    """Keys that any row in [i0, i1) may attend under causal/window: [lo, hi)."""
-    hi = lk
-    upper = right if right >= 0 else -1
-    if causal and (upper < 0 or upper > 0):
-        upper = 0
-    if causal or right >= 0:
-        hi = min(lk, i1 - 1 + off + upper + 1)
-    lo = 0
-    if left >= 0:
-        lo = max(0, i0 + off - left)
-    return lo, max(lo, hi)
 
 
 @nb.njit(inline="always", cache=True)
@@ -83,8 +74,10 @@ def _tile_logits(
     softcap,
     bias,
     has_bias,
+    bn,
     mask,
     has_mask,
+    mn,
     causal,
     left,
     right,
@@ -93,14 +86,15 @@ def _tile_logits(
     s_buf,
 ):
     """Logits ``(bq, bk)`` of rows i0.. and keys j0.. (−inf where disallowed), a view of the task's
-    buffer ``s_buf``; the product by BLAS.  ``tanh_t`` receives tanh(s0/c) when softcap > 0."""
+    buffer ``s_buf``; the product by BLAS.  ``tanh_t`` receives tanh(s0/c) when softcap > 0;
+    ``bn``/``mn``: the bias/mask batch element."""
     s = s_buf[: bq * bk].reshape((bq, bk))
     np.dot(q[n, h][i0 : i0 + bq], k[n, kvh][j0 : j0 + bk].T, s)
     if softcap == 0.0 and not has_mask and _tile_inside(i0, bq, j0, bk, causal, left, right, off):
         for r in range(bq):  # every key allowed: a plain scaled copy the compiler vectorises
             if has_bias:
                 for jj in range(bk):
-                    s[r, jj] = scale * s[r, jj] + bias[n, h, i0 + r, j0 + jj]
+                    s[r, jj] = scale * s[r, jj] + bias[bn, h, i0 + r, j0 + jj]
             else:
                 for jj in range(bk):
                     s[r, jj] = scale * s[r, jj]
@@ -115,8 +109,8 @@ def _tile_logits(
                 tanh_t[r, jj] = t
                 x = softcap * t
             if has_bias:
-                x += bias[n, h, i, j]
-            if not _allowed(i, j, causal, left, right, off) or (has_mask and not mask[n, h, i, j]):
+                x += bias[bn, h, i, j]
+            if not _allowed(i, j, causal, left, right, off) or (has_mask and not mask[mn, h, i, j]):
                 x = _NOT_ALLOWED
             s[r, jj] = x
     return s
@@ -163,6 +157,7 @@ def forward(
     has_mask,
     keep,
     has_keep,
+    maps,
     sink,
     scale,
     softcap,
@@ -171,6 +166,7 @@ def forward(
     right,
     off,
     empty_policy,
+    ranges,
     out,
     lse,
 ):
@@ -182,10 +178,12 @@ def forward(
     for task in nb.prange(n_batch * hq * nqb):
         n = task // (hq * nqb)
         h = (task // nqb) % hq
-        i0 = (task % nqb) * BLOCK_Q
+        qb = task % nqb
+        i0 = qb * BLOCK_Q
         i1 = min(i0 + BLOCK_Q, lq)
         bq = i1 - i0
         kvh = h // group
+        bn, mn, kn = maps[0, n], maps[1, n], maps[2, n]
         tanh_t = np.empty((BLOCK_Q, BLOCK_K))
         s_buf = np.empty(BLOCK_Q * BLOCK_K)  # tile buffers, once per task: no allocation per tile
         pv = np.empty((bq, dv))
@@ -195,7 +193,7 @@ def forward(
         for r in range(bq):
             m[r] = sink[n, h]
             l_sum[r] = 1.0 if sink[n, h] > -np.inf else 0.0
-        lo, hi = _key_range(i0, i1, lk, causal, left, right, off)
+        lo, hi = ranges[qb, 0], ranges[qb, 1]
         for j0 in range(lo, hi, BLOCK_K):
             bk = min(j0 + BLOCK_K, hi) - j0
             s = _tile_logits(
@@ -212,8 +210,10 @@ def forward(
                 softcap,
                 bias,
                 has_bias,
+                bn,
                 mask,
                 has_mask,
+                mn,
                 causal,
                 left,
                 right,
@@ -237,7 +237,7 @@ def forward(
                 total = _row_sum(s, r, bk)
                 if has_keep:
                     for jj in range(bk):
-                        s[r, jj] *= keep[n, h, i0 + r, j0 + jj]
+                        s[r, jj] *= keep[kn, h, i0 + r, j0 + jj]
                 l_sum[r] += total
                 m[r] = m_new
             np.dot(s, v[n, kvh][j0 : j0 + bk], pv)
@@ -260,7 +260,7 @@ def forward(
                     for j in range(lk):
                         w = 1.0 / lk
                         if has_keep:
-                            w *= keep[n, h, i, j]
+                            w *= keep[kn, h, i, j]
                         for c in range(dv):
                             out[n, h, i, c] += w * v[n, kvh, j, c]
 
@@ -281,18 +281,42 @@ def _tile_probabilities(s, bq, bk, lse, n, h, i0, lk, empty_policy):
 
 @nb.njit(inline="always", cache=True)
 def _tile_ds(
-    p, dp, keep, has_keep, n, h, i0, bq, j0, bk, delta, dl, lse, empty_policy, softcap, tanh_t, dbias, want_dbias
+    p,
+    dp,
+    keep,
+    has_keep,
+    kn,
+    n,
+    h,
+    i0,
+    bq,
+    j0,
+    bk,
+    delta,
+    dl,
+    lse,
+    empty_policy,
+    softcap,
+    tanh_t,
+    dbias,
+    part,
+    bn,
+    want_dbias,
 ):
-    """ds = P (dP − Δ + dlse) [· (1 − tanh²)] in place of ``dp``; ``dp`` holds dO vᵀ on entry."""
+    """ds = P (dP − Δ + dlse) [· (1 − tanh²)] in place of ``dp``; ``dp`` holds dO vᵀ on entry.
+
+    With ``want_dbias``, the ds before the softcap factor is added into ``dbias[part, bn]``
+    ``(Hb, Lqb, Lkb)``: a head, row or key axis of length 1 takes the sum over it (the broadcast)."""
     plain = not has_keep and not want_dbias and softcap == 0.0
+    hb = h if dbias.shape[2] > 1 else 0
+    i_step = 1 if dbias.shape[3] > 1 else 0
+    j_step = 1 if dbias.shape[4] > 1 else 0
     for r in range(bq):
         i = i0 + r
         d_row, dl_row = delta[n, h, i], dl[n, h, i]
         if lse[n, h, i] == -np.inf and empty_policy == 2:  # the uniform fill does not depend on s
             for jj in range(bk):
                 dp[r, jj] = 0.0
-                if want_dbias:
-                    dbias[n, h, i, j0 + jj] = 0.0
             continue
         if plain:  # no branch in the loop: it vectorises
             for jj in range(bk):
@@ -302,10 +326,10 @@ def _tile_ds(
             j = j0 + jj
             g = dp[r, jj]
             if has_keep:
-                g *= keep[n, h, i, j]
+                g *= keep[kn, h, i, j]
             g = p[r, jj] * ((g - d_row) + dl_row)
             if want_dbias:
-                dbias[n, h, i, j] = g
+                dbias[part, bn, hb, i * i_step, j * j_step] += g
             if softcap > 0.0:
                 g *= 1.0 - tanh_t[r, jj] * tanh_t[r, jj]
             dp[r, jj] = g
@@ -322,6 +346,7 @@ def backward_dq(
     has_mask,
     keep,
     has_keep,
+    maps,
     scale,
     softcap,
     causal,
@@ -329,6 +354,9 @@ def backward_dq(
     right,
     off,
     empty_policy,
+    ranges,
+    pairs,
+    starts,
     lse,
     d_o,
     delta,
@@ -337,126 +365,30 @@ def backward_dq(
     dbias,
     want_dbias,
 ):
-    """dq (N, Hq, Lq, D) and, when asked, the full-size dbias; tasks own (n, h, query block)."""
-    n_batch, hq, lq, d_dim = q.shape
+    """dq (N, Hq, Lq, D) and, when asked, dbias ``(1, Nb, Hb, Lq, Lkb)`` added into; tasks own (group,
+    query block), a group being the (n, h) pairs ``pairs[starts[g]:starts[g + 1]]``."""
+    hq, lq, d_dim = q.shape[1], q.shape[2], q.shape[3]
     hk, lk = k.shape[1], k.shape[2]
     group = hq // hk
     nqb = (lq + BLOCK_Q - 1) // BLOCK_Q
-    for task in nb.prange(n_batch * hq * nqb):
-        n = task // (hq * nqb)
-        h = (task // nqb) % hq
-        i0 = (task % nqb) * BLOCK_Q
+    for task in nb.prange((starts.shape[0] - 1) * nqb):
+        g = task // nqb
+        qb = task % nqb
+        i0 = qb * BLOCK_Q
         i1 = min(i0 + BLOCK_Q, lq)
         bq = i1 - i0
-        kvh = h // group
         tanh_t = np.empty((BLOCK_Q, BLOCK_K))
         s_buf, ds_buf = np.empty(BLOCK_Q * BLOCK_K), np.empty(BLOCK_Q * BLOCK_K)
         dq_part = np.empty((bq, d_dim))
-        dq_blk = np.zeros((bq, d_dim))
-        lo, hi = (0, lk) if empty_policy != 0 else _key_range(i0, i1, lk, causal, left, right, off)
-        for j0 in range(lo, hi, BLOCK_K):
-            bk = min(j0 + BLOCK_K, hi) - j0
-            s = _tile_logits(
-                q,
-                k,
-                n,
-                h,
-                kvh,
-                i0,
-                bq,
-                j0,
-                bk,
-                scale,
-                softcap,
-                bias,
-                has_bias,
-                mask,
-                has_mask,
-                causal,
-                left,
-                right,
-                off,
-                tanh_t,
-                s_buf,
-            )
-            _tile_probabilities(s, bq, bk, lse, n, h, i0, lk, empty_policy)
-            ds = ds_buf[: bq * bk].reshape((bq, bk))
-            np.dot(d_o[n, h][i0:i1], v[n, kvh][j0 : j0 + bk].T, ds)
-            _tile_ds(
-                s,
-                ds,
-                keep,
-                has_keep,
-                n,
-                h,
-                i0,
-                bq,
-                j0,
-                bk,
-                delta,
-                dl,
-                lse,
-                empty_policy,
-                softcap,
-                tanh_t,
-                dbias,
-                want_dbias,
-            )
-            np.dot(ds, k[n, kvh][j0 : j0 + bk], dq_part)
-            dq_blk += dq_part
-        for r in range(bq):
-            for d in range(d_dim):
-                dq[n, h, i0 + r, d] = scale * dq_blk[r, d]
-
-
-@nb.njit(parallel=True, cache=True, fastmath={"contract"})
-def backward_dkv(
-    q,
-    k,
-    v,
-    bias,
-    has_bias,
-    mask,
-    has_mask,
-    keep,
-    has_keep,
-    scale,
-    softcap,
-    causal,
-    left,
-    right,
-    off,
-    empty_policy,
-    lse,
-    d_o,
-    delta,
-    dl,
-    dk,
-    dv_out,
-):
-    """dk (N, Hk, Lk, D), dv (N, Hk, Lk, Dv); tasks own (n, kv head, key block)."""
-    n_batch, hq, lq, d_dim = q.shape
-    hk, lk, dv = k.shape[1], k.shape[2], v.shape[3]
-    group = hq // hk
-    nkb = (lk + BLOCK_K - 1) // BLOCK_K
-    for task in nb.prange(n_batch * hk * nkb):
-        n = task // (hk * nkb)
-        kvh = (task // nkb) % hk
-        j0 = (task % nkb) * BLOCK_K
-        bk = min(j0 + BLOCK_K, lk) - j0
-        tanh_t = np.empty((BLOCK_Q, BLOCK_K))
-        s_buf, ds_buf, pk_buf = np.empty(BLOCK_Q * BLOCK_K), np.empty(BLOCK_Q * BLOCK_K), np.empty(BLOCK_Q * BLOCK_K)
-        dk_part, dv_part = np.empty((bk, d_dim)), np.empty((bk, dv))
-        dummy = np.empty((1, 1, 1, 1))
-        dk_blk = np.zeros((bk, d_dim))
-        dv_blk = np.zeros((bk, dv))
-        for h in range(kvh * group, (kvh + 1) * group):
-            for i0 in range(0, lq, BLOCK_Q):
-                i1 = min(i0 + BLOCK_Q, lq)
-                bq = i1 - i0
-                lo, hi = (0, lk) if empty_policy != 0 else _key_range(i0, i1, lk, causal, left, right, off)
-                if j0 >= hi or j0 + bk <= lo:
-                    continue
+        dq_blk = np.empty((bq, d_dim))
+        lo, hi = ranges[qb, 0], ranges[qb, 1]
+        for pair in range(starts[g], starts[g + 1]):
+            n, h = pairs[pair, 0], pairs[pair, 1]
+            kvh = h // group
+            bn, mn, kn = maps[0, n], maps[1, n], maps[2, n]
+            dq_blk[:, :] = 0.0
+            for j0 in range(lo, hi, BLOCK_K):
+                bk = min(j0 + BLOCK_K, hi) - j0
                 s = _tile_logits(
                     q,
                     k,
@@ -471,8 +403,10 @@ def backward_dkv(
                     softcap,
                     bias,
                     has_bias,
+                    bn,
                     mask,
                     has_mask,
+                    mn,
                     causal,
                     left,
                     right,
@@ -483,20 +417,12 @@ def backward_dkv(
                 _tile_probabilities(s, bq, bk, lse, n, h, i0, lk, empty_policy)
                 ds = ds_buf[: bq * bk].reshape((bq, bk))
                 np.dot(d_o[n, h][i0:i1], v[n, kvh][j0 : j0 + bk].T, ds)
-                if has_keep:  # dv += P̃ᵀ dO
-                    pk = pk_buf[: bq * bk].reshape((bq, bk))
-                    for r in range(bq):
-                        for jj in range(bk):
-                            pk[r, jj] = s[r, jj] * keep[n, h, i0 + r, j0 + jj]
-                    np.dot(pk.T, d_o[n, h][i0:i1], dv_part)
-                else:
-                    np.dot(s.T, d_o[n, h][i0:i1], dv_part)
-                dv_blk += dv_part
                 _tile_ds(
                     s,
                     ds,
                     keep,
                     has_keep,
+                    kn,
                     n,
                     h,
                     i0,
@@ -509,13 +435,144 @@ def backward_dkv(
                     empty_policy,
                     softcap,
                     tanh_t,
-                    dummy,
-                    False,
+                    dbias,
+                    0,
+                    bn,
+                    want_dbias,
                 )
-                np.dot(ds.T, q[n, h][i0:i1], dk_part)  # dk += scale dsᵀ q
-                dk_blk += dk_part
-        for jj in range(bk):
-            for d in range(d_dim):
-                dk[n, kvh, j0 + jj, d] = scale * dk_blk[jj, d]
-            for c in range(dv):
-                dv_out[n, kvh, j0 + jj, c] = dv_blk[jj, c]
+                np.dot(ds, k[n, kvh][j0 : j0 + bk], dq_part)
+                dq_blk += dq_part
+            for r in range(bq):
+                for d in range(d_dim):
+                    dq[n, h, i0 + r, d] = scale * dq_blk[r, d]
+
+
+@nb.njit(parallel=True, cache=True, fastmath={"contract"})
+def backward_dkv(
+    q,
+    k,
+    v,
+    bias,
+    has_bias,
+    mask,
+    has_mask,
+    keep,
+    has_keep,
+    maps,
+    scale,
+    softcap,
+    causal,
+    left,
+    right,
+    off,
+    empty_policy,
+    ranges,
+    pairs,
+    starts,
+    lse,
+    d_o,
+    delta,
+    dl,
+    dk,
+    dv_out,
+    dbias,
+    want_dbias,
+):
+    """dk (N, Hk, Lk, D), dv (N, Hk, Lk, Dv) and, when asked, dbias ``(P, Nb, Hb, 1, Lkb)`` added into
+    (``P`` = the number of key blocks when ``Lkb = 1``: one slot per block, summed by the caller);
+    tasks own (group, key block), a group being the (n, kv head) pairs ``pairs[starts[g]:starts[g + 1]]``."""
+    hq, lq, d_dim = q.shape[1], q.shape[2], q.shape[3]
+    hk, lk, dv = k.shape[1], k.shape[2], v.shape[3]
+    group = hq // hk
+    nqb = (lq + BLOCK_Q - 1) // BLOCK_Q
+    nkb = (lk + BLOCK_K - 1) // BLOCK_K
+    for task in nb.prange((starts.shape[0] - 1) * nkb):
+        g = task // nkb
+        kb = task % nkb
+        j0 = kb * BLOCK_K
+        bk = min(j0 + BLOCK_K, lk) - j0
+        part = kb if dbias.shape[0] > 1 else 0
+        tanh_t = np.empty((BLOCK_Q, BLOCK_K))
+        s_buf, ds_buf, pk_buf = np.empty(BLOCK_Q * BLOCK_K), np.empty(BLOCK_Q * BLOCK_K), np.empty(BLOCK_Q * BLOCK_K)
+        dk_part, dv_part = np.empty((bk, d_dim)), np.empty((bk, dv))
+        dk_blk = np.empty((bk, d_dim))
+        dv_blk = np.empty((bk, dv))
+        for pair in range(starts[g], starts[g + 1]):
+            n, kvh = pairs[pair, 0], pairs[pair, 1]
+            bn, mn, kn = maps[0, n], maps[1, n], maps[2, n]
+            dk_blk[:, :] = 0.0
+            dv_blk[:, :] = 0.0
+            for h in range(kvh * group, (kvh + 1) * group):
+                for qb in range(nqb):
+                    i0 = qb * BLOCK_Q
+                    i1 = min(i0 + BLOCK_Q, lq)
+                    bq = i1 - i0
+                    if j0 >= ranges[qb, 1] or j0 + bk <= ranges[qb, 0]:
+                        continue
+                    s = _tile_logits(
+                        q,
+                        k,
+                        n,
+                        h,
+                        kvh,
+                        i0,
+                        bq,
+                        j0,
+                        bk,
+                        scale,
+                        softcap,
+                        bias,
+                        has_bias,
+                        bn,
+                        mask,
+                        has_mask,
+                        mn,
+                        causal,
+                        left,
+                        right,
+                        off,
+                        tanh_t,
+                        s_buf,
+                    )
+                    _tile_probabilities(s, bq, bk, lse, n, h, i0, lk, empty_policy)
+                    ds = ds_buf[: bq * bk].reshape((bq, bk))
+                    np.dot(d_o[n, h][i0:i1], v[n, kvh][j0 : j0 + bk].T, ds)
+                    if has_keep:  # dv += P̃ᵀ dO
+                        pk = pk_buf[: bq * bk].reshape((bq, bk))
+                        for r in range(bq):
+                            for jj in range(bk):
+                                pk[r, jj] = s[r, jj] * keep[kn, h, i0 + r, j0 + jj]
+                        np.dot(pk.T, d_o[n, h][i0:i1], dv_part)
+                    else:
+                        np.dot(s.T, d_o[n, h][i0:i1], dv_part)
+                    dv_blk += dv_part
+                    _tile_ds(
+                        s,
+                        ds,
+                        keep,
+                        has_keep,
+                        kn,
+                        n,
+                        h,
+                        i0,
+                        bq,
+                        j0,
+                        bk,
+                        delta,
+                        dl,
+                        lse,
+                        empty_policy,
+                        softcap,
+                        tanh_t,
+                        dbias,
+                        part,
+                        bn,
+                        want_dbias,
+                    )
+                    np.dot(ds.T, q[n, h][i0:i1], dk_part)  # dk += scale dsᵀ q
+                    dk_blk += dk_part
+            for jj in range(bk):
+                for d in range(d_dim):
+                    dk[n, kvh, j0 + jj, d] = scale * dk_blk[jj, d]
+                for c in range(dv):
+                    dv_out[n, kvh, j0 + jj, c] = dv_blk[jj, c]

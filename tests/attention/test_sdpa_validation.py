@@ -45,6 +45,9 @@ BAD = [
     (dict(causal=1), RefAttnTypeError, ["causal", "True or False"]),
     (dict(q=[["a"]]), RefAttnTypeError, ["q", "dtype"]),
     (dict(q=Q.astype(complex)), RefAttnTypeError, ["q", "complex"]),
+    (dict(q=np.full(Q.shape, 1e200), k=np.full(K.shape, 1e200)), RefAttnError, ["q, k, scale", "overflow float64"]),
+    (dict(q=Q * 1e160, k=K * 1e160, scale=1e-300), RefAttnError, ["q, k, scale", "overflow float64", "scale = 1e-300"]),
+    (dict(bias=np.full((3, 6), 1e308)), RefAttnError, ["bias", "<= 2**1022", "1e+308"]),
 ]
 
 
@@ -89,3 +92,24 @@ def test_lengths_equal_needs_no_align_and_align_is_ignored_without_structure():
         refattn.sdpa(q, k, v, causal=True), refattn.sdpa(q, k, v, causal=True, align="top_left")
     )
     np.testing.assert_array_equal(refattn.sdpa(Q, K, V, align="bottom_right"), refattn.sdpa(Q, K, V))
+
+
+def test_window_sides_of_any_size_mean_unbounded():
+    """Sides are clipped to Lq + Lk at validation (beyond it a side excludes nothing): the same
+    results as ``None``, bitwise, and no integer overflow downstream."""
+    for huge, same in (((0, 2**63), (0, None)), ((2**200, 2), (None, 2)), ((2**64, 2**64), None)):
+        out = refattn.sdpa(Q, K, V, window=huge, align="bottom_right", return_lse=True, backend="numpy")
+        ref = refattn.sdpa(Q, K, V, window=same, align="bottom_right", return_lse=True, backend="numpy")
+        for a, b in zip(out, ref):
+            np.testing.assert_array_equal(a, b)
+    assert refattn.masks.clip_window((2**63, None), 3, 6) == (9, None)
+    assert refattn.masks.clip_window((4, 9), 3, 6) == (4, 9)
+
+
+def test_overflow_check_is_exact_when_the_cheap_bound_fails():
+    """``D · max|q| · max|k|`` overflows, but no q row meets a large k entry: accepted, finite."""
+    q, k = Q.copy(), K.copy()
+    q[..., 0], k[..., 1] = 0.0, 0.0
+    q[0, 1, 2, 1], k[1, 0, 3, 0] = 1e160, 1e160
+    out, lse = refattn.sdpa(q, k, V, return_lse=True, backend="numpy")
+    assert np.isfinite(out).all() and np.isfinite(lse).all()
