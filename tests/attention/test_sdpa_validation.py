@@ -82,7 +82,7 @@ def test_array_likes_are_accepted_and_converted_once():
     np.testing.assert_allclose(out, refattn.sdpa(Q, K, V.astype(np.float32).astype(np.float64)), rtol=1e-15)
     assert out.dtype == np.float64
     ints = refattn.sdpa(np.ones((1, 2, 3), dtype=np.int32), np.ones((1, 2, 3)), np.arange(6.0).reshape(1, 2, 3))
-    np.testing.assert_allclose(ints, np.full((1, 2, 3), [1.5, 2.5, 3.5]))
+    np.testing.assert_array_equal(ints, np.full((1, 2, 3), [1.5, 2.5, 3.5]))
 
 
 def test_lengths_equal_needs_no_align_and_align_is_ignored_without_structure():
