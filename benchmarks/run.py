@@ -1,6 +1,8 @@
 """Side-by-side measurements in one run: refattn kernel vs refattn NumPy vs PyTorch CPU vs float64 GEMM.
 
-``python -m benchmarks [--quick] [--sizes 1024 4096] [--output benchmarks/RESULTS.md]``
+``python -m benchmarks [--quick] [--sizes 1024 4096] [--output benchmarks/RESULTS.md]`` (``--help``: every
+option; ``benchmarks/options.py``: the options, the up-front plan and estimate, the progress lines).
+Without numba the kernel rows are left out (NumPy and PyTorch rows only).
 
 Times are medians of ``--repeats`` runs, methods interleaved round-robin (BLAS worker threads that
 keep spinning after a product slow whatever runs next); ratios matter, not absolute times.
@@ -9,7 +11,6 @@ Flop convention: forward 4·N²·D per head, forward+backward 14·N²·D, causal
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import os
 import platform
@@ -20,6 +21,11 @@ import tracemalloc
 import numpy as np
 
 os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "1")
+
+
+def _kernel_backends():
+    """``["numba"]``, or ``[]`` without numba (no kernel rows then)."""
+    return ["numba"] if importlib.util.find_spec("numba") is not None else []
 
 
 def _median_times(methods, repeats):
@@ -42,7 +48,9 @@ def gemm_rate(n=2048, repeats=5):
 def _forward_methods(q, k, v, causal, torch, with_numpy):
     import refattn
 
-    methods = {"refattn kernel": lambda: refattn.sdpa(q, k, v, backend="numba", causal=causal)}
+    methods = {}
+    if _kernel_backends():
+        methods["refattn kernel"] = lambda: refattn.sdpa(q, k, v, backend="numba", causal=causal)
     if with_numpy:
         methods["refattn numpy"] = lambda: refattn.sdpa(q, k, v, backend="numpy", causal=causal)
     if torch:
@@ -66,7 +74,8 @@ def _backward_methods(q, k, v, d_out, causal, torch):
 
         return run
 
-    methods = {"refattn kernel": ours("numba"), "refattn numpy": ours("numpy")}
+    methods = {"refattn kernel": ours("numba")} if _kernel_backends() else {}
+    methods["refattn numpy"] = ours("numpy")
     if torch:
         tq, tk, tv = (torch.tensor(x, requires_grad=True) for x in (q, k, v))
         td = torch.tensor(d_out)
@@ -78,10 +87,12 @@ def _backward_methods(q, k, v, d_out, causal, torch):
     return methods
 
 
-def sdpa_rows(sizes, repeats, gemm, heads=8, dim=64):
+def sdpa_rows(sizes, repeats, gemm, heads=8, dim=64, say=None):
     torch = importlib.util.find_spec("torch") and __import__("torch")
     rows = []
     for n in sizes:
+        if say:
+            say(f"SDPA N={n}")
         rng = np.random.default_rng(n)
         q, k, v = (rng.standard_normal((1, heads, n, dim)) for _ in range(3))
         d_out = rng.standard_normal(q.shape)
@@ -98,22 +109,35 @@ def sdpa_rows(sizes, repeats, gemm, heads=8, dim=64):
     return rows
 
 
+def _peak_mib(fn, *args, **kwargs):
+    """Peak traced allocation of ``fn(*args, **kwargs)`` in MiB."""
+    tracemalloc.start()
+    fn(*args, **kwargs)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    return peak / 2**20
+
+
 def memory_rows(sizes, dim=64):
-    """Peak Python-visible allocation (tracemalloc) beyond inputs, H = 1."""
+    """Peak Python-visible allocation (tracemalloc) beyond inputs, H = 1: the forward, and the backward
+    with a broadcast ``(N,)`` bias (dbias reduced in the kernels; a dbias of the score shape would be
+    one N×N float64 array, ``8·N²`` bytes); the backward up to N = 8192, NumPy's up to 4096, to stay quick."""
     import refattn
 
     rows = []
     for n in sizes:
         rng = np.random.default_rng(1)
-        q, k, v = (rng.standard_normal((1, 1, n, dim)) for _ in range(3))
-        backends = ["numba"] + (["numpy"] if n <= 8192 else [])
-        for backend in backends:
-            refattn.sdpa(q[:, :, :256], k[:, :, :256], v[:, :, :256], backend=backend)
-            tracemalloc.start()
-            refattn.sdpa(q, k, v, backend=backend)
-            _, peak = tracemalloc.get_traced_memory()
-            tracemalloc.stop()
-            rows.append((n, backend, peak / 2**20, n * dim * 8 / 2**20))
+        q, k, v, d_out = (rng.standard_normal((1, 1, n, dim)) for _ in range(4))
+        bias = rng.standard_normal(n)
+        small = (q[:, :, :256], k[:, :, :256], v[:, :, :256])
+        nd = n * dim * 8 / 2**20
+        for backend in _kernel_backends() + (["numpy"] if n <= 8192 else []):
+            refattn.sdpa(*small, backend=backend)
+            rows.append(("forward", n, backend, _peak_mib(refattn.sdpa, q, k, v, backend=backend), nd))
+        for backend in (_kernel_backends() if n <= 8192 else []) + (["numpy"] if n <= 4096 else []):
+            refattn.sdpa_backward(small[0], *small, bias=bias[:256], backend=backend)
+            peak = _peak_mib(refattn.sdpa_backward, d_out, q, k, v, bias=bias, backend=backend)
+            rows.append(("backward, bias (N,)", n, backend, peak, nd))
     return rows
 
 
@@ -161,6 +185,8 @@ def rollout_rows(layers=28, heads=16, n=256, batch=32, repeats=5):
         ("matrix chain alone (L products Â R)", chain_alone),
         ("rollout, all layers stacked", stacked),
     ):
+        if fn is head_mean_kernel and not _kernel_backends():
+            continue
         times = []
         for _ in range(repeats):
             tracemalloc.start()
@@ -221,10 +247,13 @@ def _targets(timing, memory, rollout, layer_mib):
     if ours and theirs:
         ratio = ours[0] / theirs[0]
         out.append(f"| forward+backward N=4096: ≤ 1.0× torch | {ratio:.2f}× | {verdict(ratio <= 1)} |")
-    for n, backend, peak, _ in memory:
-        if n == 32768 and backend == "numba":
+    for kind, n, backend, peak, _ in memory:
+        if kind == "forward" and n == 32768 and backend == "numba":
             ok = peak < 64 + 16.5  # the output (16 MiB) is counted in the peak
             out.append(f"| extra memory N=32768, H=1: < 64 MiB beyond the output | {peak:.0f} MiB | {verdict(ok)} |")
+        if kind != "forward" and n == 8192 and backend == "numba":
+            ok = peak < 64  # an N×N dbias would be 512 MiB
+            out.append(f"| backward, bias (N,), N=8192, H=1: < 64 MiB | {peak:.0f} MiB | {verdict(ok)} |")
     named = {name: (t, peak) for name, t, peak in rollout}
     floor, stream = named.get("head-mean pass, kernel (floor)"), named.get("rollout, streaming")
     chain = named.get("matrix chain alone (L products Â R)")
@@ -241,32 +270,39 @@ def _targets(timing, memory, rollout, layer_mib):
     return out
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096, 16384])
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--quick", action="store_true", help="sizes 1024 and 4096, 3 repeats, no rollout")
-    parser.add_argument("--output", help="also write the Markdown table to this file")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.sizes, args.repeats = [1024, 4096], 3
-    import numba
+def main(argv=None, prog=None):
+    from benchmarks import options
 
+    args = options.parse_args(argv, prog)
+    say = options.progress(args)
+    if not args.quiet:
+        for line in options.plan_lines(args):  # before anything is measured
+            say(line)
+    if args.plan:
+        return 0
+    numba_version = options.numba_version()
     lines = [
         "# refattn benchmark results",
         "",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
-        f"Python {platform.python_version()}, numpy {np.__version__}, numba {numba.__version__}"
+        f"Python {platform.python_version()}, numpy {np.__version__}, "
+        + (f"numba {numba_version}" if numba_version else "no numba (NumPy and PyTorch rows only)")
         + (f", torch {__import__('torch').__version__}" if importlib.util.find_spec("torch") else "")
         + ".",
         f"Command: `python -m benchmarks {' '.join(argv or [])}`. Medians of {args.repeats} runs, interleaved.",
         "",
     ]
-    first_call = compile_seconds()
+    say("first kernel call in a fresh process" if numba_version else "no numba: no kernel rows")
+    first_call = compile_seconds() if numba_version else None
+    say("float64 GEMM rate")
     gemm = gemm_rate()
     lines += [
-        f"float64 GEMM rate (n=2048): **{gemm / 1e9:.1f} GFLOP/s**; first kernel call in a fresh "
-        f"process (compile or load from the on-disk cache): {first_call:.1f} s.",
+        f"float64 GEMM rate (n=2048): **{gemm / 1e9:.1f} GFLOP/s**; "
+        + (
+            f"first kernel call in a fresh process (compile or load from the on-disk cache): {first_call:.1f} s."
+            if numba_version
+            else "numba is not installed: no kernel rows."
+        ),
         "",
     ]
     lines += [
@@ -275,7 +311,7 @@ def main(argv=None):
         "| pass | N | causal | method | time (s) | GFLOP/s | × GEMM rate |",
         "|---|---|---|---|---|---|---|",
     ]
-    sdpa = sdpa_rows(args.sizes, args.repeats, gemm)
+    sdpa = sdpa_rows(args.sizes, args.repeats, gemm, say=say)
     for kind, n, causal, name, t, gf, frac in sdpa:
         lines.append(f"| {kind} | {n} | {causal} | {name} | {t:.3f} | {gf:.1f} | {frac:.2f} |")
     timing = {(kind, n, causal, name): (t, frac) for kind, n, causal, name, t, _, frac in sdpa}
@@ -283,13 +319,14 @@ def main(argv=None):
         "",
         "## Peak memory beyond inputs (H=1, D=64; tracemalloc)",
         "",
-        "| N | backend | peak (MiB) | one N×D array (MiB) |",
-        "|---|---|---|---|",
+        "| pass | N | backend | peak (MiB) | one N×D array (MiB) |",
+        "|---|---|---|---|---|",
     ]
-    mem_sizes = [4096, 8192] if args.quick else [8192, 16384, 32768]
-    memory = memory_rows(mem_sizes)
-    for n, backend, peak, nd in memory:
-        lines.append(f"| {n} | {backend} | {peak:.1f} | {nd:.1f} |")
+    say(f"peak memory, N = {' '.join(map(str, args.memory_sizes))}")
+    memory = memory_rows(args.memory_sizes)
+    for kind, n, backend, peak, nd in memory:
+        lines.append(f"| {kind} | {n} | {backend} | {peak:.1f} | {nd:.1f} |")
+    say("loops vs matrix")
     loops = loops_rows()
     lines += [
         "",
@@ -298,7 +335,8 @@ def main(argv=None):
         f"loops {loops['loops']:.3f} s, matrix {loops['matrix (numpy)']:.5f} s "
         f"({loops['loops'] / loops['matrix (numpy)']:.0f}× slower: the loops are for reading, not speed).",
     ]
-    if not args.quick:
+    if args.rollout:
+        say("rollout")
         rows, layer_mib = rollout_rows()
         lines += [
             "",
@@ -313,6 +351,7 @@ def main(argv=None):
     lines += ["", "## Targets (issue: fast enough to check real sizes), from this run", ""]
     lines += _targets(timing, memory, rows, layer_mib)
     text = "\n".join(lines) + "\n"
+    say("done")
     print(text)
     if args.output:
         with open(args.output, "w") as fh:

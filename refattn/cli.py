@@ -1,13 +1,18 @@
 """The ``refattn`` command: check implementations, write the golden suite, analyse saved maps, bench.
 
-Exit status: 0 when every check passes, 1 when one fails (or errors), 2 for bad input.
+Exit status: 0 when every check passes, 1 when one fails (or errors), 2 for bad input.  Bad input
+(a missing or malformed file, a bad number, an unknown name) is one line on stderr, never a
+traceback: a traceback is a bug in refattn.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
+import os
+import re
 import sys
 from pathlib import Path
 
@@ -58,7 +63,7 @@ def _print_checks(rows, verbose):
 def _case_files(target):
     path = Path(target)
     if path.is_dir():
-        files = sorted(path.glob("*.npz"))
+        files = sorted(p for p in path.glob("*.npz") if not p.is_dir())
         if not files:
             raise RefAttnError(f"{target}: no .npz case files in this directory")
         return files
@@ -67,39 +72,87 @@ def _case_files(target):
     return [path]
 
 
-def _check_files(args):
+def _cap(args):
+    """The ``max_bytes`` keyword of the file readers: ``--max-bytes`` when given."""
+    return {} if args.max_bytes is None else {"max_bytes": args.max_bytes}
+
+
+def _one_line(exc):
+    return " ".join(str(exc).split())
+
+
+def _check_file(path, args):
     from refattn import io
     from refattn.crosscheck import CheckRow
 
+    case = io.load_case(path, **_cap(args))
+    if not case.outputs:
+        raise RefAttnError(f"{path}: no outputs to check (write the implementation's out/lse/dq/... keys)")
+    verdict = io.check_case(case, rule=args.rule, dtype=args.dtype)
+    dtype = args.dtype or case.dtype
+    return CheckRow.from_verdict(case.name, case.implementation or path.name, dtype, verdict)
+
+
+def _check_files(args, progress):
+    """Judge every file of the target.  A broken file in a directory is an ``error`` row with the
+    reason (the others are still judged); a single broken file is bad input (exit status 2)."""
+    from refattn.crosscheck import CheckRow
+
+    files = _case_files(args.target)
+    single = not Path(args.target).is_dir()
+    progress = None if single else progress
     rows = []
-    for path in _case_files(args.target):
-        case = io.load_case(path)
-        if not case.outputs:
-            raise RefAttnError(f"{path}: no outputs to check (write the implementation's out/lse/dq/... keys)")
-        verdict = io.check_case(case, rule=args.rule, dtype=args.dtype)
-        dtype = args.dtype or case.dtype
-        rows.append(CheckRow.from_verdict(case.name, case.implementation or path.name, dtype, verdict))
+    for i, path in enumerate(files):
+        if progress:
+            progress(i, len(files), path.name)
+        try:
+            rows.append(_check_file(path, args))
+        except (RefAttnError, OSError) as exc:
+            if single:
+                raise
+            rows.append(CheckRow(path.stem, path.name, args.dtype or "-", "error", detail=_one_line(exc)))
+    if progress:
+        progress(len(files), len(files), "done")
     return rows
 
 
-def cmd_check(args):
+def _builtin_checks(args, progress):
     from refattn import crosscheck, io
 
+    impls = crosscheck.available_implementations(torch=not args.no_torch)
+    if args.only:
+        names = [i.name for i in impls]
+        unmatched = [s for s in args.only if not any(s in n for n in names)]
+        if unmatched:
+            raise RefAttnError(f"--only: {unmatched} match no implementation available here; available: {names}")
+        impls = [i for i in impls if any(s in i.name for s in args.only)]
+    cases = io.standard_suite()
+    if args.cases:
+        names = [c.name for c in cases]
+        unknown = [n for n in args.cases if n not in names]
+        if unknown:
+            raise RefAttnError(f"--cases: no such case {unknown} in the standard suite; its cases: {names}")
+        cases = [c for c in cases if c.name in args.cases]
+    return crosscheck.run_checks(cases, impls, rule=args.rule, progress=progress)
+
+
+def cmd_check(args):
+    from refattn import crosscheck
+
     if args.target:
-        rows = _check_files(args)
+        selectors = (("--only", args.only), ("--cases", args.cases), ("--no-torch", args.no_torch))
+        given = [flag for flag, value in selectors if value]
+        if given:
+            raise RefAttnError(
+                f"{given[0]}: selects built-in implementations or cases, but a TARGET was given "
+                f"({args.target}): its files' own outputs are judged; drop {given[0]} or the TARGET"
+            )
     else:
-        impls = crosscheck.available_implementations(torch=not args.no_torch)
-        if args.only:
-            impls = [i for i in impls if any(s in i.name for s in args.only)]
-            if not impls:
-                raise RefAttnError(f"--only {args.only}: matches no implementation available here")
-        cases = io.standard_suite()
-        if args.cases:
-            cases = [c for c in cases if c.name in args.cases]
-            if not cases:
-                raise RefAttnError(f"--cases {args.cases}: no such case; see `refattn golden`")
-        progress = None if args.json else crosscheck.stderr_progress
-        rows = crosscheck.run_checks(cases, impls, rule=args.rule, progress=progress)
+        for flag, value in (("--dtype", args.dtype), ("--max-bytes", args.max_bytes)):
+            if value is not None:
+                raise RefAttnError(f"{flag}: applies to case files: give a TARGET (a .npz file or a directory)")
+    progress = None if args.quiet else crosscheck.Progress("refattn check")
+    rows = _check_files(args, progress) if args.target else _builtin_checks(args, progress)
     if args.json:
         print(json.dumps([r.as_dict() for r in rows], indent=1, default=float))
     else:
@@ -115,13 +168,43 @@ def cmd_golden(args):
     return 0
 
 
+@contextlib.contextmanager
+def _flag_names():
+    """The library's advice in the command's words: ``check_probabilities=False`` is
+    ``--no-check-probabilities`` here."""
+    try:
+        yield
+    except RefAttnError as exc:
+        text = str(exc)
+        if "check_probabilities=False" not in text:
+            raise
+        raise RefAttnError(text.replace("check_probabilities=False", "--no-check-probabilities")) from exc
+
+
+def _plot_path(args):
+    """``--plot`` checked before any work (folder, suffix, matplotlib), or None."""
+    if args.plot is None:
+        return None
+    from refattn.plot import check_plot_path
+
+    return check_plot_path(args.plot, "--plot")
+
+
 def cmd_rollout(args):
     import refattn
 
-    layers, mask, tokens = refattn.io.load_attentions(args.file)
-    r = refattn.rollout(layers, residual=args.residual, head_fusion=args.head_fusion, mask=mask)
+    plot = _plot_path(args)
+    layers, mask, tokens = refattn.io.load_attentions(args.file, **_cap(args))
+    n = layers[0].shape[-1]
+    if not -n <= args.row < n:
+        raise RefAttnError(
+            f"--row: expected an output token index in [-{n}, {n}) (the maps are n × n, n = {n}), got {args.row}"
+        )
+    row = args.row % n
+    check = {"check_probabilities": args.check_probabilities}
+    with _flag_names():
+        r = refattn.rollout(layers, residual=args.residual, head_fusion=args.head_fusion, mask=mask, **check)
     flat = r.reshape((-1,) + r.shape[-2:])  # (items, n, n)
-    row = args.row
     rows = []
     for item, m in enumerate(flat):
         order = np.argsort(-m[row], kind="stable")[: args.top]
@@ -134,19 +217,24 @@ def cmd_rollout(args):
             f"head fusion {args.head_fusion}"
         )
         print(_table(("item", "row", "row sum", f"top {args.top} input tokens (index:weight)"), rows))
-    if args.plot:
+    if plot:
         from refattn.plot import plot_attention_report
 
-        plot_attention_report(args.plot, layers, rollout_map=r, summary=refattn.metrics.summarize(layers, mask=mask))
-        print(f"plot written to {args.plot}")
+        with _flag_names():
+            summary = refattn.metrics.summarize(layers, mask=mask, **check)
+        plot_attention_report(plot, layers, rollout_map=r, summary=summary)
+        print(f"plot written to {plot}")
     return 0
 
 
 def cmd_metrics(args):
     import refattn
 
-    layers, mask, tokens = refattn.io.load_attentions(args.file)
-    summary = refattn.metrics.summarize(layers, tokens, mask=mask)
+    plot = _plot_path(args)
+    layers, mask, tokens = refattn.io.load_attentions(args.file, **_cap(args))
+    check = {"check_probabilities": args.check_probabilities}
+    with _flag_names():
+        summary = refattn.metrics.summarize(layers, tokens, mask=mask, **check)
     per_head = {k: v for k, v in summary.items() if v.ndim == 2}
     if args.json:
         print(json.dumps({k: v.tolist() for k, v in summary.items()}))
@@ -160,80 +248,213 @@ def cmd_metrics(args):
         ]
         print(_table(("layer", "head", *names), rows))
         print("\nhead diversity per layer: " + ", ".join(f"{x:.4f}" for x in summary["diversity"]))
-    if args.plot:
+    if plot:
         from refattn.plot import plot_attention_report
 
-        r = refattn.rollout(layers, mask=mask)
-        plot_attention_report(args.plot, layers, rollout_map=r, summary=summary)
-        print(f"plot written to {args.plot}")
+        with _flag_names():
+            r = refattn.rollout(layers, mask=mask, **check)
+        plot_attention_report(plot, layers, rollout_map=r, summary=summary)
+        print(f"plot written to {plot}")
     return 0
 
 
 def cmd_bench(bench_args):
     try:
         from benchmarks.run import main as bench_main
-    except ImportError as exc:
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("benchmarks", "benchmarks.run"):
+            raise
         raise RefAttnError(
-            "refattn bench runs the benchmarks/ package of a source checkout (pip install -e .)"
+            "refattn bench runs the benchmarks/ package of a source checkout (pip install -e . and run it there)"
         ) from exc
-    return bench_main(bench_args) or 0
+    return bench_main(bench_args, prog="refattn bench") or 0
+
+
+def _int_at_least(minimum):
+    def integer(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
+        return value
+
+    return integer
+
+
+def _weight(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
+    return value
+
+
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def _byte_count(text):
+    """A size in bytes: ``2147483648``, ``2G``, ``512MiB`` (K, M, G, T: powers of 1024)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", text, flags=re.IGNORECASE)
+    if m is None:
+        raise argparse.ArgumentTypeError(f"expected a size in bytes such as 4096, 512M or 8GiB, got {text!r}")
+    value = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a size of at least 1 byte, got {text!r}")
+    return value
+
+
+def _dtype_name(text):
+    from refattn import lowp
+
+    try:
+        return lowp.format_of(text).name
+    except RefAttnError as exc:
+        raise argparse.ArgumentTypeError(_one_line(exc)) from None
+
+
+_MAX_BYTES_HELP = (
+    "refuse files whose arrays hold more than this, checked against their headers before reading "
+    "(bytes, or with K, M, G, T: powers of 1024; default 2G)"
+)
 
 
 def _parser():
+    from refattn import __version__
     from refattn.testing.compare import RULES
 
-    p = argparse.ArgumentParser(prog="refattn", description="The float64 golden reference for attention.")
-    sub = p.add_subparsers(dest="command", required=True)
-    c = sub.add_parser("check", help="cross-check implementations (all available, or a case file/directory)")
+    p = argparse.ArgumentParser(
+        prog="refattn",
+        description="The float64 golden reference for attention.",
+        epilog="Exit status: 0 every check passes, 1 a check fails or errors, 2 bad input (one line on stderr).",
+    )
+    p.add_argument("--version", action="version", version=f"refattn {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    c = sub.add_parser(
+        "check",
+        help="cross-check implementations (all available, or a case file/directory)",
+        description="Without TARGET: every implementation available here over the standard suite. With "
+        "TARGET: judge the outputs that case files carry (every file of a directory; a broken file is "
+        "an error row). Progress goes to stderr: a bar on a terminal, a line per group otherwise.",
+    )
     c.add_argument("target", nargs="?", help="a .npz case file or a directory of them, with outputs to judge")
     c.add_argument("--rule", choices=RULES, default="flash", help="tolerance rule (default flash)")
-    c.add_argument("--dtype", help="the precision the file's outputs were computed in (overrides the file)")
-    c.add_argument("--only", nargs="+", help="implementations whose name contains one of these")
-    c.add_argument("--cases", nargs="+", help="cases of the standard suite to run")
+    c.add_argument(
+        "--dtype",
+        type=_dtype_name,
+        help="with TARGET: the precision the files' outputs were computed in (overrides the files' own)",
+    )
+    c.add_argument("--only", nargs="+", metavar="NAME", help="implementations whose name contains one of these")
+    c.add_argument("--cases", nargs="+", metavar="CASE", help="cases of the standard suite to run (default: all)")
     c.add_argument("--no-torch", action="store_true", help="skip PyTorch even when installed")
-    c.add_argument("--json", action="store_true", help="machine-readable output")
-    c.add_argument("--verbose", action="store_true", help="print every report")
+    c.add_argument("--max-bytes", type=_byte_count, metavar="SIZE", help="with TARGET: " + _MAX_BYTES_HELP)
+    c.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
+    c.add_argument("--verbose", action="store_true", help="print every report, not only the failures")
+    c.add_argument("--quiet", action="store_true", help="no progress on stderr")
     c.set_defaults(func=cmd_check)
     g = sub.add_parser("golden", help="write the standard suite with refattn's outputs")
-    g.add_argument("directory")
-    g.add_argument("--suite", default="standard")
+    g.add_argument("directory", help="folder to write the case files into (created if missing)")
+    g.add_argument("--suite", default="standard", choices=("standard",), help="which suite (default standard)")
     g.set_defaults(func=cmd_golden)
     for name, func, text in (
         ("rollout", cmd_rollout, "attention rollout of saved maps"),
         ("metrics", cmd_metrics, "per-layer, per-head metrics of saved maps"),
     ):
-        m = sub.add_parser(name, help=text)
+        m = sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
         m.add_argument("file", help=".npz with 'attentions' (L, ..., H, n, n) [, 'mask', 'tokens']")
-        m.add_argument("--plot", help="write a PNG: heatmaps, rollout map, per-layer metrics")
-        m.add_argument("--json", action="store_true")
+        m.add_argument(
+            "--plot",
+            metavar="PNG",
+            help="also write a figure (.png, .pdf or .svg, in an existing folder): heatmaps, rollout map, "
+            "per-layer metrics; needs matplotlib",
+        )
+        m.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")
+        m.add_argument("--max-bytes", type=_byte_count, metavar="SIZE", help=_MAX_BYTES_HELP)
+        m.add_argument(
+            "--no-check-probabilities",
+            dest="check_probabilities",
+            action="store_false",
+            help="measure maps whose real rows are not probabilities as they are (refused by default: "
+            "raw logits saved by mistake)",
+        )
         if name == "rollout":
-            m.add_argument("--row", type=int, default=0, help="output token to explain (default 0, [CLS])")
-            m.add_argument("--top", type=int, default=5)
-            m.add_argument("--residual", type=float, default=0.5)
-            m.add_argument("--head-fusion", default="mean", choices=("mean", "max", "min"))
+            m.add_argument(
+                "--row",
+                type=int,
+                default=0,
+                help="output token to explain (default 0, [CLS]; negative counts from the end: -1 the last)",
+            )
+            m.add_argument("--top", type=_int_at_least(1), default=5, help="input tokens to list per item (default 5)")
+            m.add_argument(
+                "--residual",
+                type=_weight,
+                default=0.5,
+                help="weight of the identity (the skip connection) in each layer, in [0, 1] (default 0.5)",
+            )
+            m.add_argument(
+                "--head-fusion",
+                default="mean",
+                choices=("mean", "max", "min"),
+                help="how each layer's heads are combined (default mean)",
+            )
         m.set_defaults(func=func)
     b = sub.add_parser(
-        "bench", help="run the benchmark table (python -m benchmarks; --help for its options)", add_help=False
+        "bench",
+        help="run the benchmark table (python -m benchmarks; refattn bench --help for its options)",
+        add_help=False,
     )
     b.set_defaults(func=None)  # main() hands every argument after "bench" to the benchmark script
     return p
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    parser = _parser()
-    if argv[:1] == ["bench"]:
-        try:
-            return cmd_bench(argv[1:])
-        except RefAttnError as exc:
-            print(f"refattn bench: {exc}", file=sys.stderr)
-            return 2
-    args = parser.parse_args(argv)
+def _exit_code(exc):
+    """The exit status a :class:`SystemExit` (argparse: --help, --version, a usage error) carries."""
+    if exc.code is None or isinstance(exc.code, int):
+        return exc.code or 0
+    print(exc.code, file=sys.stderr)
+    return 1
+
+
+def _quiet_stdout():
+    """After a broken pipe (``refattn check | head``): drop what is left to print."""
     try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # not a real file (captured): nothing to redirect
+        pass
+
+
+def main(argv=None):
+    """Run the ``refattn`` command on ``argv`` (default ``sys.argv[1:]``); returns the exit status.
+
+    A :class:`RefAttnError` or :class:`OSError` (bad input: a file, a number, a name) is one line
+    ``refattn COMMAND: message`` on stderr and status 2; any other exception is a bug and propagates."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = argv[0] if argv[:1] == ["bench"] else None
+    try:
+        if command == "bench":
+            return cmd_bench(argv[1:])
+        args = _parser().parse_args(argv)
+        command = args.command
         return args.func(args)
+    except SystemExit as exc:
+        return _exit_code(exc)
     except RefAttnError as exc:
-        print(f"refattn {args.command}: {exc}", file=sys.stderr)
+        print(f"refattn {command}: {_one_line(exc)}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        _quiet_stdout()
+        return 1
+    except OSError as exc:
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"refattn {command}: {where}{exc.strerror or _one_line(exc)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"refattn {command}: interrupted" if command else "refattn: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

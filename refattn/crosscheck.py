@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from refattn._validate import RefAttnError, Unsupported
 from refattn.io import Case, check_case
 
-__all__ = ["CheckRow", "Implementation", "available_implementations", "run_checks"]
+__all__ = ["CheckRow", "Implementation", "Progress", "available_implementations", "run_checks"]
 
 
 @dataclass(frozen=True)
@@ -171,7 +171,8 @@ def _rounded_case(case: Case, dtype):
 def run_checks(cases, implementations, *, rule="flash", progress=None):
     """Judge every implementation on every case; returns a list of :class:`CheckRow`.
 
-    ``progress``: a callable ``(done, total, label)`` (the command line draws a bar with it).
+    ``progress``: a callable ``(done, total, label)``, called before each check with the label
+    ``"implementation: case"`` and once at the end (e.g. a :class:`Progress`).
     """
     if not implementations:
         raise RefAttnError("implementations: none to check")
@@ -190,12 +191,34 @@ def run_checks(cases, implementations, *, rule="flash", progress=None):
     return rows
 
 
-def stderr_progress(done, total, label, width=30):
-    """A one-line progress bar on stderr (only when it is a terminal)."""
-    if not sys.stderr.isatty():
-        return
-    filled = int(width * done / max(total, 1))
-    sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {label[:50]:<50}")
-    if done == total:
-        sys.stderr.write("\n")
-    sys.stderr.flush()
+class Progress:
+    """A run's progress on a stream (stderr by default), as a ``progress(done, total, label)`` callable.
+
+    On a terminal: a bar redrawn in place.  Otherwise (piped, redirected, a CI log): one line each time
+    the group of work changes (the label's text before ``": "``: an implementation, or a file) and one
+    at the end, so a run that is not watched on a terminal still says what it is doing."""
+
+    def __init__(self, prefix="refattn", stream=None, width=30):
+        self.prefix = prefix
+        self.stream = sys.stderr if stream is None else stream
+        self.width = width
+        isatty = getattr(self.stream, "isatty", None)
+        self.tty = bool(isatty and isatty())
+        self.group = None
+        self.start = time.perf_counter()
+
+    def __call__(self, done, total, label):
+        if self.tty:
+            filled = int(self.width * done / max(total, 1))
+            bar = f"[{'#' * filled}{'.' * (self.width - filled)}]"
+            self.stream.write(f"\r{bar} {done}/{total} {label[:50]:<50}")
+            if done == total:
+                self.stream.write("\n")
+        elif done == total:
+            self.stream.write(f"{self.prefix}: {done}/{total} done in {time.perf_counter() - self.start:.1f} s\n")
+        else:
+            group = label.split(": ", 1)[0]
+            if group != self.group:
+                self.group = group
+                self.stream.write(f"{self.prefix}: {done}/{total} {group}\n")
+        self.stream.flush()

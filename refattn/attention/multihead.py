@@ -64,17 +64,31 @@ def merge_heads(t):
     return t.reshape(t.shape[:-2] + (t.shape[-2] * t.shape[-1],))
 
 
-def check_params(params, d_model, d_kv, hq, hk):
-    """Validated float64 ``MHAParams`` and the head dims ``(dk, dv)``."""
+def check_params(params, d_model, d_kv, hq, hk, *, x_name="x", kv_name=None):
+    """Validated float64 ``MHAParams`` and the head dims ``(dk, dv)``.
+
+    The weights define the model: an input whose last dim disagrees with them is blamed, by
+    ``x_name`` (``d_model`` vs ``w_q``'s rows) and ``kv_name`` (``d_kv`` vs ``w_k``'s rows; None for
+    self-attention, where ``w_k`` is blamed when it disagrees with ``w_q``)."""
     if not isinstance(params, tuple) or len(params) != 8:
         raise RefAttnError(f"params: expected MHAParams(w_q, w_k, w_v, w_o, b_q, b_k, b_v, b_o), got {type(params)}")
     p = MHAParams(*(None if a is None else as_float(a, f"params.{n}") for a, n in zip(params, MHAParams._fields)))
     for n in ("w_q", "w_k", "w_v", "w_o"):
         if getattr(p, n).ndim != 2:
             raise RefAttnError(f"params.{n}: expected a 2-D weight, got shape {getattr(p, n).shape}")
-    if p.w_q.shape[0] != d_model or p.w_q.shape[1] % hq:
-        raise RefAttnError(f"params.w_q: expected (d_model={d_model}, Hq·dk) with Hq={hq}, got {p.w_q.shape}")
+    if p.w_q.shape[1] % hq:
+        raise RefAttnError(f"params.w_q: expected (d_model, Hq·dk), Hq={hq} dividing the columns, got {p.w_q.shape}")
+    if p.w_q.shape[0] != d_model:
+        raise RefAttnError(
+            f"{x_name}: expected last dim d_model = {p.w_q.shape[0]} (the rows of params.w_q, shape {p.w_q.shape}), "
+            f"got last dim {d_model}"
+        )
     dk = p.w_q.shape[1] // hq
+    if kv_name is not None and p.w_k.shape[0] != d_kv:
+        raise RefAttnError(
+            f"{kv_name}: expected last dim d_kv = {p.w_k.shape[0]} (the rows of params.w_k, shape {p.w_k.shape}), "
+            f"got last dim {d_kv}"
+        )
     if p.w_k.shape != (d_kv, hk * dk):
         raise RefAttnError(f"params.w_k: expected (d_kv, Hk·dk) = {(d_kv, hk * dk)}, got {p.w_k.shape}")
     if p.w_v.shape[0] != d_kv or p.w_v.shape[1] % hk:
@@ -102,7 +116,7 @@ def project(x, params, num_heads, num_kv_heads, kv, head_mask):
     x = as_float(x, "x", ndim_min=2)
     src = x if kv is None else as_float(kv, "kv", ndim_min=2)
     hq, hk = head_counts(num_heads, num_kv_heads)
-    p, _, _ = check_params(params, x.shape[-1], src.shape[-1], hq, hk)
+    p, _, _ = check_params(params, x.shape[-1], src.shape[-1], hq, hk, kv_name=None if kv is None else "kv")
 
     def lin(t, w, b):
         return t @ w if b is None else t @ w + b

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from refattn import lowp
-from refattn._validate import RefAttnError, as_choice, to_numpy
+from refattn._validate import RefAttnError, RefAttnTypeError, as_choice, is_extension_float, to_numpy
 
 __all__ = [
     "ALLCLOSE_GRAD_TOLERANCES",
@@ -192,6 +192,19 @@ def _nonfinite_placement(actual, golden):
     return "; ".join(notes)
 
 
+def _as_real_array(x, name):
+    """``x`` as a new float64 array; a complex, bool, string or object array is a
+    :class:`RefAttnTypeError` (a cast would drop the imaginary part or invent numbers).  NaN and
+    ±inf are kept: where they sit is judged."""
+    a = to_numpy(x, name)
+    if not (is_extension_float(a.dtype) or (a.dtype != bool and a.dtype.kind in "iuf")):
+        what = "; its imaginary part would be dropped" if a.dtype.kind == "c" else ""
+        raise RefAttnTypeError(
+            f"{name}: expected real numbers (a float or int array), got dtype {a.dtype} with shape {a.shape}{what}"
+        )
+    return np.array(a, dtype=np.float64, copy=True)
+
+
 def judge(
     quantity,
     actual,
@@ -221,17 +234,17 @@ def judge(
     fmt = lowp.format_of(dtype)
     kind = kind or _KIND.get(quantity, "gradient")
     as_choice(kind, "kind", ("output", "gradient"))
-    actual = to_numpy(actual, quantity).astype(np.float64)  # also bfloat16/float8 (ml_dtypes) arrays
-    golden = np.asarray(golden, dtype=np.float64)
+    actual = _as_real_array(actual, f"actual ({quantity!r})")  # also bfloat16/float8 (ml_dtypes) arrays
+    golden = _as_real_array(golden, f"golden ({quantity!r})")
     if actual.shape != golden.shape:
         raise RefAttnError(f"{quantity}: expected shape {golden.shape} (the golden's), got {actual.shape}")
     twins = {} if twin is None or fmt.name == "float64" else (twin if isinstance(twin, Mapping) else {"": twin})
+    twins = {name: _as_real_array(t, f"twin {name!r} ({quantity!r})") for name, t in twins.items()}
     both = np.isfinite(actual) & np.isfinite(golden)
     with np.errstate(invalid="ignore"):  # inf − inf where both are infinite: not an error, skipped
         err = np.where(both, np.abs(actual - golden), 0.0)
         twin_diffs = {}
         for name, t in twins.items():
-            t = np.asarray(t, dtype=np.float64)
             if t.shape != golden.shape:
                 raise RefAttnError(f"twin {name!r}: expected shape {golden.shape}, got {t.shape}")
             twin_diffs[name] = np.where(np.isfinite(t) & np.isfinite(golden), np.abs(t - golden), 0.0)
@@ -243,7 +256,6 @@ def judge(
             twin_err, twin_name = float(d.max()), name
     closest_twin, closest_distance = "", math.nan
     for name, t in twins.items():
-        t = np.asarray(t, dtype=np.float64)
         with np.errstate(invalid="ignore"):
             dist = float(np.max(np.where(both & np.isfinite(t), np.abs(actual - t), 0.0), initial=0.0))
         if name and (not closest_twin or dist < closest_distance):  # the first of equals
@@ -379,6 +391,10 @@ def check_attention(
     import refattn
 
     options.pop("return_lse", None)
+    # the candidate's arrays first: a complex or non-numeric one is refused before any work
+    actual = _as_real_array(actual, "actual")
+    lse = None if lse is None else _as_real_array(lse, "lse")
+    cand = {name: _as_real_array(g, f"grads[{name!r}]") for name, g in _as_grad_map(grads).items()}
     golden, golden_lse = refattn.sdpa(q, k, v, return_lse=True, **options)
     fmt = lowp.format_of(dtype)
     variants = _twin_variants(twins)
@@ -393,10 +409,12 @@ def check_attention(
     common = dict(dtype=fmt.name, rule=rule, fudge=fudge, atol=atol, rtol=rtol)
     judgements = [judge("out", actual, golden, twin, masked_rows=rows_q, factor=factor_out, **common)]
     if lse is not None:
+        if lse.shape != golden_lse.shape:
+            raise RefAttnError(f"lse: expected shape {golden_lse.shape} (the golden's (..., Hq, Lq)), got {lse.shape}")
         judgements.append(
             judge(
                 "lse",
-                np.expand_dims(np.asarray(lse, float), -1),
+                lse[..., None],
                 golden_lse[..., None],
                 None if twin_lse is None else {n: t[..., None] for n, t in twin_lse.items()},
                 masked_rows=rows_q,
@@ -404,7 +422,6 @@ def check_attention(
                 **common,
             )
         )
-    cand = _as_grad_map(grads)
     if cand:
         if d_out is None:
             raise RefAttnError("d_out: gradients were given, so the cotangent they were computed for is needed")

@@ -436,3 +436,20 @@ MUTANTS = {
 def test_property_catches_its_mutant(check, strategy, mutant, monkeypatch):
     MUTANTS[mutant](monkeypatch)
     assert_catches(strategy, check)
+
+
+def test_multihead_blames_the_input_whose_last_dim_disagrees_with_the_weights():
+    rng = np.random.default_rng(11)
+    p = refattn.MHAParams(*(rng.standard_normal(s) for s in ((16, 8), (10, 8), (10, 8), (8, 16))))
+    x, kv = rng.standard_normal((2, 5, 12)), rng.standard_normal((2, 7, 10))
+    before = x.copy()
+    with pytest.raises(refattn.RefAttnError, match=r"^x: expected last dim d_model = 16 \(the rows of params.w_q") as e:
+        refattn.multihead_attention(x, p, num_heads=2, kv=kv)
+    assert str(e.value).endswith("got last dim 12")
+    np.testing.assert_array_equal(x, before)
+    x_ok, kv_bad = rng.standard_normal((2, 5, 16)), rng.standard_normal((2, 7, 9))
+    with pytest.raises(refattn.RefAttnError, match=r"^kv: expected last dim d_kv = 10 \(the rows of params.w_k") as e:
+        refattn.multihead_attention(x_ok, p, num_heads=2, kv=kv_bad)
+    assert str(e.value).endswith("got last dim 9")
+    with pytest.raises(refattn.RefAttnError, match=r"^x: expected last dim d_model = 16"):
+        refattn.multihead_attention_backward(rng.standard_normal((2, 5, 16)), x, p, num_heads=2, kv=kv)

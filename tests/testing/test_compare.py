@@ -184,3 +184,79 @@ def test_the_budget_names_the_twin_that_sets_it_and_single_twins_can_be_chosen()
     assert only_reference["dv"].twin_error < verdict["dv"].twin_error
     with pytest.raises(refattn.RefAttnError, match="twins: expected one of"):
         check_attention(out, q, k, v, dtype="float32", twins="fastest")
+
+
+# ---- candidates that are not real arrays (issue 11) -------------------------------------------
+
+
+def _float64_case(seed=9):
+    rng = np.random.default_rng(seed)
+    q, k, v, d_out = (rng.standard_normal((1, 2, 6, 4)) for _ in range(4))
+    return q, k, v, d_out
+
+
+def test_a_complex_output_is_refused_even_when_its_real_part_matches():
+    q, k, v, _ = _float64_case()
+    golden = refattn.sdpa(q, k, v)
+    candidate = golden + 1e-3j  # the real part is exact: a cast would drop the error and pass
+    before = candidate.copy()
+    with pytest.raises(refattn.RefAttnTypeError, match="actual: expected real numbers") as info:
+        assert_attention_close(candidate, q, k, v, dtype="float64")
+    assert "complex128" in str(info.value)
+    assert "imaginary part would be dropped" in str(info.value)
+    np.testing.assert_array_equal(candidate, before)
+    with pytest.raises(refattn.RefAttnTypeError, match="actual: expected real numbers"):
+        check_attention(candidate, q, k, v, dtype="bfloat16")
+
+
+def test_complex_lse_and_gradients_are_refused_by_name():
+    q, k, v, d_out = _float64_case()
+    golden, lse = refattn.sdpa(q, k, v, return_lse=True)
+    g = refattn.sdpa_backward(d_out, q, k, v)
+    with pytest.raises(refattn.RefAttnTypeError, match="lse: expected real numbers"):
+        check_attention(golden, q, k, v, dtype="float64", lse=lse.astype(complex))
+    grads = {"dq": g.dq, "dk": g.dk.astype(np.complex64), "dv": g.dv}
+    with pytest.raises(refattn.RefAttnTypeError, match="grads\\['dk'\\]: expected real numbers"):
+        check_attention(golden, q, k, v, dtype="float64", grads=grads, d_out=d_out)
+    assert grads["dk"].dtype == np.complex64
+    with pytest.raises(refattn.RefAttnTypeError, match="grads\\['dv'\\]: expected real numbers"):
+        check_attention(golden, q, k, v, dtype="float64", grads=(g.dq, g.dk, g.dv + 0j), d_out=d_out)
+
+
+@pytest.mark.parametrize(
+    "candidate, dtype_text",
+    [
+        (np.array([["a", "b"]]), "<U1"),
+        (np.array([None, 1.0], dtype=object), "object"),
+        (np.ones((1, 2, 6, 4), dtype=bool), "bool"),
+    ],
+)
+def test_non_numeric_candidates_are_refused(candidate, dtype_text):
+    q, k, v, _ = _float64_case()
+    with pytest.raises(refattn.RefAttnTypeError, match=f"actual: expected real numbers .*got dtype {dtype_text}"):
+        check_attention(candidate, q, k, v, dtype="float64")
+
+
+def test_a_ragged_candidate_is_a_type_error():
+    q, k, v, _ = _float64_case()
+    with pytest.raises(refattn.RefAttnTypeError, match="actual: expected an array-like of real numbers"):
+        check_attention([[1.0, 2.0], [3.0]], q, k, v, dtype="float64")
+
+
+def test_judge_refuses_a_complex_actual_golden_or_twin():
+    from refattn.testing.compare import judge
+
+    real = np.linspace(0.0, 1.0, 12).reshape(3, 4)
+    with pytest.raises(refattn.RefAttnTypeError, match="actual \\('out'\\): expected real numbers"):
+        judge("out", real + 0j, real, dtype="float64")
+    with pytest.raises(refattn.RefAttnTypeError, match="golden \\('dq'\\): expected real numbers"):
+        judge("dq", real, real + 0j, dtype="float64")
+    with pytest.raises(refattn.RefAttnTypeError, match="twin 'flash2' \\('out'\\): expected real numbers"):
+        judge("out", real, real, {"flash2": real + 0j}, dtype="bfloat16")
+
+
+def test_an_lse_of_the_wrong_shape_is_named():
+    q, k, v, _ = _float64_case()
+    golden, lse = refattn.sdpa(q, k, v, return_lse=True)
+    with pytest.raises(refattn.RefAttnError, match="lse: expected shape \\(1, 2, 6\\)"):
+        check_attention(golden, q, k, v, dtype="float64", lse=lse[..., None])

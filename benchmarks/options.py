@@ -1,0 +1,215 @@
+"""The options of ``python -m benchmarks`` (``refattn bench``), the plan they make, and what the run says.
+
+``--quick`` changes only the defaults: a flag given explicitly keeps its value, and the plan printed
+up front says which values came from where.  Before measuring anything the run prints the plan and an
+estimate of its duration (from a quick float64 GEMM probe and the shares of the GEMM rate each
+method reached in ``benchmarks/RESULTS.md``); while it runs, one line per section goes to stderr,
+whether or not it is a terminal.  Without numba the kernel rows are left out, and the run says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["FULL", "QUICK", "estimate_seconds", "numba_version", "parse_args", "parser", "plan_lines", "progress"]
+
+FULL = {"sizes": [1024, 4096, 16384], "repeats": 5, "memory_sizes": [8192, 16384, 32768], "rollout": True}
+QUICK = {"sizes": [1024, 4096], "repeats": 3, "memory_sizes": [4096, 8192], "rollout": False}
+NUMPY_MAX_N = 4096  # the NumPy SDPA rows (an N×N score matrix per head) and every backward row stop here
+
+# Share of the float64 GEMM rate each method reaches (non-causal, causal), as measured in
+# benchmarks/RESULTS.md; the estimate divides each row's flops by share × this machine's rate.
+_SHARE = {
+    ("forward", "kernel"): (0.65, 0.6),
+    ("forward", "numpy"): (0.16, 0.08),
+    ("forward", "torch float64"): (0.7, 0.65),
+    ("forward", "torch float32"): (1.8, 1.6),
+    ("forward+backward", "kernel"): (0.55, 0.5),
+    ("forward+backward", "numpy"): (0.16, 0.09),
+    ("forward+backward", "torch float64"): (0.54, 0.45),
+}
+_PAUSE = 0.15  # the pause after each timed call (benchmarks/run.py: _median_times)
+_REFERENCE_RATE = 55.9e9  # the GEMM rate of the machine RESULTS.md was measured on
+_ROLLOUT_SECONDS = 40.0  # the rollout section there (5 repeats of 7 methods)
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def parser(prog=None):
+    p = argparse.ArgumentParser(
+        prog=prog or "python -m benchmarks",
+        description="Side-by-side measurements in one run: refattn kernel vs refattn NumPy vs PyTorch CPU vs "
+        "float64 GEMM, as a Markdown table on stdout (plan, estimate and progress on stderr).",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="a shorter run: sizes 1024 4096, 3 repeats, memory sizes 4096 8192, no rollout section; "
+        "a flag given explicitly keeps its value",
+    )
+    p.add_argument(
+        "--sizes",
+        type=_positive_int,
+        nargs="+",
+        metavar="N",
+        help="sequence lengths of the SDPA rows (default 1024 4096 16384; --quick: 1024 4096); "
+        f"NumPy and backward rows up to N = {NUMPY_MAX_N}",
+    )
+    p.add_argument(
+        "--repeats",
+        type=_positive_int,
+        metavar="R",
+        help="timed runs of each method, the median is reported (default 5; --quick: 3)",
+    )
+    p.add_argument(
+        "--memory-sizes",
+        type=_positive_int,
+        nargs="+",
+        metavar="N",
+        help="sequence lengths of the peak-memory rows (default 8192 16384 32768; --quick: 4096 8192)",
+    )
+    p.add_argument(
+        "--rollout",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the rollout section (L=28, H=16, n=256, B=32; default on; --quick: off)",
+    )
+    p.add_argument("--output", metavar="FILE", help="also write the Markdown table to FILE (its folder must exist)")
+    p.add_argument("--plan", action="store_true", help="print the plan and the time estimate, then stop")
+    p.add_argument("--quiet", action="store_true", help="no plan, estimate or progress lines on stderr")
+    return p
+
+
+def parse_args(argv=None, prog=None):
+    """The parsed options with ``--quick`` resolved: ``sizes``, ``repeats``, ``memory_sizes``,
+    ``rollout`` hold the values to run with, ``explicit`` the names given on the command line."""
+    p = parser(prog)
+    args = p.parse_args(argv)
+    defaults = QUICK if args.quick else FULL
+    args.explicit = [name for name in FULL if getattr(args, name) is not None]
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.output is not None:
+        out = Path(args.output)
+        if out.is_dir():
+            p.error(f"--output: expected a file name, got the directory {args.output!r}")
+        if not out.parent.is_dir():
+            p.error(f"--output: the folder {str(out.parent)!r} does not exist (create it first)")
+    return args
+
+
+def numba_version():
+    """numba's version, or None when it is not installed (the kernel rows are then left out)."""
+    if importlib.util.find_spec("numba") is None:
+        return None
+    import numba
+
+    return numba.__version__
+
+
+def _torch_available():
+    return importlib.util.find_spec("torch") is not None
+
+
+def gemm_probe(n=1024, repeats=3):
+    """This machine's float64 GEMM rate (FLOP/s) from a few quick products (for the estimate only)."""
+    a = np.random.default_rng(0).standard_normal((n, n))
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ a
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / max(best, 1e-9)
+
+
+def estimate_seconds(args, rate, *, kernel, torch):
+    """The run's duration in seconds, estimated for ``args`` on a machine of GEMM rate ``rate``."""
+
+    def timed(flops, share):
+        return args.repeats * (flops / (share * rate) + _PAUSE)
+
+    seconds = 5 * (2 * 2048**3 / rate + _PAUSE) + 1.0  # the GEMM rate, the loops section
+    methods = {
+        "forward": (["kernel"] if kernel else []) + ["numpy"] + (["torch float64", "torch float32"] if torch else []),
+        "forward+backward": (["kernel"] if kernel else []) + ["numpy"] + (["torch float64"] if torch else []),
+    }
+    for n in args.sizes:
+        for causal in (0, 1):
+            for kind, per_flop in (("forward", 4), ("forward+backward", 14)):
+                if kind == "forward+backward" and n > NUMPY_MAX_N:
+                    continue
+                flops = per_flop * n * n * 64 * 8 / (2 if causal else 1)
+                for method in methods[kind]:
+                    if method == "numpy" and n > NUMPY_MAX_N:
+                        continue
+                    seconds += timed(flops, _SHARE[(kind, method)][causal])
+    for n in args.memory_sizes:  # one call per backend and pass, H = 1 (benchmarks/run.py: memory_rows)
+        forward, backward = 4 * n * n * 64, 14 * n * n * 64
+        if kernel:
+            seconds += forward / (0.6 * rate) + (backward / (0.5 * rate) if n <= 2 * NUMPY_MAX_N else 0.0)
+        seconds += forward / (0.1 * rate) if n <= 2 * NUMPY_MAX_N else 0.0  # NumPy: slowed by its N×N arrays
+        seconds += backward / (0.1 * rate) if n <= NUMPY_MAX_N else 0.0
+    if args.rollout:
+        seconds += _ROLLOUT_SECONDS * _REFERENCE_RATE / rate
+    return seconds
+
+
+def _duration(seconds):
+    if seconds < 90:
+        return f"about {max(5, 5 * round(seconds / 5)):.0f} s"
+    return f"about {round(seconds / 60):.0f} min"
+
+
+def plan_lines(args, rate=None):
+    """What the run will do and how long it should take, as lines for stderr."""
+    kernel, torch = numba_version() is not None, _torch_available()
+    rate = gemm_probe() if rate is None else rate
+    source = {name: "given" if name in args.explicit else ("--quick" if args.quick else "default") for name in FULL}
+    lines = [
+        f"SDPA sizes {' '.join(map(str, args.sizes))} ({source['sizes']}), {args.repeats} repeats "
+        f"({source['repeats']}); memory sizes {' '.join(map(str, args.memory_sizes))} ({source['memory_sizes']}); "
+        f"rollout section {'on' if args.rollout else 'off'} ({source['rollout']})"
+    ]
+    full = argparse.Namespace(**FULL, explicit=[])
+    quick = argparse.Namespace(**QUICK, explicit=[])
+    this = estimate_seconds(args, rate, kernel=kernel, torch=torch)
+    lines.append(
+        f"this run: {_duration(this)} on this machine (the full run: "
+        f"{_duration(estimate_seconds(full, rate, kernel=kernel, torch=torch))}, --quick: "
+        f"{_duration(estimate_seconds(quick, rate, kernel=kernel, torch=torch))}; estimated from its float64 "
+        f"GEMM rate, {rate / 1e9:.0f} GFLOP/s)" + ("; a first kernel compile adds ~20 s" if kernel else "")
+    )
+    if not kernel:
+        lines.append("numba is not installed: NumPy and PyTorch rows only, no kernel rows (pip install numba)")
+    if not torch:
+        lines.append("torch is not installed: no PyTorch rows")
+    return lines
+
+
+def progress(args, stream=None):
+    """``say(text)``: one line ``refattn bench: [elapsed] text`` on stderr (nothing with ``--quiet``)."""
+    start = time.perf_counter()
+
+    def say(text):
+        if args.quiet:
+            return
+        out = sys.stderr if stream is None else stream
+        out.write(f"refattn bench: [{time.perf_counter() - start:5.0f} s] {text}\n")
+        out.flush()
+
+    return say
