@@ -20,7 +20,7 @@ SCRIPT = """
 import json, numpy as np, torch
 from refattn import lowp
 from refattn.adapters import torch as ta
-from refattn.testing.suite import standard_cases
+from refattn.crosscheck.suite import standard_cases
 case = {c.name: c for c in standard_cases()}["large_logits"]
 q, k, v, d_out = case.arrays["q"], case.arrays["k"], case.arrays["v"], case.cotangents["d_out"]
 verdict = ta.check_torch(q, k, v, dtype="float32", d_out=d_out)

@@ -14,9 +14,9 @@ import numpy as np
 
 from refattn import masks
 from refattn.attention.position import alibi_bias, alibi_slopes, rope
-from refattn.io import Case
+from refattn.crosscheck.cases import Case
 
-__all__ = ["standard_cases"]
+__all__ = ["standard_cases", "standard_suite"]
 
 
 def _qkv(seed, b=1, hq=2, hk=None, lq=32, lk=None, d=16, dv=None, scale=1.0):
@@ -121,3 +121,8 @@ def standard_cases():
         _case("head_dim_128", 32, d=128, lq=40, options={"scale": 1.0 / math.sqrt(128)}),
     ]
     return cases
+
+
+def standard_suite():
+    """The built-in cases (no outputs): every sdpa option and the variants expressible as sdpa inputs."""
+    return standard_cases()

@@ -1,7 +1,7 @@
 """Cross-check every implementation available on this machine over a suite of cases.
 
-An :class:`Implementation` runs a :class:`refattn.io.Case` and returns its outputs; each run is
-judged by :func:`refattn.io.check_case` (the tolerance rule for the implementation's dtype).  The
+An :class:`Implementation` runs a :class:`refattn.crosscheck.Case` and returns its outputs; each run is
+judged by :func:`refattn.crosscheck.check_case` (the tolerance rule for the implementation's dtype).  The
 built-in implementations: refattn's own forms (Numba kernel, FlashAttention-2 tiled NumPy, chunked
 NumPy, Python loops) against the NumPy definition, and PyTorch SDPA on CPU (float64, float32,
 bfloat16) and on CUDA (float16, bfloat16) when torch (and a GPU) are there.
@@ -16,7 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from refattn._validate import RefAttnError, Unsupported
-from refattn.io import Case, check_case
+from refattn.crosscheck.cases import Case
+from refattn.crosscheck.judge import check_case
 
 __all__ = ["CheckRow", "Implementation", "Progress", "available_implementations", "run_checks"]
 
