@@ -15,7 +15,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from refattn import lowp
 from refattn._validate import RefAttnError, Unsupported
+from refattn.attention import loops, tiled
+from refattn.attention.sdpa import sdpa, sdpa_backward
 from refattn.crosscheck.cases import Case
 from refattn.crosscheck.judge import check_case
 
@@ -72,11 +75,9 @@ class CheckRow:
 
 
 def _refattn_kernel(case):
-    import refattn
-
     opts = case.sdpa_options()
-    out, lse = refattn.sdpa(case.q, case.k, case.v, return_lse=True, backend="numba", **opts)
-    grads = refattn.sdpa_backward(
+    out, lse = sdpa(case.q, case.k, case.v, return_lse=True, backend="numba", **opts)
+    grads = sdpa_backward(
         case.cotangents["d_out"], case.q, case.k, case.v, d_lse=case.cotangents.get("d_lse"), backend="numba", **opts
     )
     return {"out": out, "lse": lse, **{n: g for n, g in grads._asdict().items() if g is not None}}
@@ -95,8 +96,6 @@ def _refattn_tiled(forward, backward, **tiles):
 
 
 def _refattn_loops(case):
-    from refattn.attention import loops
-
     out, lse = loops.sdpa(case.q, case.k, case.v, return_lse=True, **case.sdpa_options())
     return {"out": out, "lse": lse}
 
@@ -122,8 +121,6 @@ def _torch_run(dtype, device):
 
 def available_implementations(*, torch=True, kernels=True):
     """The implementations this machine can run, refattn's own first."""
-    from refattn.attention import tiled
-
     impls = []
     if kernels and importlib.util.find_spec("numba") is not None:
         impls.append(Implementation("refattn numba kernel", "float64", _refattn_kernel, "tiled, 128×128"))
@@ -163,8 +160,6 @@ def _judge(case: Case, impl: Implementation, rule):
 
 
 def _rounded_case(case: Case, dtype):
-    from refattn import lowp
-
     arrays, cot = lowp.round_arrays(case.arrays, dtype), lowp.round_arrays(case.cotangents, dtype)
     return Case(case.name, arrays, case.options, cot, case.outputs, case.dtype, case.implementation)
 
