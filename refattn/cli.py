@@ -259,14 +259,8 @@ def cmd_metrics(args):
 
 
 def cmd_bench(bench_args):
-    try:
-        from benchmarks.run import main as bench_main
-    except ModuleNotFoundError as exc:
-        if exc.name not in ("benchmarks", "benchmarks.run"):
-            raise
-        raise RefAttnError(
-            "refattn bench runs the benchmarks/ package of a source checkout (pip install -e . and run it there)"
-        ) from exc
+    from refattn.bench.run import main as bench_main
+
     return bench_main(bench_args, prog="refattn bench") or 0
 
 
@@ -403,7 +397,7 @@ def _parser():
         m.set_defaults(func=func)
     b = sub.add_parser(
         "bench",
-        help="run the benchmark table (python -m benchmarks; refattn bench --help for its options)",
+        help="run the benchmark table (python -m refattn.bench; refattn bench --help for its options)",
         add_help=False,
     )
     b.set_defaults(func=None)  # main() hands every argument after "bench" to the benchmark script

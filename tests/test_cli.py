@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 import refattn
-from benchmarks import options as bench_options
 from refattn import crosscheck, io
+from refattn.bench import options as bench_options
 from refattn.cli import _parser, main
 
 

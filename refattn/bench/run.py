@@ -1,7 +1,7 @@
 """Side-by-side measurements in one run: refattn kernel vs refattn NumPy vs PyTorch CPU vs float64 GEMM.
 
-``python -m benchmarks [--quick] [--sizes 1024 4096] [--output benchmarks/RESULTS.md]`` (``--help``: every
-option; ``benchmarks/options.py``: the options, the up-front plan and estimate, the progress lines).
+``python -m refattn.bench [--quick] [--sizes 1024 4096] [--output benchmarks/RESULTS.md]`` (``--help``: every
+option; ``refattn/bench/options.py``: the options, the up-front plan and estimate, the progress lines).
 Without numba the kernel rows are left out (NumPy and PyTorch rows only).
 
 Times are medians of ``--repeats`` runs, methods interleaved round-robin (BLAS worker threads that
@@ -271,7 +271,7 @@ def _targets(timing, memory, rollout, layer_mib):
 
 
 def main(argv=None, prog=None):
-    from benchmarks import options
+    from refattn.bench import options
 
     args = options.parse_args(argv, prog)
     say = options.progress(args)
@@ -289,7 +289,7 @@ def main(argv=None, prog=None):
         + (f"numba {numba_version}" if numba_version else "no numba (NumPy and PyTorch rows only)")
         + (f", torch {__import__('torch').__version__}" if importlib.util.find_spec("torch") else "")
         + ".",
-        f"Command: `python -m benchmarks {' '.join(argv or [])}`. Medians of {args.repeats} runs, interleaved.",
+        f"Command: `python -m refattn.bench {' '.join(argv or [])}`. Medians of {args.repeats} runs, interleaved.",
         "",
     ]
     say("first kernel call in a fresh process" if numba_version else "no numba: no kernel rows")

@@ -1,4 +1,4 @@
-"""The options of ``python -m benchmarks`` (``refattn bench``), the plan they make, and what the run says.
+"""The options of ``python -m refattn.bench`` (``refattn bench``), the plan they make, and what the run says.
 
 ``--quick`` changes only the defaults: a flag given explicitly keeps its value, and the plan printed
 up front says which values came from where.  Before measuring anything the run prints the plan and an
@@ -34,7 +34,7 @@ _SHARE = {
     ("forward+backward", "numpy"): (0.16, 0.09),
     ("forward+backward", "torch float64"): (0.54, 0.45),
 }
-_PAUSE = 0.15  # the pause after each timed call (benchmarks/run.py: _median_times)
+_PAUSE = 0.15  # the pause after each timed call (refattn/bench/run.py: _median_times)
 _REFERENCE_RATE = 55.9e9  # the GEMM rate of the machine RESULTS.md was measured on
 _ROLLOUT_SECONDS = 40.0  # the rollout section there (5 repeats of 7 methods)
 
@@ -51,7 +51,7 @@ def _positive_int(text):
 
 def parser(prog=None):
     p = argparse.ArgumentParser(
-        prog=prog or "python -m benchmarks",
+        prog=prog or "python -m refattn.bench",
         description="Side-by-side measurements in one run: refattn kernel vs refattn NumPy vs PyTorch CPU vs "
         "float64 GEMM, as a Markdown table on stdout (plan, estimate and progress on stderr).",
     )
@@ -158,7 +158,7 @@ def estimate_seconds(args, rate, *, kernel, torch):
                     if method == "numpy" and n > NUMPY_MAX_N:
                         continue
                     seconds += timed(flops, _SHARE[(kind, method)][causal])
-    for n in args.memory_sizes:  # one call per backend and pass, H = 1 (benchmarks/run.py: memory_rows)
+    for n in args.memory_sizes:  # one call per backend and pass, H = 1 (refattn/bench/run.py: memory_rows)
         forward, backward = 4 * n * n * 64, 14 * n * n * 64
         if kernel:
             seconds += forward / (0.6 * rate) + (backward / (0.5 * rate) if n <= 2 * NUMPY_MAX_N else 0.0)

@@ -1,1 +1,0 @@
-"""refattn's benchmarks: ``python -m benchmarks`` (see ``benchmarks/RESULTS.md``)."""

@@ -1,0 +1,3 @@
+from refattn.bench.run import main
+
+raise SystemExit(main())
