@@ -1,6 +1,8 @@
 """Generic tests over every registered op: gradients, no mutation, batching, determinism, validation."""
 
 import copy
+import functools
+import inspect
 
 import numpy as np
 import pytest
@@ -8,9 +10,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import refattn
-from refattn import _registry
+from refattn import _registry, kernels
 from refattn.attention import sdpa as sdpa_mod
-from refattn.testing import GradcheckError, gradcheck
+from refattn.testing import GradcheckError, VjpError, check_vjp, gradcheck
 from tests.mutation import assert_catches
 
 OPS = sorted(_registry.OPS)
@@ -25,7 +27,7 @@ def _outputs(y):
 
 
 def check_gradients(op, case):
-    gradcheck(op.forward, op.backward, case.inputs, options=case.options)
+    gradcheck(op.forward, op.backward, case.inputs, options=case.options, rtol=op.tolerance)
 
 
 @pytest.mark.parametrize("name", OPS)
@@ -71,6 +73,100 @@ def test_gradients_match_finite_differences(name, data):
     op = _registry.get(name)
     case = data.draw(op.cases(for_gradcheck=True))
     check_gradients(op, case)
+
+
+def test_a_looser_gradient_tolerance_needs_a_reason():
+    op = _registry.get("softmax")
+    with pytest.raises(ValueError, match="without a reason"):
+        _registry.register(type(op)(**{**op.__dict__, "name": "loose", "tolerance": 1e-6}))
+
+
+# ---- kernel-sized gradients: one random direction per input (check_vjp), on every backend ----------
+
+
+def _sdpa_tiles(rng):
+    """Lq = 200, Lk = 300 (both across the 128 tile), GQA 4:2, a padding mask, a broadcast bias,
+    causal bottom-right, softcap and sinks."""
+    q = rng.standard_normal((1, 4, 200, 16))
+    k, v = rng.standard_normal((1, 2, 300, 16)), rng.standard_normal((1, 2, 300, 8))
+    options = dict(
+        mask=rng.random((1, 1, 200, 300)) > 0.1,
+        bias=0.5 * rng.standard_normal((200, 300)),
+        causal=True,
+        align="bottom_right",
+        softcap=5.0,
+        sinks=0.3 * rng.standard_normal(4),
+        return_lse=True,
+    )
+    return (q, k, v), options, 1e-3
+
+
+def _multihead_tiles(rng):
+    """Cross-attention of 200 queries on 300 keys, d_model 32, 4 query heads on 2 kv heads of dim 8,
+    biases, a head gate, a padding mask and causal bottom-right (sdpa's kernel underneath)."""
+    d, e = 32, 8
+    params = refattn.MHAParams(
+        *(0.3 * rng.standard_normal(shape) for shape in ((d, 4 * e), (d, 2 * e), (d, 2 * e), (4 * e, d))),
+        *(0.1 * rng.standard_normal(n) for n in (4 * e, 2 * e, 2 * e, d)),
+    )
+    x, kv = rng.standard_normal((1, 200, d)), rng.standard_normal((1, 300, d))
+    options = dict(
+        num_heads=4,
+        num_kv_heads=2,
+        kv=kv,
+        head_mask=rng.uniform(0.5, 1.5, 4),
+        mask=rng.random((1, 1, 200, 300)) > 0.1,
+        causal=True,
+        align="bottom_right",
+    )
+    return (x, params), options, 1e-3
+
+
+def _rollout_tiles(rng):
+    """Three layers of 4 heads over 200 tokens, every prefix returned (mean fusion: the kernel's path)."""
+    maps = refattn.softmax(rng.standard_normal((3, 1, 4, 200, 200)))
+    return (maps,), dict(residual=0.3, return_all=True, check_probabilities=False), 1e-3
+
+
+def _entropy_tiles(rng):
+    """Maps (2, 4, 200, 300) with entries ≥ 3e-4: steps up to 4·eps·rms(P)·|z| < 1e-5 stay far from P = 0."""
+    maps = refattn.softmax(0.5 * rng.standard_normal((2, 4, 200, 300)))
+    return (maps,), dict(normalize=True, check_probabilities=False), 1e-4
+
+
+KERNEL_CASES = {
+    "sdpa": _sdpa_tiles,
+    "multihead_attention": _multihead_tiles,
+    "rollout": _rollout_tiles,
+    "entropy": _entropy_tiles,
+}
+needs_numba = pytest.mark.skipif(not kernels.numba_available(), reason="numba is not installed")
+BACKENDS = ["numpy", pytest.param("numba", marks=needs_numba)]
+
+
+def _on(fn, backend):
+    """``fn`` with ``backend=`` bound where it takes one (rollout's and entropy's backwards do not)."""
+    return functools.partial(fn, backend=backend) if "backend" in inspect.signature(fn).parameters else fn
+
+
+def check_kernel_sized(op, backend):
+    inputs, options, eps = KERNEL_CASES[op.name](np.random.default_rng(0))
+    return check_vjp(
+        _on(op.forward, backend), _on(op.backward, backend), inputs, options=options, eps=eps, rtol=op.tolerance
+    )
+
+
+def test_every_op_with_a_kernel_has_a_kernel_sized_case():
+    with_backend = {n for n, op in _registry.OPS.items() if "backend" in inspect.signature(op.forward).parameters}
+    assert with_backend == set(KERNEL_CASES)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", sorted(KERNEL_CASES))
+def test_kernel_sized_gradients_match_a_random_direction(name, backend):
+    op = _registry.get(name)
+    report = check_kernel_sized(op, backend)
+    assert {c.name.split(".")[0] for c in report.checks} >= set(op.inputs)  # a direction per input (and field)
 
 
 @pytest.mark.parametrize("name", OPS)
@@ -219,6 +315,46 @@ def test_gradcheck_catches_a_backward_missing_the_softcap_factor(monkeypatch):
 def test_gradcheck_catches_gqa_gradients_not_summed_over_the_group(monkeypatch):
     monkeypatch.setattr(sdpa_mod, "reduce_kv", lambda dx, g: dx if g == 1 else dx[..., ::g, :, :])
     _assert_gradcheck_catches(_registry.get("sdpa"))
+
+
+def _scaled(op, field, factor=1 + 3e-7):
+    """``op`` with the ``field`` of its backward's gradients scaled by ``factor``."""
+
+    @functools.wraps(op.backward)  # the checkers read the backward's signature
+    def backward(*args, **kwargs):
+        grads = op.backward(*args, **kwargs)
+        return grads._replace(**{field: getattr(grads, field) * factor})
+
+    return type(op)(**{**op.__dict__, "backward": backward})
+
+
+@pytest.mark.parametrize(
+    ("name", "field"),
+    [("sdpa", "dq"), ("sdpa", "dk"), ("softmax", "dx"), ("rollout", "dattentions"), ("entropy_from_logits", "ds")],
+)
+def test_gradcheck_catches_a_gradient_off_by_3e_7(name, field):
+    """Off by 3e-7: under the old rtol of 1e-6 (sdpa's dq and dk so scaled passed 400 searched cases),
+    over the bar of 1e-8."""
+    _assert_gradcheck_catches(_scaled(_registry.get(name), field))
+
+
+def _kv_scaled(grads, factor=1 + 3e-7):
+    dq, dk, dv, dbias, dsinks = grads
+    return dq, dk * factor, dv * factor, dbias, dsinks
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kernel_sized_check_catches_kv_gradients_off_by_3e_7(monkeypatch, backend):
+    """Mutant: dk and dv scaled by 1 + 3e-7, in the GQA reduction (NumPy) or the kernel's result."""
+    if backend == "numba":
+        real = kernels.sdpa_backward
+        monkeypatch.setattr(kernels, "sdpa_backward", lambda *args: _kv_scaled(real(*args)))
+    else:
+        real = sdpa_mod.reduce_kv
+        monkeypatch.setattr(sdpa_mod, "reduce_kv", lambda dx, groups: real(dx, groups) * (1 + 3e-7))
+    with pytest.raises(VjpError) as info:
+        check_kernel_sized(_registry.get("sdpa"), backend)
+    assert {c.name for c in info.value.report.checks if not c.passed} - {"all"} == {"k", "v"}  # named
 
 
 def test_batch_check_catches_normalisation_across_the_batch(monkeypatch):
