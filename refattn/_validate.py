@@ -66,16 +66,36 @@ def as_float(x, name, *, ndim_min=0, allow_neg_inf=False, copy=True):
     a = np.array(a, dtype=np.float64, copy=True) if copy else np.asarray(a, dtype=np.float64)
     if a.ndim < ndim_min:
         raise RefAttnError(f"{name}: expected at least {ndim_min} dimensions, got shape {a.shape}")
-    finite = np.isfinite(a)
-    if not finite.all():
-        bad = ~finite
-        if allow_neg_inf:
-            bad &= ~np.isneginf(a)
-        if bad.any():
-            idx = tuple(int(i) for i in np.argwhere(bad)[0])
-            allowed = "finite values or -inf" if allow_neg_inf else "finite values"
-            raise RefAttnError(f"{name}: expected {allowed}, got {a[idx]} at index {idx}")
+    check_finite(a, name, allow_neg_inf=allow_neg_inf)
     return a
+
+
+def first_index(bad):
+    """The index (a tuple of ints) of the first True of the bool array ``bad`` in C order, or None."""
+    if not bad.size:
+        return None
+    flat = int(np.argmax(bad, axis=None))  # the first True (0 when there is none)
+    idx = tuple(int(i) for i in np.unravel_index(flat, bad.shape))
+    return idx if bad[idx] else None
+
+
+def check_finite(a, name, *, allow_neg_inf=False):
+    """RefAttnError unless every entry of the array ``a`` is finite (or ``-inf``, with
+    ``allow_neg_inf``); the message names ``name``, the first offending index (C order) and its
+    value: ``q: expected finite values, got nan at index (0, 1, 3, 2)``."""
+    if a.dtype.kind in "biu":
+        return
+    finite = np.isfinite(a)
+    if finite.all():
+        return
+    bad = np.logical_not(finite, out=finite)
+    if allow_neg_inf:
+        bad &= ~np.isneginf(a)
+    idx = first_index(bad)
+    if idx is not None:
+        allowed = "finite values or -inf" if allow_neg_inf else "finite values"
+        where = f" at index {idx}" if idx else ""  # a 0-d array has one entry
+        raise RefAttnError(f"{name}: expected {allowed}, got {float(a[idx])}{where}")
 
 
 def as_bool(x, name, *, hint=""):
@@ -110,15 +130,39 @@ def as_choice(value, name, choices):
     return value
 
 
+def _scalar(value, name, what):
+    """``value`` itself, or the one element of a 0-d array (NumPy, or any object with ``__array__`` /
+    ``__dlpack__``) given for a scalar option; an array with dimensions is a RefAttnTypeError."""
+    if not isinstance(value, (np.ndarray, np.generic)) and not hasattr(value, "__array__"):
+        if not hasattr(value, "__dlpack__"):
+            return value
+    a = to_numpy(value, name)
+    if a.ndim:
+        raise RefAttnTypeError(f"{name}: expected {what} (a scalar or a 0-d array), got an array of shape {a.shape}")
+    if is_extension_float(a.dtype):
+        a = a.astype(np.float64)
+    return a[()]
+
+
+def _describe(value):
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
+
+
 def as_real(value, name, *, positive=False, allow_none=True):
-    """A finite Python float (or None); ``positive`` requires > 0."""
+    """A finite Python float (or None); ``positive`` requires > 0.  Accepts any real scalar (Python or
+    NumPy int or float, ``fractions.Fraction``) or a 0-d array of one; bool and complex are refused."""
     if value is None:
         if allow_none:
             return None
         raise RefAttnError(f"{name}: expected a real number, got None")
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise RefAttnTypeError(f"{name}: expected a real number, got {type(value).__name__} {value!r}")
-    v = float(value)
+    v = _scalar(value, name, "a real number")
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real):
+        raise RefAttnTypeError(f"{name}: expected a real number, got {_describe(v)}")
+    try:
+        v = float(v)
+    except OverflowError:
+        raise RefAttnError(f"{name}: expected a finite number, got {_describe(v)} (beyond float64)") from None
     if not np.isfinite(v):
         raise RefAttnError(f"{name}: expected a finite number, got {v}")
     if positive and v <= 0:
@@ -127,18 +171,22 @@ def as_real(value, name, *, positive=False, allow_none=True):
 
 
 def as_int(value, name, *, minimum=None):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise RefAttnTypeError(f"{name}: expected an integer, got {type(value).__name__} {value!r}")
-    v = int(value)
+    """A Python int: any integer scalar (Python or NumPy) or a 0-d integer array; bool is refused."""
+    v = _scalar(value, name, "an integer")
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Integral):
+        raise RefAttnTypeError(f"{name}: expected an integer, got {_describe(v)}")
+    v = int(v)
     if minimum is not None and v < minimum:
         raise RefAttnError(f"{name}: expected an integer >= {minimum}, got {v}")
     return v
 
 
 def as_flag(value, name):
-    if not isinstance(value, (bool, np.bool_)):
-        raise RefAttnTypeError(f"{name}: expected True or False, got {type(value).__name__} {value!r}")
-    return bool(value)
+    """A Python bool: ``True``/``False``, a NumPy bool or a 0-d bool array."""
+    v = _scalar(value, name, "True or False")
+    if not isinstance(v, (bool, np.bool_)):
+        raise RefAttnTypeError(f"{name}: expected True or False, got {_describe(v)}")
+    return bool(v)
 
 
 def as_axis(axis, ndim, name="axis"):

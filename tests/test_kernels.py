@@ -465,17 +465,95 @@ def test_bitwise_identical_for_one_and_two_threads():
     assert len(set(digests)) == 1, digests
 
 
-def test_backend_choice():
+def test_backend_choice(monkeypatch):
+    monkeypatch.delenv("REFATTN_NUMPY_MAX_BYTES", raising=False)
     assert kernels.resolve_backend("numpy", 10**9) == "numpy"
     assert kernels.resolve_backend("auto", 10) == "numpy"
     with pytest.raises(refattn.RefAttnError, match="backend"):
         refattn.sdpa(np.ones((1, 2, 2)), np.ones((1, 2, 2)), np.ones((1, 2, 2)), backend="gpu")
+    huge = 2.0**43  # bytes of NumPy intermediates, over the default 8 GiB limit
+    assert kernels.numpy_max_bytes() == 8 * 2**30
+    with pytest.raises(refattn.RefAttnError, match=r'8,192\.0 GiB .* limit of 8\.0 GiB.*use backend="numba"'):
+        kernels.resolve_backend("numpy", 10, numpy_bytes=huge, what="the NumPy path of op")
+    assert kernels.resolve_backend("numpy", 10, numpy_bytes=8 * 2**30) == "numpy"  # at the limit: allowed
     if kernels.numba_available():
         assert kernels.resolve_backend("auto", kernels.AUTO_MIN_SCORES) == "numba"
+        assert kernels.resolve_backend("auto", 10, numpy_bytes=huge) == "numba"  # never numpy over the limit
     else:
         assert kernels.resolve_backend("auto", 10**9) == "numpy"
         with pytest.raises(refattn.RefAttnError, match="numba is not installed"):
             kernels.resolve_backend("numba", 1)
+        with pytest.raises(refattn.RefAttnError, match="pip install numba"):
+            kernels.resolve_backend("auto", 10, numpy_bytes=huge)
+
+
+# ---- the first compile of a kernel family says so on stderr (issue 11) ------------------------
+
+_ENTROPY = """
+import sys, numpy as np
+from refattn import kernels
+if "patch" in sys.argv:  # the cache check cannot tell: the line is printed, then corrected
+    kernels._cached = lambda kernel, sigs: None
+if "silence" in sys.argv:
+    kernels.set_quiet(True)
+p = np.full((3, 8), 1 / 8)
+for _ in range(2):  # twice, and both signatures: one family, one line at most
+    for maps in (p, p.astype(np.float32)):
+        print(round(float(kernels.row_entropy(maps)[0]), 6))
+"""
+
+
+def _entropy_run(cache, *args, **env):
+    """stdout and stderr lines of a fresh process computing row entropy by the kernel, numba's cache in
+    ``cache``; ``env``: extra environment variables."""
+    environ = {k: v for k, v in os.environ.items() if k != "REFATTN_QUIET"}
+    environ.update(NUMBA_CACHE_DIR=str(cache), **env)
+    run = subprocess.run(
+        [sys.executable, "-c", _ENTROPY, *args], capture_output=True, text=True, env=environ, check=True
+    )
+    assert run.stdout.split() == ["2.079442"] * 4  # log 8: the results, alone on stdout
+    return run.stderr.splitlines()
+
+
+@needs_numba
+def test_first_compile_prints_one_line_on_stderr_then_the_cache_is_silent(tmp_path):
+    cache = tmp_path / "numba cache"
+    first = _entropy_run(cache)
+    assert len(first) == 1, first
+    line = first[0]
+    assert line.startswith("refattn: compiling the entropy kernel (once, ~1 s; cached in "), line
+    assert line.endswith(")") and str(cache) in line, line
+    assert list(cache.rglob("metric_kernels.row_entropy-*.nbi")), "numba wrote no cache index"
+    assert _entropy_run(cache) == []  # loaded from the cache: nothing to say
+    second = _entropy_run(cache, "patch")  # a line for a load must say "loaded"
+    assert len(second) == 2 and second[0] == line, second
+    assert second[1].startswith("refattn: the entropy kernel: loaded from the cache after all ("), second
+    assert _entropy_run(cache, "patch", "silence") == []  # kernels.set_quiet(True)
+
+
+@needs_numba
+def test_first_compile_line_is_silenced_by_refattn_quiet(tmp_path):
+    assert _entropy_run(tmp_path / "fresh", REFATTN_QUIET="1") == []
+
+
+def test_quiet_setting(monkeypatch):
+    monkeypatch.setattr(kernels, "_quiet", None)
+    monkeypatch.delenv("REFATTN_QUIET", raising=False)
+    assert not kernels._is_quiet()
+    for value, quiet in (("1", True), ("yes", True), ("0", False), ("", False)):
+        monkeypatch.setenv("REFATTN_QUIET", value)
+        assert kernels._is_quiet() is quiet, value
+    assert kernels.set_quiet(True) is None and kernels._is_quiet()  # returns the previous setting
+    assert kernels.set_quiet(False) is True and not kernels._is_quiet()  # overrides the environment
+    monkeypatch.setenv("REFATTN_QUIET", "1")
+    assert not kernels._is_quiet()
+    assert kernels.set_quiet(None) is False and kernels._is_quiet()  # follows the environment again
+
+
+def test_the_line_goes_to_stderr_only(capsys):
+    kernels._say("refattn: compiling the test kernels (once, ~1 s; cached in /nowhere)")
+    out, err = capsys.readouterr()
+    assert out == "" and err == "refattn: compiling the test kernels (once, ~1 s; cached in /nowhere)\n"
 
 
 def test_kernel_catches_a_wrong_alignment(monkeypatch):

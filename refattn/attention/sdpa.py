@@ -95,6 +95,11 @@ class Args:
     def groups(self):
         return self.q.shape[-3] // self.k.shape[-3]
 
+    @property
+    def masked(self):
+        """Whether ``mask``, causal or a window may disallow scores (``allowed`` is not None); builds nothing."""
+        return self.user_mask is not None or self.causal or self.window != (None, None)
+
     @cached_property
     def allowed(self):
         """bool mask broadcastable to the scores (mask ∧ causal ∧ window), or None when all allowed."""
@@ -331,7 +336,9 @@ def sdpa(
     shapes and the order of operations.  ``backend``: ``"numpy"`` (this module, the
     definition), ``"numba"`` (the tiled kernel: no Lq × Lk array, ≤ 1e-12 from numpy) or
     ``"auto"`` (the kernel from ``refattn.kernels.AUTO_MIN_SCORES`` scores on, when numba
-    is installed).
+    is installed).  The NumPy path refuses (RefAttnError, before allocating) when its score-sized
+    intermediates would exceed ``refattn.kernels.numpy_max_bytes()`` (8 GiB unless
+    ``REFATTN_NUMPY_MAX_BYTES`` says otherwise); ``"auto"`` then takes the kernel.
     """
     return_lse = as_flag(return_lse, "return_lse")
     a = validate(
@@ -353,9 +360,59 @@ def sdpa(
     return run_forward(a, return_lse, backend)
 
 
+def score_arrays(a: Args, backward=False):
+    """How many float64 arrays of the score shape ``(..., Hq, Lq, Lk)`` the NumPy path holds at once,
+    at most (an upper bound, counted in the code below and checked against tracemalloc in the tests).
+
+    Forward (``forward_scores``, ``normalize_last_axis``): ``s0 = scale·(q k̃ᵀ)`` (the product and its
+    scaled copy), then in the softmax the logits, ``s − m`` and ``e = exp(s − m)``, then ``e`` and
+    ``P``: 3.  A softcap keeps ``s0`` and ``tanh(s0/c)`` beside the capped logits: +2.  A bias or a
+    mask (causal, window) makes the logits a new array beside ``s0``: +1.  ``empty_rows="nan"`` /
+    ``"uniform"`` fills empty rows of ``P`` into a copy: +1.
+    Backward (``backward_values``, ``backward_logits``): the logits, ``P``, ``dP``, ``dP − Δ`` and
+    ``dP − Δ + dlse`` (temporaries), then ``ds``: 5 (after the forward's peak has passed); softcap holds
+    ``tanh``, ``1 − tanh²`` and the new ``ds``: +2; dropout ``P̃`` and ``dP̃``: +1; dbias (summed over
+    the bias' broadcast axes, a copy) or ``"uniform"`` (``ds`` zeroed on empty rows, a copy): +1.
+    A mask (bool, 1 byte a score, held while the op runs, ``mask ∧ band`` formed once): +1/4.
+    """
+    softcap = 2 * (a.softcap is not None)
+    count = 3 + softcap + (a.bias is not None or a.masked) + (a.empty_rows != "zero")
+    if backward:
+        extra = a.bias is not None or a.empty_rows == "uniform"
+        count = max(count, 5 + softcap + (a.keep_scale is not None) + extra)
+    return count + 0.25 * a.masked
+
+
+def numpy_bytes(a: Args, backward=False):
+    """Bytes of the score-sized intermediates of the NumPy path (``score_arrays`` of them)."""
+    return score_arrays(a, backward) * 8.0 * math.prod(a.score_shape)
+
+
+def choose_backend(a: Args, backend, backward=False, op="sdpa"):
+    """``"numpy"`` or ``"numba"`` (``refattn.kernels.resolve_backend``): ``"auto"`` takes the kernel from
+    ``AUTO_MIN_SCORES`` scores on, and a NumPy path needing more than ``refattn.kernels.numpy_max_bytes()``
+    for its score-sized intermediates is refused (``"auto"`` takes the kernel instead when it can)."""
+    what = f"the NumPy path of {op}"
+    count = math.prod(a.score_shape)
+    return _kernels.resolve_backend(backend, count, numpy_bytes(a, backward), what=what, shape=a.score_shape)
+
+
+def _check_weights_size(a: Args, op, backward=False):
+    """attention_weights has no kernel (its output is score-sized): refuse it over the NumPy limit
+    (the backward also copies ``d_weights``, one more score-sized array)."""
+    nbytes = numpy_bytes(a, backward) + backward * 8.0 * math.prod(a.score_shape)
+    limit = _kernels.numpy_max_bytes()
+    if nbytes > limit:
+        text = _kernels.numpy_too_big_message("q, k", op, nbytes, limit, a.score_shape)
+        raise RefAttnError(
+            text + '; sdpa(..., return_lse=True, backend="numba") gives out and lse without P (O(N·D) memory), '
+            "or take fewer queries at a time"
+        )
+
+
 def run_forward(a: Args, return_lse, backend="numpy"):
     """Steps 1-7 on validated arguments: ``out`` [, ``lse``]."""
-    if _kernels.resolve_backend(backend, math.prod(a.score_shape)) == "numba":
+    if choose_backend(a, backend) == "numba":
         out, lse = _kernels.sdpa_forward(a)
         return (out, lse) if return_lse else out
     f = forward_scores(a)
@@ -470,11 +527,12 @@ def _saved(saved, out_shape):
 
 def run_backward(a: Args, d_out, d_lse, backend="numpy", saved=None):
     """Steps 7 back to 1 on validated arguments → :class:`SDPAGrads`."""
+    chosen = choose_backend(a, backend, backward=True, op="sdpa_backward")  # before d_out is copied
     out_shape = a.score_shape[:-1] + (a.v.shape[-1],)
     d_o = as_cotangent(d_out, out_shape, "d_out")  # (..., Hq, Lq, Dv)
     dl = None if d_lse is None else as_cotangent(d_lse, a.score_shape[:-1], "d_lse")
     saved = None if saved is None else _saved(saved, out_shape)
-    if _kernels.resolve_backend(backend, math.prod(a.score_shape)) == "numba":
+    if chosen == "numba":
         return SDPAGrads(*_kernels.sdpa_backward(a, d_o, dl, saved))
     f = forward_scores(a)
     dp, dve, _ = backward_values(a, f, d_o, expand_kv(a.v, a.groups))
@@ -512,6 +570,7 @@ def attention_weights(
         sinks=sinks,
         empty_rows=empty_rows,
     )
+    _check_weights_size(a, "attention_weights")
     return forward_scores(a).p
 
 
@@ -545,6 +604,7 @@ def attention_weights_backward(
         sinks=sinks,
         empty_rows=empty_rows,
     )
+    _check_weights_size(a, "attention_weights_backward", backward=True)
     f = forward_scores(a)
     dp = as_cotangent(d_weights, a.score_shape, "d_weights")
     return AttentionWeightsGrads(*backward_scores(a, f, dp, None))

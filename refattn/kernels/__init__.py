@@ -2,13 +2,19 @@
 
 Each kernel has a NumPy twin that defines the math (``specs/kernels.md``); results agree to
 ≤ 1e-12 relative and are bitwise identical for any number of threads.  Nothing here imports
-numba or compiles until a kernel is first used; compiled code is cached on disk.
+numba or compiles until a kernel is first used; compiled code is cached on disk, and the first
+compile of each kernel family announces itself with one line on stderr (``set_quiet``).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import math
+import os
+import re
+import sys
+import threading
+import time
 import warnings
 
 import numpy as np
@@ -18,33 +24,98 @@ from refattn._validate import RefAttnError, as_choice, unbroadcast
 __all__ = [
     "BACKENDS",
     "AUTO_MIN_SCORES",
+    "NUMPY_MAX_BYTES",
     "key_ranges",
     "numba_available",
+    "numpy_max_bytes",
     "resolve_backend",
     "rollout_fuse_mean",
     "rollout_rows_product",
+    "set_quiet",
 ]
 
 BACKENDS = ("auto", "numpy", "numba")
 AUTO_MIN_SCORES = 1 << 18  # "auto" uses the kernel from this many scores (N·Hq·Lq·Lk) on
+NUMPY_MAX_BYTES = None  # the NumPy path's limit on its intermediates; None: $REFATTN_NUMPY_MAX_BYTES or 8 GiB
+DEFAULT_NUMPY_MAX_BYTES = 8 << 30
 _EMPTY_POLICY = {"zero": 0, "nan": 1, "uniform": 2}
-_compiled = {}
+_compiled = {}  # kernel name -> its dispatcher, compiled for its signatures
+_families = {}  # kernel module -> {kernel name: dispatcher}, every kernel of it compiled
+_compile_lock = threading.Lock()
 
 
 def numba_available():
     return importlib.util.find_spec("numba") is not None
 
 
-def resolve_backend(backend, score_count):
-    """``"numpy"`` or ``"numba"`` for a call with ``score_count`` scores."""
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+_BYTES = re.compile(r"\s*([0-9.]+(?:e[+-]?[0-9]+)?|inf)\s*([kmgt]?)(?:i?b)?\s*", re.IGNORECASE)
+
+
+def _parse_bytes(value, name):
+    """A number of bytes > 0 from ``value``: a number, or text such as ``"8589934592"``, ``"8e9"``,
+    ``"16GiB"``, ``"512M"``, ``"inf"`` (no limit)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        nbytes = float(value)
+    else:
+        match = _BYTES.fullmatch(str(value))
+        try:
+            nbytes = float(match[1]) * _UNITS[match[2].lower()]
+        except (TypeError, ValueError):  # no match, or "1.2.3"
+            nbytes = math.nan
+    if not nbytes > 0:
+        raise RefAttnError(
+            f"{name}: expected a number of bytes > 0 (e.g. 8589934592, 8e9, 16GiB, 512MiB or inf), got {value!r}"
+        )
+    return nbytes
+
+
+def numpy_max_bytes():
+    """The most bytes the NumPy path may allocate for its score-sized intermediates: the module setting
+    ``NUMPY_MAX_BYTES`` when not None, else ``$REFATTN_NUMPY_MAX_BYTES``, else 8 GiB; ``inf``: no limit."""
+    if NUMPY_MAX_BYTES is not None:
+        return _parse_bytes(NUMPY_MAX_BYTES, "refattn.kernels.NUMPY_MAX_BYTES")
+    env = os.environ.get("REFATTN_NUMPY_MAX_BYTES", "").strip()
+    return _parse_bytes(env, "REFATTN_NUMPY_MAX_BYTES") if env else float(DEFAULT_NUMPY_MAX_BYTES)
+
+
+def _gib(nbytes):
+    return f"{nbytes / 2**30:,.1f} GiB" if nbytes >= 2**30 / 10 else f"{nbytes / 2**20:,.1f} MiB"
+
+
+def resolve_backend(backend, score_count, numpy_bytes=None, *, what="the NumPy path", shape=None):
+    """``"numpy"`` or ``"numba"`` for a call with ``score_count`` scores.
+
+    ``numpy_bytes``: what the NumPy path would allocate for its score-sized intermediates (None: not
+    checked).  ``"auto"`` picks the kernel when that exceeds :func:`numpy_max_bytes` and numba is
+    installed; a NumPy path over the limit is a RefAttnError naming the size and ``backend="numba"``.
+    ``what`` and ``shape`` (the score shape) are for that message."""
     as_choice(backend, "backend", BACKENDS)
     if backend == "numba":
         if not numba_available():
             raise RefAttnError("backend: 'numba' was asked for but numba is not installed (pip install numba)")
         return "numba"
-    if backend == "auto" and score_count >= AUTO_MIN_SCORES and numba_available():
+    limit = None if numpy_bytes is None else numpy_max_bytes()
+    too_big = limit is not None and numpy_bytes > limit
+    if backend == "auto" and (score_count >= AUTO_MIN_SCORES or too_big) and numba_available():
         return "numba"
+    if too_big:
+        text = numpy_too_big_message("backend", what, numpy_bytes, limit, shape)
+        if backend == "auto":  # auto stays on numpy only without numba
+            raise RefAttnError(text + '; backend="numba" (O(N·D) memory) would do it: pip install numba')
+        hint = "" if numba_available() else " (pip install numba)"
+        raise RefAttnError(text + f'; use backend="numba" (O(N·D) memory){hint}')
     return "numpy"
+
+
+def numpy_too_big_message(name, what, numpy_bytes, limit, shape=None):
+    """``name: what needs … GiB … over the limit of … GiB (…)``: the start of the message of a NumPy
+    path refused for its size; the caller adds what to do instead."""
+    scores = "" if shape is None else f" (scores {tuple(shape)})"
+    return (
+        f"{name}: {what} needs {_gib(numpy_bytes)} for its score-sized float64 intermediates{scores}, over the "
+        f"limit of {_gib(limit)} (REFATTN_NUMPY_MAX_BYTES or refattn.kernels.NUMPY_MAX_BYTES raise it)"
+    )
 
 
 def _sdpa_signatures(t):
@@ -78,22 +149,120 @@ def _kernels():
         return _compile("sdpa_kernels", _sdpa_signatures)
 
 
+# Each kernel module is a family compiled together on first use: what the first-compile line calls it
+# and how long its compile takes (2-core machine, idle / loaded: 17.7 / 42 s, 6.3 / 9.6 s, 1.2 s).
+_FAMILY_NOTES = {
+    "sdpa_kernels": ("the attention kernels", "~20-40 s"),
+    "rollout_kernels": ("the rollout kernels", "~6-10 s"),
+    "metric_kernels": ("the entropy kernel", "~1 s"),
+}
+_quiet = None  # set_quiet: True / False override $REFATTN_QUIET; None follows it
+
+
+def set_quiet(quiet=True):
+    """Silence (``True``) or restore (``False``) the line on stderr that announces a kernel family's
+    first compile; ``None`` follows ``$REFATTN_QUIET`` again (set and not ``0``: silent).  Returns the
+    previous setting."""
+    global _quiet
+    previous = _quiet
+    _quiet = None if quiet is None else bool(quiet)
+    return previous
+
+
+def _is_quiet():
+    if _quiet is not None:
+        return _quiet
+    return os.environ.get("REFATTN_QUIET", "").strip() not in ("", "0")
+
+
+def _cached(kernel, sigs):
+    """Whether numba's on-disk cache holds ``kernel`` for every signature in ``sigs`` (its index entry
+    for this source, machine and numba version, and the data file it names); None when numba's cache
+    cannot be asked (its internals moved)."""
+    try:
+        cache = kernel._cache
+        index = cache._cache_file._load_index()
+        codegen = kernel.targetctx.codegen()
+        for sig in sigs:
+            data = index.get(cache._index_key(sig, codegen))
+            if data is None or not os.path.exists(os.path.join(cache.cache_path, data)):
+                return False
+        return True
+    except Exception:  # private numba API: any failure means "unknown"
+        return None
+
+
+def _cache_dir(kernel, kern):
+    """Where numba caches ``kernel``: its own answer, else ``$NUMBA_CACHE_DIR`` or the module's
+    ``__pycache__``."""
+    try:
+        return kernel._cache.cache_path
+    except AttributeError:
+        return os.environ.get("NUMBA_CACHE_DIR") or os.path.join(os.path.dirname(kern.__file__), "__pycache__")
+
+
+def _say(line):
+    """One line on stderr; on a terminal it first clears the line (a progress bar drawn with ``\\r``)."""
+    stream = sys.stderr
+    if stream is None:
+        return
+    try:
+        isatty = getattr(stream, "isatty", None)
+        prefix = "\r\x1b[K" if isatty is not None and isatty() else ""
+        stream.write(f"{prefix}{line}\n")
+        stream.flush()
+    except (OSError, ValueError, AttributeError):  # a closed or odd stderr must not break the computation
+        pass
+
+
 def _compile(module, signatures):
     """The kernels of ``refattn.kernels.<module>`` compiled for their explicit signatures (first call
-    only, then cached on disk); ``signatures``: a callable ``types -> {kernel name: [signature, ...]}``."""
-    from numba import types
+    only, then cached on disk); ``signatures``: a callable ``types -> {kernel name: [signature, ...]}``.
 
-    kern = importlib.import_module(f"refattn.kernels.{module}")
-    kernels = {}
-    for name, sigs in signatures(types).items():  # compiled once per process, then looked up
-        if name not in _compiled:
-            kernel = getattr(kern, name)
+    Before compiling a family that numba's cache does not hold, one line on stderr says so (once per
+    family per process; ``set_quiet``, ``$REFATTN_QUIET``); should the cache serve it after all (the
+    check could not tell), a second line says it was loaded."""
+    kernels = _families.get(module)
+    if kernels is not None:
+        return kernels
+    with _compile_lock:
+        if module in _families:
+            return _families[module]
+        from numba import types
+
+        kern = importlib.import_module(f"refattn.kernels.{module}")
+        todo = {}  # kernel name -> (dispatcher, signatures)
+        for name, sigs in signatures(types).items():
+            if name not in _compiled:
+                todo[name] = (getattr(kern, name), [types.void(*sig) for sig in sigs])
+        announced = False
+        if todo and not _is_quiet():
+            cached = [_cached(kernel, sigs) for kernel, sigs in todo.values()]
+            if not all(cached):  # False (a miss) or None (unknown)
+                what, expect = _FAMILY_NOTES.get(module, (f"the {module} kernels", "a few seconds"))
+                kernel = next(iter(todo.values()))[0]
+                _say(f"refattn: compiling {what} (once, {expect}; cached in {_cache_dir(kernel, kern)})")
+                announced = True
+        start = time.perf_counter()
+        for name, (kernel, sigs) in todo.items():  # compiled once per process, then looked up
             for sig in sigs:
-                kernel.compile(types.void(*sig))
+                kernel.compile(sig)
             kernel.disable_compile()
             _compiled[name] = kernel
-        kernels[name] = _compiled[name]
-    return kernels
+        if announced and _all_loaded(todo):
+            what = _FAMILY_NOTES.get(module, (f"the {module} kernels",))[0]
+            _say(f"refattn: {what}: loaded from the cache after all ({time.perf_counter() - start:.1f} s)")
+        kernels = {name: _compiled[name] for name in signatures(types)}
+        _families[module] = kernels
+        return kernels
+
+
+def _all_loaded(todo):
+    """Whether every signature in ``todo`` came from numba's cache (the dispatchers' own counters)."""
+    try:
+        return all(kernel.stats.cache_hits.get(sig, 0) for kernel, sigs in todo.values() for sig in sigs)
+    except AttributeError:
+        return False
 
 
 def _rollout_signatures(t):
