@@ -8,6 +8,9 @@ import os
 
 from hypothesis import HealthCheck, settings
 
+# The first-compile notice goes to stderr; tests that read stderr expect only their own lines.
+os.environ.setdefault("REFATTN_QUIET", "1")
+
 _common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.register_profile("dev", max_examples=25, **_common)
 settings.register_profile("stress", max_examples=200, **_common)  # local: randomized, to shake out flaky cases
