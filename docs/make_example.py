@@ -1,11 +1,17 @@
 """Builds the README's example: four layers of hand-made heads over a repeated token sequence
-(previous-token, first-token "sink", local window, induction), saved as an attention-map file.
+(previous-token, first-token "sink", local window, induction), saved as an attention-map file,
+and draws the README's figure from it with the command a reader would type:
 
-    python docs/make_example.py /tmp/example_maps.npz
-    refattn metrics /tmp/example_maps.npz --plot docs/metrics.png
+    python docs/make_example.py [MAPS.npz] [FIGURE.png]   # default: a temporary file, docs/metrics.png
+
+which runs
+
+    refattn rollout MAPS.npz --row -1 --layer 1,3 --tokens the,cat,sat,on,a,red,mat,.,the,... --plot docs/metrics.png
 """
 
 import sys
+import tempfile
+from pathlib import Path
 
 import numpy as np
 
@@ -39,4 +45,14 @@ for layer in range(4):
             ]
         )[None]
     )
-io.save_attentions(sys.argv[1] if len(sys.argv) > 1 else "example_maps.npz", layers, tokens=tokens)
+words = ["the", "cat", "sat", "on", "a", "red", "mat", "."] * 2  # labels of the ids above, repeat included
+COMMAND = ["rollout", "MAPS", "--row", "-1", "--layer", "1,3", "--tokens", ",".join(words), "--plot", "FIGURE"]
+
+if __name__ == "__main__":
+    from refattn.cli import main
+
+    with tempfile.TemporaryDirectory() as scratch:
+        maps = sys.argv[1] if len(sys.argv) > 1 else str(Path(scratch) / "example_maps.npz")
+        figure = sys.argv[2] if len(sys.argv) > 2 else str(Path(__file__).with_name("metrics.png"))
+        io.save_attentions(maps, layers, tokens=tokens)
+        sys.exit(main([{"MAPS": maps, "FIGURE": figure}.get(a, a) for a in COMMAND]))

@@ -181,13 +181,43 @@ def _flag_names():
         raise RefAttnError(text.replace("check_probabilities=False", "--no-check-probabilities")) from exc
 
 
+_PLOT_ONLY = (("--layer", "layer"), ("--heads", "heads"), ("--batch", "batch"), ("--tokens", "tokens"))
+
+
 def _plot_path(args):
-    """``--plot`` checked before any work (folder, suffix, matplotlib), or None."""
+    """``--plot`` checked before any work (folder, suffix, matplotlib), or None; the options that
+    choose what the figure shows are refused without it."""
     if args.plot is None:
+        given = [flag for flag, dest in _PLOT_ONLY if getattr(args, dest) is not None]
+        if given:
+            raise RefAttnError(f"{given[0]}: chooses what the figure shows: add --plot FIG (or drop {given[0]})")
         return None
     from refattn.plot import check_plot_path
 
     return check_plot_path(args.plot, "--plot")
+
+
+def _plot_view(args, layers, tokens):
+    """What the figure shows (``--layer``, ``--heads``, ``--batch``, ``--tokens``, else the file's
+    ``tokens``), checked against the file's shapes before any work: keywords of ``attention_report``."""
+    from refattn import plot
+
+    shape = layers[0].shape  # (..., H, n, n)
+    n_items, n_heads, n = int(np.prod(shape[:-3], dtype=np.int64)), shape[-3], shape[-1]
+    item = plot.select_item(n_items, 0 if args.batch is None else args.batch, name="--batch")
+    layer = plot.select_layers(len(layers), -1 if args.layer is None else args.layer, name="--layer")
+    _, note = plot.select_heads(n_heads, args.heads, name="--heads")  # the figure selects them again
+    if args.tokens is not None:
+        labels = plot.token_labels(args.tokens, n, name="--tokens")
+    else:
+        labels = plot.token_labels(tokens, n, item=item, n_items=n_items, name=f"{args.file}: key 'tokens'")
+    if note:
+        print(f"refattn {args.command}: --plot: {note}", file=sys.stderr)
+    return {"layer": layer, "item": item, "heads": args.heads, "tokens": labels}
+
+
+def _plot_written(args, plot):
+    print(f"plot written to {plot}", file=sys.stderr if args.json else sys.stdout)
 
 
 def cmd_rollout(args):
@@ -201,6 +231,7 @@ def cmd_rollout(args):
             f"--row: expected an output token index in [-{n}, {n}) (the maps are n × n, n = {n}), got {args.row}"
         )
     row = args.row % n
+    view = _plot_view(args, layers, tokens) if plot else None
     check = {"check_probabilities": args.check_probabilities}
     with _flag_names():
         r = refattn.rollout(layers, residual=args.residual, head_fusion=args.head_fusion, mask=mask, **check)
@@ -221,9 +252,9 @@ def cmd_rollout(args):
         from refattn.plot import plot_attention_report
 
         with _flag_names():
-            summary = refattn.metrics.summarize(layers, mask=mask, **check)
-        plot_attention_report(plot, layers, rollout_map=r, summary=summary)
-        print(f"plot written to {plot}")
+            summary = refattn.metrics.summarize(layers, tokens, mask=mask, **check)
+        plot_attention_report(plot, layers, rollout_map=r, summary=summary, row=row, **view)
+        _plot_written(args, plot)
     return 0
 
 
@@ -232,6 +263,7 @@ def cmd_metrics(args):
 
     plot = _plot_path(args)
     layers, mask, tokens = refattn.io.load_attentions(args.file, **_cap(args))
+    view = _plot_view(args, layers, tokens) if plot else None
     check = {"check_probabilities": args.check_probabilities}
     with _flag_names():
         summary = refattn.metrics.summarize(layers, tokens, mask=mask, **check)
@@ -253,8 +285,8 @@ def cmd_metrics(args):
 
         with _flag_names():
             r = refattn.rollout(layers, mask=mask, **check)
-        plot_attention_report(plot, layers, rollout_map=r, summary=summary)
-        print(f"plot written to {plot}")
+        plot_attention_report(plot, layers, rollout_map=r, summary=summary, **view)
+        _plot_written(args, plot)
     return 0
 
 
@@ -275,6 +307,44 @@ def _int_at_least(minimum):
         return value
 
     return integer
+
+
+def _index_spec(*, negative):
+    """``--layer`` / ``--heads``: ``3``, ``0,2,4-6`` (ranges inclusive), ``all`` (layers); with
+    ``negative``, single indices may count from the end (``-1``).  Ranges are checked against the
+    file's shapes later (``refattn.plot.select_*``)."""
+    item = r"-?\d+" if negative else r"\d+"
+
+    def spec(text):
+        if negative and text.strip() == "all":
+            return "all"
+        out = []
+        for part in text.split(","):
+            part = part.strip()
+            m = re.fullmatch(r"(\d+)-(\d+)", part)
+            if m:
+                lo, hi = int(m.group(1)), int(m.group(2))
+                if lo > hi:
+                    raise argparse.ArgumentTypeError(f"expected a range low-high with low <= high, got {part!r}")
+                if hi - lo >= 10_000:  # no figure has that many; refused before building the list
+                    raise argparse.ArgumentTypeError(f"expected a range of fewer than 10000 indices, got {part!r}")
+                out.extend(range(lo, hi + 1))
+            elif re.fullmatch(item, part):
+                out.append(int(part))
+            else:
+                example = "0,2,4-6, -1 or all" if negative else "0,2,4-6"
+                raise argparse.ArgumentTypeError(f"expected indices and ranges such as {example}, got {text!r}")
+        return out
+
+    return spec
+
+
+def _token_list(text):
+    """``--tokens``: comma-separated labels (surrounding spaces dropped)."""
+    labels = [t.strip() for t in text.split(",")]
+    if not any(labels):
+        raise argparse.ArgumentTypeError(f"expected comma-separated token labels such as the,cat,sat, got {text!r}")
+    return labels
 
 
 def _weight(text):
@@ -361,9 +431,39 @@ def _parser():
         m.add_argument("file", help=".npz with 'attentions' (L, ..., H, n, n) [, 'mask', 'tokens']")
         m.add_argument(
             "--plot",
-            metavar="PNG",
-            help="also write a figure (.png, .pdf or .svg, in an existing folder): heatmaps, rollout map, "
-            "per-layer metrics; needs matplotlib",
+            metavar="FIG",
+            help="also write a figure (.png, .pdf or .svg, in an existing folder): the chosen heads' heatmaps, "
+            "the rollout map"
+            + (" with --row outlined and its weights" if name == "rollout" else "")
+            + ", per-layer metrics; needs matplotlib",
+        )
+        m.add_argument(
+            "--layer",
+            type=_index_spec(negative=True),
+            metavar="LAYERS",
+            help="with --plot: the layers whose heads are drawn, a row each: an index (default -1, the last), "
+            "a list with ranges such as 0,2,4-6 (--layer=-2,-1 for negative ones) or 'all'; at most 8",
+        )
+        m.add_argument(
+            "--heads",
+            type=_index_spec(negative=False),
+            metavar="HEADS",
+            help="with --plot: the heads drawn, such as 0-3,8 (default all, at most 16: past that the first 16, "
+            "said on stderr)",
+        )
+        m.add_argument(
+            "--batch",
+            type=int,
+            metavar="B",
+            help="with --plot: the batch item drawn (default 0; an index into the flattened batch dims, "
+            "negative counts from the end)",
+        )
+        m.add_argument(
+            "--tokens",
+            type=_token_list,
+            metavar="LIST",
+            help="with --plot: the n token labels of the axes, comma-separated (default: the file's 'tokens' "
+            "ids, else integer positions); labels only, the metrics use the file's ids",
         )
         m.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")
         m.add_argument("--max-bytes", type=_byte_count, metavar="SIZE", help=_MAX_BYTES_HELP)

@@ -441,3 +441,155 @@ def test_maps_that_are_not_probabilities_are_refused_unless_asked(tmp_path, caps
         assert "--no-check-probabilities" in line
         assert main([command, str(path), "--no-check-probabilities"]) == 0
         capsys.readouterr()
+
+
+# ---- what --plot draws: --layer, --heads, --batch, --tokens, --row (issue 12, point 6) ---------
+
+
+@pytest.fixture
+def figures(monkeypatch):
+    """The Figures the command draws (and writes), with the options it drew them with."""
+    pytest.importorskip("matplotlib")
+    from refattn import plot
+
+    drawn, report = [], plot.attention_report
+
+    def capture(layers, **options):
+        fig = report(layers, **options)
+        drawn.append((fig, options))
+        return fig
+
+    monkeypatch.setattr(plot, "attention_report", capture)
+    return drawn
+
+
+def _gids(fig, prefix):
+    return [ax for ax in fig.axes if (ax.get_gid() or "").startswith(prefix)]
+
+
+def _png(path):
+    data = path.read_bytes()
+    return data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
+
+
+def test_plot_defaults_last_layer_item_0_every_head_and_the_files_tokens(maps_file, tmp_path, figures, capsys):
+    path, layers, mask = maps_file
+    png = tmp_path / "metrics.png"
+    assert main(["metrics", str(path), "--plot", str(png)]) == 0
+    assert _png(png) and f"plot written to {png}" in capsys.readouterr().out
+    ((fig, options),) = figures
+    heads = _gids(fig, "head ")
+    assert [ax.get_gid() for ax in heads] == [f"head 2 {h}" for h in range(4)]
+    assert len({ax.images[0].get_clim() for ax in heads}) == 1 and _gids(fig, "heads colorbar")
+    tokens = np.load(path)["tokens"]
+    assert [t.get_text() for t in heads[0].yaxis.get_ticklabels()] == [str(t) for t in tokens[0]]
+    (curves,) = _gids(fig, "metrics")
+    assert "induction" in [line.get_label() for line in curves.get_lines()]
+    assert not _gids(fig, "rollout row")  # metrics has no --row
+
+
+def test_plot_layer_heads_batch_and_tokens_choose_the_figure(maps_file, tmp_path, figures, capsys):
+    path, layers, mask = maps_file
+    png = tmp_path / "chosen.png"
+    words = "the,cat,sat,on,a,red,mat,."
+    argv = ["metrics", str(path), "--plot", str(png), "--layer", "0-1", "--heads", "1,3", "--batch", "1"]
+    assert main([*argv, "--tokens", words]) == 0
+    assert _png(png)
+    ((fig, options),) = figures
+    heads = {ax.get_gid(): ax for ax in _gids(fig, "head ")}
+    assert sorted(heads) == ["head 0 1", "head 0 3", "head 1 1", "head 1 3"]
+    np.testing.assert_array_equal(heads["head 1 3"].images[0].get_array(), layers[1][1, 3])
+    assert [t.get_text() for t in heads["head 0 1"].yaxis.get_ticklabels()] == words.split(",")
+    np.testing.assert_array_equal(_gids(fig, "rollout")[0].images[0].get_array(), refattn.rollout(layers, mask=mask)[1])
+    figures.clear()
+    assert main(["metrics", str(path), "--plot", str(png), "--layer", "all", "--heads", "2"]) == 0
+    assert sorted(ax.get_gid() for ax in _gids(figures[0][0], "head ")) == ["head 0 2", "head 1 2", "head 2 2"]
+    figures.clear()
+    assert main(["metrics", str(path), "--plot", str(png), "--layer=-2", "--batch", "-1"]) == 0
+    assert figures[0][1]["layer"] == [1] and figures[0][1]["item"] == 1
+
+
+def test_rollout_plot_outlines_the_row_and_keeps_the_token_curve(maps_file, tmp_path, figures):
+    path, layers, mask = maps_file
+    png = tmp_path / "rollout.png"
+    assert main(["rollout", str(path), "--plot", str(png), "--row", "-1", "--batch", "1"]) == 0
+    assert _png(png)
+    ((fig, options),) = figures
+    (ax_map,) = _gids(fig, "rollout")[:1]
+    (mark,) = [p for p in ax_map.patches if p.get_gid() == "rollout row mark"]
+    assert mark.get_y() == 7 - 0.5
+    (bars,) = _gids(fig, "rollout row")
+    np.testing.assert_allclose(
+        [b.get_height() for b in bars.patches], refattn.rollout(layers, mask=mask)[1, 7], rtol=1e-12, atol=0
+    )
+    (curves,) = _gids(fig, "metrics")
+    assert {"previous_token", "induction"} <= {line.get_label() for line in curves.get_lines()}
+
+
+def test_plot_with_json_keeps_stdout_json(maps_file, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    path, _, _ = maps_file
+    png = tmp_path / "fig.png"
+    for command in ("rollout", "metrics"):
+        assert main([command, str(path), "--plot", str(png), "--json"]) == 0
+        out, err = capsys.readouterr()
+        json.loads(out)
+        assert f"plot written to {png}" in err
+
+
+def test_plot_says_which_heads_are_left_out(tmp_path, figures, capsys):
+    rng = np.random.default_rng(2)
+    path = tmp_path / "many_heads.npz"
+    io.save_attentions(path, [refattn.softmax(rng.standard_normal((20, 4, 4))) for _ in range(2)])
+    png = tmp_path / "fig.png"
+    assert main(["metrics", str(path), "--plot", str(png)]) == 0
+    err = capsys.readouterr().err
+    assert err.strip() == "refattn metrics: --plot: showing heads 0-15 of 20 (at most 16); choose others with --heads"
+    fig = figures[0][0]
+    assert len(_gids(fig, "head ")) == 16
+    assert any("heads 0-15 of 20 shown" in getattr(t, "get_text", str)() for t in fig.findobj())
+    assert main(["metrics", str(path), "--plot", str(png), "--heads", "4-19"]) == 0
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("command", ["rollout", "metrics"])
+@pytest.mark.parametrize(
+    "extra, fragments",
+    [
+        (["--layer", "3"], ["--layer: expected layers in [-3, 3) (the maps have 3), got 3"]),
+        (["--layer=-4"], ["--layer: expected layers in [-3, 3)", "got -4"]),
+        (["--heads", "2-4"], ["--heads: expected heads in [0, 4) (the maps have 4), got 4"]),
+        (["--heads", "0-16"], ["--heads: expected heads in [0, 4)"]),
+        (["--batch", "2"], ["--batch: expected batch items in [-2, 2) (the maps have 2), got 2"]),
+        (["--tokens", "a,b,c"], ["--tokens: expected 8 labels (the maps are n × n, n = 8), got 3 labels"]),
+    ],
+)
+def test_plot_choices_are_checked_against_the_file(maps_file, tmp_path, capsys, command, extra, fragments):
+    path, _, _ = maps_file
+    png = tmp_path / "fig.png"
+    line = _user_error(capsys, [command, str(path), "--plot", str(png), *extra], *fragments)
+    assert line.startswith(f"refattn {command}: ")
+    assert not png.exists()
+
+
+@pytest.mark.parametrize("flag, value", [("--layer", "0"), ("--heads", "1"), ("--batch", "0"), ("--tokens", "a,b")])
+def test_plot_choices_without_plot_are_refused(maps_file, capsys, flag, value):
+    path, _, _ = maps_file
+    _user_error(capsys, ["metrics", str(path), flag, value], f"{flag}: chooses what the figure shows: add --plot FIG")
+
+
+@pytest.mark.parametrize(
+    "extra, fragment",
+    [
+        (["--heads", "x"], "argument --heads: expected indices and ranges such as 0,2,4-6, got 'x'"),
+        (["--heads", "-1"], "argument --heads: expected indices and ranges such as 0,2,4-6, got '-1'"),
+        (["--heads", "1,-1"], "argument --heads: expected indices and ranges such as 0,2,4-6, got '1,-1'"),
+        (["--layer", "3-1"], "argument --layer: expected a range low-high with low <= high, got '3-1'"),
+        (["--layer", "last"], "argument --layer: expected indices and ranges such as 0,2,4-6, -1 or all"),
+        (["--batch", "first"], "argument --batch: invalid int value: 'first'"),
+        (["--tokens", ","], "argument --tokens: expected comma-separated token labels"),
+    ],
+)
+def test_malformed_plot_choices_are_usage_errors(maps_file, tmp_path, capsys, extra, fragment):
+    path, _, _ = maps_file
+    _usage_error(capsys, ["metrics", str(path), "--plot", str(tmp_path / "fig.png"), *extra], fragment)
