@@ -15,6 +15,7 @@ from typing import NamedTuple
 import numpy as np
 
 from refattn._validate import RefAttnError, as_choice, as_cotangent, to_numpy, unbroadcast
+from refattn.attention.options import BACKWARD_RETURN_LSE, takes_sdpa_options
 from refattn.attention.sdpa import SDPAGrads, expand_kv, reduce_kv, validate
 
 __all__ = [
@@ -294,6 +295,10 @@ def _online_forward(s, sink, ve, a, pr: _Precision, c: _Choices):
     return out, lse
 
 
+_NO_BACKEND = "the twin emulates a low-precision kernel in NumPy; it has one implementation"
+
+
+@takes_sdpa_options(refuses={"backend": _NO_BACKEND})
 def sdpa_twin(
     q,
     k,
@@ -312,8 +317,8 @@ def sdpa_twin(
     """SDPA as a kernel in ``dtype`` computes it: ``out (..., Hq, Lq, Dv)`` [, ``lse (..., Hq, Lq)``].
 
     ``options`` are :func:`refattn.sdpa`'s (mask, bias, causal, window, align, scale, softcap, sinks,
-    dropout_p, dropout_mask, empty_rows).  Order of operations and roundings (``rd`` to ``dtype``,
-    ``ra`` to ``accumulate``)::
+    dropout_p, dropout_mask, empty_rows); ``backend`` is refused.  Order of operations and roundings
+    (``rd`` to ``dtype``, ``ra`` to ``accumulate``)::
 
         q, k, v, bias, sinks = rd(·)
         s = rd(mm(rd(scale·q), kᵀ))          scale_at="q" (default; reorder_ops=False)
@@ -339,6 +344,7 @@ def sdpa_twin(
     return (f.out, f.lse) if return_lse else f.out
 
 
+@takes_sdpa_options(refuses={"backend": _NO_BACKEND, "return_lse": BACKWARD_RETURN_LSE})
 def sdpa_twin_backward(
     d_out,
     q,
@@ -364,7 +370,8 @@ def sdpa_twin_backward(
     ``dv = rd(mm(P̃ᵀ, dO))``; GQA groups summed in the accumulation precision.  With ``recompute_p``
     (what flash-style backward kernels do) ``P = rd(ra(exp(ra(s − lse))))`` is recomputed from the
     forward's lse (exp2 as in the forward) and ``Δ = ra(Σ dO ∘ out)`` from the forward's rounded
-    output.  In float64 these are :func:`refattn.sdpa_backward`'s gradients.
+    output.  In float64 these are :func:`refattn.sdpa_backward`'s gradients.  Options as
+    :func:`sdpa_twin`'s (``backend`` and ``return_lse`` refused).
     """
     pr = _Precision(dtype, accumulate)
     rd, ra = pr.rd, pr.ra

@@ -23,6 +23,7 @@ import numpy as np
 
 from refattn import lowp
 from refattn._validate import RefAttnError, Unsupported
+from refattn.attention.options import takes_sdpa_options
 
 __all__ = [
     "Unsupported",
@@ -53,9 +54,16 @@ def torch_dtype(dtype):
     return {"float8_e4m3": torch.float8_e4m3fn}.get(name) or getattr(torch, name)
 
 
+_NO_BACKEND = "the candidate is PyTorch's F.scaled_dot_product_attention, not a refattn backend"
+_NO_LSE = "F.scaled_dot_product_attention returns no lse"
+_REFUSED = {"return_lse": _NO_LSE, "backend": _NO_BACKEND}
+
+
+@takes_sdpa_options(refuses=_REFUSED)
 def translate_options(q, k, v, **options):
     """refattn sdpa options → keyword arguments of ``F.scaled_dot_product_attention`` (NumPy arrays
-    for ``attn_mask``); raises :class:`Unsupported` for what SDPA cannot express."""
+    for ``attn_mask``); raises :class:`Unsupported` for what SDPA cannot express.  ``return_lse`` and
+    ``backend`` are refused."""
     from refattn.attention.sdpa import validate
 
     a = validate(q, k, v, **options)
@@ -115,9 +123,11 @@ def run_callable(fn, q, k, v, *, dtype="float64", device="cpu", d_out=None, bias
     return outputs
 
 
+@takes_sdpa_options(refuses=_REFUSED)
 def torch_sdpa(q, k, v, *, dtype="float64", device="cpu", d_out=None, **options):
     """``F.scaled_dot_product_attention`` on refattn's inputs and options; outputs as :func:`run_callable`.
-    The inputs are rounded to ``dtype`` by the conversion to torch."""
+    The inputs are rounded to ``dtype`` by the conversion to torch.  ``return_lse`` and ``backend`` are
+    refused."""
     torch = _torch()
     kw = translate_options(q, k, v, **options)
     mask = kw.pop("attn_mask", None)
@@ -164,8 +174,10 @@ def check_callable(fn, q, k, v, *, dtype="float64", device="cpu", d_out=None, ru
     return check_attention(outputs["out"], q, k, v, dtype=dtype, grads=grads or None, d_out=d, rule=rule, **options)
 
 
+@takes_sdpa_options(refuses=_REFUSED)
 def check_torch(q, k, v, *, dtype="float64", device="cpu", d_out=None, rule="flash", **options):
-    """Run :func:`torch_sdpa` and judge it: a :class:`refattn.testing.compare.Verdict`."""
+    """Run :func:`torch_sdpa` and judge it: a :class:`refattn.testing.compare.Verdict`.  Options as
+    :func:`torch_sdpa`'s (``return_lse`` and ``backend`` refused)."""
     from refattn.testing.compare import check_attention
 
     outputs = torch_sdpa(q, k, v, dtype=dtype, device=device, d_out=d_out, **options)

@@ -18,6 +18,7 @@ import numpy as np
 
 from refattn._validate import RefAttnError, as_cotangent, as_flag, as_float, sum_outer, unbroadcast
 from refattn.attention import sdpa as _sdpa
+from refattn.attention.options import BACKWARD_RETURN_LSE, takes_sdpa_options
 
 __all__ = ["AllocationGate", "AllocationGrads", "allocation_attention", "allocation_attention_backward"]
 
@@ -82,8 +83,13 @@ def _setup(q, k, v, gate, options):
     return a, gt, restore, z1, h, g, raw, f
 
 
+_NO_BACKEND = "allocation_attention builds its gated scores in NumPy; it has no kernel"
+
+
+@takes_sdpa_options(refuses={"backend": _NO_BACKEND})
 def allocation_attention(q, k, v, gate, *, return_lse=False, **options):
-    """Gated attention ``out (..., Hq, Lq, Dv)`` [, ``lse``]; ``options`` as :func:`refattn.sdpa`."""
+    """Gated attention ``out (..., Hq, Lq, Dv)`` [, ``lse``]; ``options`` as :func:`refattn.sdpa` but
+    ``backend`` (refused: NumPy only)."""
     return_lse = as_flag(return_lse, "return_lse")
     a, *_, f = _setup(q, k, v, gate, options)
     pd = f.p if a.keep_scale is None else f.p * a.keep_scale
@@ -91,8 +97,10 @@ def allocation_attention(q, k, v, gate, *, return_lse=False, **options):
     return (out, f.lse.copy()) if return_lse else out
 
 
+@takes_sdpa_options(refuses={"backend": _NO_BACKEND, "return_lse": BACKWARD_RETURN_LSE})
 def allocation_attention_backward(d_out, q, k, v, gate, *, d_lse=None, **options):
-    """Gradients of :func:`allocation_attention` → :class:`AllocationGrads`."""
+    """Gradients of :func:`allocation_attention` → :class:`AllocationGrads`; options as the forward's
+    (``backend`` and ``return_lse`` refused)."""
     a, gt, restore, z1, h, g, raw, f = _setup(q, k, v, gate, options)
     d_o = as_cotangent(d_out, a.score_shape[:-1] + (a.v.shape[-1],), "d_out")
     dl = None if d_lse is None else as_cotangent(d_lse, a.score_shape[:-1], "d_lse")

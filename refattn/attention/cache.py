@@ -19,6 +19,7 @@ import numpy as np
 
 from refattn._validate import RefAttnError, as_cotangent, as_flag, as_float, unbroadcast
 from refattn.attention import sdpa as _sdpa
+from refattn.attention.options import BACKWARD_RETURN_LSE, takes_sdpa_options
 
 __all__ = ["DecodeGrads", "PagedGatherGrads", "decode", "decode_backward", "paged_gather", "paged_gather_backward"]
 
@@ -47,12 +48,14 @@ def _int_array(x, name, ndim):
 
 DECODE_ALIGN = "bottom_right"  # the new queries are the newest tokens of each sequence
 _PER_SCORE = ("mask", "bias", "dropout_mask")
+_REFUSED = {
+    "align": "decode is always aligned bottom-right to each cache length (query i sits at cache_lengths[b] - Lq + i)",
+    "backend": 'each sequence is one refattn.sdpa call on its valid prefix, with backend="auto"',
+}
 
 
 def _decode_setup(q, k_cache, v_cache, cache_lengths, options):
     """Validated args over the whole cache and the per-sequence sdpa options (cache truncated)."""
-    if "align" in options:
-        raise RefAttnError("align: decode is always aligned bottom-right to each cache length; do not pass align")
     for name, x in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         if np.ndim(x) != 4:
             raise RefAttnError(f"{name}: expected a (B, H, L, D) array, got shape {np.shape(x)}")
@@ -75,8 +78,12 @@ def _decode_setup(q, k_cache, v_cache, cache_lengths, options):
     return a, per_seq
 
 
+@takes_sdpa_options(refuses=_REFUSED)
 def decode(q, k_cache, v_cache, *, cache_lengths, return_lse=False, **options):
-    """Attention of new queries over a KV cache; ``out (B, Hq, Lq, Dv)`` [, ``lse``]."""
+    """Attention of new queries over a KV cache; ``out (B, Hq, Lq, Dv)`` [, ``lse``].  ``options`` as
+    :func:`refattn.sdpa` (per-score arrays over the whole cache ``(B, Hq, Lq, Lc)``, sliced per
+    sequence) but ``align`` (refused: always bottom-right to each cache length) and ``backend``
+    (refused: each sequence is an sdpa call with ``backend="auto"``)."""
     return_lse = as_flag(return_lse, "return_lse")
     a, per_seq = _decode_setup(q, k_cache, v_cache, cache_lengths, options)
     parts = [_sdpa.sdpa(a.q[i], a.k[i, :, :n], a.v[i, :, :n], return_lse=True, **o) for i, (n, o) in enumerate(per_seq)]
@@ -84,8 +91,10 @@ def decode(q, k_cache, v_cache, *, cache_lengths, return_lse=False, **options):
     return (out, lse) if return_lse else out
 
 
+@takes_sdpa_options(refuses={**_REFUSED, "return_lse": BACKWARD_RETURN_LSE})
 def decode_backward(d_out, q, k_cache, v_cache, *, cache_lengths, d_lse=None, **options):
-    """Gradients of :func:`decode` → :class:`DecodeGrads` (zero for cache slots past each length)."""
+    """Gradients of :func:`decode` → :class:`DecodeGrads` (zero for cache slots past each length);
+    options as the forward's (``align``, ``backend`` and ``return_lse`` refused)."""
     a, per_seq = _decode_setup(q, k_cache, v_cache, cache_lengths, options)
     d_o = as_cotangent(d_out, a.score_shape[:-1] + a.v.shape[-1:], "d_out")
     dl = None if d_lse is None else as_cotangent(d_lse, a.score_shape[:-1], "d_lse")

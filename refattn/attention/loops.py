@@ -13,6 +13,7 @@ import math
 import numpy as np
 
 from refattn._validate import RefAttnError, as_flag
+from refattn.attention.options import takes_sdpa_options
 from refattn.attention.sdpa import validate
 
 __all__ = ["multihead_attention", "sdpa"]
@@ -36,6 +37,10 @@ def _allowed(i, j, lq, lk, causal, window, align):
     return True
 
 
+_NO_BACKEND = "the loops twin is its own implementation (Python loops), the check on refattn.sdpa's backends"
+
+
+@takes_sdpa_options(refuses={"backend": _NO_BACKEND}, name="loops.sdpa")
 def sdpa(
     q,
     k,
@@ -54,7 +59,7 @@ def sdpa(
     empty_rows="zero",
     return_lse=False,
 ):
-    """Loop version of :func:`refattn.sdpa`: same arguments, same results."""
+    """Loop version of :func:`refattn.sdpa`: same arguments but ``backend`` (refused), same results."""
     return_lse = as_flag(return_lse, "return_lse")
     a = validate(
         q,
@@ -144,8 +149,13 @@ def _project_loops(t, w, b, heads):
     return out
 
 
+@takes_sdpa_options(
+    refuses={"backend": _NO_BACKEND, "return_lse": "the output is y (..., Lq, d_model) alone"},
+    name="loops.multihead_attention",
+)
 def multihead_attention(x, params, *, num_heads, num_kv_heads=None, kv=None, head_mask=None, **options):
-    """Loop version of :func:`refattn.multihead_attention`: per head, per query, per key."""
+    """Loop version of :func:`refattn.multihead_attention`: per head, per query, per key; options as
+    :func:`refattn.sdpa` but ``backend`` and ``return_lse`` (refused)."""
     from refattn.attention.multihead import check_params, head_counts
 
     x = np.asarray(x, dtype=np.float64)

@@ -19,6 +19,7 @@ import numpy as np
 
 from refattn._validate import RefAttnError, as_cotangent, as_float, as_int, check_broadcast_to, sum_outer, unbroadcast
 from refattn.attention import sdpa as _sdpa
+from refattn.attention.options import takes_sdpa_options
 
 __all__ = ["MHAGrads", "MHAParams", "multihead_attention", "multihead_attention_backward"]
 
@@ -136,9 +137,15 @@ def project(x, params, num_heads, num_kv_heads, kv, head_mask):
     )
 
 
+_NO_LSE = "the output is y (..., Lq, d_model) alone; refattn.sdpa on the projected heads gives their lse"
+_BACKWARD_NO_LSE = "a backward returns gradients, and multihead_attention has no lse output"
+
+
+@takes_sdpa_options(refuses={"return_lse": _NO_LSE})
 def multihead_attention(x, params, *, num_heads, num_kv_heads=None, kv=None, head_mask=None, **options):
-    """Multi-head attention ``(..., Lq, d_model)``; ``options`` are :func:`refattn.sdpa`'s (masks are
-    ``(..., Hq, Lq, Lk)``-broadcastable; a key-padding mask is ``mask[..., None, None, :]``)."""
+    """Multi-head attention ``(..., Lq, d_model)``; ``options`` are :func:`refattn.sdpa`'s, ``backend``
+    included (masks are ``(..., Hq, Lq, Lk)``-broadcastable; a key-padding mask is
+    ``mask[..., None, None, :]``).  Refuses ``return_lse`` (the output is ``y`` alone)."""
     pr = project(x, params, num_heads, num_kv_heads, kv, head_mask)
     o = _sdpa.sdpa(pr.q, pr.k, pr.v, **options)  # (..., Hq, Lq, dv)
     if pr.head_mask is not None:
@@ -147,8 +154,10 @@ def multihead_attention(x, params, *, num_heads, num_kv_heads=None, kv=None, hea
     return y if pr.params.b_o is None else y + pr.params.b_o
 
 
+@takes_sdpa_options(refuses={"return_lse": _BACKWARD_NO_LSE})
 def multihead_attention_backward(d_y, x, params, *, num_heads, num_kv_heads=None, kv=None, head_mask=None, **options):
-    """Gradients of :func:`multihead_attention` → :class:`MHAGrads`."""
+    """Gradients of :func:`multihead_attention` → :class:`MHAGrads`; options as the forward's
+    (``return_lse`` refused)."""
     pr = project(x, params, num_heads, num_kv_heads, kv, head_mask)
     p = pr.params
     o = _sdpa.sdpa(pr.q, pr.k, pr.v, **options)  # (..., Hq, Lq, dv) before the head gate

@@ -18,6 +18,7 @@ import numpy as np
 
 from refattn._validate import RefAttnError, as_cotangent, as_flag, as_float, as_int, sum_outer, unbroadcast
 from refattn.attention import sdpa as _sdpa
+from refattn.attention.options import BACKWARD_RETURN_LSE, takes_sdpa_options
 
 __all__ = ["RelativeAttentionGrads", "relative_attention", "relative_attention_backward"]
 
@@ -57,8 +58,13 @@ def _setup(q, k, v, rel_k, rel_v, max_distance, options):
     return a, rk, rv, e, _sdpa.forward_scores(a, s0, ke)
 
 
+_NO_BACKEND = "relative_attention builds its scores (q kᵀ plus the relative term) in NumPy; it has no kernel"
+
+
+@takes_sdpa_options(refuses={"backend": _NO_BACKEND})
 def relative_attention(q, k, v, rel_k, rel_v, *, max_distance, return_lse=False, **options):
-    """Shaw relative attention ``out (..., Hq, Lq, Dv)`` [, ``lse``]; ``options`` as :func:`refattn.sdpa`."""
+    """Shaw relative attention ``out (..., Hq, Lq, Dv)`` [, ``lse``]; ``options`` as :func:`refattn.sdpa`
+    but ``backend`` (refused: NumPy only)."""
     return_lse = as_flag(return_lse, "return_lse")
     a, rk, rv, e, f = _setup(q, k, v, rel_k, rel_v, max_distance, options)
     pd = f.p if a.keep_scale is None else f.p * a.keep_scale  # (..., Hq, Lq, Lk)
@@ -66,8 +72,10 @@ def relative_attention(q, k, v, rel_k, rel_v, *, max_distance, return_lse=False,
     return (out, f.lse.copy()) if return_lse else out
 
 
+@takes_sdpa_options(refuses={"backend": _NO_BACKEND, "return_lse": BACKWARD_RETURN_LSE})
 def relative_attention_backward(d_out, q, k, v, rel_k, rel_v, *, max_distance, d_lse=None, **options):
-    """Gradients of :func:`relative_attention` → :class:`RelativeAttentionGrads`."""
+    """Gradients of :func:`relative_attention` → :class:`RelativeAttentionGrads`; options as the
+    forward's (``backend`` and ``return_lse`` refused)."""
     a, rk, rv, e, f = _setup(q, k, v, rel_k, rel_v, max_distance, options)
     ve = _sdpa.expand_kv(a.v, a.groups)  # (..., Hq, Lk, Dv)
     d_o = as_cotangent(d_out, a.score_shape[:-1] + (rv.shape[-1],), "d_out")

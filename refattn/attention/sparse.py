@@ -13,13 +13,14 @@ import numpy as np
 
 from refattn._validate import as_int
 from refattn.attention import sdpa as _sdpa
+from refattn.attention.options import BACKWARD_RETURN_LSE, takes_sdpa_options
 
 __all__ = ["topk_attention", "topk_attention_backward", "topk_mask"]
 
-_NO_DROPOUT = ("dropout_p", "dropout_mask")
+_NO_BACKEND = 'the top-k selection needs the (..., Hq, Lq, Lk) logits in NumPy (then sdpa runs, backend="auto")'
 
 
-def topk_mask(logits, top_k):
+def topk_mask(logits, *, top_k):
     """bool ``(..., Lq, Lk)``: the ``top_k`` largest finite logits of each row (ties: lower index)."""
     order = np.argsort(-logits, axis=-1, kind="stable")  # (..., Lq, Lk)
     rank = np.empty_like(order)
@@ -30,16 +31,21 @@ def topk_mask(logits, top_k):
 def _selected_options(q, k, v, top_k, options):
     top_k = as_int(top_k, "top_k", minimum=1)
     a = _sdpa.validate(q, k, v, **options)
-    keep = topk_mask(_sdpa.forward_scores(a).logits, top_k)  # (..., Hq, Lq, Lk)
+    keep = topk_mask(_sdpa.forward_scores(a).logits, top_k=top_k)  # (..., Hq, Lq, Lk)
     mask = keep if options.get("mask") is None else keep & np.asarray(options["mask"])
     return {**options, "mask": mask}
 
 
+@takes_sdpa_options(refuses={"backend": _NO_BACKEND})
 def topk_attention(q, k, v, *, top_k, return_lse=False, **options):
-    """sdpa restricted to each row's ``top_k`` largest logits; ``options`` as :func:`refattn.sdpa`."""
+    """sdpa restricted to each row's ``top_k`` largest logits; ``options`` as :func:`refattn.sdpa`
+    but ``backend`` (refused: the selection is NumPy).  A ``mask`` is intersected with the selection; dropout
+    applies to the selected probabilities."""
     return _sdpa.sdpa(q, k, v, return_lse=return_lse, **_selected_options(q, k, v, top_k, options))
 
 
+@takes_sdpa_options(refuses={"backend": _NO_BACKEND, "return_lse": BACKWARD_RETURN_LSE})
 def topk_attention_backward(d_out, q, k, v, *, top_k, d_lse=None, **options):
-    """Gradients of :func:`topk_attention` with the selection held fixed → ``SDPAGrads``."""
+    """Gradients of :func:`topk_attention` with the selection held fixed → ``SDPAGrads``; options as
+    the forward's (``backend`` and ``return_lse`` refused)."""
     return _sdpa.sdpa_backward(d_out, q, k, v, d_lse=d_lse, **_selected_options(q, k, v, top_k, options))

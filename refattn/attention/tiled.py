@@ -20,6 +20,8 @@ import numpy as np
 
 from refattn._validate import RefAttnError, as_cotangent, as_flag, as_float, as_int, unbroadcast
 from refattn.attention import sdpa as _sdpa
+from refattn.attention.options import BACKWARD_RETURN_LSE, takes_sdpa_options
+from refattn.softmax import normalize_last_axis
 
 __all__ = [
     "CombineGrads",
@@ -59,8 +61,14 @@ def _chunk_options(a, options, i0, i1):
     return sliced
 
 
+_CHUNKED_BACKEND = 'each chunk is one refattn.sdpa call with backend="auto"'
+_ONLINE_BACKEND = 'sdpa_online is the online-softmax algorithm in NumPy; refattn.sdpa(..., backend="numba") runs it'
+
+
+@takes_sdpa_options(refuses={"backend": _CHUNKED_BACKEND})
 def sdpa_chunked(q, k, v, *, chunk_size, return_lse=False, **options):
-    """sdpa computed ``chunk_size`` query rows at a time; same results and options as :func:`refattn.sdpa`."""
+    """sdpa computed ``chunk_size`` query rows at a time; same results and options as :func:`refattn.sdpa`
+    but ``backend`` (refused: each chunk is an sdpa call with ``backend="auto"``)."""
     chunk = as_int(chunk_size, "chunk_size", minimum=1)
     return_lse = as_flag(return_lse, "return_lse")
     a = _sdpa.validate(q, k, v, **options)
@@ -73,8 +81,10 @@ def sdpa_chunked(q, k, v, *, chunk_size, return_lse=False, **options):
     return (out, lse) if return_lse else out
 
 
+@takes_sdpa_options(refuses={"backend": _CHUNKED_BACKEND, "return_lse": BACKWARD_RETURN_LSE})
 def sdpa_chunked_backward(d_out, q, k, v, *, chunk_size, d_lse=None, **options):
-    """Gradients of :func:`sdpa_chunked`: per chunk, dq rows written, dk/dv/dbias/dsinks summed."""
+    """Gradients of :func:`sdpa_chunked`: per chunk, dq rows written, dk/dv/dbias/dsinks summed; options
+    as the forward's (``backend`` and ``return_lse`` refused)."""
     chunk = as_int(chunk_size, "chunk_size", minimum=1)
     a = _sdpa.validate(q, k, v, **options)
     d_o = as_cotangent(d_out, a.score_shape[:-1] + a.v.shape[-1:], "d_out")
@@ -141,8 +151,10 @@ class _Tiles:
         return (w / lk) @ self.ve
 
 
+@takes_sdpa_options(refuses={"backend": _ONLINE_BACKEND})
 def sdpa_online(q, k, v, *, block_q, block_k, return_lse=False, **options):
-    """The FlashAttention-2 forward; same results and options as :func:`refattn.sdpa`."""
+    """The FlashAttention-2 forward; same results and options as :func:`refattn.sdpa` but ``backend``
+    (refused: this is the algorithm in NumPy)."""
     bq, bk = as_int(block_q, "block_q", minimum=1), as_int(block_k, "block_k", minimum=1)
     return_lse = as_flag(return_lse, "return_lse")
     a = _sdpa.validate(q, k, v, **options)
@@ -174,8 +186,10 @@ def sdpa_online(q, k, v, *, block_q, block_k, return_lse=False, **options):
     return (out, lse) if return_lse else out
 
 
+@takes_sdpa_options(refuses={"backend": _ONLINE_BACKEND, "return_lse": BACKWARD_RETURN_LSE})
 def sdpa_online_backward(d_out, q, k, v, *, block_q, block_k, d_lse=None, **options):
-    """The FlashAttention-2 backward (P recomputed from lse, ``Δ = rowsum(dO ∘ O)``) → ``SDPAGrads``."""
+    """The FlashAttention-2 backward (P recomputed from lse, ``Δ = rowsum(dO ∘ O)``) → ``SDPAGrads``;
+    options as the forward's (``backend`` and ``return_lse`` refused)."""
     bq, bk = as_int(block_q, "block_q", minimum=1), as_int(block_k, "block_k", minimum=1)
     a = _sdpa.validate(q, k, v, **options)
     out, lse = sdpa_online(q, k, v, block_q=bq, block_k=bk, return_lse=True, **options)
@@ -235,15 +249,11 @@ def _combine_setup(outs, lses):
     lses = as_float(lses, "lses", ndim_min=1, allow_neg_inf=True)
     if outs.shape[:-1] != lses.shape:
         raise RefAttnError(f"lses: expected shape {outs.shape[:-1]} (outs without its last dim), got {lses.shape}")
-    m = lses.max(axis=0)  # (..., Lq)
-    empty = np.isneginf(m)
-    m_safe = np.where(empty, 0.0, m)
-    e = np.exp(lses - m_safe)  # (S, ..., Lq)
-    total = e.sum(axis=0)
-    w = e / np.where(empty, 1.0, total)  # exp(lse_s - lse)
-    with np.errstate(divide="ignore"):
-        lse = np.where(empty, -np.inf, m_safe + np.log(np.where(empty, 1.0, total)))
-    return outs, lses, w, lse
+    # the softmax over the partials, as refattn.softmax forms it: lse = max + log1p(tail), so a
+    # dominant partial keeps the digits of the others (lse = 1e-22, not 0, for lses 0 and -50)
+    nz = normalize_last_axis(np.moveaxis(lses, 0, -1), "zero")  # rows with every partial empty: w 0, lse -inf
+    w = np.moveaxis(nz.p, -1, 0)  # (S, ..., Lq) exp(lse_s - lse)
+    return outs, lses, w, nz.lse
 
 
 def combine_partials(outs, lses):

@@ -31,6 +31,7 @@ import numpy as np
 
 from refattn import lowp
 from refattn._validate import RefAttnError, RefAttnTypeError, as_choice, is_extension_float, to_numpy
+from refattn.attention.options import takes_sdpa_options
 
 __all__ = [
     "ALLCLOSE_GRAD_TOLERANCES",
@@ -356,6 +357,9 @@ def _masked_rows(q, k, v, options):
     return query_rows, key_rows
 
 
+@takes_sdpa_options(
+    refuses={"backend": 'the golden is refattn.sdpa with backend="auto" (every backend within 1e-12 of it)'}
+)
 def check_attention(
     actual,
     q,
@@ -375,6 +379,7 @@ def check_attention(
     fudge=TORCH_FUDGE,
     atol=None,
     rtol=None,
+    return_lse=False,
     **options,
 ):
     """Judge a candidate's ``out`` (and ``lse``, gradients) against the golden; returns a :class:`Verdict`.
@@ -387,10 +392,11 @@ def check_attention(
     ``twins``: the admissible implementations the budget covers — ``"admissible"`` (every entry of
     :data:`refattn.lowp.TWIN_VARIANTS`), one of their names, or a mapping ``{name: choices}`` of
     :func:`refattn.lowp.sdpa_twin` keyword choices; each quantity's twin error is the largest.
+    ``return_lse`` is accepted and ignored (the options of an sdpa call pass as they are; ``lse`` is
+    judged when given); ``backend`` is refused.
     """
     import refattn
 
-    options.pop("return_lse", None)
     # the candidate's arrays first: a complex or non-numeric one is refused before any work
     actual = _as_real_array(actual, "actual")
     lse = None if lse is None else _as_real_array(lse, "lse")
@@ -465,6 +471,7 @@ def _twin_variants(twins):
     return {str(n): dict(c) for n, c in twins.items()}
 
 
+@takes_sdpa_options(like=check_attention)
 def assert_attention_close(actual, q, k, v, *, dtype, **kwargs):
     """Raise :class:`AttentionMismatch` (an AssertionError with the report) unless the candidate
     passes; returns the :class:`Verdict` otherwise.  Arguments as :func:`check_attention`."""
