@@ -22,8 +22,11 @@ from __future__ import annotations
 import numpy as np
 
 from refattn import lowp
-from refattn._validate import RefAttnError, Unsupported
+from refattn._validate import RefAttnError, Unsupported, unbroadcast
+from refattn.attention.multihead import MHAParams, multihead_attention, multihead_attention_backward
 from refattn.attention.options import takes_sdpa_options
+from refattn.attention.sdpa import validate
+from refattn.testing.compare import Verdict, check_attention, judge
 
 __all__ = [
     "Unsupported",
@@ -64,8 +67,6 @@ def translate_options(q, k, v, **options):
     """refattn sdpa options → keyword arguments of ``F.scaled_dot_product_attention`` (NumPy arrays
     for ``attn_mask``); raises :class:`Unsupported` for what SDPA cannot express.  ``return_lse`` and
     ``backend`` are refused."""
-    from refattn.attention.sdpa import validate
-
     a = validate(q, k, v, **options)
     if a.softcap is not None:
         raise Unsupported("softcap: torch SDPA has no logit soft-capping")
@@ -143,8 +144,6 @@ def torch_sdpa(q, k, v, *, dtype="float64", device="cpu", d_out=None, **options)
         **kw,
     )
     if "dbias" in outputs and options.get("bias") is not None:
-        from refattn._validate import unbroadcast
-
         dbias = np.where(np.isfinite(outputs["dbias"]), outputs["dbias"], 0.0)  # the mask's full shape
         outputs["dbias"] = unbroadcast(dbias, np.shape(options["bias"]))
     else:
@@ -164,8 +163,6 @@ def _rounded_inputs(q, k, v, options, dtype):
 def check_callable(fn, q, k, v, *, dtype="float64", device="cpu", d_out=None, rule="flash", options=None, **fn_kwargs):
     """Run ``fn`` (as :func:`run_callable`) and judge it against refattn for the sdpa ``options`` it
     is meant to compute; returns the :class:`refattn.testing.compare.Verdict`."""
-    from refattn.testing.compare import check_attention
-
     options = dict(options or {})
     outputs = run_callable(fn, q, k, v, dtype=dtype, device=device, d_out=d_out, **fn_kwargs)
     q, k, v, options = _rounded_inputs(q, k, v, options, dtype)
@@ -178,8 +175,6 @@ def check_callable(fn, q, k, v, *, dtype="float64", device="cpu", d_out=None, ru
 def check_torch(q, k, v, *, dtype="float64", device="cpu", d_out=None, rule="flash", **options):
     """Run :func:`torch_sdpa` and judge it: a :class:`refattn.testing.compare.Verdict`.  Options as
     :func:`torch_sdpa`'s (``return_lse`` and ``backend`` refused)."""
-    from refattn.testing.compare import check_attention
-
     outputs = torch_sdpa(q, k, v, dtype=dtype, device=device, d_out=d_out, **options)
     q, k, v, options = _rounded_inputs(q, k, v, options, dtype)
     grads = {n: outputs[n] for n in ("dq", "dk", "dv", "dbias") if n in outputs}
@@ -198,8 +193,6 @@ def mha_param_grads(mha):
 
 
 def _mha_arrays(mha, read):
-    from refattn.attention.multihead import MHAParams
-
     e = mha.embed_dim
     if mha._qkv_same_embed_dim:
         w = read(mha.in_proj_weight)
@@ -220,8 +213,6 @@ def check_mha(mha, x, *, kv=None, key_padding_mask=None, causal=False, d_y=None,
     ``dx`` (and ``dkv``).  ``key_padding_mask``: PyTorch's polarity (True = ignore).  The golden is
     :func:`refattn.multihead_attention` in float64 on the module's weights; float64 modules get the
     float64 budget, others the ``"allclose"`` rule (no low-precision twin of the projections exists)."""
-    import refattn
-    from refattn.testing.compare import Verdict, judge
 
     torch = _torch()
     dtype = str(next(mha.parameters()).dtype).removeprefix("torch.")
@@ -244,12 +235,12 @@ def check_mha(mha, x, *, kv=None, key_padding_mask=None, causal=False, d_y=None,
     params = mha_params(mha)
     x64 = _numpy(tx)
     kv64 = None if kv is None else _numpy(tkv)
-    golden = refattn.multihead_attention(x64, params, num_heads=mha.num_heads, kv=kv64, **ours)
+    golden = multihead_attention(x64, params, num_heads=mha.num_heads, kv=kv64, **ours)
     judgements = [judge("out", _numpy(y), golden, dtype=fmt, rule=rule, kind="output")]
     if grad:
         y.backward(_tensor(torch, d_y, torch_dtype(fmt), device, False))
         d64 = lowp.round_to(d_y, fmt)
-        g = refattn.multihead_attention_backward(d64, x64, params, num_heads=mha.num_heads, kv=kv64, **ours)
+        g = multihead_attention_backward(d64, x64, params, num_heads=mha.num_heads, kv=kv64, **ours)
         judgements.append(judge("dx", _numpy(tx.grad), g.dx, dtype=fmt, rule=rule, kind="gradient"))
         if kv is not None:
             judgements.append(judge("dkv", _numpy(tkv.grad), g.dkv, dtype=fmt, rule=rule, kind="gradient"))

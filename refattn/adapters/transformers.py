@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from refattn._validate import RefAttnError, Unsupported
+from refattn.attention.position import rope
+from refattn.attention.sdpa import attention_weights, sdpa
 
 __all__ = ["LayerCheck", "ModelCheck", "check_model", "model_attentions", "tiny_model"]
 
@@ -181,8 +183,6 @@ def _linear(x, layer):
 
 def _recompute(module, arch, hidden, kwargs, config):
     """refattn's (P, out (B, L, H·D)) for one module call."""
-    import refattn
-
     x = _np(hidden)
     if arch == "bert":
         heads = module.num_attention_heads
@@ -200,15 +200,15 @@ def _recompute(module, arch, hidden, kwargs, config):
         theta = (getattr(config, "rope_parameters", None) or {}).get("rope_theta", getattr(config, "rope_theta", 1e4))
         if (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default") != "default":
             raise Unsupported("rope_type other than 'default' (scaled RoPE) is not translated")
-        ours = refattn.rope(q, np.arange(x.shape[-2]), base=float(theta), style="half")
+        ours = rope(q, np.arange(x.shape[-2]), base=float(theta), style="half")
         q, k, rope_error = _rotate_as_the_model(q, k, kwargs["position_embeddings"], ours)
         opts = {"scale": float(module.scaling)}
     keep, bias = _mask_from_additive(kwargs.get("attention_mask"), q.shape[:-2] + (q.shape[-2], k.shape[-2]))
     if arch in ("gpt2", "llama") and keep is None:
         opts.update(causal=True, align="top_left")
     opts.update(mask=keep, bias=bias)
-    p = refattn.attention_weights(q, k, **opts)
-    out = refattn.sdpa(q, k, v, **opts)  # (B, H, L, Dv)
+    p = attention_weights(q, k, **opts)
+    out = sdpa(q, k, v, **opts)  # (B, H, L, Dv)
     out = out.transpose(0, 2, 1, 3).reshape(x.shape[0], x.shape[1], -1)  # (B, L, H·Dv)
     if arch == "gpt2":
         out = out @ _np(module.c_proj.weight) + _np(module.c_proj.bias)

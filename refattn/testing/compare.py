@@ -32,6 +32,7 @@ import numpy as np
 from refattn import lowp
 from refattn._validate import RefAttnError, RefAttnTypeError, as_choice, is_extension_float, to_numpy
 from refattn.attention.options import takes_sdpa_options
+from refattn.attention.sdpa import sdpa, sdpa_backward, validate
 
 __all__ = [
     "ALLCLOSE_GRAD_TOLERANCES",
@@ -345,8 +346,6 @@ def _as_grad_map(grads):
 
 def _masked_rows(q, k, v, options):
     """Rows of out/dq (..., Hq, Lq) with no allowed key, and rows of dk/dv (..., Hk, Lk) no query sees."""
-    from refattn.attention.sdpa import validate
-
     a = validate(q, k, v, **options)
     if a.allowed is None:
         return None, None
@@ -395,13 +394,11 @@ def check_attention(
     ``return_lse`` is accepted and ignored (the options of an sdpa call pass as they are; ``lse`` is
     judged when given); ``backend`` is refused.
     """
-    import refattn
-
     # the candidate's arrays first: a complex or non-numeric one is refused before any work
     actual = _as_real_array(actual, "actual")
     lse = None if lse is None else _as_real_array(lse, "lse")
     cand = {name: _as_real_array(g, f"grads[{name!r}]") for name, g in _as_grad_map(grads).items()}
-    golden, golden_lse = refattn.sdpa(q, k, v, return_lse=True, **options)
+    golden, golden_lse = sdpa(q, k, v, return_lse=True, **options)
     fmt = lowp.format_of(dtype)
     variants = _twin_variants(twins)
     twin, twin_lse = (None, None)
@@ -431,7 +428,7 @@ def check_attention(
     if cand:
         if d_out is None:
             raise RefAttnError("d_out: gradients were given, so the cotangent they were computed for is needed")
-        g = refattn.sdpa_backward(d_out, q, k, v, d_lse=d_lse, **options)._asdict()
+        g = sdpa_backward(d_out, q, k, v, d_lse=d_lse, **options)._asdict()
         t = {}
         if fmt.name != "float64":
             for name, choices in variants.items():
