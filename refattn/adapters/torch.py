@@ -207,10 +207,11 @@ def _mha_arrays(mha, read):
     )
 
 
-def check_mha(mha, x, *, kv=None, key_padding_mask=None, causal=False, d_y=None, rule=None):
+def check_mha(mha, x, *, kv=None, key_is_real=None, causal=False, d_y=None, rule=None):
     """Run ``nn.MultiheadAttention`` ``mha`` (``batch_first=True``) on ``x (B, L, E)`` [and ``kv``] and
     judge it: a :class:`refattn.testing.compare.Verdict` over ``out`` and, with a cotangent ``d_y``,
-    ``dx`` (and ``dkv``).  ``key_padding_mask``: PyTorch's polarity (True = ignore).  The golden is
+    ``dx`` (and ``dkv``).  ``key_is_real`` ``(B, Lk)``: refattn's polarity, True = a real key (the module receives
+    ``key_padding_mask = ~key_is_real``, PyTorch's True = ignore).  The golden is
     :func:`refattn.multihead_attention` in float64 on the module's weights; float64 modules get the
     float64 budget, others the ``"allclose"`` rule (no low-precision twin of the projections exists)."""
 
@@ -224,9 +225,10 @@ def check_mha(mha, x, *, kv=None, key_padding_mask=None, causal=False, d_y=None,
     tkv = tx if kv is None else _tensor(torch, kv, torch_dtype(fmt), device, grad)
     kw = {}
     ours = {}
-    if key_padding_mask is not None:
-        kw["key_padding_mask"] = torch.tensor(np.asarray(key_padding_mask, dtype=bool), device=device)
-        ours["mask"] = ~np.asarray(key_padding_mask, dtype=bool)[:, None, None, :]
+    if key_is_real is not None:
+        real = np.asarray(key_is_real, dtype=bool)
+        kw["key_padding_mask"] = torch.tensor(~real, device=device)
+        ours["mask"] = real[:, None, None, :]
     if causal:
         lq, lk = tx.shape[1], tkv.shape[1]
         kw["attn_mask"] = torch.triu(torch.ones(lq, lk, dtype=torch.bool, device=device), 1)  # True = blocked

@@ -143,9 +143,9 @@ def test_check_mha_float64_and_float32(cross, padding, causal):
     x = rng.standard_normal((2, 5, 8))
     kv = rng.standard_normal((2, 6, 8)) if cross else None
     lk = 6 if cross else 5
-    pad = np.zeros((2, lk), dtype=bool)
-    pad[1, -2:] = True
-    kw = dict(kv=kv, key_padding_mask=pad if padding else None, causal=causal, d_y=rng.standard_normal((2, 5, 8)))
+    real = np.ones((2, lk), dtype=bool)
+    real[1, -2:] = False  # the last two keys of item 1 are padding
+    kw = dict(kv=kv, key_is_real=real if padding else None, causal=causal, d_y=rng.standard_normal((2, 5, 8)))
     for dtype in (torch.float64, torch.float32):
         mha = torch.nn.MultiheadAttention(8, 2, batch_first=True, dtype=dtype)
         verdict = ta.check_mha(mha, x, **kw)
