@@ -32,6 +32,7 @@ from refattn._validate import (
     as_real,
     to_numpy,
 )
+from refattn.metrics._maps import check_probability_rows
 
 __all__ = ["HEAD_FUSIONS", "RolloutGrads", "attention_flow", "rollout", "rollout_backward"]
 
@@ -50,9 +51,10 @@ class _Options(NamedTuple):
     start_layer: int
     discard_ratio: float
     renormalize: bool
+    check_probabilities: bool = True
 
 
-def _options(residual, head_fusion, start_layer, discard_ratio, renormalize):
+def _options(residual, head_fusion, start_layer, discard_ratio, renormalize, check_probabilities=True):
     residual = as_real(residual, "residual", allow_none=False)
     if not 0.0 <= residual <= 1.0:
         raise RefAttnError(f"residual: expected a weight in [0, 1], got {residual}")
@@ -67,6 +69,7 @@ def _options(residual, head_fusion, start_layer, discard_ratio, renormalize):
         as_int(start_layer, "start_layer", minimum=0),
         discard_ratio,
         as_flag(renormalize, "renormalize"),
+        as_flag(check_probabilities, "check_probabilities"),
     )
 
 
@@ -83,6 +86,18 @@ def _layer(a, index, opts, shape):
     if shape is not None and a.shape != shape:
         raise RefAttnError(f"{name}: expected shape {shape} (as layer 0), got {a.shape}")
     return a
+
+
+def _check_layer(a, valid, opts, name):
+    """With ``check_probabilities``: every real token's row of every head sums to 1 over the real
+    tokens and is non-negative (``specs/rollout.md``); padded tokens' rows are exempt."""
+    if not opts.check_probabilities:
+        return
+    if valid is None:
+        check_probability_rows(a, np.True_, name)
+        return
+    real = valid[..., None, :] if opts.head_fusion else valid  # (..., 1, n) with heads, (..., n) without
+    check_probability_rows(a, real, name, keys=real[..., None, :])
 
 
 def _fused_heads(a, opts, name):
@@ -186,10 +201,11 @@ def _layers(attentions, opts, mask, *, keep_maps=False, backend=None):
             shape = a.shape
             fused_shape = a.shape[:-3] + a.shape[-2:] if opts.head_fusion else a.shape
             valid = _valid(mask, fused_shape)
+        name = f"attentions[{index}]"
+        _check_layer(a, valid, opts, name)
         if index < opts.start_layer and not np.isfinite(a).all():  # skipped, but still an input
-            raise RefAttnError(f"attentions[{index}]: expected finite values (no NaN or inf in any head)")
+            raise RefAttnError(f"{name}: expected finite values (no NaN or inf in any head)")
         if index >= opts.start_layer:
-            name = f"attentions[{index}]"
             if backend is None:  # the backward's intermediates
                 fused = _fuse(a, opts, valid, name)
             else:
@@ -215,6 +231,7 @@ def rollout(
     return_all=False,
     rows=None,
     backend="auto",
+    check_probabilities=True,
 ):
     """Attention rollout ``R (..., n, n)``, or every prefix ``(L', ..., n, n)`` with ``return_all``.
 
@@ -227,9 +244,11 @@ def rollout(
     ``backend``: ``"numba"`` fuses each layer (head mean, residual, renormalisation) in one
     parallel read of its maps (mean fusion without mask or discard; otherwise NumPy), ``"numpy"``
     the definition, ``"auto"`` the kernel for layers of ``refattn.kernels.AUTO_MIN_SCORES``
-    entries and more.
+    entries and more.  ``check_probabilities``: refuse a layer whose real rows (every head) are not
+    probabilities over the real tokens — non-negative, summing to 1 within 1e-6 (a hint names
+    logits passed by mistake); ``False`` takes the maps as they are.
     """
-    opts = _options(residual, head_fusion, start_layer, discard_ratio, renormalize)
+    opts = _options(residual, head_fusion, start_layer, discard_ratio, renormalize, check_probabilities)
     return_all = as_flag(return_all, "return_all")
     _kernels.resolve_backend(backend, 0)  # validates the choice
     if rows is not None:
@@ -272,6 +291,7 @@ def _rollout_rows(attentions, opts, mask, rows, backend):
             fused_shape = a.shape[:-3] + a.shape[-2:] if opts.head_fusion else a.shape
             valid = _valid(mask, fused_shape)
             idx = _rows_index(rows, a.shape[-1])
+        _check_layer(a, valid, opts, f"attentions[{index}]")
         if index < opts.start_layer:
             if not np.isfinite(a).all():
                 raise RefAttnError(f"attentions[{index}]: expected finite values (no NaN or inf in any head)")
@@ -302,13 +322,14 @@ def rollout_backward(
     mask=None,
     return_all=False,
     rows=None,
+    check_probabilities=True,
 ):
     """Gradients of :func:`rollout`: a list with one array per layer map (zeros before ``start_layer``).
 
     max/min fusion give the subgradient of the selected head; the discard selection is held fixed.
     With ``rows``, ``d_R`` has the shape of those rows; it is scattered into R's full shape.
     """
-    opts = _options(residual, head_fusion, start_layer, discard_ratio, renormalize)
+    opts = _options(residual, head_fusion, start_layer, discard_ratio, renormalize, check_probabilities)
     return_all = as_flag(return_all, "return_all")
     if rows is not None:
         if return_all:
@@ -331,6 +352,7 @@ def rollout_backward(
             discard_ratio=discard_ratio,
             renormalize=renormalize,
             mask=mask,
+            check_probabilities=check_probabilities,
         )
     maps, fused = [], []
     for index, a, f in _layers(attentions, opts, mask, keep_maps=True):
@@ -381,7 +403,16 @@ def _fuse_backward(d_hat, f, opts, a):
     return d_f
 
 
-def attention_flow(attentions, *, residual=0.5, head_fusion="mean", output_layer=None, mask=None, normalize=True):
+def attention_flow(
+    attentions,
+    *,
+    residual=0.5,
+    head_fusion="mean",
+    output_layer=None,
+    mask=None,
+    normalize=True,
+    check_probabilities=True,
+):
     """Attention flow ``(..., n, n)``: max-flow from each node of the output layer to each input token.
 
     Nodes ``(l, i)`` for l = 0..L (0 = input tokens), edges ``(l, i) → (l − 1, j)`` with capacity
@@ -389,10 +420,11 @@ def attention_flow(attentions, *, residual=0.5, head_fusion="mean", output_layer
     layer.  Each max-flow is a linear program solved in float64 by SciPy's HiGHS (no integer
     quantisation); rows are then normalised — a row with no flow at all is an error.
     ``normalize=False`` returns the raw flows (each ≤ 1, the capacity out of a node).
+    ``check_probabilities`` as in :func:`rollout`.
     """
     from scipy.optimize import linprog
 
-    opts = _options(residual, head_fusion, 0, 0.0, True)
+    opts = _options(residual, head_fusion, 0, 0.0, True, check_probabilities)
     normalize = as_flag(normalize, "normalize")
     layers = [f.a_hat for _, _, f in _layers(attentions, opts, mask)]
     depth = len(layers) if output_layer is None else as_int(output_layer, "output_layer", minimum=1)

@@ -2,8 +2,10 @@
 
 Shapes: ``x (..., n, ...)`` with the normalised axis ``axis``; ``mask`` is bool,
 broadcastable to ``x.shape``, True = the entry takes part.  Entries equal to
-``-inf`` in ``x`` are treated as masked.  A row with no allowed entry is an
-*empty row*; ``empty_rows`` says what it gives:
+``-inf`` in ``x`` take no weight, as masked entries; their gradient is the limit
+``x_j → -inf`` (PyTorch's and JAX's): 0 for softmax and logsumexp, ``dy_j`` for
+log_softmax, while a masked entry's gradient is 0.  A row with no allowed
+entry is an *empty row*; ``empty_rows`` says what it gives:
 
 ===========  ====================  ================  ==============  =========
 policy       softmax               log_softmax       logsumexp       gradient
@@ -60,6 +62,8 @@ class Normalized(NamedTuple):
     lse: np.ndarray  # (...,) log of the denominator, -inf on empty rows
     empty: np.ndarray  # (...,) bool, True where the denominator is 0
     p_sink: np.ndarray | None  # (...,) probability mass taken by the sink logit
+    shift: np.ndarray | None = None  # (...,) the row's largest logit m (0 on empty rows)
+    log_tail: np.ndarray | None = None  # (...,) log1p(Σ e^{s-m} − 1): lse = shift + log_tail
 
 
 def normalize_last_axis(s, empty_rows, sink=None):
@@ -68,47 +72,66 @@ def normalize_last_axis(s, empty_rows, sink=None):
     ``sink (...,)`` is an extra logit that joins the denominator without a
     value (attention sinks).  A row is empty when no entry and no sink is
     finite.  Never warns: ``exp(-inf) = 0`` is the intended value.
+
+    The denominator ``Σ e^{s − m} = 1 + t`` is formed as ``1 + t`` with the tail ``t``
+    summed without the largest entry (whose term is exactly 1), and ``lse = m + log1p(t)``:
+    a tail far below ε (one dominant logit) keeps its digits instead of rounding to
+    ``log 1 = 0`` (``specs/softmax.md``).
     """
-    m = s.max(axis=-1)  # (...,) may be -inf
-    if sink is not None:
-        m = np.maximum(m, sink)
+    key_max = s.max(axis=-1)  # (...,) may be -inf
+    m = key_max if sink is None else np.maximum(key_max, sink)
     empty = np.isneginf(m)  # (...,)
     m = np.where(empty, 0.0, m)
     e = np.exp(s - m[..., None])  # (..., n) masked entries -> 0
-    denom = e.sum(axis=-1)  # (...,)
+    # the tail: every term but the one of the first largest logit, which is exp(0) = 1
+    top = np.argmax(s, axis=-1)[..., None]  # (..., 1)
+    sink_on_top = np.zeros(m.shape, dtype=bool) if sink is None else (sink >= key_max) & ~empty  # (...,)
+    ones = np.take_along_axis(e, top, axis=-1)  # (..., 1): 1, or 0 on empty rows, or ≤ 1 under a sink
+    np.put_along_axis(e, top, np.where((empty | sink_on_top)[..., None], ones, 0.0), axis=-1)
+    tail = e.sum(axis=-1)  # (...,)
+    np.put_along_axis(e, top, ones, axis=-1)
     p_sink = None
     if sink is not None:
         e_sink = np.exp(sink - m)  # (...,)
-        denom = denom + e_sink
-    safe = np.where(empty, 1.0, denom)
+        tail = tail + np.where(sink_on_top, 0.0, e_sink)
+    safe = np.where(empty, 1.0, 1.0 + tail)  # (...,) the denominator
     p = e / safe[..., None]  # (..., n)
     if sink is not None:
         p_sink = np.where(empty, 0.0, e_sink / safe)
-    with np.errstate(divide="ignore"):
-        lse = np.where(empty, -np.inf, m + np.log(safe))
+    log_tail = np.log1p(np.where(empty, 0.0, tail))  # (...,)
+    lse = np.where(empty, -np.inf, m + log_tail)
     if empty.any() and empty_rows != "zero":
         fill = np.nan if empty_rows == "nan" else 1.0 / s.shape[-1]
         p = np.where(empty[..., None], fill, p)
-    return Normalized(p, lse, empty, p_sink)
+    return Normalized(p, lse, empty, p_sink, m, log_tail)
 
 
 def softmax_vjp(p, dp):
-    """Cotangent of the logits of ``p = softmax(s)`` over the last axis: ``p (dp - Σ p dp)``."""
-    delta = np.einsum("...j,...j->...", p, dp)  # (...,)
-    return p * (dp - delta[..., None])  # (..., n)
+    """Cotangent of the logits of ``p = softmax(s)`` over the last axis: ``p (dp - Σ p dp)``.
+
+    Formed as ``p (c − Σ p c)`` with ``c = dp − dp_t``, t the largest entry (``Σ p = 1`` makes the
+    two equal): the largest entry's ``dp_t − Σ p dp = −Σ_{j≠t} p_j c_j`` keeps its digits when the
+    other entries are tiny, instead of cancelling ``dp_t`` against ``Σ p dp ≈ dp_t``.
+    """
+    top = np.take_along_axis(dp, np.argmax(p, axis=-1)[..., None], axis=-1)  # (..., 1)
+    c = dp - top  # (..., n), 0 at the largest entry
+    gamma = np.einsum("...j,...j->...", p, c)  # (...,)
+    return p * (c - gamma[..., None])  # (..., n)
 
 
 def _prepare(x, axis, mask, empty_rows):
+    """``(x, axis, s (..., n) with masked entries -inf, keep (..., n) bool: not masked)``."""
     x = as_float(x, "x", ndim_min=1, allow_neg_inf=True)
     ax = as_axis(axis, x.ndim)
     as_choice(empty_rows, "empty_rows", EMPTY_ROW_POLICIES)
     s = x
+    keep = np.broadcast_to(np.True_, x.shape)
     if mask is not None:
         m = as_bool(mask, "mask", hint="; pass additive masks by adding them to x")
         check_broadcast_to(m, x.shape, "mask", "x.shape")
         s = np.where(m, x, -np.inf)
-    s = np.moveaxis(s, ax, -1)  # (..., n)
-    return x, ax, s
+        keep = np.broadcast_to(m, x.shape)
+    return x, ax, np.moveaxis(s, ax, -1), np.moveaxis(keep, ax, -1)
 
 
 def _empty_rows_grad(dx, empty, empty_rows):
@@ -120,13 +143,14 @@ def _empty_rows_grad(dx, empty, empty_rows):
 
 def softmax(x, *, axis=-1, mask=None, empty_rows="zero"):
     """Softmax of ``x`` along ``axis``; masked entries give 0.  Returns x's shape."""
-    x, ax, s = _prepare(x, axis, mask, empty_rows)
+    x, ax, s, _ = _prepare(x, axis, mask, empty_rows)
     return np.moveaxis(normalize_last_axis(s, empty_rows).p, -1, ax)
 
 
 def softmax_backward(dy, x, *, axis=-1, mask=None, empty_rows="zero"):
-    """Gradient of ``softmax`` w.r.t. ``x``: ``dx = p (dy - Σ p dy)``."""
-    x, ax, s = _prepare(x, axis, mask, empty_rows)
+    """Gradient of ``softmax`` w.r.t. ``x``: ``dx = p (dy - Σ p dy)``; 0 at masked and ``-inf`` entries
+    (``p_j = 0``: also the limit ``x_j → -inf``)."""
+    x, ax, s, _ = _prepare(x, axis, mask, empty_rows)
     d = np.moveaxis(as_cotangent(dy, x.shape), ax, -1)  # (..., n)
     nz = normalize_last_axis(s, empty_rows)
     dx = _empty_rows_grad(softmax_vjp(nz.p, d), nz.empty, empty_rows)
@@ -135,9 +159,9 @@ def softmax_backward(dy, x, *, axis=-1, mask=None, empty_rows="zero"):
 
 def log_softmax(x, *, axis=-1, mask=None, empty_rows="zero"):
     """``log(softmax(x))`` computed as ``s - lse``; masked entries give ``-inf``."""
-    x, ax, s = _prepare(x, axis, mask, empty_rows)
+    x, ax, s, _ = _prepare(x, axis, mask, empty_rows)
     nz = normalize_last_axis(s, empty_rows)
-    y = s - np.where(nz.empty, 0.0, nz.lse)[..., None]  # (..., n), -inf where masked
+    y = (s - nz.shift[..., None]) - nz.log_tail[..., None]  # (..., n), -inf where masked; 0 - log1p(t) at the max
     if nz.empty.any():
         fill = {"zero": -np.inf, "nan": np.nan, "uniform": -np.log(s.shape[-1])}[empty_rows]
         y = np.where(nz.empty[..., None], fill, y)
@@ -145,12 +169,16 @@ def log_softmax(x, *, axis=-1, mask=None, empty_rows="zero"):
 
 
 def log_softmax_backward(dy, x, *, axis=-1, mask=None, empty_rows="zero"):
-    """Gradient of ``log_softmax``: ``dx = dy - p Σ dy`` over allowed entries (0 elsewhere)."""
-    x, ax, s = _prepare(x, axis, mask, empty_rows)
+    """Gradient of ``log_softmax``: ``dx = dy - p Σ dy`` over the entries not masked (0 on masked ones).
+
+    An unmasked ``x_j = -inf`` keeps its cotangent: ``dx_j = dy_j`` (``p_j = 0``), the limit
+    ``x_j → -inf`` of the gradient, as PyTorch and JAX give it.
+    """
+    x, ax, s, keep = _prepare(x, axis, mask, empty_rows)
     d = np.moveaxis(as_cotangent(dy, x.shape), ax, -1)  # (..., n)
     nz = normalize_last_axis(s, empty_rows)
-    allowed = ~np.isneginf(s)  # (..., n)
-    d = np.where(allowed, d, 0.0)  # the output there is the constant -inf
+    d = np.where(keep, d, 0.0)  # masked: the output there is the constant -inf
+    # y = x - lse(x): dx = dy - p Σ dy, p_j = 0 at an unmasked -inf entry (dx_j = dy_j, the limit)
     dx = d - nz.p * d.sum(axis=-1, keepdims=True)  # (..., n)
     if nz.empty.any():
         dx = np.where(nz.empty[..., None], np.nan if empty_rows == "nan" else 0.0, dx)
@@ -159,7 +187,7 @@ def log_softmax_backward(dy, x, *, axis=-1, mask=None, empty_rows="zero"):
 
 def logsumexp(x, *, axis=-1, mask=None, empty_rows="zero"):
     """``log Σ exp(x)`` over allowed entries of ``axis`` (reduced away); ``-inf`` on empty rows."""
-    x, ax, s = _prepare(x, axis, mask, empty_rows)
+    x, ax, s, _ = _prepare(x, axis, mask, empty_rows)
     nz = normalize_last_axis(s, empty_rows)
     if empty_rows == "nan":
         return np.where(nz.empty, np.nan, nz.lse)
@@ -167,8 +195,9 @@ def logsumexp(x, *, axis=-1, mask=None, empty_rows="zero"):
 
 
 def logsumexp_backward(dy, x, *, axis=-1, mask=None, empty_rows="zero"):
-    """Gradient of ``logsumexp``: ``dx = dy · softmax(x)`` (0 on empty rows)."""
-    x, ax, s = _prepare(x, axis, mask, empty_rows)
+    """Gradient of ``logsumexp``: ``dx = dy · softmax(x)`` (0 on empty rows, masked and ``-inf`` entries:
+    also the limit ``x_j → -inf``)."""
+    x, ax, s, _ = _prepare(x, axis, mask, empty_rows)
     d = as_cotangent(dy, s.shape[:-1])  # (...,)
     nz = normalize_last_axis(s, empty_rows)
     dx = _empty_rows_grad(d[..., None] * nz.p, nz.empty, empty_rows)

@@ -141,3 +141,100 @@ def test_bad_arguments_are_named():
         refattn.softmax(np.array([1.0, np.inf]))
     with pytest.raises(refattn.RefAttnError, match=r"dy: expected shape \(2,\)"):
         refattn.logsumexp_backward(np.zeros(3), np.ones((2, 3)))
+
+
+# ---- unmasked -inf inputs: the gradient is the limit x_j -> -inf (PyTorch, JAX) ------------------
+
+X_ISSUE = np.array([0.3, -np.inf, 1.2, -0.4])
+DY_ISSUE = np.array([0.5, 2.0, -1.0, 0.25])
+
+
+def _issue_limit():
+    """log_softmax's gradient at the issue's input from the limit formula: with p the softmax over the
+    finite entries (p_1 = 0), dx = dy − p Σ_j dy_j — every cotangent, dy_1 included, in the sum."""
+    finite = np.isfinite(X_ISSUE)
+    e = np.where(finite, np.exp(np.where(finite, X_ISSUE, 0.0) - 1.2), 0.0)
+    p = e / e.sum()
+    return DY_ISSUE - p * DY_ISSUE.sum()
+
+
+def test_log_softmax_backward_at_an_unmasked_neg_inf_is_the_limit():
+    want = _issue_limit()
+    dx = refattn.log_softmax_backward(DY_ISSUE, X_ISSUE).dx
+    np.testing.assert_allclose(dx, want, rtol=1e-15, atol=1e-16)
+    assert dx[1] == 2.0  # the entry keeps its own cotangent: dx_1 = dy_1
+    # issue 11 quotes PyTorch's and JAX's gradient to three decimals
+    np.testing.assert_allclose(dx, [0.058, 2.0, -2.088, 0.030], rtol=0.0, atol=5e-4)
+    for far, tol in ((-30.0, 1e-12), (-50.0, 1e-15)):  # the gradient at a finite x_1 tends to it
+        x = X_ISSUE.copy()
+        x[1] = far
+        np.testing.assert_allclose(refattn.log_softmax_backward(DY_ISSUE, x).dx, dx, rtol=0.0, atol=tol)
+
+
+def test_a_masked_entry_keeps_a_zero_gradient_and_drops_its_cotangent():
+    """mask=False is not a limit: the entry takes no part, its cotangent is ignored."""
+    mask = np.array([True, False, True, True])
+    dx = refattn.log_softmax_backward(DY_ISSUE, X_ISSUE, mask=mask).dx
+    finite = np.isfinite(X_ISSUE)
+    e = np.where(finite, np.exp(np.where(finite, X_ISSUE, 0.0) - 1.2), 0.0)
+    p = e / e.sum()
+    want = np.where(mask, DY_ISSUE - p * (DY_ISSUE * mask).sum(), 0.0)
+    np.testing.assert_allclose(dx, want, rtol=1e-15, atol=1e-16)
+    assert dx[1] == 0.0
+
+
+def test_softmax_and_logsumexp_backward_limits_are_zero_at_neg_inf():
+    """p_1 → 0: softmax's dx_1 = p_1 (dy_1 − Σ p dy) → 0 and logsumexp's dx_1 = dy p_1 → 0; the other
+    entries are those of the row without x_1."""
+    d_lse = np.array(0.7)
+    p = refattn.softmax(X_ISSUE)
+    sm = refattn.softmax_backward(DY_ISSUE, X_ISSUE).dx
+    np.testing.assert_allclose(sm, p * (DY_ISSUE - p @ DY_ISSUE), rtol=1e-14, atol=1e-16)
+    assert sm[1] == 0.0
+    lse = refattn.logsumexp_backward(d_lse, X_ISSUE).dx
+    np.testing.assert_allclose(lse, 0.7 * p, rtol=1e-15, atol=0.0)
+    assert lse[1] == 0.0
+    x = X_ISSUE.copy()
+    x[1] = -50.0
+    np.testing.assert_allclose(refattn.softmax_backward(DY_ISSUE, x).dx, sm, rtol=0.0, atol=1e-15)
+    np.testing.assert_allclose(refattn.logsumexp_backward(d_lse, x).dx, lse, rtol=0.0, atol=1e-15)
+
+
+def check_neg_inf_backward_is_the_limit(case):
+    """Every backward at an unmasked -inf input equals the backward with that input at -1e4, a logit
+    whose weight is exactly 0 in float64: the limit x_j → -inf.  Rows with no allowed entry keep the
+    empty-row policy (their limit depends on how every entry goes to -inf)."""
+    (x,) = case.inputs
+    ax = case.options["axis"]
+    empty = np.isneginf(_masked(case)).all(axis=ax, keepdims=True)
+    far = np.where(np.isneginf(x) & ~empty, -1e4, x)
+    rng = np.random.default_rng(int(np.isneginf(x).sum()))
+    for name in ("softmax", "log_softmax", "logsumexp"):
+        out = getattr(softmax_mod, name)(x, **case.options)
+        backward = getattr(softmax_mod, name + "_backward")
+        dy = rng.standard_normal(np.shape(out))  # random, never all ones
+        got = backward(dy, x, **case.options).dx
+        np.testing.assert_allclose(got, backward(dy, far, **case.options).dx, rtol=1e-14, atol=1e-15, err_msg=name)
+
+
+def _with_an_unmasked_neg_inf(case):
+    (x,) = case.inputs
+    x = x.copy()
+    x.flat[0] = -np.inf
+    return type(case)((x,), case.options)
+
+
+@given(softmax_cases().map(_with_an_unmasked_neg_inf))
+def test_neg_inf_backward_is_the_limit(case):
+    check_neg_inf_backward_is_the_limit(case)
+
+
+def test_limit_check_catches_a_backward_dropping_the_cotangent(monkeypatch):
+    """Mutant: log_softmax_backward as before issue 11, the cotangent of an unmasked -inf dropped."""
+    real = softmax_mod.log_softmax_backward
+
+    def dropping(dy, x, **options):
+        return real(np.where(np.isneginf(x), 0.0, dy), x, **options)
+
+    monkeypatch.setattr(softmax_mod, "log_softmax_backward", dropping)
+    assert_catches(softmax_cases().map(_with_an_unmasked_neg_inf), check_neg_inf_backward_is_the_limit)

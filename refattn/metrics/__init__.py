@@ -2,7 +2,8 @@
 
 Conventions (``specs/metrics.md``): maps ``(..., H, Lq, Lk)``, rows = queries; ``mask`` is a
 key-padding mask (True = real token) or a full bool mask; padded query rows are left out of every
-average; natural logs; float64; batch-safe.
+average, and a contiguously padded map gives the cropped map's result; maps must be probabilities
+(``check_probabilities=False`` measures them as they are); natural logs; float64; batch-safe.
 """
 
 from refattn.metrics import (

@@ -1,14 +1,16 @@
 """Head detectors with TransformerLens semantics (``head_detector.py``, error measure "mul"), unrounded.
 
 ``score = Σ(P' ⊙ D) / Σ P'`` per map, where ``P'`` is P with masked entries, optionally the BOS
-column (``exclude_bos``) and the diagonal (``exclude_current_token``) set to 0, and D the
-detection pattern (lower-triangular):
+column (``exclude_bos``: the first real token, column 0 without a mask) and the diagonal
+(``exclude_current_token``) set to 0, and D the detection pattern (lower-triangular):
 
 * previous token: ``D[i, i−1] = 1``;
-* duplicate token: ``D[i, j] = 1`` iff ``tokens[j] == tokens[i]`` and ``j < i``;
+* duplicate token: ``D[i, j] = 1`` iff ``tokens[j] == tokens[i]``, ``j < i`` and key j is a real token;
 * induction: the duplicate pattern shifted one key to the right, ``D[i, j] = dup[i, j−1]``, then ``tril``.
 
-``P (..., H, L, L)`` (square); ``tokens (L,)`` or per example ``P.shape[:-3] + (L,)``.  Results ``(..., H)``.
+``P (..., H, L, L)`` (square); ``tokens (L,)`` or per example ``P.shape[:-3] + (L,)`` (integer ids or
+strings).  Results ``(..., H)``.  With contiguous padding (left or right) given as ``mask``, each score
+equals that of the cropped map.
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from refattn._validate import RefAttnError, as_cotangent, as_flag
-from refattn.metrics._maps import attention_map, masked_grad
+from refattn._validate import RefAttnError, RefAttnTypeError, as_cotangent, as_flag, to_numpy
+from refattn.metrics._maps import attention_map, masked_grad, real_keys
 
 __all__ = [
     "DetectorGrads",
@@ -38,61 +40,75 @@ class DetectorGrads(NamedTuple):
 
 
 def _tokens(tokens, shape):
-    t = np.asarray(tokens)
+    t = to_numpy(tokens, "tokens")
+    if t.dtype.kind not in "iuUSO":
+        raise RefAttnTypeError(f"tokens: expected token ids (integers) or strings, got dtype {t.dtype}")
     n = shape[-1]
     if t.shape == (n,) or (len(shape) >= 3 and t.shape == tuple(shape[:-3]) + (n,)):
         return t
     raise RefAttnError(f"tokens: expected shape ({n},) or {tuple(shape[:-3]) + (n,)}, got {t.shape}")
 
 
-def duplicate_token_pattern(tokens):
-    """``D (..., L, L)``: 1 where an earlier key carries the query's token."""
+def duplicate_token_pattern(tokens, real=None):
+    """``D (..., L, L)``: 1 where an earlier key carries the query's token; with ``real (..., L)``
+    only real keys count (a pad id equal to a token is no duplicate)."""
     t = np.asarray(tokens)
     same = t[..., :, None] == t[..., None, :]
+    if real is not None:
+        same = same & real[..., None, :]
     return np.tril(same, k=-1).astype(np.float64)
 
 
-def induction_pattern(tokens):
+def induction_pattern(tokens, real=None):
     """``D (..., L, L)``: the duplicate pattern shifted right by one key, lower-triangular."""
-    dup = duplicate_token_pattern(tokens)
+    dup = duplicate_token_pattern(tokens, real)
     shifted = np.zeros_like(dup)
     shifted[..., 1:] = dup[..., :-1]
     return np.tril(shifted)
 
 
-def _pattern_for(kind, shape, tokens):
+def _pattern_for(kind, shape, tokens, real=None):
+    """The detection pattern, broadcastable to maps of ``shape (..., H, L, L)``; ``real (..., H, L)``
+    (keys that are real tokens, per map) or None."""
     n = shape[-1]
     if kind == "previous":
         return np.eye(n, k=-1)
     t = _tokens(tokens, shape)
-    d = duplicate_token_pattern(t) if kind == "duplicate" else induction_pattern(t)
-    return d if t.ndim == 1 else d[..., None, :, :]
+    if t.ndim > 1:
+        t = t[..., None, :]  # (..., 1, L): one token sequence per example, shared by its heads
+    return (duplicate_token_pattern if kind == "duplicate" else induction_pattern)(t, real)
 
 
-def _prepared(P, mask, exclude_bos, exclude_current_token):
-    m = attention_map(P, mask)
+def _prepared(P, mask, exclude_bos, exclude_current_token, check_probabilities):
+    """The map, the real keys ``(..., H, L)`` (None without a mask) and the kept entries ``keep``."""
+    m = attention_map(P, mask, check_probabilities=check_probabilities)
     if m.p.shape[-1] != m.p.shape[-2]:
         raise RefAttnError(f"P: expected square maps (..., L, L), got shape {m.p.shape}")
+    real = None if mask is None else real_keys(m)
     keep = np.ones(m.p.shape[-2:])
     if as_flag(exclude_bos, "exclude_bos"):
-        keep[:, 0] = 0.0
+        if real is None:
+            keep[:, 0] = 0.0
+        else:  # BOS is the first real token: under left padding it is not column 0
+            first = np.argmax(real, axis=-1)  # (..., H)
+            keep = np.where(np.arange(m.p.shape[-1]) == first[..., None, None], 0.0, keep)
     if as_flag(exclude_current_token, "exclude_current_token"):
-        np.fill_diagonal(keep, 0.0)
-    return m, keep
+        keep = keep * (1.0 - np.eye(m.p.shape[-1]))
+    return m, real, keep
 
 
-def _score(P, pattern_kind, tokens, mask, exclude_bos, exclude_current_token):
-    m, keep = _prepared(P, mask, exclude_bos, exclude_current_token)
-    d = _pattern_for(pattern_kind, m.p.shape, tokens)
+def _score(P, pattern_kind, tokens, mask, exclude_bos, exclude_current_token, check_probabilities):
+    m, real, keep = _prepared(P, mask, exclude_bos, exclude_current_token, check_probabilities)
+    d = _pattern_for(pattern_kind, m.p.shape, tokens, real)
     pk = m.p * keep
     total = pk.sum(axis=(-2, -1))
     return np.where(total > 0, (pk * d).sum(axis=(-2, -1)) / np.where(total > 0, total, 1.0), 0.0)
 
 
-def _score_backward(dy, P, pattern_kind, tokens, mask, exclude_bos, exclude_current_token):
+def _score_backward(dy, P, pattern_kind, tokens, mask, exclude_bos, exclude_current_token, check_probabilities):
     """``d score / dP' = (D − score) / Σ P'``."""
-    m, keep = _prepared(P, mask, exclude_bos, exclude_current_token)
-    d_pat = _pattern_for(pattern_kind, m.p.shape, tokens)
+    m, real, keep = _prepared(P, mask, exclude_bos, exclude_current_token, check_probabilities)
+    d_pat = _pattern_for(pattern_kind, m.p.shape, tokens, real)
     pk = m.p * keep
     total = pk.sum(axis=(-2, -1))
     score = np.where(total > 0, (pk * d_pat).sum(axis=(-2, -1)) / np.where(total > 0, total, 1.0), 0.0)
@@ -101,25 +117,33 @@ def _score_backward(dy, P, pattern_kind, tokens, mask, exclude_bos, exclude_curr
     return DetectorGrads(masked_grad(m, scale * (d_pat - score[..., None, None]) * keep))
 
 
-def previous_token_score(P, *, mask=None, exclude_bos=False, exclude_current_token=False):
-    return _score(P, "previous", None, mask, exclude_bos, exclude_current_token)
+def previous_token_score(P, *, mask=None, exclude_bos=False, exclude_current_token=False, check_probabilities=True):
+    return _score(P, "previous", None, mask, exclude_bos, exclude_current_token, check_probabilities)
 
 
-def previous_token_score_backward(dy, P, *, mask=None, exclude_bos=False, exclude_current_token=False):
-    return _score_backward(dy, P, "previous", None, mask, exclude_bos, exclude_current_token)
+def previous_token_score_backward(
+    dy, P, *, mask=None, exclude_bos=False, exclude_current_token=False, check_probabilities=True
+):
+    return _score_backward(dy, P, "previous", None, mask, exclude_bos, exclude_current_token, check_probabilities)
 
 
-def duplicate_token_score(P, tokens, *, mask=None, exclude_bos=False, exclude_current_token=False):
-    return _score(P, "duplicate", tokens, mask, exclude_bos, exclude_current_token)
+def duplicate_token_score(
+    P, tokens, *, mask=None, exclude_bos=False, exclude_current_token=False, check_probabilities=True
+):
+    return _score(P, "duplicate", tokens, mask, exclude_bos, exclude_current_token, check_probabilities)
 
 
-def duplicate_token_score_backward(dy, P, tokens, *, mask=None, exclude_bos=False, exclude_current_token=False):
-    return _score_backward(dy, P, "duplicate", tokens, mask, exclude_bos, exclude_current_token)
+def duplicate_token_score_backward(
+    dy, P, tokens, *, mask=None, exclude_bos=False, exclude_current_token=False, check_probabilities=True
+):
+    return _score_backward(dy, P, "duplicate", tokens, mask, exclude_bos, exclude_current_token, check_probabilities)
 
 
-def induction_score(P, tokens, *, mask=None, exclude_bos=False, exclude_current_token=False):
-    return _score(P, "induction", tokens, mask, exclude_bos, exclude_current_token)
+def induction_score(P, tokens, *, mask=None, exclude_bos=False, exclude_current_token=False, check_probabilities=True):
+    return _score(P, "induction", tokens, mask, exclude_bos, exclude_current_token, check_probabilities)
 
 
-def induction_score_backward(dy, P, tokens, *, mask=None, exclude_bos=False, exclude_current_token=False):
-    return _score_backward(dy, P, "induction", tokens, mask, exclude_bos, exclude_current_token)
+def induction_score_backward(
+    dy, P, tokens, *, mask=None, exclude_bos=False, exclude_current_token=False, check_probabilities=True
+):
+    return _score_backward(dy, P, "induction", tokens, mask, exclude_bos, exclude_current_token, check_probabilities)

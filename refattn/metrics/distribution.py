@@ -12,9 +12,10 @@ from typing import NamedTuple
 import numpy as np
 
 from refattn import kernels as _kernels
-from refattn._validate import RefAttnError, as_cotangent, as_float, as_real, to_numpy
+from refattn._validate import RefAttnError, as_cotangent, as_flag, as_float, as_real, to_numpy
 from refattn.metrics._maps import (
     attention_map,
+    check_probability_rows,
     interpret_mask,
     key_counts,
     masked_grad,
@@ -77,12 +78,15 @@ def _log_counts(m):
     return np.where(n > 1, np.log(np.maximum(n, 1)), 0.0)  # a single-key row has entropy 0
 
 
-def entropy(P, *, mask=None, normalize=False, backend="auto"):
+def entropy(P, *, mask=None, normalize=False, backend="auto", check_probabilities=True):
     """Row entropy ``−Σ_j P_ij log P_ij`` over allowed keys ``(..., Lq)``; ``normalize``: ÷ log(n allowed).
 
     ``backend``: ``"numba"`` (a parallel kernel reading P once, without a mask), ``"numpy"`` (the
     definition) or ``"auto"`` (the kernel from ``refattn.kernels.AUTO_MIN_SCORES`` entries on).
+    ``check_probabilities``: refuse a map whose real rows are not probabilities (``specs/metrics.md``).
     """
+    normalize = as_flag(normalize, "normalize")
+    check = as_flag(check_probabilities, "check_probabilities")
     if mask is None and _kernels.resolve_backend(backend, int(np.size(P))) == "numba":
         p = to_numpy(P, "P")
         if p.dtype == bool or p.dtype.kind not in "iuf" or p.ndim < 2:
@@ -90,12 +94,14 @@ def entropy(P, *, mask=None, normalize=False, backend="auto"):
         h = _kernels.row_entropy(p)
         if h is None:
             attention_map(P)  # names the first non-finite entry
+        if check:
+            check_probability_rows(p, np.True_, "P")
         if normalize:
             n = p.shape[-1]
             h = h / np.log(n) if n > 1 else np.zeros_like(h)
         return h
     _kernels.resolve_backend(backend, 0)
-    m = attention_map(P, mask)
+    m = attention_map(P, mask, check_probabilities=check)
     h = np.where(m.rows, -_xlogx(m.p).sum(axis=-1), 0.0)
     if normalize:
         log_n = _log_counts(m)
@@ -103,13 +109,14 @@ def entropy(P, *, mask=None, normalize=False, backend="auto"):
     return h
 
 
-def entropy_backward(dy, P, *, mask=None, normalize=False):
+def entropy_backward(dy, P, *, mask=None, normalize=False, check_probabilities=True):
     """``dP_ij = −dy_i (log P_ij + 1)`` on allowed entries (÷ log n when normalised).
 
     Not differentiable where an allowed ``P_ij = 0`` (the derivative is +∞ there; it is returned
     as ±inf); use :func:`entropy_from_logits` for a gradient that is finite everywhere.
     """
-    m = attention_map(P, mask)
+    normalize = as_flag(normalize, "normalize")
+    m = attention_map(P, mask, check_probabilities=check_probabilities)
     d = as_cotangent(dy, m.p.shape[:-1], "dy")
     if normalize:
         log_n = _log_counts(m)
@@ -121,32 +128,39 @@ def entropy_backward(dy, P, *, mask=None, normalize=False):
 
 
 def _logits_parts(s, mask):
+    """Logits with masked keys at -inf, their softmax, and the shifted logits ``u = s − max ≤ 0``
+    with ``ū = Σ p u`` (both parts of ``H = log1p(t) − ū`` are ≥ 0: no cancellation near H = 0)."""
     from refattn.softmax import normalize_last_axis
 
     x = as_float(s, "s", ndim_min=2, allow_neg_inf=True)
     logits = np.where(interpret_mask(x.shape, mask)[0], x, -np.inf)
     nz = normalize_last_axis(logits, "zero")
-    sbar = np.einsum("...j,...j->...", nz.p, np.where(nz.p > 0, logits, 0.0))  # Σ p s over allowed keys
-    return logits, nz, sbar
+    u = np.where(nz.p > 0, logits - nz.shift[..., None], 0.0)  # (..., Lk) ≤ 0 on allowed keys
+    ubar = np.einsum("...j,...j->...", nz.p, u)  # (...,) Σ p u ≤ 0
+    return logits, nz, u, ubar
 
 
 def entropy_from_logits(s, *, mask=None):
-    """Entropy of ``softmax(s)`` over allowed keys ``(..., Lq)``: ``lse − Σ p s``; 0 on empty rows."""
-    _, nz, sbar = _logits_parts(s, mask)
-    return np.where(nz.empty, 0.0, nz.lse - sbar)
+    """Entropy of ``softmax(s)`` over allowed keys ``(..., Lq)``: ``lse − Σ p s``; 0 on empty rows.
+
+    Computed as ``log1p(t) − Σ p (s − max s)`` (``lse − max s = log1p(t)``, ``t`` the softmax
+    denominator's tail): two non-negative terms, accurate near 0 (one dominant logit) as near log n.
+    """
+    _, nz, _, ubar = _logits_parts(s, mask)
+    return np.where(nz.empty, 0.0, nz.log_tail - ubar)
 
 
 def entropy_from_logits_backward(dy, s, *, mask=None):
     """``ds_j = −dy p_j (s_j − Σ_k p_k s_k)``: finite everywhere, 0 on masked entries."""
-    logits, nz, sbar = _logits_parts(s, mask)
+    logits, nz, u, ubar = _logits_parts(s, mask)
     d = as_cotangent(dy, logits.shape[:-1], "dy")
-    centred = np.where(nz.p > 0, logits - sbar[..., None], 0.0)
+    centred = np.where(nz.p > 0, u - ubar[..., None], 0.0)  # s_j − Σ p s, from the shifted logits
     return EntropyFromLogitsGrads(-d[..., None] * nz.p * centred)
 
 
-def max_weight(P, *, mask=None):
+def max_weight(P, *, mask=None, check_probabilities=True):
     """Largest weight of each row ``(..., Lq)`` (0 on padded rows)."""
-    m = attention_map(P, mask)
+    m = attention_map(P, mask, check_probabilities=check_probabilities)
     return np.where(m.rows, m.p.max(axis=-1), 0.0)
 
 
@@ -155,71 +169,100 @@ def _argmax_onehot(m):
     return np.arange(m.p.shape[-1]) == idx[..., None]
 
 
-def max_weight_backward(dy, P, *, mask=None):
+def max_weight_backward(dy, P, *, mask=None, check_probabilities=True):
     """Subgradient: ``dy`` on each row's (first) maximal entry."""
-    m = attention_map(P, mask)
+    m = attention_map(P, mask, check_probabilities=check_probabilities)
     d = as_cotangent(dy, m.p.shape[:-1], "dy")
     return MaxWeightGrads(masked_grad(m, np.where(_argmax_onehot(m), d[..., None], 0.0)))
 
 
-def head_confidence(P, *, mask=None):
+def head_confidence(P, *, mask=None, check_probabilities=True):
     """Voita et al. 2019: mean over real query rows of the max weight ``(...,)``; in [1/n, 1]."""
-    m = attention_map(P, mask)
+    m = attention_map(P, mask, check_probabilities=check_probabilities)
     return row_mean(np.where(m.rows, m.p.max(axis=-1), 0.0), m.rows)
 
 
-def head_confidence_backward(dy, P, *, mask=None):
-    m = attention_map(P, mask)
+def head_confidence_backward(dy, P, *, mask=None, check_probabilities=True):
+    m = attention_map(P, mask, check_probabilities=check_probabilities)
     d = row_mean_backward(as_cotangent(dy, m.p.shape[:-2], "dy"), m.rows)
     return MaxWeightGrads(masked_grad(m, np.where(_argmax_onehot(m), d[..., None], 0.0)))
 
 
-def _js_parts(P1, P2, mask):
-    m1 = attention_map(P1, mask, name="P1")
-    m2 = attention_map(P2, mask, name="P2")
+def _js_parts(P1, P2, mask, check_probabilities):
+    """The two maps, their sum ``σ = P1 + P2`` and relative difference ``r = (P1 − P2)/σ`` (0 where σ = 0)."""
+    m1 = attention_map(P1, mask, name="P1", check_probabilities=check_probabilities)
+    m2 = attention_map(P2, mask, name="P2", check_probabilities=check_probabilities)
     if m1.p.shape != m2.p.shape:
         raise RefAttnError(f"P2: expected the shape of P1 {m1.p.shape}, got {m2.p.shape}")
-    return m1, m2, 0.5 * (m1.p + m2.p)
+    total = m1.p + m2.p  # (..., Lk)
+    pos = total > 0
+    r = np.where(pos, (m1.p - m2.p) / np.where(pos, total, 1.0), 0.0)  # (..., Lk) in [-1, 1]
+    return m1, m2, total, r
 
 
-def js_divergence(P1, P2, *, mask=None):
-    """Jensen–Shannon divergence of each pair of rows ``(..., Lq)``, natural log, in [0, log 2]."""
-    m1, m2, mid = _js_parts(P1, P2, mask)
-    js = 0.5 * (_xlogx(m1.p) + _xlogx(m2.p)).sum(axis=-1) - _xlogx(mid).sum(axis=-1)
-    return np.where(m1.rows, np.maximum(js, 0.0), 0.0)
+def _js_kernel(r):
+    """``f(r) = (1 + r) log(1 + r) + (1 − r) log(1 − r) = Σ_k r^{2k} / (k(2k − 1))`` ≥ 0, to a few ulps.
+
+    ``|r| ≤ 1/2``: ``2r·atanh(r) + log1p(−r²)`` — two terms of opposite sign whose magnitudes add
+    to at most 3.2 f(r), so no digits are lost however small r is (f ≈ r²); ``|r| > 1/2``: the
+    definition (terms at most 3.7 f(r)), with ``0·log 0 = 0`` at ``r = ±1``.
+    """
+    small = np.abs(r) <= 0.5
+    a = np.where(small, r, 0.0)
+    near = 2.0 * a * np.arctanh(a) + np.log1p(-a * a)
+    b = np.where(small, 1.0, r)  # |b| in (1/2, 1]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        up = np.where(b > -1.0, (1.0 + b) * np.log1p(b), 0.0)
+        down = np.where(b < 1.0, (1.0 - b) * np.log1p(-b), 0.0)
+    return np.where(small, near, up + down)
 
 
-def _half_log_ratio_times(d, a, mid):
-    """``½ d log(a / mid)``: 0 where ``mid = 0`` (masked) or ``d = 0``, ``∓∞`` where ``a = 0 < mid``."""
-    ratio = np.log(np.where(a > 0, a, 1.0) / np.where(mid > 0, mid, 1.0))
-    singular = (a == 0) & (mid > 0) & (d != 0)
-    return np.where(singular, np.where(d > 0, -np.inf, np.inf), np.where(mid > 0, 0.5 * d * ratio, 0.0))
+def js_divergence(P1, P2, *, mask=None, check_probabilities=True):
+    """Jensen–Shannon divergence of each pair of rows ``(..., Lq)``, natural log, in [0, log 2].
+
+    ``JS = ¼ Σ_j σ_j f(r_j)``, ``σ = P1 + P2``, ``r = (P1 − P2)/σ``: a sum of non-negative terms, each
+    computed without cancellation (:func:`_js_kernel`), so JS keeps its relative accuracy down to
+    nearly identical rows (``specs/metrics.md``).
+    """
+    m1, _, total, r = _js_parts(P1, P2, mask, check_probabilities)
+    js = 0.25 * (total * _js_kernel(r)).sum(axis=-1)  # (..., Lq)
+    return np.where(m1.rows, js, 0.0)
 
 
-def js_divergence_backward(dy, P1, P2, *, mask=None):
-    """``dP1 = ½ dy log(P1/M)``, ``dP2 = ½ dy log(P2/M)``, ``M = (P1 + P2)/2`` (−∞ where P = 0 < M)."""
-    m1, m2, mid = _js_parts(P1, P2, mask)
+def _half_log1p_times(d, r, total):
+    """``½ d log(1 + r)`` (= ``½ d log(P/M)`` with ``1 + r = P/M``): 0 where ``σ = 0`` (masked) or
+    ``d = 0``, ``∓∞`` where ``r = −1`` (``P = 0 < M``)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        g = 0.5 * d * np.log1p(r)
+    return np.where((total > 0) & (d != 0), g, 0.0)
+
+
+def js_divergence_backward(dy, P1, P2, *, mask=None, check_probabilities=True):
+    """``dP1 = ½ dy log(P1/M) = ½ dy log1p(r)``, ``dP2 = ½ dy log1p(−r)``, ``M = (P1 + P2)/2``
+    (−∞ where ``P = 0 < M``); ``log1p`` of the relative difference keeps the digits near ``P1 = P2``."""
+    m1, _, total, r = _js_parts(P1, P2, mask, check_probabilities)
     d = as_cotangent(dy, m1.p.shape[:-1], "dy")[..., None]
-    g1 = _half_log_ratio_times(d, m1.p, mid)
-    g2 = _half_log_ratio_times(d, m2.p, mid)
+    g1 = _half_log1p_times(d, r, total)
+    g2 = _half_log1p_times(d, -r, total)
     return JSGrads(masked_grad(m1, g1), masked_grad(m1, g2))
 
 
-def js_distance(P1, P2, *, mask=None):
+def js_distance(P1, P2, *, mask=None, check_probabilities=True):
     """``sqrt(js_divergence)``: a metric (the triangle inequality holds)."""
-    return np.sqrt(js_divergence(P1, P2, mask=mask))
+    return np.sqrt(js_divergence(P1, P2, mask=mask, check_probabilities=check_probabilities))
 
 
-def js_distance_backward(dy, P1, P2, *, mask=None):
+def js_distance_backward(dy, P1, P2, *, mask=None, check_probabilities=True):
     """``d√JS = dJS / (2√JS)`` (undefined where the rows are equal: returned as 0 there)."""
-    js = js_divergence(P1, P2, mask=mask)
+    js = js_divergence(P1, P2, mask=mask, check_probabilities=check_probabilities)
     d = as_cotangent(dy, js.shape, "dy")
     root = np.sqrt(js)
-    return js_divergence_backward(np.where(root > 0, d / (2 * np.where(root > 0, root, 1.0)), 0.0), P1, P2, mask=mask)
+    scaled = np.where(root > 0, d / (2 * np.where(root > 0, root, 1.0)), 0.0)
+    return js_divergence_backward(scaled, P1, P2, mask=mask, check_probabilities=False)
 
 
-def _head_vectors(P_heads, mask):
-    m = attention_map(P_heads, mask, name="P_heads")
+def _head_vectors(P_heads, mask, check_probabilities):
+    m = attention_map(P_heads, mask, name="P_heads", check_probabilities=check_probabilities)
     if m.p.ndim < 3:
         raise RefAttnError(f"P_heads: expected (..., H, Lq, Lk), got shape {m.p.shape}")
     v = m.p.reshape(m.p.shape[:-2] + (-1,))  # (..., H, Lq·Lk)
@@ -227,9 +270,9 @@ def _head_vectors(P_heads, mask):
     return m, v, norms
 
 
-def head_diversity(P_heads, *, mask=None):
+def head_diversity(P_heads, *, mask=None, check_probabilities=True):
     """Mean over head pairs of ``1 − cos(P_h, P_h')`` (maps flattened) ``(...,)``; 0 with one head."""
-    _, v, norms = _head_vectors(P_heads, mask)
+    _, v, norms = _head_vectors(P_heads, mask, check_probabilities)
     h = v.shape[-2]
     if h < 2:
         return np.zeros(v.shape[:-2])
@@ -239,9 +282,9 @@ def head_diversity(P_heads, *, mask=None):
     return (1.0 - cos[..., iu[0], iu[1]]).mean(axis=-1)
 
 
-def head_diversity_backward(dy, P_heads, *, mask=None):
+def head_diversity_backward(dy, P_heads, *, mask=None, check_probabilities=True):
     """``d cos(a, b)/da = b/(|a||b|) − cos·a/|a|²``, summed over the pairs of each head."""
-    m, v, norms = _head_vectors(P_heads, mask)
+    m, v, norms = _head_vectors(P_heads, mask, check_probabilities)
     h = v.shape[-2]
     d = as_cotangent(dy, v.shape[:-2], "dy")
     if h < 2:
@@ -257,20 +300,20 @@ def head_diversity_backward(dy, P_heads, *, mask=None):
     return HeadDiversityGrads(masked_grad(m, gv.reshape(m.p.shape)))
 
 
-def detect_collapse(P, threshold=0.8, fraction=0.5, *, mask=None):
+def detect_collapse(P, threshold=0.8, fraction=0.5, *, mask=None, check_probabilities=True):
     """Heads ``(...,)`` where at least ``fraction`` of real rows put ≥ ``threshold`` on one key."""
     threshold = as_real(threshold, "threshold", allow_none=False)
     fraction = as_real(fraction, "fraction", allow_none=False)
-    m = attention_map(P, mask)
+    m = attention_map(P, mask, check_probabilities=check_probabilities)
     peaked = (m.p.max(axis=-1) >= threshold).astype(np.float64)
     return row_mean(peaked, m.rows) >= fraction
 
 
-def detect_uniform(P, tolerance=0.1, *, mask=None):
+def detect_uniform(P, tolerance=0.1, *, mask=None, check_probabilities=True):
     """Heads ``(...,)`` whose every real row has normalised entropy ≥ ``1 − tolerance``."""
     tolerance = as_real(tolerance, "tolerance", allow_none=False)
-    m = attention_map(P, mask)
-    h = entropy(m.p, mask=m.allowed, normalize=True)
+    m = attention_map(P, mask, check_probabilities=check_probabilities)
+    h = entropy(m.p, mask=m.allowed, normalize=True, check_probabilities=False)
     single = key_counts(m) <= 1
     ok = (h >= 1.0 - tolerance) | ~m.rows | single
     return ok.all(axis=-1)

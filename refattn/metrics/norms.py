@@ -11,7 +11,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from refattn._validate import RefAttnError, as_cotangent, as_float, sum_outer, unbroadcast
+from refattn._validate import RefAttnError, as_cotangent, as_flag, as_float, sum_outer, to_numpy, unbroadcast
+from refattn.metrics._maps import check_probability_rows
 
 __all__ = ["ValueNormsGrads", "value_norms", "value_norms_backward"]
 
@@ -24,8 +25,12 @@ class ValueNormsGrads(NamedTuple):
     dw_o: np.ndarray
 
 
-def _parts(P, x, w_v, b_v, w_o):
-    p = as_float(P, "P", ndim_min=3)
+def _parts(P, x, w_v, b_v, w_o, check_probabilities):
+    check = as_flag(check_probabilities, "check_probabilities")
+    given = to_numpy(P, "P")
+    p = as_float(given, "P", ndim_min=3)
+    if check:
+        check_probability_rows(p, np.True_, "P", dtype=given.dtype)
     x = as_float(x, "x", ndim_min=2)
     w_v, w_o = as_float(w_v, "w_v"), as_float(w_o, "w_o")
     h, lk = p.shape[-3], p.shape[-1]
@@ -49,15 +54,16 @@ def _parts(P, x, w_v, b_v, w_o):
     return p, x, w_v, b, w_o, wv, wo, u, f, norms
 
 
-def value_norms(P, x, w_v, b_v, w_o):
-    """``|α_ij| ‖f_h(x_j)‖`` for every head, query and key ``(..., H, Lq, Lk)``."""
-    p, *_, norms = _parts(P, x, w_v, b_v, w_o)
+def value_norms(P, x, w_v, b_v, w_o, *, check_probabilities=True):
+    """``|α_ij| ‖f_h(x_j)‖`` for every head, query and key ``(..., H, Lq, Lk)``; ``check_probabilities``:
+    each row of P must be a probability distribution (no mask: over all keys)."""
+    p, *_, norms = _parts(P, x, w_v, b_v, w_o, check_probabilities)
     return np.abs(p) * norms[..., None, :]
 
 
-def value_norms_backward(dy, P, x, w_v, b_v, w_o):
+def value_norms_backward(dy, P, x, w_v, b_v, w_o, *, check_probabilities=True):
     """Gradients w.r.t. P, x, w_v, b_v, w_o (0 through a zero vector ``f``, where the norm has no gradient)."""
-    p, x, w_v, b, w_o, wv, wo, u, f, norms = _parts(P, x, w_v, b_v, w_o)
+    p, x, w_v, b, w_o, wv, wo, u, f, norms = _parts(P, x, w_v, b_v, w_o, check_probabilities)
     out_shape = np.broadcast_shapes(p.shape, norms.shape[:-1] + (1,) + norms.shape[-1:])
     d = as_cotangent(dy, out_shape, "dy")
     dp = unbroadcast(d * np.sign(p) * norms[..., None, :], p.shape)

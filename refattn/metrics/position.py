@@ -1,8 +1,10 @@
 """Positional metrics: distances, locality, offsets, diagonal, positional bias, self vs context.
 
 ``P (..., H, Lq, Lk)``; query i and key j are raw indices (for ``Lq != Lk`` maps the distance
-is still ``|i − j|``).  Per-row results ``P.shape[:-1]`` (0 on padded rows); per-head results
-``P.shape[:-2]``.  Every metric here except ``expected_offset`` is linear in P.
+is still ``|i − j|``), and every metric depends on them through ``j − i`` only, so padding a
+square map on the left shifts both and changes nothing.  Per-row results ``P.shape[:-1]`` (0 on
+padded rows); per-head results ``P.shape[:-2]``.  Every metric here except ``expected_offset`` is
+linear in P.  ``check_probabilities``: refuse maps whose real rows are not probabilities.
 """
 
 from __future__ import annotations
@@ -42,14 +44,14 @@ def _distance(m):
     return np.abs(i - j)  # (Lq, Lk)
 
 
-def mean_distance(P, *, mask=None):
+def mean_distance(P, *, mask=None, check_probabilities=True):
     """``Σ_j P_ij |i − j|`` per row ``(..., Lq)``."""
-    m = attention_map(P, mask)
+    m = attention_map(P, mask, check_probabilities=check_probabilities)
     return (m.p * _distance(m)).sum(axis=-1)
 
 
-def mean_distance_backward(dy, P, *, mask=None):
-    m = attention_map(P, mask)
+def mean_distance_backward(dy, P, *, mask=None, check_probabilities=True):
+    m = attention_map(P, mask, check_probabilities=check_probabilities)
     d = as_cotangent(dy, m.p.shape[:-1], "dy")
     return MapGrads(masked_grad(m, d[..., None] * _distance(m)))
 
@@ -59,35 +61,42 @@ def _half_width(m):
     return np.where(m.rows, n / 2.0, 1.0)
 
 
-def locality_score(P, *, mask=None):
+def locality_score(P, *, mask=None, check_probabilities=True):
     """``1 − mean_distance / (n/2)`` per row, n = allowed keys of the row (1 = all on the diagonal)."""
-    m = attention_map(P, mask)
-    return np.where(m.rows, 1.0 - mean_distance(m.p, mask=m.allowed) / _half_width(m), 0.0)
+    m = attention_map(P, mask, check_probabilities=check_probabilities)
+    return np.where(m.rows, 1.0 - mean_distance(m.p, mask=m.allowed, check_probabilities=False) / _half_width(m), 0.0)
 
 
-def locality_score_backward(dy, P, *, mask=None):
-    m = attention_map(P, mask)
+def locality_score_backward(dy, P, *, mask=None, check_probabilities=True):
+    m = attention_map(P, mask, check_probabilities=check_probabilities)
     d = as_cotangent(dy, m.p.shape[:-1], "dy")
     return MapGrads(masked_grad(m, -(d / _half_width(m))[..., None] * _distance(m)))
 
 
-def _centre(m):
+def _offsets(m):
     i, j = positions(m)
-    return (m.p * j).sum(axis=-1) - i[:, 0]  # (..., Lq): E_j[j] − i
+    return j - i  # (Lq, Lk)
 
 
-def expected_offset(P, *, mask=None):
-    """``|E_j[j] − i| = |Σ_j P_ij j − i|`` per row (0 on padded rows)."""
-    m = attention_map(P, mask)
+def _centre(m):
+    return (m.p * _offsets(m)).sum(axis=-1)  # (..., Lq): Σ_j P_ij (j − i) = E_j[j] − i on a normalised row
+
+
+def expected_offset(P, *, mask=None, check_probabilities=True):
+    """``|Σ_j P_ij (j − i)|`` per row (``|E_j[j] − i|`` for a normalised row; 0 on padded rows).
+
+    Written with the offsets ``j − i`` so that, like every metric here, it depends on relative
+    positions only: left padding leaves it unchanged even for rows that do not sum to 1.
+    """
+    m = attention_map(P, mask, check_probabilities=check_probabilities)
     return np.where(m.rows, np.abs(_centre(m)), 0.0)
 
 
-def expected_offset_backward(dy, P, *, mask=None):
-    """``dP_ij = dy_i sign(E[j] − i) j`` (subgradient 0 where ``E[j] = i``)."""
-    m = attention_map(P, mask)
+def expected_offset_backward(dy, P, *, mask=None, check_probabilities=True):
+    """``dP_ij = dy_i sign(Σ_k P_ik (k − i)) (j − i)`` (subgradient 0 where the sum is 0)."""
+    m = attention_map(P, mask, check_probabilities=check_probabilities)
     d = as_cotangent(dy, m.p.shape[:-1], "dy")
-    _, j = positions(m)
-    return MapGrads(masked_grad(m, (d * np.sign(_centre(m)))[..., None] * j))
+    return MapGrads(masked_grad(m, (d * np.sign(_centre(m)))[..., None] * _offsets(m)))
 
 
 def _offset_pattern(m, offset):
@@ -96,35 +105,37 @@ def _offset_pattern(m, offset):
 
 
 def _rows_with_target(m, offset):
-    target = np.arange(m.p.shape[-2]) + offset
-    return m.rows & ((target >= 0) & (target < m.p.shape[-1]))
+    """Real rows i whose key ``i + offset`` exists and is allowed (a real token) ``(..., Lq)``."""
+    return m.rows & (m.allowed & (_offset_pattern(m, offset) > 0)).any(axis=-1)
 
 
-def offset_attention(P, offset, *, mask=None):
+def offset_attention(P, offset, *, mask=None, check_probabilities=True):
     """Mean over real rows i (with key ``i + offset`` present) of ``P[i, i + offset]`` ``(...,)``.
 
-    ``offset = −1``: previous token; ``0``: self; ``+1``: next token.
+    ``offset = −1``: previous token; ``0``: self; ``+1``: next token.  A row counts when its key
+    ``i + offset`` is allowed: a padded key (under right padding for +1, left padding for −1) is
+    no target, as it is not in the cropped map.
     """
-    m = attention_map(P, mask)
+    m = attention_map(P, mask, check_probabilities=check_probabilities)
     offset = as_int(offset, "offset")
     return row_mean((m.p * _offset_pattern(m, offset)).sum(axis=-1), _rows_with_target(m, offset))
 
 
-def offset_attention_backward(dy, P, offset, *, mask=None):
-    m = attention_map(P, mask)
+def offset_attention_backward(dy, P, offset, *, mask=None, check_probabilities=True):
+    m = attention_map(P, mask, check_probabilities=check_probabilities)
     offset = as_int(offset, "offset")
     rows = _rows_with_target(m, offset)
     d = row_mean_backward(as_cotangent(dy, m.p.shape[:-2], "dy"), rows)
     return MapGrads(masked_grad(m, d[..., None] * _offset_pattern(m, offset)))
 
 
-def diagonal_strength(P, *, mask=None):
+def diagonal_strength(P, *, mask=None, check_probabilities=True):
     """Mean over real rows of ``P_ii`` ``(...,)`` (``offset_attention`` with offset 0)."""
-    return offset_attention(P, 0, mask=mask)
+    return offset_attention(P, 0, mask=mask, check_probabilities=check_probabilities)
 
 
-def diagonal_strength_backward(dy, P, *, mask=None):
-    return offset_attention_backward(dy, P, 0, mask=mask)
+def diagonal_strength_backward(dy, P, *, mask=None, check_probabilities=True):
+    return offset_attention_backward(dy, P, 0, mask=mask, check_probabilities=check_probabilities)
 
 
 def _regions(m):
@@ -139,16 +150,16 @@ def _regions(m):
     return np.stack([first, middle, last], axis=-1).astype(np.float64)
 
 
-def positional_bias(P, *, mask=None):
+def positional_bias(P, *, mask=None, check_probabilities=True):
     """Mean attention (over real rows) received by the first quarter, middle half and last quarter
     of each row's allowed keys ``(..., 3)``."""
-    m = attention_map(P, mask)
+    m = attention_map(P, mask, check_probabilities=check_probabilities)
     mass = np.einsum("...j,...jr->...r", m.p, _regions(m))  # (..., Lq, 3)
     return np.stack([row_mean(mass[..., r], m.rows) for r in range(3)], axis=-1)
 
 
-def positional_bias_backward(dy, P, *, mask=None):
-    m = attention_map(P, mask)
+def positional_bias_backward(dy, P, *, mask=None, check_probabilities=True):
+    m = attention_map(P, mask, check_probabilities=check_probabilities)
     d = as_cotangent(dy, m.p.shape[:-2] + (3,), "dy")
     per_row = np.stack([row_mean_backward(d[..., r], m.rows) for r in range(3)], axis=-1)  # (..., Lq, 3)
     return MapGrads(masked_grad(m, np.einsum("...r,...jr->...j", per_row, _regions(m))))
@@ -159,13 +170,13 @@ def _self_minus_context(m):
     return np.where(i == j, 1.0, -1.0)  # (Lq, Lk)
 
 
-def self_context_balance(P, *, mask=None):
+def self_context_balance(P, *, mask=None, check_probabilities=True):
     """Mean over real rows of ``P_ii − Σ_{j≠i} P_ij`` ``(...,)``: +1 all on self, −1 all on context."""
-    m = attention_map(P, mask)
+    m = attention_map(P, mask, check_probabilities=check_probabilities)
     return row_mean((m.p * _self_minus_context(m)).sum(axis=-1), m.rows)
 
 
-def self_context_balance_backward(dy, P, *, mask=None):
-    m = attention_map(P, mask)
+def self_context_balance_backward(dy, P, *, mask=None, check_probabilities=True):
+    m = attention_map(P, mask, check_probabilities=check_probabilities)
     d = row_mean_backward(as_cotangent(dy, m.p.shape[:-2], "dy"), m.rows)
     return MapGrads(masked_grad(m, d[..., None] * _self_minus_context(m)))

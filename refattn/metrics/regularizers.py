@@ -35,9 +35,9 @@ class DiversityRegularizerGrads(NamedTuple):
     dP_heads: np.ndarray
 
 
-def _entropy_gap(P, target, mask):
-    m = attention_map(P, mask)
-    h = entropy(m.p, mask=m.allowed)
+def _entropy_gap(P, target, mask, check_probabilities):
+    m = attention_map(P, mask, check_probabilities=check_probabilities)
+    h = entropy(m.p, mask=m.allowed, check_probabilities=False)
     if target is None:
         t = np.log(np.maximum(key_counts(m), 1) / 4.0)
     else:
@@ -46,28 +46,29 @@ def _entropy_gap(P, target, mask):
     return m, h - t, count
 
 
-def entropy_regularizer(P, target=None, *, mask=None):
+def entropy_regularizer(P, target=None, *, mask=None, check_probabilities=True):
     """``mean |H_i − target_i|`` over real rows: a scalar (0-d array)."""
-    m, gap, count = _entropy_gap(P, target, mask)
+    m, gap, count = _entropy_gap(P, target, mask, check_probabilities)
     return np.asarray(np.where(m.rows, np.abs(gap), 0.0).sum() / count)
 
 
-def entropy_regularizer_backward(dy, P, target=None, *, mask=None):
+def entropy_regularizer_backward(dy, P, target=None, *, mask=None, check_probabilities=True):
     """``dP = dy · sign(H − target) / count · dH/dP`` (subgradient 0 at ``H = target``)."""
-    m, gap, count = _entropy_gap(P, target, mask)
+    m, gap, count = _entropy_gap(P, target, mask, check_probabilities)
     d = float(as_cotangent(dy, (), "dy"))
     dh = np.where(m.rows, d * np.sign(gap) / count, 0.0)
-    return EntropyRegularizerGrads(entropy_backward(dh, m.p, mask=m.allowed).dP)
+    return EntropyRegularizerGrads(entropy_backward(dh, m.p, mask=m.allowed, check_probabilities=False).dP)
 
 
-def diversity_regularizer(P_heads, *, mask=None):
+def diversity_regularizer(P_heads, *, mask=None, check_probabilities=True):
     """Mean pairwise cosine similarity of the heads, averaged over maps: a scalar."""
-    return np.asarray(np.mean(1.0 - head_diversity(P_heads, mask=mask)))
+    return np.asarray(np.mean(1.0 - head_diversity(P_heads, mask=mask, check_probabilities=check_probabilities)))
 
 
-def diversity_regularizer_backward(dy, P_heads, *, mask=None):
-    div = head_diversity(P_heads, mask=mask)
+def diversity_regularizer_backward(dy, P_heads, *, mask=None, check_probabilities=True):
+    div = head_diversity(P_heads, mask=mask, check_probabilities=check_probabilities)
     d = float(as_cotangent(dy, (), "dy"))
+    cot = np.full(div.shape, -d / max(div.size, 1))
     return DiversityRegularizerGrads(
-        head_diversity_backward(np.full(div.shape, -d / max(div.size, 1)), P_heads, mask=mask).dP_heads
+        head_diversity_backward(cot, P_heads, mask=mask, check_probabilities=False).dP_heads
     )

@@ -3,7 +3,8 @@
 
 ``P (..., H, Lq, Lk)``.  Key sets (``positions``, ``important``, ``special_positions``) are either
 integer key indices (shared by every map) or bool masks over keys — ``P.shape[:-3] + (Lk,)`` or
-``P.shape[:-2] + (Lk,)`` for per-example sets.
+``P.shape[:-2] + (Lk,)`` for per-example sets.  ``check_probabilities``: refuse maps whose real rows
+are not probabilities.
 """
 
 from __future__ import annotations
@@ -64,51 +65,51 @@ def key_set(keys, shape, name="positions"):
     return w
 
 
-def attention_received(P, *, mask=None):
+def attention_received(P, *, mask=None, check_probabilities=True):
     """Mean over real query rows of ``P_ij`` for each key ``(..., Lk)``."""
-    m = attention_map(P, mask)
+    m = attention_map(P, mask, check_probabilities=check_probabilities)
     count = np.maximum(m.rows.sum(axis=-1), 1)[..., None]
     return m.p.sum(axis=-2) / count
 
 
-def attention_received_backward(dy, P, *, mask=None):
-    m = attention_map(P, mask)
+def attention_received_backward(dy, P, *, mask=None, check_probabilities=True):
+    m = attention_map(P, mask, check_probabilities=check_probabilities)
     d = as_cotangent(dy, m.p.shape[:-2] + m.p.shape[-1:], "dy")
     count = np.maximum(m.rows.sum(axis=-1), 1)[..., None, None]
     return MapGrads(masked_grad(m, d[..., None, :] / count))
 
 
-def attention_given(P, *, mask=None):
+def attention_given(P, *, mask=None, check_probabilities=True):
     """Row mass ``Σ_j P_ij`` over allowed keys ``(..., Lq)`` (1 for a normalised row; less with sinks)."""
-    return attention_map(P, mask).p.sum(axis=-1)
+    return attention_map(P, mask, check_probabilities=check_probabilities).p.sum(axis=-1)
 
 
-def attention_given_backward(dy, P, *, mask=None):
-    m = attention_map(P, mask)
+def attention_given_backward(dy, P, *, mask=None, check_probabilities=True):
+    m = attention_map(P, mask, check_probabilities=check_probabilities)
     d = as_cotangent(dy, m.p.shape[:-1], "dy")
     return MapGrads(masked_grad(m, d[..., None]))
 
 
-def top_tokens(P, k, *, mask=None):
+def top_tokens(P, k, *, mask=None, check_probabilities=True):
     """Indices ``(..., k)`` of the ``k`` keys receiving the most attention (ties: lower index; masked keys last)."""
-    m = attention_map(P, mask)
+    m = attention_map(P, mask, check_probabilities=check_probabilities)
     k = as_int(k, "k", minimum=1)
     if k > m.p.shape[-1]:
         raise RefAttnError(f"k: expected at most Lk={m.p.shape[-1]}, got {k}")
-    received = attention_received(m.p, mask=m.allowed)
+    received = attention_received(m.p, mask=m.allowed, check_probabilities=False)
     real = m.allowed.any(axis=-2)
     return np.argsort(-np.where(real, received, -np.inf), axis=-1, kind="stable")[..., :k]
 
 
-def attention_to(P, positions, *, mask=None):
+def attention_to(P, positions, *, mask=None, check_probabilities=True):
     """Mean over real rows of the mass on the keys in ``positions`` ``(...,)`` (Clark et al.'s [CLS]/[SEP])."""
-    m = attention_map(P, mask)
+    m = attention_map(P, mask, check_probabilities=check_probabilities)
     w = key_set(positions, m.p.shape)
     return row_mean((m.p * w).sum(axis=-1), m.rows)
 
 
-def attention_to_backward(dy, P, positions, *, mask=None):
-    m = attention_map(P, mask)
+def attention_to_backward(dy, P, positions, *, mask=None, check_probabilities=True):
+    m = attention_map(P, mask, check_probabilities=check_probabilities)
     w = key_set(positions, m.p.shape)
     d = row_mean_backward(as_cotangent(dy, m.p.shape[:-2], "dy"), m.rows)
     return MapGrads(masked_grad(m, d[..., None] * w))
@@ -138,34 +139,35 @@ def _function_word_set(P_shape, tokens, function_words):
     return key_set(is_fw, P_shape, "tokens")
 
 
-def function_word_ratio(P, tokens, function_words=FUNCTION_WORDS, *, mask=None):
+def function_word_ratio(P, tokens, function_words=FUNCTION_WORDS, *, mask=None, check_probabilities=True):
     """Mean over real rows of the share of mass on function-word keys ``(...,)`` (case-insensitive)."""
-    m = attention_map(P, mask)
+    m = attention_map(P, mask, check_probabilities=check_probabilities)
     share, _, mass = _share(m, _function_word_set(m.p.shape, tokens, function_words))
     return row_mean(share, m.rows & (mass > 0))
 
 
-def function_word_ratio_backward(dy, P, tokens, function_words=FUNCTION_WORDS, *, mask=None):
-    m = attention_map(P, mask)
+def function_word_ratio_backward(dy, P, tokens, function_words=FUNCTION_WORDS, *, mask=None, check_probabilities=True):
+    m = attention_map(P, mask, check_probabilities=check_probabilities)
     return _share_backward(dy, m, _function_word_set(m.p.shape, tokens, function_words))
 
 
-def allocation_efficiency(P, important, *, mask=None):
+def allocation_efficiency(P, important, *, mask=None, check_probabilities=True):
     """Mean over real rows of the share of mass that lands on the ``important`` keys ``(...,)``, in [0, 1]."""
-    m = attention_map(P, mask)
+    m = attention_map(P, mask, check_probabilities=check_probabilities)
     share, _, mass = _share(m, key_set(important, m.p.shape, "important"))
     return row_mean(share, m.rows & (mass > 0))
 
 
-def allocation_efficiency_backward(dy, P, important, *, mask=None):
-    m = attention_map(P, mask)
+def allocation_efficiency_backward(dy, P, important, *, mask=None, check_probabilities=True):
+    m = attention_map(P, mask, check_probabilities=check_probabilities)
     return _share_backward(dy, m, key_set(important, m.p.shape, "important"))
 
 
-def special_token_bias(P, special_positions, factor=2, *, mask=None):
+def special_token_bias(P, special_positions, factor=2, *, mask=None, check_probabilities=True):
     """Heads ``(...,)`` giving special tokens more than ``factor`` × their uniform share ``|S|/n``."""
-    m = attention_map(P, mask)
+    m = attention_map(P, mask, check_probabilities=check_probabilities)
     factor = as_real(factor, "factor", allow_none=False)
     w = key_set(special_positions, m.p.shape, "special_positions")
     uniform = (np.broadcast_to(w, m.p.shape) * m.allowed).sum(axis=-1) / np.maximum(key_counts(m), 1)
-    return attention_to(m.p, special_positions, mask=m.allowed) > factor * row_mean(uniform, m.rows)
+    to = attention_to(m.p, special_positions, mask=m.allowed, check_probabilities=False)
+    return to > factor * row_mean(uniform, m.rows)

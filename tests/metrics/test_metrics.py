@@ -248,7 +248,7 @@ MUTANTS = {
     "detector_not_normalised": lambda mp: mp.setattr(
         det_mod,
         "_pattern_for",
-        (lambda real: lambda kind, shape, tokens: 3.0 * real(kind, shape, tokens))(det_mod._pattern_for),
+        (lambda real: lambda *args: 3.0 * real(*args))(det_mod._pattern_for),
     ),
     "induction_without_the_shift": lambda mp: mp.setattr(det_mod, "induction_pattern", det_mod.duplicate_token_pattern),
 }
@@ -262,5 +262,6 @@ def test_property_catches_its_mutant(check, strategy, mutant, monkeypatch):
 
 def test_crop_property_holds_for_case_objects():
     # the strategy's key-padding masks always keep key 0, so a crop is never empty
-    case = Case((refattn.softmax(np.zeros((1, 1, 2, 2))),), {"mask": np.array([[True, False]])})
+    real = np.array([[True, False]])
+    case = Case((refattn.softmax(np.zeros((1, 1, 2, 2)), mask=real[:, None, None, :]),), {"mask": real})
     check_per_example_metrics_equal_cropped_maps(case)
