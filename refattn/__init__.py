@@ -5,6 +5,7 @@ Public API (re-exports only); see README.md and specs/.
 
 from refattn import attention, io, lowp, masks, metrics, testing
 from refattn._validate import RefAttnError, RefAttnTypeError, Unsupported
+from refattn._version import __version__
 from refattn.attention.allocation import (
     AllocationGate,
     AllocationGrads,
@@ -31,8 +32,8 @@ from refattn.attention.sdpa import (
     sdpa_backward,
 )
 from refattn.attention.sparse import topk_attention, topk_attention_backward
-from refattn.rollout import attention_flow, rollout, rollout_backward
-from refattn.softmax import (
+from refattn.rollout_flow import attention_flow, rollout, rollout_backward
+from refattn.softmax_family import (
     LogSoftmaxGrads,
     LogSumExpGrads,
     SoftmaxGrads,
@@ -44,9 +45,8 @@ from refattn.softmax import (
     softmax_backward,
 )
 
-__version__ = "0.1.0"
-
 __all__ = [
+    "__version__",
     "AllocationGate",
     "AllocationGrads",
     "AttentionWeightsGrads",

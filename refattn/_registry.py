@@ -12,7 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 _sdpa = importlib.import_module("refattn.attention.sdpa")
-_softmax = importlib.import_module("refattn.softmax")  # the module; refattn.softmax is the function
+from refattn import softmax_family as _softmax  # noqa: E402
+
 _allocation = importlib.import_module("refattn.attention.allocation")
 _cache = importlib.import_module("refattn.attention.cache")
 _linear = importlib.import_module("refattn.attention.linear")
@@ -21,7 +22,8 @@ _position = importlib.import_module("refattn.attention.position")
 _relative = importlib.import_module("refattn.attention.relative")
 _sparse = importlib.import_module("refattn.attention.sparse")
 _tiled = importlib.import_module("refattn.attention.tiled")
-_rollout = importlib.import_module("refattn.rollout")
+from refattn import rollout_flow as _rollout  # noqa: E402
+
 _metrics = importlib.import_module("refattn.metrics")
 
 __all__ = ["OPS", "TOLERANCE", "Op", "get", "register"]

@@ -221,10 +221,12 @@ def _plot_written(args, plot):
 
 
 def cmd_rollout(args):
-    import refattn
+    from refattn.crosscheck import load_attentions
+    from refattn.metrics import summarize
+    from refattn.rollout_flow import rollout
 
     plot = _plot_path(args)
-    layers, mask, tokens = refattn.io.load_attentions(args.file, **_cap(args))
+    layers, mask, tokens = load_attentions(args.file, **_cap(args))
     n = layers[0].shape[-1]
     if not -n <= args.row < n:
         raise RefAttnError(
@@ -234,7 +236,7 @@ def cmd_rollout(args):
     view = _plot_view(args, layers, tokens) if plot else None
     check = {"check_probabilities": args.check_probabilities}
     with _flag_names():
-        r = refattn.rollout(layers, residual=args.residual, head_fusion=args.head_fusion, mask=mask, **check)
+        r = rollout(layers, residual=args.residual, head_fusion=args.head_fusion, mask=mask, **check)
     flat = r.reshape((-1,) + r.shape[-2:])  # (items, n, n)
     rows = []
     for item, m in enumerate(flat):
@@ -252,21 +254,23 @@ def cmd_rollout(args):
         from refattn.plot import plot_attention_report
 
         with _flag_names():
-            summary = refattn.metrics.summarize(layers, tokens, mask=mask, **check)
+            summary = summarize(layers, tokens, mask=mask, **check)
         plot_attention_report(plot, layers, rollout_map=r, summary=summary, row=row, **view)
         _plot_written(args, plot)
     return 0
 
 
 def cmd_metrics(args):
-    import refattn
+    from refattn.crosscheck import load_attentions
+    from refattn.metrics import summarize
+    from refattn.rollout_flow import rollout
 
     plot = _plot_path(args)
-    layers, mask, tokens = refattn.io.load_attentions(args.file, **_cap(args))
+    layers, mask, tokens = load_attentions(args.file, **_cap(args))
     view = _plot_view(args, layers, tokens) if plot else None
     check = {"check_probabilities": args.check_probabilities}
     with _flag_names():
-        summary = refattn.metrics.summarize(layers, tokens, mask=mask, **check)
+        summary = summarize(layers, tokens, mask=mask, **check)
     per_head = {k: v for k, v in summary.items() if v.ndim == 2}
     if args.json:
         print(json.dumps({k: v.tolist() for k, v in summary.items()}))
@@ -284,7 +288,7 @@ def cmd_metrics(args):
         from refattn.plot import plot_attention_report
 
         with _flag_names():
-            r = refattn.rollout(layers, mask=mask, **check)
+            r = rollout(layers, mask=mask, **check)
         plot_attention_report(plot, layers, rollout_map=r, summary=summary, **view)
         _plot_written(args, plot)
     return 0
@@ -387,7 +391,7 @@ _MAX_BYTES_HELP = (
 
 
 def _parser():
-    from refattn import __version__
+    from refattn._version import __version__
     from refattn.testing.compare import RULES
 
     p = argparse.ArgumentParser(

@@ -8,20 +8,21 @@ backward, each within 1e-14 of mpmath relative to its row (``_rel_error``; the l
 each attention row, and its gradient, entry by entry).  A case with a looser bound says why.
 """
 
-import importlib
 import json
 import pathlib
 
 import numpy as np
 import pytest
 
-from refattn.attention import tiled
+from refattn import softmax_family
+from refattn.attention import linear, tiled
+from refattn.metrics import distribution
 
 TABLE = json.loads((pathlib.Path(__file__).parent / "data" / "hard_points_mpmath.json").read_text())
 TOL = TABLE["tolerance"]
 
-softmax_mod = importlib.import_module("refattn.softmax")
-dist_mod = importlib.import_module("refattn.metrics.distribution")
+softmax_mod = softmax_family
+dist_mod = distribution
 
 OPS = {  # op -> (its module, names of the outputs); the backward is op + "_backward"
     "softmax": (softmax_mod, ("out",)),
@@ -31,7 +32,7 @@ OPS = {  # op -> (its module, names of the outputs); the backward is op + "_back
     "entropy_from_logits": (dist_mod, ("out",)),
     "js_divergence": (dist_mod, ("out",)),
     "js_distance": (dist_mod, ("out",)),
-    "linear_attention": (importlib.import_module("refattn.attention.linear"), ("out",)),
+    "linear_attention": (linear, ("out",)),
     "combine_partials": (tiled, ("out", "lse")),
 }
 

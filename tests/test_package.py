@@ -2,6 +2,9 @@
 
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 import refattn
 
@@ -18,3 +21,9 @@ def test_public_names_exist():
     assert issubclass(refattn.RefAttnError, ValueError)
     assert issubclass(refattn.RefAttnTypeError, TypeError) and issubclass(refattn.RefAttnTypeError, ValueError)
     assert refattn.__version__
+
+
+def test_the_version_is_pyproject_s():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    assert refattn.__version__ == pyproject["project"]["version"]

@@ -1,6 +1,5 @@
 """Rollout and flow: properties, agreement with networkx, streaming memory, and mutation checks."""
 
-import importlib
 import tracemalloc
 
 import numpy as np
@@ -9,10 +8,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import refattn
+from refattn import rollout_flow as rollout_mod
 from refattn.testing.strategies import Case, rollout_cases
 from tests.mutation import assert_catches
 
-rollout_mod = importlib.import_module("refattn.rollout")
 CLOSE = dict(rtol=1e-12, atol=1e-13)
 
 

@@ -1,17 +1,14 @@
 """Softmax family: values, empty-row policies, agreement with SciPy, and mutation checks."""
 
-import importlib
-
 import numpy as np
 import pytest
 import scipy.special
 from hypothesis import given
 
 import refattn
+from refattn import softmax_family as softmax_mod
 from refattn.testing.strategies import softmax_cases
 from tests.mutation import assert_catches, violates
-
-softmax_mod = importlib.import_module("refattn.softmax")
 
 
 def _masked(case):

@@ -41,7 +41,7 @@ from refattn._validate import (
     check_broadcast_to,
     unbroadcast,
 )
-from refattn.softmax import EMPTY_ROW_POLICIES, normalize_last_axis
+from refattn.softmax_family import EMPTY_ROW_POLICIES, normalize_last_axis
 
 __all__ = [
     "AttentionWeightsGrads",
@@ -54,7 +54,19 @@ __all__ = [
 
 
 class SDPAGrads(NamedTuple):
-    """Gradients of :func:`sdpa`; ``dbias``/``dsinks`` are None when not given."""
+    """Gradients of :func:`sdpa` (returned by :func:`sdpa_backward`), each float64 and of its
+    input's shape: GQA groups and broadcast dims are summed back.
+
+    Fields
+    ------
+    dq : ndarray, shape of ``q`` (..., Hq, Lq, D)
+    dk : ndarray, shape of ``k`` (..., Hk, Lk, D)
+    dv : ndarray, shape of ``v`` (..., Hk, Lk, Dv)
+    dbias : ndarray or None
+        Shape of ``bias``; None when no bias was given.
+    dsinks : ndarray or None
+        Shape of ``sinks``; None when no sinks were given.
+    """
 
     dq: np.ndarray
     dk: np.ndarray
@@ -64,7 +76,18 @@ class SDPAGrads(NamedTuple):
 
 
 class AttentionWeightsGrads(NamedTuple):
-    """Gradients of :func:`attention_weights`."""
+    """Gradients of :func:`attention_weights` (returned by :func:`attention_weights_backward`),
+    each float64 and of its input's shape.
+
+    Fields
+    ------
+    dq : ndarray, shape of ``q`` (..., Hq, Lq, D)
+    dk : ndarray, shape of ``k`` (..., Hk, Lk, D)
+    dbias : ndarray or None
+        Shape of ``bias``; None when no bias was given.
+    dsinks : ndarray or None
+        Shape of ``sinks``; None when no sinks were given.
+    """
 
     dq: np.ndarray
     dk: np.ndarray
@@ -329,16 +352,99 @@ def sdpa(
     return_lse=False,
     backend="auto",
 ):
-    """Scaled dot-product attention; ``out (..., Hq, Lq, Dv)`` [, ``lse (..., Hq, Lq)``].
+    """Scaled dot-product attention in float64, every kernel option applied in one fixed order.
 
-    ``lse`` is the natural log of the softmax denominator including the sink
-    term, before dropout, ``-inf`` on empty rows.  See the module docstring for
-    shapes and the order of operations.  ``backend``: ``"numpy"`` (this module, the
-    definition), ``"numba"`` (the tiled kernel: no Lq × Lk array, ≤ 1e-12 from numpy) or
-    ``"auto"`` (the kernel from ``refattn.kernels.AUTO_MIN_SCORES`` scores on, when numba
-    is installed).  The NumPy path refuses (RefAttnError, before allocating) when its score-sized
-    intermediates would exceed ``refattn.kernels.numpy_max_bytes()`` (8 GiB unless
-    ``REFATTN_NUMPY_MAX_BYTES`` says otherwise); ``"auto"`` then takes the kernel.
+    ``out = P̃ v``, ``P = softmax_j(mask(softcap(scale · q kᵀ) + bias))`` with the sink in each
+    row's denominator, ``P̃ = P · keep / (1 − dropout_p)``.
+
+    Axes: ``...`` batch dims (broadcast between q, k and v), ``Hq`` query heads, ``Hk`` key/value
+    heads (``Hq % Hk == 0``; query head h reads kv head ``h // (Hq // Hk)``: GQA, MQA), ``Lq`` query
+    length, ``Lk`` key length, ``D`` q/k head dim, ``Dv`` value head dim.  The scores are
+    ``(..., Hq, Lq, Lk)``.  Order of operations (normative, ``specs/sdpa.md``)::
+
+        1. s = scale · q k̃ᵀ                      k̃: kv heads repeated to Hq
+        2. s = c · tanh(s / c)                   if softcap = c
+        3. s = s + bias                          if bias
+        4. s = -inf where mask, causal or window disallow (their intersection)
+        5. lse = log(Σ_j exp(s_j) + exp(sink)),  P = exp(s − lse)
+        6. P̃ = P · keep / (1 − dropout_p)       if dropout_mask = keep
+        7. out = P̃ ṽ
+
+    With ``o`` the alignment offset (0 for ``align="top_left"``, ``Lk − Lq`` for
+    ``"bottom_right"``), ``causal`` allows ``j <= i + o`` and ``window=(left, right)`` allows
+    ``i + o − left <= j <= i + o + right``.
+
+    Parameters
+    ----------
+    q : array_like, shape (..., Hq, Lq, D)
+        Queries: any real dtype (bfloat16 and float8 too), converted to float64, never mutated;
+        finite.  Every length, head count and head dim is >= 1.
+    k : array_like, shape (..., Hk, Lk, D)
+        Keys; ``Hk`` divides ``Hq``; finite.
+    v : array_like, shape (..., Hk, Lk, Dv)
+        Values; finite.
+    mask : array_like of bool, broadcastable to (..., Hq, Lq, Lk), optional
+        True = query i may attend key j (:mod:`refattn.masks` builds them).  A float mask is
+        refused: pass an additive mask as ``bias``.  Default None: every key allowed.
+    bias : array_like, broadcastable to (..., Hq, Lq, Lk), optional
+        Added to the logits after the softcap (ALiBi, relative positions, an additive mask); may
+        hold ``-inf`` (disallowed), not NaN or ``+inf``, entries at most 2**1022.  Differentiable
+        (``dbias``).  Default None.
+    causal : bool, default False
+        Query i attends keys ``j <= i + o``.
+    window : (int or None, int or None), optional
+        ``(left, right)``: query i attends keys ``i + o − left <= j <= i + o + right``; each side
+        an int >= 0 (any size) or None (unbounded).  Intersected with ``causal`` and ``mask``.
+        Default None: no window.
+    align : {"top_left", "bottom_right"}, optional
+        Where the diagonal of ``causal`` and ``window`` lies when ``Lq != Lk``: ``"top_left"``,
+        ``o = 0`` (PyTorch, JAX); ``"bottom_right"``, ``o = Lk − Lq`` (flash-attn, decoding).
+        Default None: ``o = 0`` when ``Lq == Lk``; with ``Lq != Lk``, causal or window without it
+        is a RefAttnError (never guessed).  Without causal and window it has no effect.
+    scale : float, optional
+        Multiplies ``q kᵀ``: any finite real (a 0-d array too).  Default None: ``1 / sqrt(D)``.
+    softcap : float, optional
+        ``c > 0``: logits ``c · tanh(s / c)`` (Gemma 2, Grok), before bias and masks.  Default
+        None: no cap.
+    sinks : array_like, broadcastable to (..., Hq), optional
+        A logit per head that joins every row's softmax denominator without a value (gpt-oss,
+        StreamingLLM): rows of P then sum to ``1 − exp(sink − lse)``; may be ``-inf``.
+        Differentiable (``dsinks``).  Default None.
+    dropout_p : float, default 0.0
+        Dropout probability in [0, 1); ``> 0`` needs ``dropout_mask`` (the reference is
+        deterministic).
+    dropout_mask : array_like of bool, broadcastable to (..., Hq, Lq, Lk), optional
+        True = keep: kept weights are scaled by ``1 / (1 − dropout_p)``; build one with
+        :func:`refattn.masks.dropout_mask`.  Default None: no dropout.
+    empty_rows : {"zero", "nan", "uniform"}, default "zero"
+        The result for an *empty* row (every key disallowed and no finite sink): ``"zero"``, P
+        and out 0 (PyTorch's safe softmax, flash-attn); ``"nan"``, NaN (xformers, eager
+        softmax); ``"uniform"``, ``P = 1/Lk`` and out the mean of v over all ``Lk`` keys (a
+        finite fill such as ``finfo.min``).  lse is ``-inf`` there under every policy.
+    return_lse : bool, default False
+        Also return ``lse``.
+    backend : {"auto", "numpy", "numba"}, default "auto"
+        ``"numpy"``: this module, the definition; ``"numba"``: the tiled kernel (no ``Lq × Lk``
+        array, within 1e-12 of numpy; needs numba); ``"auto"``: the kernel from
+        ``refattn.kernels.AUTO_MIN_SCORES`` (2**18) scores on, or when the NumPy path is over
+        its limit, if numba is installed.  The NumPy path refuses (RefAttnError, before
+        allocating) when its score-sized intermediates would exceed
+        ``refattn.kernels.numpy_max_bytes()`` (8 GiB unless ``REFATTN_NUMPY_MAX_BYTES`` says
+        otherwise).
+
+    Returns
+    -------
+    out : ndarray of float64, shape (..., Hq, Lq, Dv)
+        ``...`` is the broadcast of q's, k's and v's batch dims.
+    lse : ndarray of float64, shape (..., Hq, Lq)
+        Only with ``return_lse=True``, as ``(out, lse)``: the natural log of each row's softmax
+        denominator, the sink included, before dropout; ``-inf`` on empty rows.
+
+    Raises
+    ------
+    RefAttnError
+        A bad shape, value or option, named in the message (``RefAttnTypeError`` for a wrong
+        type, such as a float mask); logits that could overflow float64.
     """
     return_lse = as_flag(return_lse, "return_lse")
     a = validate(
@@ -485,15 +591,41 @@ def sdpa_backward(
     backend="auto",
     saved=None,
 ):
-    """Gradients of :func:`sdpa` for cotangents ``d_out (..., Hq, Lq, Dv)`` and ``d_lse (..., Hq, Lq)``.
+    """Gradients of :func:`sdpa`: the vector-Jacobian product of ``out`` (and ``lse``) at q, k, v,
+    bias and sinks.
 
-    Returns :class:`SDPAGrads`; each gradient has the shape of its input (GQA
-    groups and broadcast dims summed).  ``d_lse`` is ignored on empty rows.  ``backend`` as
-    :func:`sdpa` (the kernel recomputes P from lse, FlashAttention-2 style).  ``saved``: the
-    ``(out, lse)`` that ``sdpa(..., return_lse=True)`` returned for these same arguments; the
-    kernel then skips recomputing the forward (as autograd does with saved tensors).  It is
-    trusted, not recomputed: pass exactly what refattn returned.  The NumPy path rebuilds P and
-    does not use it.
+    ``dq, dk, dv, dbias, dsinks = ∂/∂(q, k, v, bias, sinks) of Σ d_out · out + Σ d_lse · lse``,
+    steps 7 back to 1 of :func:`sdpa`'s order of operations (``specs/sdpa.md``).  Axes as
+    :func:`sdpa`: ``...`` batch, ``Hq``/``Hk`` query/kv heads, ``Lq``/``Lk`` lengths, ``D``/``Dv``
+    head dims.
+
+    Parameters
+    ----------
+    d_out : array_like, shape (..., Hq, Lq, Dv)
+        Cotangent of ``out``: exactly the output's shape, finite.
+    q, k, v : array_like
+        As :func:`sdpa`: ``(..., Hq, Lq, D)``, ``(..., Hk, Lk, D)``, ``(..., Hk, Lk, Dv)``.
+    d_lse : array_like, shape (..., Hq, Lq), optional
+        Cotangent of ``lse`` (when the forward returned it); ignored on empty rows.  Default
+        None: no lse term.
+    mask, bias, causal, window, align, scale, softcap, sinks, dropout_p, dropout_mask, empty_rows
+        The forward's options, as :func:`sdpa` (same defaults): pass exactly those of the
+        forward call.
+    backend : {"auto", "numpy", "numba"}, default "auto"
+        As :func:`sdpa`; the kernel recomputes P from lse, FlashAttention-2 style.
+    saved : (out, lse), optional
+        What ``sdpa(..., return_lse=True)`` returned for these same arguments: the kernel then
+        skips recomputing the forward (as autograd reuses saved tensors).  Shapes are checked,
+        values trusted: pass exactly what refattn returned.  The NumPy path rebuilds P and does
+        not use it.  Default None.
+
+    Returns
+    -------
+    SDPAGrads
+        ``(dq, dk, dv, dbias, dsinks)``, float64, each of its input's shape (GQA groups and
+        broadcast dims summed); ``dbias``/``dsinks`` None without bias/sinks.  An empty row
+        contributes nothing under ``empty_rows="zero"``, NaN to its head's gradients under
+        ``"nan"``, and to dv alone under ``"uniform"``.
     """
     a = validate(
         q,
@@ -555,7 +687,32 @@ def attention_weights(
     sinks=None,
     empty_rows="zero",
 ):
-    """The softmax probabilities ``P (..., Hq, Lq, Lk)`` of :func:`sdpa` (before dropout)."""
+    """The attention weights of :func:`sdpa`: ``P = softmax_j(mask(softcap(scale · q kᵀ) + bias))``,
+    the sink in the denominator, before dropout.
+
+    Steps 1 to 5 of :func:`sdpa`'s order of operations.  Axes: ``...`` batch, ``Hq``/``Hk``
+    query/kv heads (``Hq % Hk == 0``), ``Lq``/``Lk`` query/key lengths, ``D`` head dim.  No kernel
+    (the output is score-sized): over the NumPy memory limit it raises, pointing to
+    ``sdpa(..., return_lse=True, backend="numba")``.
+
+    Parameters
+    ----------
+    q : array_like, shape (..., Hq, Lq, D)
+        Queries (float64 after conversion; finite).
+    k : array_like, shape (..., Hk, Lk, D)
+        Keys.
+    mask, bias, causal, window, align, scale, softcap, sinks, empty_rows
+        As :func:`sdpa` (same meaning and defaults): ``mask`` bool broadcastable to
+        ``(..., Hq, Lq, Lk)`` (True = may attend), ``bias`` float of that shape, ``causal`` /
+        ``window`` / ``align`` the structural masks, ``scale`` (default ``1/sqrt(D)``),
+        ``softcap``, ``sinks`` ``(..., Hq)``, ``empty_rows`` ``"zero"``, ``"nan"`` or
+        ``"uniform"`` (the row of P: 0, NaN or ``1/Lk``).
+
+    Returns
+    -------
+    P : ndarray of float64, shape (..., Hq, Lq, Lk)
+        Rows sum to 1 (to ``1 − exp(sink − lse)`` with sinks), 0 where disallowed.
+    """
     a = validate(
         q,
         k,
@@ -589,7 +746,26 @@ def attention_weights_backward(
     sinks=None,
     empty_rows="zero",
 ):
-    """Gradients of :func:`attention_weights` for ``d_weights (..., Hq, Lq, Lk)``."""
+    """Gradients of :func:`attention_weights`: ``dq, dk, dbias, dsinks = ∂/∂(q, k, bias, sinks) of
+    Σ d_weights · P``.
+
+    Axes as :func:`attention_weights`.
+
+    Parameters
+    ----------
+    d_weights : array_like, shape (..., Hq, Lq, Lk)
+        Cotangent of ``P``: exactly its shape, finite.
+    q, k : array_like
+        As :func:`attention_weights`: ``(..., Hq, Lq, D)`` and ``(..., Hk, Lk, D)``.
+    mask, bias, causal, window, align, scale, softcap, sinks, empty_rows
+        The forward's options, as :func:`sdpa` (same defaults).
+
+    Returns
+    -------
+    AttentionWeightsGrads
+        ``(dq, dk, dbias, dsinks)``, float64, each of its input's shape; ``dbias``/``dsinks``
+        None without bias/sinks.
+    """
     a = validate(
         q,
         k,

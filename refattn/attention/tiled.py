@@ -21,7 +21,7 @@ import numpy as np
 from refattn._validate import RefAttnError, as_cotangent, as_flag, as_float, as_int, unbroadcast
 from refattn.attention import sdpa as _sdpa
 from refattn.attention.options import BACKWARD_RETURN_LSE, takes_sdpa_options
-from refattn.softmax import normalize_last_axis
+from refattn.softmax_family import normalize_last_axis
 
 __all__ = [
     "CombineGrads",

@@ -20,6 +20,9 @@ import tracemalloc
 
 import numpy as np
 
+from refattn.attention.sdpa import sdpa, sdpa_backward
+from refattn.rollout_flow import rollout
+
 os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "1")
 
 
@@ -46,13 +49,12 @@ def gemm_rate(n=2048, repeats=5):
 
 
 def _forward_methods(q, k, v, causal, torch, with_numpy):
-    import refattn
 
     methods = {}
     if _kernel_backends():
-        methods["refattn kernel"] = lambda: refattn.sdpa(q, k, v, backend="numba", causal=causal)
+        methods["refattn kernel"] = lambda: sdpa(q, k, v, backend="numba", causal=causal)
     if with_numpy:
-        methods["refattn numpy"] = lambda: refattn.sdpa(q, k, v, backend="numpy", causal=causal)
+        methods["refattn numpy"] = lambda: sdpa(q, k, v, backend="numpy", causal=causal)
     if torch:
         for dtype in (torch.float64, torch.float32):
             tq, tk, tv = (torch.tensor(x, dtype=dtype) for x in (q, k, v))
@@ -65,12 +67,11 @@ def _torch_forward(torch, tq, tk, tv, causal):
 
 
 def _backward_methods(q, k, v, d_out, causal, torch):
-    import refattn
 
     def ours(backend):
         def run():  # the forward's out and lse saved for the backward, as autograd saves them
-            saved = refattn.sdpa(q, k, v, backend=backend, causal=causal, return_lse=True)
-            refattn.sdpa_backward(d_out, q, k, v, backend=backend, causal=causal, saved=saved)
+            saved = sdpa(q, k, v, backend=backend, causal=causal, return_lse=True)
+            sdpa_backward(d_out, q, k, v, backend=backend, causal=causal, saved=saved)
 
         return run
 
@@ -122,7 +123,6 @@ def memory_rows(sizes, dim=64):
     """Peak Python-visible allocation (tracemalloc) beyond inputs, H = 1: the forward, and the backward
     with a broadcast ``(N,)`` bias (dbias reduced in the kernels; a dbias of the score shape would be
     one N×N float64 array, ``8·N²`` bytes); the backward up to N = 8192, NumPy's up to 4096, to stay quick."""
-    import refattn
 
     rows = []
     for n in sizes:
@@ -132,18 +132,17 @@ def memory_rows(sizes, dim=64):
         small = (q[:, :, :256], k[:, :, :256], v[:, :, :256])
         nd = n * dim * 8 / 2**20
         for backend in _kernel_backends() + (["numpy"] if n <= 8192 else []):
-            refattn.sdpa(*small, backend=backend)
-            rows.append(("forward", n, backend, _peak_mib(refattn.sdpa, q, k, v, backend=backend), nd))
+            sdpa(*small, backend=backend)
+            rows.append(("forward", n, backend, _peak_mib(sdpa, q, k, v, backend=backend), nd))
         for backend in (_kernel_backends() if n <= 8192 else []) + (["numpy"] if n <= 4096 else []):
-            refattn.sdpa_backward(small[0], *small, bias=bias[:256], backend=backend)
-            peak = _peak_mib(refattn.sdpa_backward, d_out, q, k, v, bias=bias, backend=backend)
+            sdpa_backward(small[0], *small, bias=bias[:256], backend=backend)
+            peak = _peak_mib(sdpa_backward, d_out, q, k, v, bias=bias, backend=backend)
             rows.append(("backward, bias (N,)", n, backend, peak, nd))
     return rows
 
 
 def rollout_rows(layers=28, heads=16, n=256, batch=32, repeats=5):
     """Streaming rollout vs stacking every layer, and the head-mean pass alone (the bandwidth floor)."""
-    import refattn
     from refattn import kernels
 
     base = np.random.default_rng(2).random((batch, heads, n, n), dtype=np.float32)
@@ -163,7 +162,7 @@ def rollout_rows(layers=28, heads=16, n=256, batch=32, repeats=5):
         for a in stream():
             kernels.rollout_fuse_mean(a, 0.0, False)
 
-    a_hat = refattn.rollout([base])  # one layer's Â (B, n, n)
+    a_hat = rollout([base])  # one layer's Â (B, n, n)
 
     def chain_alone():  # the L matrix products R ← Â R, nothing else: the compute bound of a full rollout
         r = a_hat
@@ -172,16 +171,16 @@ def rollout_rows(layers=28, heads=16, n=256, batch=32, repeats=5):
 
     def stacked():
         maps = np.stack(list(stream()))
-        return refattn.rollout(maps)
+        return rollout(maps)
 
     layer_list = [base if i % 2 else flipped for i in range(layers)]  # two arrays: no extra memory
     rows = []
     for name, fn in (
         ("head-mean pass, kernel (floor)", head_mean_kernel),
         ("head-mean pass, NumPy", head_mean_numpy),
-        ("CLS-row rollout (rows=0)", lambda: refattn.rollout(layer_list, rows=0)),
-        ("rollout, streaming", lambda: refattn.rollout(stream())),
-        ("rollout, streaming, NumPy backend", lambda: refattn.rollout(stream(), backend="numpy")),
+        ("CLS-row rollout (rows=0)", lambda: rollout(layer_list, rows=0)),
+        ("rollout, streaming", lambda: rollout(stream())),
+        ("rollout, streaming, NumPy backend", lambda: rollout(stream(), backend="numpy")),
         ("matrix chain alone (L products Â R)", chain_alone),
         ("rollout, all layers stacked", stacked),
     ):
@@ -200,13 +199,12 @@ def rollout_rows(layers=28, heads=16, n=256, batch=32, repeats=5):
 
 
 def loops_rows():
-    import refattn
     from refattn.attention import loops
 
     rng = np.random.default_rng(3)
     q, k, v = (rng.standard_normal((1, 2, 32, 16)) for _ in range(3))
     times = _median_times(
-        {"loops": lambda: loops.sdpa(q, k, v), "matrix (numpy)": lambda: refattn.sdpa(q, k, v, backend="numpy")}, 3
+        {"loops": lambda: loops.sdpa(q, k, v), "matrix (numpy)": lambda: sdpa(q, k, v, backend="numpy")}, 3
     )
     return times
 
@@ -217,7 +215,7 @@ def compile_seconds():
 
     code = (
         "import time, numpy as np, refattn; t = time.perf_counter(); "
-        "refattn.sdpa(np.ones((1, 2, 4)), np.ones((1, 2, 4)), np.ones((1, 2, 4)), backend='numba'); "
+        "sdpa(np.ones((1, 2, 4)), np.ones((1, 2, 4)), np.ones((1, 2, 4)), backend='numba'); "
         "print(time.perf_counter() - t)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

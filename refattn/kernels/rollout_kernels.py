@@ -1,5 +1,5 @@
 """Numba kernel for rollout's per-layer pass: head mean, residual and row renormalisation in one
-read of the maps.  The NumPy definition is ``refattn.rollout._fuse`` (mean fusion, no discard, no
+read of the maps.  The NumPy definition is ``refattn.rollout_flow._fuse`` (mean fusion, no discard, no
 mask); results agree to ≤ 1e-12.  Tasks own one row ``(b, i)`` of the output and sum the heads in a
 fixed order, so results are bitwise identical for any number of threads.
 """

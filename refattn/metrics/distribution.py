@@ -22,6 +22,7 @@ from refattn.metrics._maps import (
     row_mean,
     row_mean_backward,
 )
+from refattn.softmax_family import normalize_last_axis
 
 __all__ = [
     "EntropyFromLogitsGrads",
@@ -130,8 +131,6 @@ def entropy_backward(dy, P, *, mask=None, normalize=False, check_probabilities=T
 def _logits_parts(s, mask):
     """Logits with masked keys at -inf, their softmax, and the shifted logits ``u = s − max ≤ 0``
     with ``ū = Σ p u`` (both parts of ``H = log1p(t) − ū`` are ≥ 0: no cancellation near H = 0)."""
-    from refattn.softmax import normalize_last_axis
-
     x = as_float(s, "s", ndim_min=2, allow_neg_inf=True)
     logits = np.where(interpret_mask(x.shape, mask)[0], x, -np.inf)
     nz = normalize_last_axis(logits, "zero")

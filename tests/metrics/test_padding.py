@@ -161,7 +161,7 @@ EXTRA = {
 
 
 def _metric_like(op):
-    return op.forward.__module__.startswith(("refattn.metrics", "refattn.rollout"))
+    return op.forward.__module__.startswith(("refattn.metrics", "refattn.rollout_flow"))
 
 
 REGISTERED = sorted(n for n, op in _registry.OPS.items() if _metric_like(op))
