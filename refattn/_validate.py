@@ -17,15 +17,23 @@ __all__ = ["RefAttnError", "RefAttnTypeError"]
 
 
 class RefAttnError(ValueError):
-    """A bad argument to a refattn op (wrong shape, value or option)."""
+    """A bad argument to a refattn op: a wrong shape, value or option.
+
+    A :class:`ValueError`.  The message names the argument, what was expected and what was
+    given, e.g. ``dropout_p: expected a probability in [0, 1), got 1.5``; raised before any work.
+    """
 
 
 class Unsupported(RefAttnError):
-    """An option a candidate implementation (or an adapter) cannot express."""
+    """An option a candidate implementation (or an adapter) cannot express, e.g. an lse cotangent
+    for PyTorch's SDPA.  A :class:`RefAttnError`; ``refattn check`` reports the case as
+    ``unsupported`` instead of failed."""
 
 
 class RefAttnTypeError(RefAttnError, TypeError):
-    """An argument of the wrong type (e.g. a float mask, a string array)."""
+    """An argument of the wrong type, e.g. a float mask, a string array, a bool given for a number.
+
+    Both a :class:`RefAttnError` (so a ``ValueError``) and a :class:`TypeError`."""
 
 
 def to_numpy(x, name):
@@ -125,6 +133,7 @@ def check_broadcast_to(a, target, name, what):
 
 
 def as_choice(value, name, choices):
+    """``value`` itself when it is one of the strings ``choices``; otherwise a RefAttnError listing them."""
     if not isinstance(value, str) or value not in choices:
         raise RefAttnError(f"{name}: expected one of {', '.join(map(repr, choices))}, got {value!r}")
     return value
@@ -190,6 +199,7 @@ def as_flag(value, name):
 
 
 def as_axis(axis, ndim, name="axis"):
+    """``axis`` as an index in ``[0, ndim)`` (a negative one counts from the end)."""
     a = as_int(axis, name)
     if not -ndim <= a < ndim:
         raise RefAttnError(f"{name}: expected an axis in [{-ndim}, {ndim}), got {axis}")

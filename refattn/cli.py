@@ -526,10 +526,24 @@ def _quiet_stdout():
 
 
 def main(argv=None):
-    """Run the ``refattn`` command on ``argv`` (default ``sys.argv[1:]``); returns the exit status.
+    """Run the ``refattn`` command: ``check``, ``golden``, ``rollout``, ``metrics`` or ``bench``
+    (``refattn --help``, ``refattn COMMAND --help``; ``specs/cli.md``).
 
     A :class:`RefAttnError` or :class:`OSError` (bad input: a file, a number, a name) is one line
-    ``refattn COMMAND: message`` on stderr and status 2; any other exception is a bug and propagates."""
+    ``refattn COMMAND: message`` on stderr and status 2; any other exception is a bug and propagates.
+
+    Parameters
+    ----------
+    argv : sequence of str, optional
+        The arguments after the program name, e.g. ``["check", "--only", "numba"]``.  Default
+        None: ``sys.argv[1:]``.
+
+    Returns
+    -------
+    int
+        The exit status: 0 every check passed, 1 a check failed or errored (also after a broken
+        pipe), 2 bad input, 130 interrupted; ``--help`` and ``--version`` give 0.
+    """
     argv = sys.argv[1:] if argv is None else list(argv)
     command = argv[0] if argv[:1] == ["bench"] else None
     try:

@@ -66,13 +66,51 @@ def _check_lengths(lq, lk):
 
 
 def causal(lq, lk, *, align=None):
-    """bool ``(lq, lk)``: ``j <= i + o``."""
+    """The causal mask: query i may attend key j iff ``j <= i + o``.
+
+    Axes: ``lq`` queries (rows, i), ``lk`` keys (columns, j); ``o`` the alignment offset.
+
+    Parameters
+    ----------
+    lq, lk : int
+        Query and key lengths, >= 0.
+    align : {"top_left", "bottom_right"}, optional
+        ``"top_left"``: ``o = 0`` (PyTorch, JAX); ``"bottom_right"``: ``o = lk − lq``
+        (flash-attn; the last query sees every key).  Default None: allowed only when
+        ``lq == lk`` (``o = 0``); otherwise a RefAttnError, never a guess.
+
+    Returns
+    -------
+    mask : ndarray of bool, shape (lq, lk)
+        True = may attend; usable as ``mask=`` of :func:`refattn.sdpa` (or pass ``causal=True``).
+    """
     lq, lk = _check_lengths(lq, lk)
     return band(lq, lk, alignment_offset(lq, lk, align, what="causal"), None, 0)
 
 
 def window(lq, lk, left, right, *, align=None):
-    """bool ``(lq, lk)``: ``i + o - left <= j <= i + o + right``; ``None`` = unbounded side."""
+    """The sliding-window (local) mask: query i may attend key j iff
+    ``i + o − left <= j <= i + o + right``.
+
+    Axes: ``lq`` queries (rows, i), ``lk`` keys (columns, j); ``o`` the alignment offset.  The same
+    band as ``sdpa(..., window=(left, right))``.
+
+    Parameters
+    ----------
+    lq, lk : int
+        Query and key lengths, >= 0.
+    left, right : int or None
+        Keys allowed before and after the diagonal ``j = i + o``: ints >= 0 (any size), or None
+        for an unbounded side.  ``(left, 0)`` is flash-attn's causal local window.
+    align : {"top_left", "bottom_right"}, optional
+        ``o = 0`` or ``o = lk − lq``, as in :func:`causal`; default None, required when
+        ``lq != lk``.
+
+    Returns
+    -------
+    mask : ndarray of bool, shape (lq, lk)
+        True = may attend.
+    """
     lq, lk = _check_lengths(lq, lk)
     left, right = check_window((left, right))
     return band(lq, lk, alignment_offset(lq, lk, align, what="window"), left, right)
@@ -100,20 +138,63 @@ def causal_window_band(lq, lk, causal, window, offset):
 
 
 def local(l, window_size):
-    """bool ``(l, l)``: ``i − w//2 <= j <= i + w//2`` (sliding window of size ``w``)."""
+    """A symmetric sliding window of size ``w``: query i may attend key j iff
+    ``i − w//2 <= j <= i + w//2`` (Longformer-style local attention; ``w + 1`` keys for an even w).
+
+    Parameters
+    ----------
+    l : int
+        Sequence length (queries = keys), >= 0.
+    window_size : int
+        ``w`` >= 0; ``w // 2`` keys on each side of the diagonal.
+
+    Returns
+    -------
+    mask : ndarray of bool, shape (l, l)
+        True = may attend.
+    """
     l, w = as_int(l, "l", minimum=0), as_int(window_size, "window_size", minimum=0)
     return band(l, l, 0, w // 2, w // 2)
 
 
 def strided(l, stride):
-    """bool ``(l, l)``: ``j ∈ {i − 1, i, i + 1}`` or ``j`` a multiple of ``stride``."""
+    """A strided sparse pattern: query i may attend key j iff ``|i − j| <= 1`` or ``j`` is a
+    multiple of ``stride`` (every query sees the strided "summary" columns, as in Sparse
+    Transformers' fixed pattern).
+
+    Parameters
+    ----------
+    l : int
+        Sequence length (queries = keys), >= 0.
+    stride : int
+        Column period, >= 1.
+
+    Returns
+    -------
+    mask : ndarray of bool, shape (l, l)
+        True = may attend.
+    """
     l, stride = as_int(l, "l", minimum=0), as_int(stride, "stride", minimum=1)
     j = np.arange(l)
     return band(l, l, 0, 1, 1) | (j % stride == 0)[None, :]
 
 
 def block(l, block_size):
-    """bool ``(l, l)``: query and key in the same block of ``block_size`` positions."""
+    """A block-diagonal mask: query i may attend key j iff ``i // b == j // b``, the same block of
+    ``b = block_size`` consecutive positions (the last block may be shorter).
+
+    Parameters
+    ----------
+    l : int
+        Sequence length (queries = keys), >= 0.
+    block_size : int
+        ``b`` >= 1.
+
+    Returns
+    -------
+    mask : ndarray of bool, shape (l, l)
+        True = may attend.
+    """
     l, b = as_int(l, "l", minimum=0), as_int(block_size, "block_size", minimum=1)
     ids = np.arange(l) // b
     return ids[:, None] == ids[None, :]
@@ -129,10 +210,26 @@ def _as_lengths(x, name, limit):
 
 
 def from_lengths(q_lengths, k_lengths, lq, lk):
-    """Padding mask ``(B, lq, lk)``: True iff ``i < q_lengths[b]`` and ``j < k_lengths[b]``.
+    """A padding mask from sequence lengths: ``mask[b, i, j]`` is True iff ``i < q_lengths[b]`` and
+    ``j < k_lengths[b]`` (sequences padded at the end).
 
-    ``q_lengths=None`` keeps every query.  Padded query rows are empty rows
-    (see ``empty_rows``).  For heads, insert the axis: ``from_lengths(...)[:, None]``.
+    Axes: ``B`` batch items, ``lq`` queries (i), ``lk`` keys (j).  Padded query rows have no key:
+    they are empty rows, whose result :func:`refattn.sdpa`'s ``empty_rows`` chooses.  For the
+    heads axis of sdpa's scores insert it: ``from_lengths(...)[:, None]`` is ``(B, 1, lq, lk)``.
+
+    Parameters
+    ----------
+    q_lengths : array_like of int, shape (B,), or None
+        Real queries per item, each in ``[0, lq]``; None: every query is real.
+    k_lengths : array_like of int, shape (B,)
+        Real keys per item, each in ``[0, lk]``.
+    lq, lk : int
+        Padded query and key lengths, >= 0.
+
+    Returns
+    -------
+    mask : ndarray of bool, shape (B, lq, lk)
+        True = a real query may attend a real key.
     """
     lq, lk = _check_lengths(lq, lk)
     kl = _as_lengths(k_lengths, "k_lengths", lk)
@@ -155,12 +252,32 @@ def _as_cu_seqlens(x, name):
 
 
 def varlen(cu_seqlens_q, cu_seqlens_k, *, causal=False, window=None, align=None):
-    """Block-diagonal mask ``(total_q, total_k)`` for packed sequences.
+    """The mask of packed (variable-length) sequences: block-diagonal, a block per sequence.
 
-    Sequence s owns queries ``cu_seqlens_q[s]:cu_seqlens_q[s+1]`` and keys
-    ``cu_seqlens_k[s]:cu_seqlens_k[s+1]``; ``causal``/``window`` apply within
-    each sequence with its own alignment (flash-attn's varlen semantics when
-    ``align="bottom_right"``).
+    Sequence s owns queries ``cu_seqlens_q[s] <= i < cu_seqlens_q[s+1]`` and keys
+    ``cu_seqlens_k[s] <= j < cu_seqlens_k[s+1]``; a query may attend only keys of its own
+    sequence and, with ``causal``/``window``, only those allowed within that sequence, aligned
+    with the sequence's own lengths (flash-attn's ``*_varlen_func`` semantics with
+    ``align="bottom_right"``).  ``total_q = cu_seqlens_q[-1]``, ``total_k = cu_seqlens_k[-1]``;
+    use it on q, k, v packed as one batch item, ``(1, H, total_q, D)``.
+
+    Parameters
+    ----------
+    cu_seqlens_q, cu_seqlens_k : array_like of int, shape (S + 1,)
+        Cumulative lengths ``[0, n_1, n_1 + n_2, ...]`` of the S sequences' queries and keys:
+        non-decreasing, starting at 0, the same number of entries.
+    causal : bool, default False
+        Causal within each sequence (:func:`causal`).
+    window : (int or None, int or None), optional
+        ``(left, right)`` within each sequence (:func:`window`).  Default None: no window.
+    align : {"top_left", "bottom_right"}, optional
+        The alignment within each sequence, as in :func:`causal`.  Default None: required by
+        causal/window as soon as a sequence has a different number of queries and keys.
+
+    Returns
+    -------
+    mask : ndarray of bool, shape (total_q, total_k)
+        True = may attend.
     """
     cq = _as_cu_seqlens(cu_seqlens_q, "cu_seqlens_q")
     ck = _as_cu_seqlens(cu_seqlens_k, "cu_seqlens_k")
@@ -187,12 +304,27 @@ def _splitmix64(z):
 
 
 def dropout_mask(shape, p, seed):
-    """Counter-based keep-mask of ``shape``: True with probability ``1 - p``.
+    """A reproducible dropout keep-mask, counter-based: True with probability ``1 − p``.
 
-    Element with C-order flat index n keeps iff ``u_n >= p`` where
-    ``u_n = (splitmix64(seed·φ + n + 1) >> 11) · 2⁻⁵³`` (φ = 0x9E3779B97F4A7C15,
-    all arithmetic mod 2⁶⁴).  The same (shape, p, seed) gives the same mask on
-    every platform and NumPy version; any element can be computed alone.
+    The element of C-order flat index n is kept iff ``u_n >= p``, where
+    ``u_n = (splitmix64(seed·φ + n + 1) >> 11) · 2⁻⁵³`` (φ = 0x9E3779B97F4A7C15, all arithmetic
+    mod 2⁶⁴).  The same (shape, p, seed) gives the same mask on every platform and NumPy version,
+    and any element can be computed alone (a kernel can regenerate it).  Pass it as
+    ``dropout_mask=`` of :func:`refattn.sdpa` with ``dropout_p=p``.
+
+    Parameters
+    ----------
+    shape : int or tuple of int
+        The mask's shape, each dim >= 0; usually sdpa's scores ``(..., Hq, Lq, Lk)``.
+    p : float
+        Dropout probability in [0, 1).
+    seed : int
+        In ``[0, 2**64)``.
+
+    Returns
+    -------
+    keep : ndarray of bool, shape ``shape``
+        True = keep.
     """
     shape = (shape,) if isinstance(shape, (int, np.integer)) else tuple(shape)
     shape = tuple(as_int(n, "shape", minimum=0) for n in shape)

@@ -61,8 +61,26 @@ def _matplotlib():
 
 
 def check_plot_path(path, name="path"):
-    """``path`` as a :class:`~pathlib.Path` a figure can be written to: a ``.png`` (``.pdf``, ``.svg``)
-    name in an existing folder, and matplotlib importable; a :class:`RefAttnError` names ``name``."""
+    """Check, before any work, that a figure can be written to ``path``: a ``.png``, ``.pdf`` or
+    ``.svg`` file name in an existing folder, and matplotlib importable.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        Where the figure will go; its suffix (any case) picks the format.
+    name : str, default "path"
+        The argument's name in error messages (the command passes ``"--plot"``).
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``.
+
+    Raises
+    ------
+    RefAttnError
+        Another suffix, a directory, a missing folder, or no matplotlib.
+    """
     p = Path(os.fspath(path))
     if p.suffix.lower() not in PLOT_FORMATS:
         raise RefAttnError(f"{name}: expected a file name ending in {', '.join(PLOT_FORMATS)}, got {str(p)!r}")
@@ -106,8 +124,23 @@ def _index_list(value, count, name, what, *, negative):
 
 
 def select_layers(n_layers, layer=-1, *, name="layer"):
-    """The layer indices to show, sorted: ``layer`` an index (negative counts from the end: ``-1``,
-    the default, is the last), a list of them, or ``"all"``; at most :data:`MAX_LAYERS`."""
+    """The layers a figure shows, as sorted indices without repeats.
+
+    Parameters
+    ----------
+    n_layers : int
+        How many layers the maps have, >= 1.
+    layer : int, sequence of int, or "all", default -1
+        An index (negative counts from the end: ``-1`` is the last), a list of them, or
+        ``"all"``; at most :data:`MAX_LAYERS` (8) in all.
+    name : str, default "layer"
+        The argument's name in error messages (the command passes ``"--layer"``).
+
+    Returns
+    -------
+    list of int
+        In ``[0, n_layers)``.
+    """
     n_layers = as_int(n_layers, "n_layers", minimum=1)
     if isinstance(layer, str) and layer == "all":
         ids = list(range(n_layers))
@@ -122,9 +155,27 @@ def select_layers(n_layers, layer=-1, *, name="layer"):
 
 
 def select_heads(n_heads, heads=None, *, max_heads=MAX_HEADS, name="heads"):
-    """``(ids, note)``: the head indices to show, sorted, and ``None`` or a sentence saying which
-    heads were left out.  ``heads=None`` (default): all, or the first ``max_heads`` when there are
-    more (the note says so); a list of indices in ``[0, n_heads)``: those, at most ``max_heads``."""
+    """The heads a figure shows, and what was left out.
+
+    Parameters
+    ----------
+    n_heads : int
+        Heads per layer, >= 1.
+    heads : int or sequence of int, optional
+        Indices in ``[0, n_heads)``, at most ``max_heads`` of them.  Default None: every head, or
+        the first ``max_heads`` when there are more (the note says so).
+    max_heads : int, default MAX_HEADS (16)
+        The most heads a figure shows, >= 1.
+    name : str, default "heads"
+        The argument's name in error messages and in the note (the command passes ``"--heads"``).
+
+    Returns
+    -------
+    ids : list of int
+        Sorted, without repeats.
+    note : str or None
+        A sentence saying which heads were left out, or None when none was.
+    """
     n_heads = as_int(n_heads, "n_heads", minimum=1)
     max_heads = as_int(max_heads, "max_heads", minimum=1)
     if heads is None:
@@ -141,14 +192,48 @@ def select_heads(n_heads, heads=None, *, max_heads=MAX_HEADS, name="heads"):
 
 
 def select_item(n_items, item=0, *, name="item"):
-    """The batch item (an index into the flattened batch dims; negative counts from the end)."""
+    """The batch item a figure shows, as an index into the flattened batch dims.
+
+    Parameters
+    ----------
+    n_items : int
+        How many items the flattened batch dims hold, >= 1.
+    item : int, default 0
+        An index; negative counts from the end.
+    name : str, default "item"
+        The argument's name in error messages (the command passes ``"--batch"``).
+
+    Returns
+    -------
+    int
+        In ``[0, n_items)``.
+    """
     return _index_list(item, as_int(n_items, "n_items", minimum=1), name, "batch item", negative=True)[0]
 
 
 def token_labels(tokens, n, *, item=0, n_items=1, name="tokens"):
-    """The ``n`` tick labels (strings) of batch item ``item``, or ``None`` without ``tokens``:
-    ``tokens`` a sequence of ``n`` labels (strings or integer ids), or ids ``(..., n)`` whose batch
-    dims flatten to one row (shared by every item) or to ``n_items`` rows."""
+    """The ``n`` tick labels of batch item ``item``, as strings.
+
+    Parameters
+    ----------
+    tokens : sequence of str or int, or array_like of shape (..., n), or None
+        ``n`` labels (strings or integer ids), or ids ``(..., n)`` whose batch dims flatten to
+        one row (shared by every item) or to ``n_items`` rows (a string is refused: split it
+        first).
+    n : int
+        Tokens per map (the maps are ``n × n``).
+    item : int, default 0
+        The batch item whose row is used, when there is one row per item.
+    n_items : int, default 1
+        How many items the maps' flattened batch dims hold.
+    name : str, default "tokens"
+        The argument's name in error messages.
+
+    Returns
+    -------
+    list of str or None
+        ``n`` labels, or None without ``tokens``.
+    """
     if tokens is None:
         return None
     if isinstance(tokens, (str, bytes)):
@@ -324,12 +409,32 @@ def _head_rows(layer_ids, head_ids):
 
 
 def plot_heads(layers, *, layer=-1, item=0, heads=None, tokens=None, max_heads=MAX_HEADS):
-    """Heatmaps of the heads of the chosen layers of batch item ``item``: a Figure.
+    """Heatmaps of the attention heads of the chosen layers, for one batch item.
 
-    ``layers``: per-layer maps ``(..., H, n, n)``.  ``layer``: an index, a list or ``"all"``
-    (default the last, see :func:`select_layers`); ``heads``: a list of indices (default all, at most
-    ``max_heads``, see :func:`select_heads`); ``tokens``: the ``n`` labels of the axes (see
-    :func:`token_labels`).  One colour scale (0 to the largest weight shown) and one colorbar."""
+    A row of panels per layer (past 8 heads, balanced rows), query rows against key columns; one
+    colour scale, 0 to the largest weight shown, with one colorbar.  Axes: ``...`` batch dims
+    (flattened), ``H`` heads, ``n`` tokens.
+
+    Parameters
+    ----------
+    layers : sequence of array_like, each shape (..., H, n, n)
+        Per-layer attention maps, first layer first, all of one shape.
+    layer : int, sequence of int, or "all", default -1
+        The layers drawn (:func:`select_layers`); default the last.
+    item : int, default 0
+        The batch item drawn (:func:`select_item`).
+    heads : sequence of int, optional
+        The heads drawn (:func:`select_heads`).  Default None: all, at most ``max_heads``.
+    tokens : sequence or array_like, optional
+        Labels of both axes (:func:`token_labels`).  Default None: integer ticks.
+    max_heads : int, default MAX_HEADS (16)
+        The most heads drawn per layer.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        Built without pyplot: ``fig.savefig(path)`` writes it.
+    """
     Figure = _matplotlib()[0]
     maps, _, item, layer_ids, head_ids, note, labels = _heads_setup(layers, layer, item, heads, tokens, max_heads)
     cols, rows = _head_rows(layer_ids, head_ids)
@@ -340,9 +445,25 @@ def plot_heads(layers, *, layer=-1, item=0, heads=None, tokens=None, max_heads=M
 
 
 def plot_rollout(rollout_map, *, item=0, row=None, tokens=None):
-    """The rollout map ``(..., n, n)`` of batch item ``item``: a Figure.  With ``row`` (an output
-    token; negative counts from the end) that row is outlined and its weights over the input tokens
-    drawn as bars beside the map.  ``tokens``: the ``n`` labels (see :func:`token_labels`)."""
+    """The attention-rollout map of one batch item: output tokens (rows) against the input tokens
+    (columns) they draw on, with its colorbar.
+
+    Parameters
+    ----------
+    rollout_map : array_like, shape (..., n, n)
+        :func:`refattn.rollout`'s result; ``...`` batch dims, flattened.
+    item : int, default 0
+        The batch item drawn (:func:`select_item`).
+    row : int, optional
+        An output token (negative counts from the end): its row is outlined and its weights over
+        the input tokens drawn as bars beside the map.  Default None: the map alone.
+    tokens : sequence or array_like, optional
+        The ``n`` labels (:func:`token_labels`).  Default None: integer ticks.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
     Figure = _matplotlib()[0]
     flat = _items(rollout_map, 2, "rollout_map")
     item = select_item(flat.shape[0], item)
@@ -361,9 +482,20 @@ def plot_rollout(rollout_map, *, item=0, row=None, tokens=None):
 
 
 def plot_metrics(summary, *, layer=()):
-    """The per-layer curves of ``summary`` (:func:`refattn.metrics.summarize`: ``(L, H)`` arrays),
-    averaged over heads: those of :data:`CURVES` it has (each in [0, 1]); a Figure.  ``layer``:
-    indices of layers to shade (the ones whose heads a report draws)."""
+    """Per-layer metric curves, each averaged over the heads, the legend outside the data.
+
+    Parameters
+    ----------
+    summary : mapping of str to array_like
+        :func:`refattn.metrics.summarize`'s result: the metrics of :data:`CURVES` it holds as
+        ``(L, H)`` arrays (layers, heads), each in [0, 1], are drawn.
+    layer : int, sequence of int, or "all", default ()
+        Layers to shade (those whose heads a report draws; :func:`select_layers`).  Default: none.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
     Figure = _matplotlib()[0]
     curves = _curves(summary or {})
     if not curves:
@@ -387,10 +519,39 @@ def attention_report(
     row=None,
     max_heads=MAX_HEADS,
 ):
-    """One Figure: the heads of the chosen layers (:func:`plot_heads`) on top; below, the rollout
-    map with ``row`` outlined and that row's bars (:func:`plot_rollout`, with ``rollout_map``) and the
-    per-layer metrics (:func:`plot_metrics`, with ``summary``; the drawn layers shaded).  Every panel
-    drawn holds data: no empty axes."""
+    """One figure of a model's attention: the heads of the chosen layers (:func:`plot_heads`) on
+    top; below, the rollout map with ``row`` outlined and that row's bars (:func:`plot_rollout`,
+    with ``rollout_map``) and the per-layer metrics (:func:`plot_metrics`, with ``summary``; the
+    drawn layers shaded).  Every panel drawn holds data: no empty axes.
+
+    Axes: ``...`` batch dims (flattened), ``H`` heads, ``n`` tokens, ``L`` layers.
+
+    Parameters
+    ----------
+    layers : sequence of array_like, each shape (..., H, n, n)
+        Per-layer attention maps, first layer first, all of one shape.
+    rollout_map : array_like, shape (..., n, n), optional
+        :func:`refattn.rollout` of the maps (same batch dims and ``n``).  Default None: no
+        rollout panel.
+    summary : mapping, optional
+        :func:`refattn.metrics.summarize` of the maps.  Default None: no metrics panel.
+    layer : int, sequence of int, or "all", default -1
+        The layers whose heads are drawn (:func:`select_layers`).
+    item : int, default 0
+        The batch item drawn (:func:`select_item`).
+    heads : sequence of int, optional
+        The heads drawn (:func:`select_heads`).  Default None: all, at most ``max_heads``.
+    tokens : sequence or array_like, optional
+        The ``n`` labels (:func:`token_labels`).  Default None: integer ticks.
+    row : int, optional
+        The rollout row to outline and draw as bars; needs ``rollout_map``.  Default None.
+    max_heads : int, default MAX_HEADS (16)
+        The most heads drawn per layer.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
     Figure = _matplotlib()[0]
     maps, n_items, item, layer_ids, head_ids, note, labels = _heads_setup(layers, layer, item, heads, tokens, max_heads)
     n = maps[0].shape[-1]
@@ -437,8 +598,24 @@ def attention_report(
 
 
 def plot_attention_report(path, layers, **options):
-    """Write :func:`attention_report` ``(layers, **options)`` to ``path`` (``.png``, ``.pdf`` or
-    ``.svg``, by its suffix; the folder must exist).  Returns ``path``."""
+    """Write :func:`attention_report` to a file (at 120 dpi).
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        A ``.png``, ``.pdf`` or ``.svg`` file name (the suffix picks the format) in an existing
+        folder (:func:`check_plot_path`).
+    layers : sequence of array_like, each shape (..., H, n, n)
+        Per-layer attention maps, as :func:`attention_report`.
+    **options
+        :func:`attention_report`'s keyword options: ``rollout_map``, ``summary``, ``layer``,
+        ``item``, ``heads``, ``tokens``, ``row``, ``max_heads``.
+
+    Returns
+    -------
+    str or os.PathLike
+        ``path``, as given.
+    """
     check_plot_path(path)
     fig = attention_report(layers, **options)
     fig.savefig(path, dpi=120)

@@ -25,7 +25,28 @@ def _axes(layout, ndim, name):
 
 
 def to_bhld(x, layout, *, name="x"):
-    """``x`` in ``layout`` → refattn's ``(..., H, L, D)`` (a view; lse-shaped ``(..., L, H)`` → ``(..., H, L)``)."""
+    """An array in another library's layout as refattn's ``(..., H, L, D)``: the heads and length
+    axes swapped, as a view (no copy, dtype kept).
+
+    Axes: ``...`` batch, ``H`` heads, ``L`` length, ``D`` head dim.  A 3-D array is lse-shaped:
+    ``(..., L, H)`` becomes ``(..., H, L)``.
+
+    Parameters
+    ----------
+    x : array_like, shape (..., L, H, D) or lse-shaped (..., L, H)
+        (``(..., H, L, D)`` already for ``"bhld"``.)  Any array-like (a NumPy array, a CPU
+        tensor through ``__array__`` or ``__dlpack__``), at least 3-D.
+    layout : {"bhld", "bshd", "btnh"}
+        The layout of ``x``: ``"bhld"`` (refattn, PyTorch SDPA: returned as it is), ``"bshd"``
+        (flash-attn) or ``"btnh"`` (JAX ``dot_product_attention``).
+    name : str, default "x"
+        The argument's name in error messages.
+
+    Returns
+    -------
+    ndarray, shape (..., H, L, D) or (..., H, L)
+        A view of ``x``.
+    """
     a = to_numpy(x, name)
     if not _axes(layout, a.ndim, name):
         return a
@@ -33,5 +54,21 @@ def to_bhld(x, layout, *, name="x"):
 
 
 def from_bhld(x, layout, *, name="x"):
-    """refattn's ``(..., H, L, D)`` → ``layout`` (the inverse of :func:`to_bhld`)."""
+    """refattn's ``(..., H, L, D)`` (or lse's ``(..., H, L)``) in another library's layout: the
+    inverse of :func:`to_bhld`, a view.
+
+    Parameters
+    ----------
+    x : array_like, shape (..., H, L, D) or lse-shaped (..., H, L)
+        At least 3-D.
+    layout : {"bhld", "bshd", "btnh"}
+        The layout wanted, as :func:`to_bhld`.
+    name : str, default "x"
+        The argument's name in error messages.
+
+    Returns
+    -------
+    ndarray, shape (..., L, H, D) or (..., L, H)
+        A view of ``x`` (unchanged for ``"bhld"``).
+    """
     return to_bhld(x, layout, name=name)  # both conversions swap the same two axes

@@ -47,9 +47,36 @@ def _imports():
 
 
 def tiny_model(kind, *, seed=0, layers=2, hidden=32, heads=4, kv_heads=2, vocab=64, positions=128):
-    """A small float64 model with random weights from a config (no download), eval mode, eager attention.
+    """A small float64 Hugging Face model with random weights, built from a config (nothing is
+    downloaded), in eval mode with eager attention (the path that returns attention weights).
 
-    ``kind``: ``"bert"``, ``"gpt2"`` or ``"llama"`` (GQA with ``kv_heads``, RoPE)."""
+    Needs ``pip install 'refattn[transformers]'``.
+
+    Parameters
+    ----------
+    kind : {"bert", "gpt2", "llama"}
+        ``"bert"``: ``BertModel`` (no pooler); ``"gpt2"``: ``GPT2Model``, causal; ``"llama"``:
+        ``LlamaModel``, causal, GQA with ``kv_heads``, rotate-half RoPE.
+    seed : int, default 0
+        ``torch.manual_seed`` before the weights are drawn.
+    layers : int, default 2
+        Transformer blocks.
+    hidden : int, default 32
+        Hidden size (``heads · head dim``); the MLP is ``2 · hidden`` wide.
+    heads : int, default 4
+        Attention heads; divides ``hidden``.
+    kv_heads : int, default 2
+        Key/value heads (Llama only); divides ``heads``.
+    vocab : int, default 64
+        Vocabulary size: token ids are in ``[0, vocab)``.
+    positions : int, default 128
+        Maximum sequence length.
+
+    Returns
+    -------
+    torch.nn.Module
+        The model, ``.double().eval()``.
+    """
     torch, tf = _imports()
     if kind not in ARCHITECTURES:
         raise RefAttnError(f"kind: expected one of {ARCHITECTURES}, got {kind!r}")
@@ -95,7 +122,15 @@ def tiny_model(kind, *, seed=0, layers=2, hidden=32, heads=4, kv_heads=2, vocab=
 
 @dataclass
 class LayerCheck:
-    """refattn vs the model on one attention layer: max |Δ| of the weights and of the output."""
+    """refattn against the model on one attention layer: the largest absolute differences of the
+    attention weights and of the layer's output.
+
+    Fields: ``layer`` (index, first layer 0), ``module`` (its class name), ``weights_error`` and
+    ``output_error`` (``max |refattn − model|``), ``rope_error`` (:func:`refattn.rope` with float64
+    angles against the model's float32 ones, on q; 0 without RoPE), ``softmax_dtype``
+    (``"float32"`` when every weight the model returned is a float32 value) and ``tolerance``
+    (what the layer is judged at).  :attr:`passed`: both errors within the tolerance.
+    """
 
     layer: int
     module: str
@@ -112,7 +147,13 @@ class LayerCheck:
 
 @dataclass
 class ModelCheck:
-    """Every layer recomputed; ``attentions``: the model's maps ``(B, H, L, L)`` per layer (NumPy)."""
+    """Every attention layer of a model recomputed by refattn (returned by :func:`check_model`).
+
+    Fields: ``architecture`` (the model's class name), ``layers`` (a :class:`LayerCheck` per
+    layer) and ``attentions`` (the model's maps, a NumPy ``(B, H, L, L)`` array per layer, first
+    layer first: ready for :func:`refattn.rollout` and the metrics).  :attr:`max_error` is the
+    largest error of any layer, :attr:`passed` whether every layer passed.
+    """
 
     architecture: str
     layers: list = field(default_factory=list)
@@ -127,6 +168,8 @@ class ModelCheck:
         return all(c.passed for c in self.layers)
 
     def report(self):
+        """A readable summary: one line for the model, one per layer (its errors and tolerance,
+        the RoPE-angle difference, a float32 softmax)."""
         status = "ok" if self.passed else "FAIL"
         lines = [f"{self.architecture}: {len(self.layers)} layers, max error {self.max_error:.2e} ({status})"]
         for c in self.layers:
@@ -231,8 +274,40 @@ def _rotate_as_the_model(q, k, position_embeddings, ours):
 
 
 def check_model(model, input_ids, *, attention_mask=None, tolerance=1e-10):
-    """Run ``model`` on ``input_ids`` (B, L), recompute each attention layer with refattn and compare;
-    returns a :class:`ModelCheck` (its ``attentions`` feed :func:`refattn.rollout` and the metrics)."""
+    """Run a Hugging Face model, recompute every attention layer with refattn from the layer's own
+    inputs and weights, and compare.
+
+    For each attention module, forward hooks record its hidden states, additive attention mask and
+    RoPE ``(cos, sin)``; refattn recomputes q, k, v with the module's projections, the weights with
+    :func:`refattn.attention_weights` and the output with :func:`refattn.sdpa`.  Supported layouts:
+    BERT-style ``query``/``key``/``value``, GPT-2's fused ``c_attn``, Llama-style
+    ``q_proj``/``k_proj``/``v_proj`` (GQA, default RoPE) (``specs/adapters.md``).  Axes: ``B``
+    batch, ``L`` tokens, ``H`` heads.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A model run in float64 with ``attn_implementation="eager"`` (e.g. :func:`tiny_model`).
+    input_ids : array_like of int, shape (B, L)
+        Token ids.
+    attention_mask : array_like of int or bool, shape (B, L), optional
+        Hugging Face's padding mask (1 = real token).  Default None: every token real.
+    tolerance : float, default 1e-10
+        The largest error a layer passes with; a layer whose returned weights are float32 values
+        (Llama-style eager attention computes its softmax in float32) is judged at
+        ``FLOAT32_SOFTMAX_TOLERANCE`` (1e-6) instead.
+
+    Returns
+    -------
+    ModelCheck
+        Per-layer errors, the verdict and the model's attention maps.
+
+    Raises
+    ------
+    Unsupported
+        No attention module of a supported layout, or a scaled RoPE (``rope_type`` other than
+        ``"default"``).
+    """
     modules = _attention_modules(model)
     calls = {}
 
@@ -265,7 +340,22 @@ def check_model(model, input_ids, *, attention_mask=None, tolerance=1e-10):
 
 
 def model_attentions(model, input_ids, *, attention_mask=None):
-    """The model's attention maps, one ``(B, H, L, L)`` array per layer (first layer first)."""
+    """The attention maps a Hugging Face model returns (``output_attentions=True``), as NumPy.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A model with eager attention (the path that returns weights).
+    input_ids : array_like of int, shape (B, L)
+        Token ids.
+    attention_mask : array_like of int or bool, shape (B, L), optional
+        Hugging Face's padding mask (1 = real token).  Default None.
+
+    Returns
+    -------
+    list of ndarray of float64, each shape (B, H, L, L)
+        One map per layer, first layer first (query rows, key columns); run without gradients.
+    """
     torch, _ = _imports()
     with torch.no_grad():
         ids = torch.as_tensor(np.asarray(input_ids))

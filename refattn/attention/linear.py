@@ -26,6 +26,16 @@ FEATURE_MAPS = ("elu+1", "relu")
 
 
 class LinearAttentionGrads(NamedTuple):
+    """Gradients of :func:`linear_attention` (returned by :func:`linear_attention_backward`), each
+    float64 and of its input's shape (GQA groups and broadcast dims summed).
+
+    Fields
+    ------
+    dq : ndarray, shape of ``q`` (..., Hq, Lq, D)
+    dk : ndarray, shape of ``k`` (..., Hk, Lk, D)
+    dv : ndarray, shape of ``v`` (..., Hk, Lk, Dv)
+    """
+
     dq: np.ndarray
     dk: np.ndarray
     dv: np.ndarray
@@ -81,13 +91,58 @@ def _forward(q, k, v, feature_map, causal, eps):
 
 
 def linear_attention(q, k, v, *, feature_map="elu+1", causal=False, eps=1e-6):
-    """Linear attention ``out (..., Hq, Lq, Dv)``; see the module docstring."""
+    """Linear attention (Katharopoulos et al. 2020): softmax replaced by a feature map, so the
+    keys are summed once, in O(L·D·Dv) time and no ``Lq × Lk`` array.
+
+    ``out_i = φ(q_i)ᵀ S_i / (φ(q_i)ᵀ z_i + eps)`` with ``S_i = Σ_j φ(k_j) v_jᵀ`` and
+    ``z_i = Σ_j φ(k_j)``, the sums over every key, or over ``j <= i`` when causal.  Axes: ``...``
+    batch dims (broadcast), ``Hq``/``Hk`` query/kv heads (``Hq % Hk == 0``, GQA as
+    :func:`refattn.sdpa`), ``Lq``/``Lk`` lengths, ``D`` q/k head dim, ``Dv`` value head dim.  A
+    row whose denominator is exactly 0 (``"relu"`` with ``eps=0``) is an empty row: output 0.
+
+    Parameters
+    ----------
+    q : array_like, shape (..., Hq, Lq, D)
+        Queries (float64 after conversion; finite).
+    k : array_like, shape (..., Hk, Lk, D)
+        Keys.
+    v : array_like, shape (..., Hk, Lk, Dv)
+        Values.
+    feature_map : {"elu+1", "relu"}, default "elu+1"
+        φ: ``"elu+1"``, ``x + 1`` for ``x > 0`` and ``eˣ`` otherwise (the paper's, positive);
+        ``"relu"``, ``max(x, 0)``.
+    causal : bool, default False
+        Prefix sums: row i sums keys ``j <= i``; needs ``Lq == Lk``.
+    eps : float, default 1e-6
+        Added to the denominator, >= 0.
+
+    Returns
+    -------
+    out : ndarray of float64, shape (..., Hq, Lq, Dv)
+    """
     q, k, v, causal, eps = _validate(q, k, v, feature_map, causal, eps)
     return _forward(q, k, v, feature_map, causal, eps)[0]
 
 
 def linear_attention_backward(d_out, q, k, v, *, feature_map="elu+1", causal=False, eps=1e-6):
-    """Gradients of :func:`linear_attention` → ``LinearAttentionGrads(dq, dk, dv)``."""
+    """Gradients of :func:`linear_attention`: ``dq, dk, dv = ∂/∂(q, k, v) of Σ d_out · out``.
+
+    Axes as :func:`linear_attention`; the causal backward runs the prefix sums in reverse.
+
+    Parameters
+    ----------
+    d_out : array_like, shape (..., Hq, Lq, Dv)
+        Cotangent of ``out``: exactly its shape, finite.
+    q, k, v : array_like
+        As :func:`linear_attention`: ``(..., Hq, Lq, D)``, ``(..., Hk, Lk, D)``, ``(..., Hk, Lk, Dv)``.
+    feature_map, causal, eps
+        The forward's options, as :func:`linear_attention` (same defaults).
+
+    Returns
+    -------
+    LinearAttentionGrads
+        ``(dq, dk, dv)``, float64, each of its input's shape.
+    """
     q, k, v, causal, eps = _validate(q, k, v, feature_map, causal, eps)
     out, (a, da, b, db, ve, s, z, den, g) = _forward(q, k, v, feature_map, causal, eps)
     d_o = as_cotangent(d_out, out.shape, "d_out")  # (..., Hq, Lq, Dv)

@@ -26,6 +26,14 @@ ROPE_STYLES = ("half", "interleaved")
 
 
 class RopeGrads(NamedTuple):
+    """Gradient of :func:`rope` (returned by :func:`rope_backward`).
+
+    Fields
+    ------
+    dx : ndarray of float64, shape of ``x`` (..., L, D)
+        Summed over the dims along which ``x`` was broadcast against ``positions``.
+    """
+
     dx: np.ndarray
 
 
@@ -65,14 +73,58 @@ def _assemble(x, y1, y2, r, style):
 
 
 def rope(x, positions=None, *, base=10000.0, style="half", rotary_dim=None):
-    """Rotary position embedding of ``x (..., L, D)``; dims ``>= rotary_dim`` pass through."""
+    """Rotary position embedding (RoPE, Su et al.): each pair of the first ``r`` dims of ``x`` at
+    position p is rotated by the angle ``θ_{p,i} = p · base^(−2i/r)``, ``i < r/2``.
+
+    ``(y₁, y₂) = (x₁ cos θ − x₂ sin θ, x₂ cos θ + x₁ sin θ)`` for every pair ``(x₁, x₂)``; dims
+    ``>= r`` pass through unchanged.  Axes: ``...`` batch (and heads), ``L`` positions, ``D`` head
+    dim.  Apply it to q and k before :func:`refattn.sdpa`.
+
+    Parameters
+    ----------
+    x : array_like, shape (..., L, D)
+        The vectors to rotate (float64 after conversion; finite), at least 2-D.
+    positions : array_like, shape (L,) or (..., L), optional
+        Position of each row (any real, e.g. offset for a KV cache); broadcast against ``x``'s
+        leading dims.  Default None: ``0, 1, ..., L − 1``.
+    base : float, default 10000.0
+        The frequency base θ (Llama 3 uses 500000), > 0.
+    style : {"half", "interleaved"}, default "half"
+        Which dims pair up: ``"half"``, ``(x[i], x[i + r/2])`` (rotate-half: GPT-NeoX, Llama,
+        Hugging Face); ``"interleaved"``, ``(x[2i], x[2i + 1])`` (GPT-J, RoFormer, Meta's Llama
+        reference).
+    rotary_dim : int, optional
+        ``r``: how many leading dims rotate (partial rotary, as GPT-NeoX's ``rotary_pct``); even,
+        ``<= D``.  Default None: ``r = D``.
+
+    Returns
+    -------
+    y : ndarray of float64, shape (..., L, D)
+        The broadcast of ``x``'s shape with ``positions``' leading dims.
+    """
     x, r, cos, sin = _rope_setup(x, positions, base, style, rotary_dim)
     x1, x2 = _pairs(x, r, style)  # (..., L, r/2)
     return _assemble(x, x1 * cos - x2 * sin, x2 * cos + x1 * sin, r, style)
 
 
 def rope_backward(dy, x, positions=None, *, base=10000.0, style="half", rotary_dim=None):
-    """Gradient of :func:`rope`: the inverse (transposed) rotation of ``dy``."""
+    """Gradient of :func:`rope`: ``dx = Rᵀ dy``, the inverse rotation (by ``−θ``) of the cotangent,
+    summed over the dims along which ``x`` was broadcast.  ``positions`` is not differentiated.
+
+    Parameters
+    ----------
+    dy : array_like, shape (..., L, D)
+        Cotangent of :func:`rope`'s output: exactly its shape, finite.
+    x : array_like, shape (..., L, D)
+        The forward's input.
+    positions, base, style, rotary_dim
+        The forward's options, as :func:`rope` (same defaults).
+
+    Returns
+    -------
+    RopeGrads
+        ``(dx,)``, float64, of ``x``'s shape.
+    """
     x, r, cos, sin = _rope_setup(x, positions, base, style, rotary_dim)
     out_shape = np.broadcast_shapes(x.shape, cos.shape[:-1] + x.shape[-1:])
     dy = as_cotangent(dy, out_shape, "dy")
@@ -85,9 +137,20 @@ def rope_backward(dy, x, positions=None, *, base=10000.0, style="half", rotary_d
 
 
 def alibi_slopes(num_heads):
-    """ALiBi slopes ``(H,)``: ``2^(−8i/H)``, i = 1..H for H a power of two; otherwise the
-    slopes of the nearest lower power of two m followed by every other slope of 2m
-    (Press et al.'s reference code)."""
+    """The ALiBi head slopes (Press et al.): ``2^(−8i/H)``, ``i = 1..H``, for H a power of two;
+    otherwise the slopes of the nearest lower power of two m followed by every other slope of 2m
+    (the authors' reference code).
+
+    Parameters
+    ----------
+    num_heads : int
+        ``H`` >= 1.
+
+    Returns
+    -------
+    slopes : ndarray of float64, shape (H,)
+        In (0, 1), decreasing for a power of two; feed them to :func:`alibi_bias`.
+    """
     n = as_int(num_heads, "num_heads", minimum=1)
 
     def power_of_two(m):
@@ -104,10 +167,28 @@ ALIBI_STYLES = ("abs", "signed")
 
 
 def alibi_bias(slopes, lq, lk, *, style="abs", align=None):
-    """ALiBi bias ``(..., H, lq, lk)`` for ``slopes (..., H)``; pass it as ``bias=``.
+    """The ALiBi bias: a penalty linear in the query-key distance, one slope per head.
 
-    ``"abs"``: ``−slope·|i + o − j|`` (flash-attn); ``"signed"``: ``slope·(j − i − o)`` (cuDNN);
-    ``o`` the alignment offset (``align`` required when ``lq != lk``).
+    ``bias[..., h, i, j] = −slope_h · |i + o − j|`` (``style="abs"``, flash-attn's
+    ``alibi_slopes``) or ``slope_h · (j − i − o)`` (``"signed"``, cuDNN; the two agree on causal
+    keys ``j <= i + o``).  Axes: ``...`` batch, ``H`` heads, ``lq`` queries (i), ``lk`` keys (j);
+    ``o`` the alignment offset.  Pass it as ``bias=`` of :func:`refattn.sdpa`.
+
+    Parameters
+    ----------
+    slopes : array_like, shape (..., H)
+        Per-head slopes (:func:`alibi_slopes`), at least 1-D.
+    lq, lk : int
+        Query and key lengths, >= 0.
+    style : {"abs", "signed"}, default "abs"
+        The distance: absolute (symmetric) or signed.
+    align : {"top_left", "bottom_right"}, optional
+        ``o = 0`` or ``o = lk − lq``, as :func:`refattn.masks.causal`.  Default None: allowed
+        only when ``lq == lk``.
+
+    Returns
+    -------
+    bias : ndarray of float64, shape (..., H, lq, lk)
     """
     slopes = as_float(slopes, "slopes", ndim_min=1)
     lq, lk = as_int(lq, "lq", minimum=0), as_int(lk, "lk", minimum=0)
@@ -119,7 +200,25 @@ def alibi_bias(slopes, lq, lk, *, style="abs", align=None):
 
 
 def sinusoidal_positions(length, dim, *, base=10000.0):
-    """Sinusoidal table ``(length, dim)``: ``PE[p, 2i] = sin(p / base^(2i/dim))``, ``PE[p, 2i+1] = cos(...)``."""
+    """The sinusoidal position table of "Attention Is All You Need":
+    ``PE[p, 2i] = sin(p / base^(2i/dim))``, ``PE[p, 2i+1] = cos(p / base^(2i/dim))``.
+
+    Axes: ``length`` positions (rows, p), ``dim`` features; an odd ``dim`` ends with a sine column.
+    Added to the token embeddings, not to q and k.
+
+    Parameters
+    ----------
+    length : int
+        Positions, >= 0.
+    dim : int
+        Features, >= 1.
+    base : float, default 10000.0
+        The wavelength base, > 0.
+
+    Returns
+    -------
+    pe : ndarray of float64, shape (length, dim)
+    """
     length, dim = as_int(length, "length", minimum=0), as_int(dim, "dim", minimum=1)
     base = as_real(base, "base", positive=True, allow_none=False)
     pos = np.arange(length, dtype=np.float64)[:, None]  # (length, 1)

@@ -45,7 +45,17 @@ _KNOWN = set(INPUT_KEYS) | set(OPTION_ARRAYS) | set(COTANGENT_KEYS) | set(OUTPUT
 
 @dataclass
 class Case:
-    """One case: inputs, sdpa options, cotangents, and (when written by an implementation) outputs."""
+    """One SDPA case: inputs, sdpa options, cotangents and, once an implementation ran it, its outputs.
+
+    Fields: ``name`` (free text), ``arrays`` (``q (B, Hq, Lq, D)``, ``k (B, Hk, Lk, D)``,
+    ``v (B, Hk, Lk, Dv)`` and the option arrays present: ``mask``, ``bias``, ``sinks``,
+    ``dropout_mask``), ``options`` (the JSON-able scalar options: ``causal``, ``window``,
+    ``align``, ``scale``, ``softcap``, ``dropout_p``, ``empty_rows``), ``cotangents``
+    (``d_out`` [, ``d_lse``]), ``outputs`` (any of ``out``, ``lse``, ``dq``, ``dk``, ``dv``,
+    ``dbias``, ``dsinks``), ``dtype`` (the precision the outputs were computed in, default
+    ``"float64"``) and ``implementation`` (free text).  ``q``, ``k``, ``v`` are shortcuts to the
+    arrays.  The file format is ``specs/case-format.md``.
+    """
 
     name: str
     arrays: dict  # q, k, v and the option arrays present (mask, bias, sinks, dropout_mask)
@@ -68,7 +78,8 @@ class Case:
         return self.arrays["v"]
 
     def sdpa_options(self):
-        """Keyword arguments for :func:`refattn.sdpa`: scalar options and option arrays."""
+        """The case's keyword arguments for :func:`refattn.sdpa`: its scalar options (``window`` as a
+        tuple) and its option arrays; call ``sdpa(case.q, case.k, case.v, **case.sdpa_options())``."""
         kw = dict(self.options)
         if kw.get("window") is not None:
             kw["window"] = tuple(kw["window"])
@@ -76,7 +87,23 @@ class Case:
         return kw
 
     def with_outputs(self, outputs, *, dtype="float64", implementation=""):
-        """A copy carrying ``outputs`` (a mapping of output names to arrays)."""
+        """A copy of the case (inputs shared, not copied) carrying an implementation's outputs.
+
+        Parameters
+        ----------
+        outputs : mapping of str to array_like or None
+            Names among ``out``, ``lse``, ``dq``, ``dk``, ``dv``, ``dbias``, ``dsinks``; arrays
+            are kept as float64, None values dropped.
+        dtype : str, default "float64"
+            The precision the outputs were computed in (e.g. ``"bfloat16"``): it picks the
+            tolerance they are judged at.
+        implementation : str, default ""
+            Who computed them (free text).
+
+        Returns
+        -------
+        Case
+        """
         unknown = set(outputs) - set(OUTPUT_KEYS)
         if unknown:
             raise RefAttnError(f"outputs: expected keys among {OUTPUT_KEYS}, got {sorted(unknown)}")
@@ -89,7 +116,22 @@ def _text(value):
 
 
 def save_case(path, case: Case):
-    """Write ``case`` to ``path`` (``.npz``, uncompressed; no pickled objects)."""
+    """Write a case file: a version-1 ``.npz`` any language can read (uncompressed, no pickled
+    objects; ``specs/case-format.md``).
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The file; ``.npz`` is appended when missing (as :func:`numpy.savez` does).
+    case : Case
+        Its arrays, cotangents and outputs are written under their names; ``options`` as JSON
+        text, with ``version``, ``dtype``, ``name`` and ``implementation``.
+
+    Returns
+    -------
+    pathlib.Path
+        The path written.
+    """
     payload = dict(case.arrays)
     payload.update(case.cotangents)
     payload.update(case.outputs)
@@ -116,10 +158,31 @@ def _check_options(options, path):
 
 
 def load_case(path, *, max_bytes=npz.MAX_BYTES) -> Case:
-    """Read and validate a case file; a :class:`RefAttnError` names the file and the bad key.
+    """Read and validate a case file: schema, dtypes, and that the inputs make a valid sdpa call
+    whose outputs and cotangents have the right shapes.
 
-    ``max_bytes``: the most bytes the file's arrays may hold in all (checked against their headers
-    before anything is read; default :data:`MAX_BYTES`, 2 GiB)."""
+    Read without pickle, under a size cap checked before anything is decompressed
+    (:func:`refattn.crosscheck.npz.read_npz`).
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        A ``.npz`` case file (version 1).
+    max_bytes : int, default MAX_BYTES (2 GiB)
+        The most bytes the file's arrays may hold in all, checked against their ``.npy`` headers
+        before anything is read.
+
+    Returns
+    -------
+    Case
+        Inputs as float64 (masks bool), outputs and cotangents as float64.
+
+    Raises
+    ------
+    RefAttnError
+        Naming the file and the bad key: not a zip, a pickle, an unknown key or version, a wrong
+        dtype or shape, an invalid sdpa call, gradients without ``d_out``, over ``max_bytes``.
+    """
     path = os.fspath(path)
     data = npz.read_npz(path, max_bytes, "case file")
     keys = set(data)

@@ -13,7 +13,20 @@ __all__ = ["golden_outputs", "write_golden"]
 
 
 def golden_outputs(case: Case):
-    """refattn's float64 outputs for ``case``: out, lse and, with a cotangent, the gradients."""
+    """refattn's float64 outputs for a case (the golden): ``sdpa(q, k, v, **options)`` and, when
+    the case carries ``d_out``, ``sdpa_backward`` for its cotangents.
+
+    Parameters
+    ----------
+    case : Case
+        Inputs, options and (optionally) cotangents ``d_out`` [, ``d_lse``].
+
+    Returns
+    -------
+    dict of str to ndarray
+        ``out (B, Hq, Lq, Dv)`` and ``lse (B, Hq, Lq)``; with ``d_out`` also ``dq``, ``dk``,
+        ``dv`` and, when the case has them, ``dbias``, ``dsinks``.
+    """
     opts = case.sdpa_options()
     out, lse = sdpa(case.q, case.k, case.v, return_lse=True, **opts)
     outputs = {"out": out, "lse": lse}
@@ -26,7 +39,21 @@ def golden_outputs(case: Case):
 
 
 def write_golden(directory, suite="standard"):
-    """Write every case of ``suite`` with refattn's outputs to ``directory``; returns the paths."""
+    """Write every case of a suite with refattn's float64 outputs (``refattn golden DIR``): one
+    case file per case, ``<name>.npz``.
+
+    Parameters
+    ----------
+    directory : str or os.PathLike
+        The folder, created when missing (not a file).
+    suite : {"standard"}, default "standard"
+        Which suite (:func:`refattn.crosscheck.suite.standard_cases`).
+
+    Returns
+    -------
+    list of pathlib.Path
+        The files written.
+    """
     if suite != "standard":
         raise RefAttnError(f"suite: expected 'standard', got {suite!r}")
     directory = Path(directory)

@@ -27,7 +27,13 @@ __all__ = ["CheckRow", "Implementation", "Progress", "available_implementations"
 
 @dataclass(frozen=True)
 class Implementation:
-    """A candidate: ``run(case) -> {"out": ..., "lse": ..., "dq": ...}`` (any subset with ``out``)."""
+    """A candidate implementation to cross-check.
+
+    Fields: ``name`` (as ``refattn check`` prints it), ``dtype`` (the precision it computes in: it
+    picks the tolerance), ``run`` (``run(case) -> {"out": ..., "lse": ..., "dq": ...}``, any subset
+    with ``out``; raise :class:`~refattn.Unsupported` for a case it cannot express) and ``note``
+    (free text).
+    """
 
     name: str
     dtype: str
@@ -37,7 +43,14 @@ class Implementation:
 
 @dataclass
 class CheckRow:
-    """One (case, implementation) result: the worst quantity by error ratio."""
+    """One (case, implementation) result of :func:`run_checks`: its status and worst quantity.
+
+    Fields: ``case``, ``implementation``, ``dtype``, ``status`` (``"pass"``, ``"FAIL"``,
+    ``"unsupported"`` or ``"error"``), ``quantity`` (the worst by error ratio, e.g. ``"dq"``),
+    ``max_error`` and ``allowed`` (its largest error and the error allowed), ``ratio``
+    (``max_error / allowed``), ``seconds`` (the run's time) and ``detail`` (the report of a failure,
+    the reason of an unsupported case, the exception of an error).
+    """
 
     case: str
     implementation: str
@@ -51,12 +64,28 @@ class CheckRow:
     detail: str = ""
 
     def as_dict(self):
+        """The fields as a dict (what ``refattn check --json`` prints)."""
         return dict(self.__dict__)
 
     @classmethod
     def from_verdict(cls, case, implementation, dtype, verdict, seconds=0.0):
         """The row of a :class:`refattn.testing.compare.Verdict`: its worst quantity by error ratio
-        (a NaN/inf misplacement counts as the worst)."""
+        (a NaN/inf misplacement counts as the worst).
+
+        Parameters
+        ----------
+        case, implementation, dtype : str
+            The row's labels.
+        verdict : refattn.testing.compare.Verdict
+            The judgement (:func:`refattn.crosscheck.judge.check_case`).
+        seconds : float, default 0.0
+            How long the implementation ran.
+
+        Returns
+        -------
+        CheckRow
+            ``"pass"`` or ``"FAIL"`` (with the report as ``detail``).
+        """
         worst = max(verdict.judgements, key=lambda j: j.ratio if not j.nonfinite else float("inf"))
         status = "pass" if verdict.passed else "FAIL"
         detail = "" if verdict.passed else verdict.report()
@@ -120,7 +149,22 @@ def _torch_run(dtype, device):
 
 
 def available_implementations(*, torch=True, kernels=True):
-    """The implementations this machine can run, refattn's own first."""
+    """The implementations this machine can run, refattn's own first: the Numba kernel (when numba
+    is installed), FlashAttention-2 tiled NumPy, chunked NumPy and the Python loops (forward only),
+    then PyTorch SDPA on CPU (float64, float32, bfloat16) and on CUDA (float16, bfloat16) when
+    torch, and a GPU, are there.
+
+    Parameters
+    ----------
+    torch : bool, default True
+        Include PyTorch's (``refattn check --no-torch``: False).
+    kernels : bool, default True
+        Include refattn's Numba kernel.
+
+    Returns
+    -------
+    list of Implementation
+    """
     impls = []
     if kernels and importlib.util.find_spec("numba") is not None:
         impls.append(Implementation("refattn numba kernel", "float64", _refattn_kernel, "tiled, 128×128"))
@@ -165,10 +209,29 @@ def _rounded_case(case: Case, dtype):
 
 
 def run_checks(cases, implementations, *, rule="flash", progress=None):
-    """Judge every implementation on every case; returns a list of :class:`CheckRow`.
+    """Run every implementation on every case and judge each run
+    (:func:`refattn.crosscheck.judge.check_case`): what ``refattn check`` prints.
 
-    ``progress``: a callable ``(done, total, label)``, called before each check with the label
-    ``"implementation: case"`` and once at the end (e.g. a :class:`Progress`).
+    A candidate that raises is an ``"error"`` row (reported, not raised); one that raises
+    :class:`~refattn.Unsupported` is an ``"unsupported"`` row.  A candidate computing in low
+    precision is judged on the inputs rounded to its dtype.
+
+    Parameters
+    ----------
+    cases : sequence of Case
+        E.g. :func:`refattn.crosscheck.suite.standard_cases`.
+    implementations : sequence of Implementation
+        At least one (:func:`available_implementations`).
+    rule : {"flash", "torch", "allclose"}, default "flash"
+        The tolerance rule.
+    progress : callable, optional
+        ``progress(done, total, label)``, called before each check with the label
+        ``"implementation: case"`` and once at the end (e.g. a :class:`Progress`).  Default None.
+
+    Returns
+    -------
+    list of CheckRow
+        Implementation by implementation, case by case.
     """
     if not implementations:
         raise RefAttnError("implementations: none to check")
@@ -192,7 +255,17 @@ class Progress:
 
     On a terminal: a bar redrawn in place.  Otherwise (piped, redirected, a CI log): one line each time
     the group of work changes (the label's text before ``": "``: an implementation, or a file) and one
-    at the end, so a run that is not watched on a terminal still says what it is doing."""
+    at the end, so a run that is not watched on a terminal still says what it is doing.
+
+    Parameters
+    ----------
+    prefix : str, default "refattn"
+        Starts every line (``"refattn check"``).
+    stream : file-like, optional
+        Where to write.  Default None: ``sys.stderr``.
+    width : int, default 30
+        The bar's width in characters.
+    """
 
     def __init__(self, prefix="refattn", stream=None, width=30):
         self.prefix = prefix

@@ -18,9 +18,26 @@ ATTENTION_KEYS = ("attentions", "mask", "tokens", "version")
 
 
 def save_attentions(path, attentions, *, mask=None, tokens=None):
-    """Write per-layer attention maps ``(..., H, n, n)`` (first layer first) for ``refattn rollout`` /
-    ``refattn metrics``: key ``attentions`` ``(L, ..., H, n, n)``, optional ``mask`` (bool ``(..., n)``,
-    True = real token) and ``tokens`` (int ``(..., n)``), ``version``."""
+    """Write an attention-map file for ``refattn rollout`` / ``refattn metrics``: the maps stacked
+    under the key ``attentions (L, ..., H, n, n)``, with ``mask``, ``tokens`` and ``version``.
+
+    Axes: ``L`` layers, ``...`` batch dims, ``H`` heads, ``n`` tokens (query rows, key columns).
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The ``.npz`` file (``.npz`` appended when missing).
+    attentions : sequence of array_like, each shape (..., H, n, n)
+        Per-layer maps, first layer first, of one shape; stored as float64.
+    mask : array_like of bool, shape (..., n), optional
+        True = real token (padding False).  Default None.
+    tokens : array_like of int, shape (..., n), optional
+        Token ids (used by the token metrics and as figure labels).  Default None.
+
+    Returns
+    -------
+    None
+    """
     payload = {
         "attentions": np.stack([np.asarray(a, dtype=np.float64) for a in attentions]),
         "version": np.array(MAP_VERSION, dtype=np.int64),
@@ -33,9 +50,34 @@ def save_attentions(path, attentions, *, mask=None, tokens=None):
 
 
 def load_attentions(path, *, max_bytes=npz.MAX_BYTES):
-    """Read a file written by :func:`save_attentions` (or any ``.npz`` with those keys; per-layer keys
-    ``layer_0``, ``layer_1``, ... are accepted instead of ``attentions``): ``(layers, mask, tokens)``.
-    ``max_bytes``: the size cap, as :func:`load_case`."""
+    """Read an attention-map file: one written by :func:`save_attentions`, or any ``.npz`` with its
+    keys (per-layer keys ``layer_0``, ``layer_1``, ... are accepted instead of ``attentions``).
+
+    Checked: float maps ``(..., H, n, n)`` of one shape with ``n >= 1``, a bool ``mask`` and an
+    integer ``tokens`` of shape ``(..., n)``, the version; read without pickle under a size cap.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The ``.npz`` file.
+    max_bytes : int, default MAX_BYTES (2 GiB)
+        The size cap, as :func:`refattn.crosscheck.cases.load_case`.
+
+    Returns
+    -------
+    layers : list of ndarray, each shape (..., H, n, n)
+        The maps, first layer first, in the file's float dtype.
+    mask : ndarray of bool, shape (..., n), or None
+        True = real token.
+    tokens : ndarray of int, shape (..., n), or None
+        Token ids.
+
+    Raises
+    ------
+    RefAttnError
+        Naming the file and the key (a case file given instead, bad shapes or dtypes, unknown
+        keys, over ``max_bytes``).
+    """
     path = os.fspath(path)
     data = npz.read_npz(path, max_bytes, "attention-map file")
     layer_keys = sorted(

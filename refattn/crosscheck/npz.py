@@ -23,6 +23,28 @@ MAX_JSON_DEPTH = 64  # nesting of a JSON text (a valid options object nests 2 de
 
 
 def read_text(data, key, path, default=""):
+    """A text entry of a read ``.npz``: the 0-d unicode array under ``key``, as a str.
+
+    Parameters
+    ----------
+    data : mapping of str to ndarray
+        What :func:`read_npz` returned.
+    key : str
+        The entry.
+    path : str
+        The file's name, for error messages.
+    default : str, default ""
+        Returned when ``key`` is absent.
+
+    Returns
+    -------
+    str
+
+    Raises
+    ------
+    RefAttnError
+        The entry is not a 0-d unicode string.
+    """
     if key not in data:
         return default
     a = data[key]
@@ -59,7 +81,28 @@ def _json_depth_exceeds(text, limit):
 
 
 def parse_json(text, path, key="options"):
-    """The JSON text of ``key`` as a Python object: nesting limited to :data:`MAX_JSON_DEPTH`."""
+    """Parse the JSON text of an entry, its nesting limited to :data:`MAX_JSON_DEPTH` (64) before
+    the parser runs (no deep-recursion attack).
+
+    Parameters
+    ----------
+    text : str
+        The JSON text.
+    path : str
+        The file's name, for error messages.
+    key : str, default "options"
+        The entry's name, for error messages.
+
+    Returns
+    -------
+    object
+        The parsed value.
+
+    Raises
+    ------
+    RefAttnError
+        Too deeply nested, or not valid JSON.
+    """
     if _json_depth_exceeds(text, MAX_JSON_DEPTH):
         raise RefAttnError(
             f"{path}: key '{key}': expected a JSON object nested at most {MAX_JSON_DEPTH} deep, "
@@ -72,7 +115,18 @@ def parse_json(text, path, key="options"):
 
 
 def readable_size(n):
-    """``n`` bytes, readable."""
+    """A number of bytes in binary units, e.g. ``readable_size(3 * 2**30) == "3.0 GiB"``.
+
+    Parameters
+    ----------
+    n : int or float
+        Bytes, >= 0.
+
+    Returns
+    -------
+    str
+        ``"<x.y> TiB"``, ``GiB``, ``MiB``, ``KiB``, or ``"<n> bytes"`` below 1 KiB.
+    """
     for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if n >= scale:
             return f"{n / scale:.1f} {unit}"
@@ -132,11 +186,34 @@ def _member_header(zf, info, path):
 
 
 def read_npz(path, max_bytes=MAX_BYTES, what="case file"):
-    """Every array of an ``.npz`` as a dict, read without pickle; a :class:`RefAttnError` names the file.
+    """Every array of an ``.npz`` file, read safely: no pickle, and a size cap checked before
+    anything is allocated or decompressed.
 
-    Before any array is allocated or decompressed, every member's declared uncompressed size and its
-    ``.npy`` header (shape, dtype) are read and their sizes summed: over ``max_bytes``, the file is
-    refused.  A header that disagrees with its member's size (a truncated or padded array) is refused."""
+    Before any array is read, every member's declared uncompressed size and its ``.npy`` header
+    (shape, dtype) are read and their sizes summed: over ``max_bytes``, the file is refused.  A
+    header that disagrees with its member's size (a truncated or padded array), object arrays,
+    duplicate members and non-``.npy`` members are refused; a file that is no zip archive is
+    named for what it is (empty, a ``.npy``, a pickle, text).
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The file.
+    max_bytes : int, default MAX_BYTES (2 GiB)
+        The most bytes the arrays may hold in all, >= 1.
+    what : str, default "case file"
+        What the file should be, for error messages (``"attention-map file"``).
+
+    Returns
+    -------
+    dict of str to ndarray
+        Each member under its key (the member's name without ``.npy``).
+
+    Raises
+    ------
+    RefAttnError
+        Naming the file (and the key): unreadable, no zip, refused as above.
+    """
     max_bytes = as_int(max_bytes, "max_bytes", minimum=1)
     cap = (
         f"the size cap max_bytes={max_bytes} ({readable_size(max_bytes)}); "

@@ -55,7 +55,19 @@ def _near_ties(rng, a):
 
 
 def standard_cases():
-    """The cases of ``refattn golden`` / ``refattn check`` (no outputs)."""
+    """The standard suite's cases (inputs, options and cotangents; no outputs), the same on every
+    machine: drawn from seeded generators, 4-D ``(B, H, L, D)`` arrays.
+
+    Every sdpa option (scale, causal and windows in both alignments, padding and the three
+    empty-row policies, bias, ALiBi, softcap, sinks, dropout, GQA/MQA, ``Dv != D``, RoPE-rotated
+    inputs, decode, varlen), lengths on both sides of the 64/128 tiles, large logits and near ties;
+    ``specs/case-format.md`` lists them.
+
+    Returns
+    -------
+    list of Case
+        What ``refattn golden`` writes and ``refattn check`` runs.
+    """
     slopes = alibi_slopes(4)
     cases = [
         _case("plain", 1),
@@ -124,5 +136,11 @@ def standard_cases():
 
 
 def standard_suite():
-    """The built-in cases (no outputs): every sdpa option and the variants expressible as sdpa inputs."""
+    """The built-in suite (no outputs): every sdpa option and the variants expressible as sdpa
+    inputs, as :func:`standard_cases`.
+
+    Returns
+    -------
+    list of Case
+    """
     return standard_cases()

@@ -327,6 +327,44 @@ def gradcheck(
     the sixth differences of ``L``, their median over every entry).  NaN in
     the analytic gradient fails.  Returns a :class:`GradcheckReport`; raises
     :class:`GradcheckError` on failure.
+
+    Parameters
+    ----------
+    fn : callable
+        The forward, ``fn(*inputs, **options)``: an array or a tuple of arrays (float outputs are
+        differentiated; bool outputs, such as validity masks, are not).
+    backward : callable
+        ``backward(d_out, *inputs, d_<name>=..., **options)`` returning a NamedTuple of
+        gradients whose fields ``d<input>`` name ``fn``'s positional inputs or array options.
+    inputs : sequence
+        The positional inputs: float arrays (every entry perturbed, ``-inf`` entries left alone),
+        NamedTuples or tuples of arrays (each leaf checked, named ``gate.w1``), or other values.
+        Copied: never mutated.
+    options : dict, optional
+        Keyword options for ``fn`` (and ``backward``, as above); an array option with a gradient
+        field (``bias`` with ``dbias``) is checked like an input.  Default None.
+    eps : float, default 1e-4
+        The finite-difference step ``h``.
+    rtol : float, default 1e-8
+        Relative tolerance, against the gradient's scale.
+    atol : float, optional
+        Absolute floor of the error.  Default None: the quotient's measured rounding error (above).
+    seed : int, default 0
+        Seeds the random cotangents.
+    raise_on_failure : bool, default True
+        Raise :class:`GradcheckError` on failure; False returns the failing report.
+    **more_options
+        More keyword options, merged into ``options``.
+
+    Returns
+    -------
+    GradcheckReport
+        An :class:`InputCheck` per differentiable leaf; ``str()`` gives a table.
+
+    Raises
+    ------
+    GradcheckError
+        When an input fails and ``raise_on_failure`` (its ``.report`` holds the table).
     """
     lin = _Linearised(fn, backward, inputs, dict(options or {}, **more_options), np.random.default_rng(seed))
     numerics, diffs = [], []
@@ -401,6 +439,39 @@ def check_vjp(
     over.  Choose ``eps`` so that ``x ± 4·eps·δ`` stays where ``fn`` is smooth
     (attention maps with entries near 0 need ``eps ≈ 1e-4``).  Returns a
     :class:`VjpReport`; raises :class:`VjpError` on failure.
+
+    Parameters
+    ----------
+    fn, backward, inputs
+        As :func:`gradcheck`.
+    options : dict, optional
+        Keyword options, as :func:`gradcheck`.  Default None.
+    eps : float, default 1e-3
+        The step ``h`` along each direction, relative to the inputs' size (``δ_i`` has the rms of
+        ``x_i``).
+    rtol : float, default 1e-8
+        Relative tolerance, against ``max(|analytic|, |numeric|)``.
+    atol : float, optional
+        Absolute floor of the error.  Default None: the measured rounding noise (above).
+    seed : int, default 0
+        Seeds the cotangents and the directions.
+    per_input : bool, default True
+        Also move each input alone, so that a failure names it; False checks the direction
+        ``"all"`` only (9 calls of ``fn``).
+    raise_on_failure : bool, default True
+        Raise :class:`VjpError` on failure; False returns the failing report.
+    **more_options
+        More keyword options, merged into ``options``.
+
+    Returns
+    -------
+    VjpReport
+        A :class:`DirectionCheck` per direction; ``str()`` gives a table.
+
+    Raises
+    ------
+    VjpError
+        When a direction fails and ``raise_on_failure``.
     """
     rng = np.random.default_rng(seed)
     lin = _Linearised(fn, backward, inputs, dict(options or {}, **more_options), rng)
