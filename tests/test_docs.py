@@ -43,7 +43,7 @@ COVERED = [
     "refattn.io",
     "refattn.masks",
     "refattn.plot",
-    "refattn.testing.gradcheck",
+    "refattn.testing.derivatives",
 ]
 
 # Still to be documented (issue 12, point 5): when a module's public functions have Parameters

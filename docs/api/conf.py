@@ -75,7 +75,7 @@ SPEC_OF = {
     "refattn.io": "case-format",
     "refattn.masks": "masks",
     "refattn.plot": "cli",
-    "refattn.testing.gradcheck": "testing",
+    "refattn.testing.derivatives": "testing",
 }
 _SPEC_LITERAL = re.compile(r"``(specs/([\w.-]+)\.md)``")
 

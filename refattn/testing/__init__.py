@@ -5,7 +5,7 @@ implementation against refattn, and (in ``strategies``) Hypothesis strategies.
 """
 
 from refattn.testing.compare import AttentionMismatch, Verdict, assert_attention_close, check_attention
-from refattn.testing.gradcheck import (
+from refattn.testing.derivatives import (
     DirectionCheck,
     GradcheckError,
     GradcheckReport,

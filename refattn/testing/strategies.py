@@ -1,7 +1,7 @@
 """Hypothesis strategies that draw valid inputs and options for refattn's ops.
 
 Each strategy draws a :class:`Case` (positional ``inputs`` and keyword
-``options``); the op registry names one per op.  Values are bounded
+``options``); each op of the registry (``refattn/_registry.py``) holds its strategy.  Values are bounded
 (``|x| <= 2``) so nothing overflows; masks are random, so rows with every key
 masked (empty rows) occur.  Needs Hypothesis (the ``test`` extra).
 """
@@ -16,14 +16,25 @@ from hypothesis.extra import numpy as hnp
 
 __all__ = [
     "TILE_LENGTHS",
-    "attention_inputs",
-    "Case",
+    "alibi_bias_cases",
+    "alibi_slopes_cases",
     "allocation_cases",
+    "attention_inputs",
+    "block_mask_cases",
+    "Case",
+    "causal_mask_cases",
     "chunked_cases",
     "combine_cases",
     "decode_cases",
+    "detect_collapse_cases",
+    "detect_uniform_cases",
+    "dropout_mask_cases",
     "finite_floats",
+    "flow_cases",
+    "from_lengths_cases",
+    "head_importance_cases",
     "linear_cases",
+    "local_mask_cases",
     "logits_cases",
     "map_cases",
     "metric_strategy",
@@ -33,11 +44,23 @@ __all__ = [
     "relative_cases",
     "rollout_cases",
     "rope_cases",
+    "round_to_cases",
     "sdpa_cases",
+    "sdpa_twin_cases",
+    "sinusoidal_cases",
     "softmax_cases",
+    "special_token_cases",
+    "strided_mask_cases",
+    "summarize_cases",
+    "token_pattern_cases",
+    "top_tokens_cases",
     "topk_cases",
+    "topk_mask_cases",
     "value_norm_cases",
+    "varlen_cases",
+    "weight_norm_cases",
     "weights_cases",
+    "window_mask_cases",
 ]
 
 
@@ -561,7 +584,7 @@ def _offset(draw, shape):
 
 
 def metric_strategy(name):
-    """The case strategy factory of a registered metric (see ``refattn/_registry.py``)."""
+    """The case strategy of the metric ``name``: a callable ``(for_gradcheck=False) -> strategy``."""
     square = name in ("previous_token_score", "duplicate_token_score", "induction_score")
     extra = {
         "duplicate_token_score": _token_ids,
@@ -651,3 +674,264 @@ def value_norm_cases(draw, *, for_gradcheck=False):
         f = np.einsum("...lhd,hdm->...lhm", v, w_o.reshape(h, dv, d_model))
         assume(np.min(np.linalg.norm(f, axis=-1)) > 1e-2)
     return Case((p, x, w_v, b_v, w_o), {"check_probabilities": False} if for_gradcheck else {})
+
+
+# ---- the low-precision twin -------------------------------------------------------------------
+
+
+@st.composite
+def sdpa_twin_cases(draw, *, for_gradcheck=False):
+    """Cases for :func:`refattn.lowp.sdpa_twin`: an sdpa case (no ``backend``) in a drawn format and
+    accumulation, with the kernel's choices (``scale_at``, ``exp2``, ``block_k``, ``recompute_p``).
+
+    ``for_gradcheck`` draws ``dtype = accumulate = "float64"`` only: there the twin is sdpa and its
+    backward a derivative; in a low-precision format the forward is piecewise constant and the
+    backward is the kernel's rounded gradient, which no finite difference measures.
+    """
+    from refattn import lowp
+
+    case = draw(sdpa_cases(for_gradcheck=for_gradcheck))
+    if for_gradcheck:
+        dtype, accumulate = "float64", "float64"
+    else:
+        dtype = draw(st.sampled_from(sorted(lowp.FORMATS) + ["bf16", "fp16"]))
+        accumulate = draw(st.sampled_from(lowp.ACCUMULATE))
+    opts = {**case.options, "dtype": dtype, "accumulate": accumulate}
+    if draw(st.booleans()):
+        opts["scale_at"] = draw(st.sampled_from(lowp.SCALE_AT))
+    if draw(st.booleans()):
+        opts["exp2"] = True
+    if draw(st.booleans()):
+        opts["block_k"] = draw(st.integers(1, 3))
+    if draw(st.booleans()):
+        opts["recompute_p"] = True
+    return Case(case.inputs, opts)
+
+
+@st.composite
+def round_to_cases(draw, *, for_gradcheck=False):
+    """``round_to(x, dtype)``: ``x (B?, n)`` of any real values — normal, subnormal in the target format,
+    past its largest finite value, ``±inf`` and NaN — and a format name or alias."""
+    from refattn import lowp
+
+    batch = draw(st.sampled_from([(), (2,)]))
+    shape = batch + (draw(st.integers(0, 4)),)
+    special = st.sampled_from([0.0, -0.0, 1e-42, 3e-8, 65520.0, 1e39, -1e300, np.inf, -np.inf, np.nan])
+    x = draw(hnp.arrays(np.float64, shape, elements=st.one_of(finite_floats(1e6), special)))
+    return Case((x,), {"dtype": draw(st.sampled_from(sorted(lowp.FORMATS) + ["bf16", "fp8_e5m2", "half"]))})
+
+
+# ---- ops without a backward: masks, position tables, detectors, flow, rankings -------------------
+
+
+def _align(draw, lq, lk, needed=True):
+    """``{"align": ...}``: required when ``lq != lk`` (``needed``), optional otherwise."""
+    if needed and lq != lk or draw(st.booleans()):
+        return {"align": draw(st.sampled_from(["top_left", "bottom_right"]))}
+    return {}
+
+
+def _side(draw):
+    return draw(st.one_of(st.none(), st.integers(0, 3)))
+
+
+@st.composite
+def causal_mask_cases(draw, *, for_gradcheck=False):
+    """``masks.causal(lq, lk, align=...)``: lengths 0..5 (empty masks included)."""
+    lq, lk = draw(st.integers(0, 5)), draw(st.integers(0, 5))
+    return Case((lq, lk), _align(draw, lq, lk))
+
+
+@st.composite
+def window_mask_cases(draw, *, for_gradcheck=False):
+    """``masks.window(lq, lk, left, right, align=...)``: sides 0..3 or None (unbounded)."""
+    lq, lk = draw(st.integers(0, 5)), draw(st.integers(0, 5))
+    return Case((lq, lk, _side(draw), _side(draw)), _align(draw, lq, lk))
+
+
+@st.composite
+def local_mask_cases(draw, *, for_gradcheck=False):
+    """``masks.local(l, window_size)``: windows up to wider than the sequence."""
+    return Case((draw(st.integers(0, 6)), draw(st.integers(0, 14))))
+
+
+@st.composite
+def strided_mask_cases(draw, *, for_gradcheck=False):
+    """``masks.strided(l, stride)``."""
+    return Case((draw(st.integers(0, 6)), draw(st.integers(1, 4))))
+
+
+@st.composite
+def block_mask_cases(draw, *, for_gradcheck=False):
+    """``masks.block(l, block_size)``."""
+    return Case((draw(st.integers(0, 6)), draw(st.integers(1, 4))))
+
+
+@st.composite
+def from_lengths_cases(draw, *, for_gradcheck=False):
+    """``masks.from_lengths(q_lengths, k_lengths, lq, lk)``: a batch of 1..3 lengths (0 included),
+    ``q_lengths`` None (every query kept) or drawn."""
+    b, lq, lk = draw(st.integers(1, 3)), draw(st.integers(0, 4)), draw(st.integers(0, 4))
+    k_lengths = np.array([draw(st.integers(0, lk)) for _ in range(b)], dtype=np.int64)
+    q_lengths = None
+    if draw(st.booleans()):
+        q_lengths = np.array([draw(st.integers(0, lq)) for _ in range(b)], dtype=np.int64)
+    return Case((q_lengths, k_lengths, lq, lk))
+
+
+@st.composite
+def varlen_cases(draw, *, for_gradcheck=False):
+    """``masks.varlen(cu_seqlens_q, cu_seqlens_k, ...)``: 1..3 packed sequences of 0..3 tokens each,
+    causal/window within each (its own alignment, required where lengths differ)."""
+    s = draw(st.integers(1, 3))
+    lq = [draw(st.integers(0, 3)) for _ in range(s)]
+    lk = [draw(st.integers(0, 3)) for _ in range(s)]
+    opts = {}
+    if draw(st.booleans()):
+        opts["causal"] = True
+    if draw(st.booleans()):
+        opts["window"] = (_side(draw), _side(draw))
+    if opts and lq != lk or draw(st.booleans()):
+        opts["align"] = draw(st.sampled_from(["top_left", "bottom_right"]))
+    cu = [np.concatenate([[0], np.cumsum(n)]).astype(np.int64) for n in (lq, lk)]
+    return Case(tuple(cu), opts)
+
+
+@st.composite
+def dropout_mask_cases(draw, *, for_gradcheck=False):
+    """``masks.dropout_mask(shape, p, seed)``: shapes of 0..3 dims, any 64-bit seed."""
+    shape = tuple(draw(st.lists(st.integers(0, 4), max_size=3)))
+    p = draw(st.sampled_from([0.0, 0.1, 0.5, 0.9]))
+    return Case((shape, p, draw(st.integers(0, 2**64 - 1))))
+
+
+@st.composite
+def alibi_slopes_cases(draw, *, for_gradcheck=False):
+    """``alibi_slopes(num_heads)``: powers of two and not."""
+    return Case((draw(st.integers(1, 20)),))
+
+
+@st.composite
+def alibi_bias_cases(draw, *, for_gradcheck=False):
+    """``alibi_bias(slopes (B?, H), lq, lk, style=..., align=...)``."""
+    batch = draw(st.sampled_from([(), (2,)]))
+    slopes = _floats_array(draw, batch + (draw(st.integers(1, 3)),))
+    lq, lk = draw(st.integers(0, 4)), draw(st.integers(0, 4))
+    opts = {"style": draw(st.sampled_from(["abs", "signed"])), **_align(draw, lq, lk)}
+    return Case((slopes, lq, lk), opts)
+
+
+@st.composite
+def sinusoidal_cases(draw, *, for_gradcheck=False):
+    """``sinusoidal_positions(length, dim, base=...)``: odd dims included."""
+    opts = {"base": draw(st.sampled_from([10000.0, 500.0, 1e6]))} if draw(st.booleans()) else {}
+    return Case((draw(st.integers(0, 6)), draw(st.integers(1, 7))), opts)
+
+
+@st.composite
+def topk_mask_cases(draw, *, for_gradcheck=False):
+    """``topk_mask(logits (B?, Lq, Lk), top_k=...)``: logits with ``-inf`` (masked) entries and ties."""
+    batch = draw(st.sampled_from([(), (2,)]))
+    shape = batch + (draw(st.integers(1, 3)), draw(st.integers(1, 4)))
+    logits = _with_neg_inf(draw, draw(hnp.arrays(np.float64, shape, elements=st.sampled_from([-1.0, 0.0, 0.5, 2.0]))))
+    return Case((logits,), {"top_k": draw(st.integers(1, 5))})
+
+
+@st.composite
+def flow_cases(draw, *, for_gradcheck=False):
+    """``attention_flow(attentions (L, H, n, n))``: small (each entry of the result is a linear program),
+    every option, a real-token ``mask (n,)``."""
+    layers, heads, n = draw(st.integers(1, 2)), draw(st.integers(1, 2)), draw(st.integers(1, 3))
+    maps = _maps(draw, (layers, heads, n, n))
+    opts = {"head_fusion": draw(st.sampled_from(["mean", "max", "min"]))}
+    if draw(st.booleans()):
+        opts["residual"] = draw(st.sampled_from([0.0, 0.5, 1.0]))
+    if draw(st.booleans()):
+        opts["output_layer"] = draw(st.integers(1, layers))
+    if draw(st.booleans()):
+        opts["normalize"] = False
+    if draw(st.booleans()):
+        real = np.array([True] + [draw(st.booleans()) for _ in range(n - 1)])
+        opts["mask"] = real
+        maps = np.where(real, maps / (maps * real).sum(axis=-1, keepdims=True), maps)
+    return Case((maps,), opts)
+
+
+def _map_options(strategy, **draws):
+    """``strategy`` (of map cases) with each option of ``draws`` drawn from its strategy."""
+    return st.builds(
+        lambda case, more: Case(case.inputs, {**case.options, **more}), strategy, st.fixed_dictionaries(draws)
+    )
+
+
+def detect_collapse_cases(*, for_gradcheck=False):
+    """``detect_collapse(P, threshold=..., fraction=...)`` on map cases."""
+    return _map_options(map_cases(), threshold=st.sampled_from([0.3, 0.5, 0.8]), fraction=st.sampled_from([0.25, 1.0]))
+
+
+def detect_uniform_cases(*, for_gradcheck=False):
+    """``detect_uniform(P, tolerance=...)`` on map cases."""
+    return _map_options(map_cases(), tolerance=st.sampled_from([0.02, 0.2, 1.0]))
+
+
+def _special_positions(draw, shape):
+    return {"special_positions": sorted(draw(st.sets(st.integers(0, shape[-1] - 1), min_size=1)))}
+
+
+def special_token_cases(*, for_gradcheck=False):
+    """``special_token_bias(P, special_positions, factor=...)``."""
+    return _map_options(map_cases(extra=_special_positions), factor=st.sampled_from([0.5, 1.0, 2.0]))
+
+
+@st.composite
+def top_tokens_cases(draw, *, for_gradcheck=False):
+    """``top_tokens(P, k)``, ``k`` in ``1..Lk``."""
+    case = draw(map_cases())
+    return Case(case.inputs, {**case.options, "k": draw(st.integers(1, case.inputs[0].shape[-1]))})
+
+
+@st.composite
+def summarize_cases(draw, *, for_gradcheck=False):
+    """``summarize(attentions, tokens=..., mask=...)``: 1..2 layers of square maps, token ids shared or
+    per example."""
+    case = draw(map_cases(square=True))
+    (p,) = case.inputs
+    layers = [p] + ([_maps(draw, p.shape)] if draw(st.booleans()) else [])
+    if "mask" in case.options:
+        real = case.options["mask"][..., None, None, :]
+        layers = [np.where(real, a / (a * real).sum(axis=-1, keepdims=True), a) for a in layers]
+    opts = dict(case.options)
+    if draw(st.booleans()):
+        shape = draw(st.sampled_from([p.shape[-1:], p.shape[:-3] + p.shape[-1:]]))
+        opts["tokens"] = draw(hnp.arrays(np.int64, shape, elements=st.integers(0, 2)))
+    return Case((layers,), opts)
+
+
+@st.composite
+def token_pattern_cases(draw, *, for_gradcheck=False):
+    """``duplicate_token_pattern`` / ``induction_pattern(tokens (B?, L), real=...)``: ids or strings."""
+    shape = draw(st.sampled_from([(), (2,)])) + (draw(st.integers(1, 5)),)
+    ids = draw(hnp.arrays(np.int64, shape, elements=st.integers(0, 2)))
+    tokens = np.array(["a", "b", "c"])[ids] if draw(st.booleans()) else ids
+    opts = {"real": draw(hnp.arrays(bool, shape, elements=st.booleans()))} if draw(st.booleans()) else {}
+    return Case((tokens,), opts)
+
+
+@st.composite
+def head_importance_cases(draw, *, for_gradcheck=False):
+    """``head_importance(grads (N, L, H) or (N, T, L, H), per=..., normalize=...)``."""
+    per = draw(st.sampled_from(["example", "token"]))
+    tokens = (draw(st.integers(1, 3)),) if per == "token" or draw(st.booleans()) else ()
+    shape = (draw(st.integers(1, 3)),) + tokens + (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    opts = {"per": per, "normalize": draw(st.sampled_from(["layer", None]))}
+    return Case((_floats_array(draw, shape),), opts)
+
+
+@st.composite
+def weight_norm_cases(draw, *, for_gradcheck=False):
+    """``weight_norm_importance(params, num_heads=...)``: one ``MHAParams`` or one per layer, GQA."""
+    case = draw(multihead_cases())
+    params = case.inputs[1]
+    if draw(st.booleans()):
+        params = [params, params._replace(w_q=-params.w_q)]
+    return Case((params,), {"num_heads": case.options["num_heads"]})
