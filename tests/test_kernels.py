@@ -564,9 +564,7 @@ def test_kernel_catches_a_wrong_alignment(monkeypatch):
 
     def shifted(self, a):
         real(self, a)
-        g = list(self.geometry)
-        g[5] += 1
-        self.geometry = tuple(g)
+        self.geometry = self.geometry._replace(offset=self.geometry.offset + 1)
 
     monkeypatch.setattr(kernels._Flat, "__init__", shifted)
     rng = np.random.default_rng(2)
@@ -574,6 +572,139 @@ def test_kernel_catches_a_wrong_alignment(monkeypatch):
     fast = refattn.sdpa(q, k, v, causal=True, align="bottom_right", backend="numba")
     ref = refattn.sdpa(q, k, v, causal=True, align="bottom_right", backend="numpy")
     assert _rel(fast, ref) > 1e-3
+
+
+# The kernels' parameters, as documented in specs/kernels.md ("Parameters"): every scalar of the
+# attention kernels is a field of ``geometry`` (Geometry) or ``scaling`` (Scaling), except the dbias flag.
+KERNEL_PARAMETERS = {
+    "sdpa_kernels": {
+        "forward": "q k v bias mask keep maps sink geometry scaling ranges out lse",
+        "backward_dq": "q k v bias mask keep maps geometry scaling ranges pairs starts lse d_o delta dl"
+        " dq dbias want_dbias",
+        "backward_dkv": "q k v bias mask keep maps geometry scaling ranges pairs starts lse d_o delta dl"
+        " dk dv dbias want_dbias",
+    },
+    "rollout_kernels": {
+        "fuse_mean": "a residual renormalize out bad",
+        "fuse_mean_rows": "a residual renormalize v partial bad",
+    },
+    "metric_kernels": {"row_entropy": "p out bad"},
+}
+_SIGNATURES = {
+    "sdpa_kernels": "_sdpa_signatures",
+    "rollout_kernels": "_rollout_signatures",
+    "metric_kernels": "_entropy_signatures",
+}
+
+
+def test_geometry_and_scaling_fields_and_types():
+    """The named scalars: exactly these fields, annotated bool / int / float (the numba types)."""
+    from refattn.kernels.geometry import Geometry, Scaling, Tile
+
+    assert Geometry._fields == (
+        "causal",
+        "left",
+        "right",
+        "offset",
+        "empty_policy",
+        "has_bias",
+        "has_mask",
+        "has_keep",
+    )
+    assert Scaling._fields == ("scale", "softcap")
+    assert Tile._fields == ("n", "h", "kvh", "bn", "mn", "kn", "i0", "bq", "j0", "bk")
+    for cls in (Geometry, Scaling, Tile):
+        assert set(cls.__annotations__.values()) <= {bool, int, float}, cls
+
+
+def test_geometry_is_built_by_name_from_the_validated_arguments():
+    from refattn.attention.sdpa import validate
+    from refattn.kernels.geometry import Geometry, Scaling
+
+    rng = np.random.default_rng(1)
+    q, k, v = rng.standard_normal((1, 2, 4, 3)), rng.standard_normal((1, 2, 6, 3)), rng.standard_normal((1, 2, 6, 2))
+    a = validate(
+        q, k, v, causal=True, window=(2, None), align="bottom_right", empty_rows="nan", bias=np.zeros(6), softcap=4.0
+    )
+    g, sc = Geometry.of(a), Scaling.of(a)
+    assert g == Geometry(
+        causal=True, left=2, right=-1, offset=2, empty_policy=1, has_bias=True, has_mask=False, has_keep=False
+    )
+    assert sc == Scaling(scale=float(a.scale), softcap=4.0)
+    for named in (g, sc):  # the exact Python types: numba.typeof of the tuple is the compiled type
+        assert [type(x) for x in named] == list(type(named).__annotations__.values()), named
+    m = rng.random((4, 6)) < 0.5
+    a = validate(q, k, v, mask=m, dropout_p=0.5, dropout_mask=m, window=(None, 1), align="top_left")
+    assert Geometry.of(a) == Geometry(
+        causal=False, left=-1, right=1, offset=0, empty_policy=0, has_bias=False, has_mask=True, has_keep=True
+    )
+    assert Scaling.of(a).softcap == 0.0
+
+
+@needs_numba
+@pytest.mark.parametrize("module", list(KERNEL_PARAMETERS))
+def test_kernel_parameters_match_their_documented_names_and_signatures(module):
+    """Each kernel's Python parameters are exactly the documented ones; its compile signatures are
+    given by parameter name, ordered by the kernel's own parameter list (same arity, a type for each
+    name), with the Geometry / Scaling types built from those NamedTuples' fields; no kernel or helper
+    takes a Geometry or Scaling field as a loose parameter."""
+    import importlib
+
+    from numba import types
+
+    from refattn.kernels.geometry import Geometry, Scaling, numba_type
+
+    kern = importlib.import_module(f"refattn.kernels.{module}")
+    signatures = getattr(kernels, _SIGNATURES[module])(types)
+    assert set(signatures) == set(KERNEL_PARAMETERS[module])
+    for name, documented in KERNEL_PARAMETERS[module].items():
+        kernel = getattr(kern, name)
+        params = kernels._parameters(kernel)
+        assert params == tuple(documented.split()), name
+        for sig in signatures[name]:
+            assert set(sig) == set(params), name
+            ordered = kernels._ordered(name, kernel, sig)
+            assert len(ordered) == len(params) and ordered == tuple(sig[p] for p in params), name
+            if "geometry" in sig:
+                assert sig["geometry"] == numba_type(Geometry, types)
+                assert sig["scaling"] == numba_type(Scaling, types)
+                assert sig["geometry"].instance_class is Geometry and sig["scaling"].instance_class is Scaling
+                assert [str(t) for t in sig["geometry"].types] == ["bool"] + ["int64"] * 4 + ["bool"] * 3
+                assert [str(t) for t in sig["scaling"].types] == ["float64", "float64"]
+    loose = set(Geometry._fields) | set(Scaling._fields) | {"off"}
+    for fn_name, fn in vars(kern).items():
+        py_func = getattr(fn, "py_func", None)
+        if py_func is not None:
+            assert not loose & set(kernels._parameters(fn)), fn_name
+
+
+@needs_numba
+def test_a_signature_that_does_not_name_the_kernel_parameters_is_refused():
+    from refattn.kernels import metric_kernels
+
+    with pytest.raises(RuntimeError, match=r"row_entropy: .*missing \['bad'\], extra \['flags'\]"):
+        kernels._ordered("row_entropy", metric_kernels.row_entropy, {"p": 1, "out": 2, "flags": 3})
+
+
+@needs_numba
+def test_swapped_named_scalars_do_not_match_the_kernel():
+    """A geometry and a scaling swapped, or a geometry field of the wrong type, is a TypeError (no
+    compiled signature matches), not a silent wrong result."""
+    from refattn.attention.sdpa import validate
+
+    rng = np.random.default_rng(6)
+    q, k, v = rng.standard_normal((1, 1, 3, 2)), rng.standard_normal((1, 1, 3, 2)), rng.standard_normal((1, 1, 3, 2))
+    a = validate(q, k, v, causal=True)
+    kern = kernels._kernels()
+    f = kernels._Flat(a)
+    out, lse = np.zeros((1, 1, 3, 2)), np.zeros((1, 1, 3))
+    call = {**f.common(), "sink": f.sink, "ranges": f.key_ranges(), "out": out, "lse": lse}
+    kern["forward"](**call)
+    np.testing.assert_allclose(out, refattn.sdpa(q, k, v, causal=True, backend="numpy"), rtol=1e-12)
+    with pytest.raises(TypeError):
+        kern["forward"](**{**call, "geometry": f.scaling, "scaling": f.geometry})
+    with pytest.raises(TypeError):
+        kern["forward"](**{**call, "geometry": f.geometry._replace(offset=1.0)})
 
 
 def _exp_ulp_errors(exp_fn, x):

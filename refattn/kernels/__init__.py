@@ -9,6 +9,7 @@ compile of each kernel family announces itself with one line on stderr (``set_qu
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import math
 import os
 import re
@@ -20,6 +21,7 @@ import warnings
 import numpy as np
 
 from refattn._validate import RefAttnError, as_choice, unbroadcast
+from refattn.kernels.geometry import Geometry, Scaling, numba_type
 
 __all__ = [
     "BACKENDS",
@@ -38,7 +40,6 @@ BACKENDS = ("auto", "numpy", "numba")
 AUTO_MIN_SCORES = 1 << 18  # "auto" uses the kernel from this many scores (N·Hq·Lq·Lk) on
 NUMPY_MAX_BYTES = None  # the NumPy path's limit on its intermediates; None: $REFATTN_NUMPY_MAX_BYTES or 8 GiB
 DEFAULT_NUMPY_MAX_BYTES = 8 << 30
-_EMPTY_POLICY = {"zero": 0, "nan": 1, "uniform": 2}
 _compiled = {}  # kernel name -> its dispatcher, compiled for its signatures
 _families = {}  # kernel module -> {kernel name: dispatcher}, every kernel of it compiled
 _compile_lock = threading.Lock()
@@ -119,25 +120,57 @@ def numpy_too_big_message(name, what, numpy_bytes, limit, shape=None):
 
 
 def _sdpa_signatures(t):
+    """``{kernel: [{parameter: numba type}]}`` of the attention kernels: one signature each, by name
+    (``_compile`` orders it by the kernel's own parameter list and refuses a mismatch)."""
     f8, b1, i8 = t.float64, t.boolean, t.int64
     in4 = t.Array(f8, 4, "C", readonly=True)  # inputs: contiguous, read only
     in3 = t.Array(f8, 3, "C", readonly=True)
     out4 = t.Array(f8, 4, "C")  # outputs
     out3 = t.Array(f8, 3, "C")
-    dbias = t.Array(f8, 5, "C")
-    ro4 = t.Array(f8, 4, "A", readonly=True)  # per-score views, any strides (broadcast)
-    rob4 = t.Array(b1, 4, "A", readonly=True)
-    ro2 = t.Array(f8, 2, "A", readonly=True)
     idx2, idx1 = t.Array(i8, 2, "C"), t.Array(i8, 1, "C")
-    per_score = (ro4, b1, rob4, b1, ro4, b1, idx2)  # bias, has_bias, mask, has_mask, keep, has_keep, maps
-    geometry = (f8, f8, b1, i8, i8, i8, i8)  # scale, softcap, causal, left, right, offset, empty policy
-    tasks = (idx2, idx2, idx1)  # key ranges per query block, (n, head) pairs, group starts
-    grads_in = (in3, in4, in3, in3)  # lse, d_out, delta, d_lse
-    return {
-        "forward": [(in4, in4, in4) + per_score + (ro2,) + geometry + (idx2, out4, out3)],
-        "backward_dq": [(in4, in4, in4) + per_score + geometry + tasks + grads_in + (out4, dbias, b1)],
-        "backward_dkv": [(in4, in4, in4) + per_score + geometry + tasks + grads_in + (out4, out4, dbias, b1)],
+    common = {
+        "q": in4,
+        "k": in4,
+        "v": in4,
+        "bias": t.Array(f8, 4, "A", readonly=True),  # per-score views, any strides (broadcast)
+        "mask": t.Array(b1, 4, "A", readonly=True),
+        "keep": t.Array(f8, 4, "A", readonly=True),
+        "maps": idx2,  # (3, N): the bias, mask, keep batch element of each score batch element
+        "geometry": numba_type(Geometry, t),
+        "scaling": numba_type(Scaling, t),
+        "ranges": idx2,  # key range per query block
     }
+    backward = {
+        **common,
+        "pairs": idx2,  # (n, head) pairs of the task groups
+        "starts": idx1,  # group starts
+        "lse": in3,
+        "d_o": in4,
+        "delta": in3,
+        "dl": in3,
+        "dbias": t.Array(f8, 5, "C"),
+        "want_dbias": b1,
+    }
+    return {
+        "forward": [{**common, "sink": t.Array(f8, 2, "A", readonly=True), "out": out4, "lse": out3}],
+        "backward_dq": [{**backward, "dq": out4}],
+        "backward_dkv": [{**backward, "dk": out4, "dv": out4}],
+    }
+
+
+def _parameters(kernel):
+    """The parameter names of a numba dispatcher's Python function, in order."""
+    return tuple(inspect.signature(kernel.py_func).parameters)
+
+
+def _ordered(name, kernel, sig):
+    """The argument types of signature ``sig`` (``{parameter: type}``) in ``kernel``'s parameter order;
+    RuntimeError when the names differ (a kernel changed without its signature, or the reverse)."""
+    params = _parameters(kernel)
+    if set(params) != set(sig):
+        missing, extra = sorted(set(params) - set(sig)), sorted(set(sig) - set(params))
+        raise RuntimeError(f"kernel {name}: signature does not match its parameters (missing {missing}, extra {extra})")
+    return tuple(sig[p] for p in params)
 
 
 def _kernels():
@@ -217,7 +250,8 @@ def _say(line):
 
 def _compile(module, signatures):
     """The kernels of ``refattn.kernels.<module>`` compiled for their explicit signatures (first call
-    only, then cached on disk); ``signatures``: a callable ``types -> {kernel name: [signature, ...]}``.
+    only, then cached on disk); ``signatures``: a callable ``types -> {kernel name: [signature, ...]}``,
+    each signature a ``{parameter name: numba type}`` (ordered here by the kernel's parameters).
 
     Before compiling a family that numba's cache does not hold, one line on stderr says so (once per
     family per process; ``set_quiet``, ``$REFATTN_QUIET``); should the cache serve it after all (the
@@ -234,7 +268,8 @@ def _compile(module, signatures):
         todo = {}  # kernel name -> (dispatcher, signatures)
         for name, sigs in signatures(types).items():
             if name not in _compiled:
-                todo[name] = (getattr(kern, name), [types.void(*sig) for sig in sigs])
+                kernel = getattr(kern, name)
+                todo[name] = (kernel, [types.void(*_ordered(name, kernel, sig)) for sig in sigs])
         announced = False
         if todo and not _is_quiet():
             cached = [_cached(kernel, sigs) for kernel, sigs in todo.values()]
@@ -268,10 +303,16 @@ def _all_loaded(todo):
 def _rollout_signatures(t):
     maps = [t.Array(f, 4, layout, readonly=True) for f in (t.float32, t.float64) for layout in ("C", "A")]
     bad = t.Array(t.boolean, 1, "C")  # contiguous maps vectorise; any strides (views) as the fallback
+    flags = {"residual": t.float64, "renormalize": t.boolean, "bad": bad}
     return {
-        "fuse_mean": [(m, t.float64, t.boolean, t.Array(t.float64, 3, "C"), bad) for m in maps],
+        "fuse_mean": [{"a": m, **flags, "out": t.Array(t.float64, 3, "C")} for m in maps],
         "fuse_mean_rows": [
-            (m, t.float64, t.boolean, t.Array(t.float64, 3, "C", readonly=True), t.Array(t.float64, 4, "C"), bad)
+            {
+                "a": m,
+                **flags,
+                "v": t.Array(t.float64, 3, "C", readonly=True),
+                "partial": t.Array(t.float64, 4, "C"),
+            }
             for m in maps
         ],
     }
@@ -279,7 +320,9 @@ def _rollout_signatures(t):
 
 def _entropy_signatures(t):
     rows = [t.Array(f, 2, "C", readonly=True) for f in (t.float32, t.float64)]
-    return {"row_entropy": [(r, t.Array(t.float64, 1, "C"), t.Array(t.boolean, 1, "C")) for r in rows]}
+    return {
+        "row_entropy": [{"p": r, "out": t.Array(t.float64, 1, "C"), "bad": t.Array(t.boolean, 1, "C")} for r in rows]
+    }
 
 
 def _read_only(x, shape):
@@ -299,7 +342,8 @@ def rollout_fuse_mean(a, residual, renormalize):
     maps = _read_only(a, (-1, heads, n, n))
     out = np.empty((maps.shape[0], n, n))
     bad = np.empty(maps.shape[0] * n, dtype=bool)
-    _compile("rollout_kernels", _rollout_signatures)["fuse_mean"](maps, float(residual), bool(renormalize), out, bad)
+    kernel = _compile("rollout_kernels", _rollout_signatures)["fuse_mean"]
+    kernel(a=maps, residual=float(residual), renormalize=bool(renormalize), out=out, bad=bad)
     return None if bad.any() else out.reshape(a.shape[:-3] + (n, n))
 
 
@@ -318,7 +362,7 @@ def rollout_rows_product(v, a, residual, renormalize):
     partial = np.empty((maps.shape[0], ROLLOUT_ROW_BLOCKS) + v.shape[-2:])
     bad = np.empty(maps.shape[0] * n, dtype=bool)
     kernel = _compile("rollout_kernels", _rollout_signatures)["fuse_mean_rows"]
-    kernel(maps, float(residual), bool(renormalize), rows, partial, bad)
+    kernel(a=maps, residual=float(residual), renormalize=bool(renormalize), v=rows, partial=partial, bad=bad)
     if bad.any():
         return None
     return partial.sum(axis=1).reshape(a.shape[:-3] + v.shape[-2:])
@@ -330,7 +374,7 @@ def row_entropy(p):
     rows = _read_only(np.ascontiguousarray(p), (-1, p.shape[-1]))
     out = np.empty(rows.shape[0])
     bad = np.empty(rows.shape[0], dtype=bool)
-    _compile("metric_kernels", _entropy_signatures)["row_entropy"](rows, out, bad)
+    _compile("metric_kernels", _entropy_signatures)["row_entropy"](p=rows, out=out, bad=bad)
     return None if bad.any() else out.reshape(p.shape[:-1])
 
 
@@ -360,14 +404,14 @@ def _own_batch(shape, batch):
 def _per_score(x, score_shape, dtype):
     """A broadcastable per-score array as the kernels read it: a read-only view ``(Nx, Hq, Lq, Lk)``
     over its own ``Nx`` batch elements (zero strides where it broadcasts: nothing of the score shape
-    is allocated), whether it is given, and its batch map ``(N,)`` (a dummy and zeros when absent)."""
+    is allocated) and its batch map ``(N,)``; a dummy and zeros when absent (``Geometry.has_*``)."""
     batch = score_shape[:-3]
     if x is None:
-        return np.broadcast_to(np.zeros(1, dtype=dtype), (1, 1, 1, 1)), False, np.zeros(math.prod(batch), np.int64)
+        return np.broadcast_to(np.zeros(1, dtype=dtype), (1, 1, 1, 1)), np.zeros(math.prod(batch), np.int64)
     x = _aligned(np.asarray(x, dtype=dtype), len(score_shape))
     own = x.shape[:-3]
     view = np.broadcast_to(x.reshape((math.prod(own),) + x.shape[-3:]), (math.prod(own),) + score_shape[-3:])
-    return view, True, _own_batch(own, batch)
+    return view, _own_batch(own, batch)
 
 
 def key_ranges(lq, lk, causal, window, offset, block):
@@ -404,26 +448,29 @@ class _Flat:
         self.q = _flat(a.q, self.batch, self.n)
         self.k = _flat(a.k, self.batch, self.n)
         self.v = _flat(a.v, self.batch, self.n)
-        self.bias, self.has_bias, bias_map = _per_score(a.bias, a.score_shape, np.float64)
-        self.mask, self.has_mask, mask_map = _per_score(a.user_mask, a.score_shape, bool)  # causal/window: on the fly
-        self.keep, self.has_keep, keep_map = _per_score(a.keep_scale, a.score_shape, np.float64)
+        self.bias, bias_map = _per_score(a.bias, a.score_shape, np.float64)
+        self.mask, mask_map = _per_score(a.user_mask, a.score_shape, bool)  # causal/window: on the fly
+        self.keep, keep_map = _per_score(a.keep_scale, a.score_shape, np.float64)
         self.maps = np.stack([bias_map, mask_map, keep_map])  # (3, N)
         hq, lq, lk = a.score_shape[-3:]
         sink = np.full(self.batch + (hq,), -np.inf) if a.sinks is None else np.broadcast_to(a.sinks, self.batch + (hq,))
         self.sink = np.asarray(sink, dtype=np.float64).reshape(self.n, hq)
-        left, right = (-1 if w is None else int(w) for w in a.window)
-        self.geometry = (
-            float(a.scale),
-            float(a.softcap or 0.0),
-            bool(a.causal),
-            left,
-            right,
-            int(a.offset),
-            _EMPTY_POLICY[a.empty_rows],
-        )
+        self.geometry = Geometry.of(a)
+        self.scaling = Scaling.of(a)
 
-    def per_score(self):
-        return (self.bias, self.has_bias, self.mask, self.has_mask, self.keep, self.has_keep, self.maps)
+    def common(self):
+        """The arguments every attention kernel takes, by name (``_sdpa_signatures``)."""
+        return {
+            "q": self.q,
+            "k": self.k,
+            "v": self.v,
+            "bias": self.bias,
+            "mask": self.mask,
+            "keep": self.keep,
+            "maps": self.maps,
+            "geometry": self.geometry,
+            "scaling": self.scaling,
+        }
 
     def key_ranges(self, every_key=False):
         """The key range of each query block (``key_ranges``); ``every_key``: all of ``[0, Lk)``."""
@@ -443,7 +490,7 @@ def sdpa_forward(a):
     out = np.zeros((f.n, hq, lq, a.v.shape[-1]))
     lse = np.zeros((f.n, hq, lq))
     with _one_blas_thread():
-        kern["forward"](f.q, f.k, f.v, *f.per_score(), f.sink, *f.geometry, f.key_ranges(), out, lse)
+        kern["forward"](**f.common(), sink=f.sink, ranges=f.key_ranges(), out=out, lse=lse)
     return out.reshape(a.score_shape[:-1] + (a.v.shape[-1],)), lse.reshape(a.score_shape[:-1])
 
 
@@ -482,12 +529,17 @@ class _BiasGrad:
         self.dq_groups, self.dkv_groups = _task_groups(dq_key, hq), _task_groups(dkv_key, hk)
 
     def dq_args(self):
-        """``(pairs, starts, dbias, want_dbias)`` of the dQ kernel (a placeholder when it adds none)."""
-        return (*self.dq_groups, self.acc if self.rows else np.zeros((1,) * 5), self.rows)
+        """``pairs, starts, dbias, want_dbias`` of the dQ kernel, by name (a placeholder dbias when it
+        adds none)."""
+        return self._args(self.dq_groups, self.rows)
 
     def dkv_args(self):
-        """``(pairs, starts, dbias, want_dbias)`` of the dK/dV kernel."""
-        return (*self.dkv_groups, self.acc if self.keys else np.zeros((1,) * 5), self.keys)
+        """``pairs, starts, dbias, want_dbias`` of the dK/dV kernel, by name."""
+        return self._args(self.dkv_groups, self.keys)
+
+    def _args(self, groups, want):
+        pairs, starts = groups
+        return {"pairs": pairs, "starts": starts, "dbias": self.acc if want else np.zeros((1,) * 5), "want_dbias": want}
 
     def dbias(self, bias_shape):
         """dbias in the bias' own shape (slots summed in order)."""
@@ -512,13 +564,10 @@ def sdpa_backward(a, d_out, d_lse, saved=None):
     ranges = f.key_ranges(every_key=a.empty_rows != "zero")  # NaN / uniform rows reach every key
     g = _BiasGrad(f)
     dq, dk, dv = np.zeros(f.q.shape), np.zeros(f.k.shape), np.zeros(f.v.shape)
-    common = (f.q, f.k, f.v, *f.per_score(), *f.geometry, ranges)
-    grads = (lse, d_o, delta, dl)
+    common = {**f.common(), "ranges": ranges, "lse": lse, "d_o": d_o, "delta": delta, "dl": dl}
     with _one_blas_thread():
-        pairs, starts, dbias, want = g.dq_args()
-        kern["backward_dq"](*common, pairs, starts, *grads, dq, dbias, want)
-        pairs, starts, dbias, want = g.dkv_args()
-        kern["backward_dkv"](*common, pairs, starts, *grads, dk, dv, dbias, want)
+        kern["backward_dq"](**common, **g.dq_args(), dq=dq)
+        kern["backward_dkv"](**common, **g.dkv_args(), dk=dk, dv=dv)
     dsinks = None
     if a.sinks is not None:
         p_sink = np.where(empty, 0.0, np.exp(f.sink[..., None] - np.where(empty, 0.0, lse)))

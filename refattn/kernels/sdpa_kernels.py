@@ -7,7 +7,10 @@ mask, dropout keep-scale) are never materialised: each is a 4-D view ``(Nx, Hq, 
 own ``Nx`` batch elements, zero strides where it broadcasts, and ``maps[0|1|2, n]`` is the element
 that score batch ``n`` reads (bias, mask, keep).  Only ``BLOCK_Q × BLOCK_K`` tiles are allocated,
 per task.  Which keys a query block visits comes from the caller (``ranges[query block] = [lo, hi)``,
-``refattn.kernels.key_ranges``).
+``refattn.kernels.key_ranges``).  The scalars come as two NamedTuples
+(``refattn.kernels.geometry``): ``geometry`` (causal, window sides, offset, empty-row policy, which
+per-score arrays are real) and ``scaling`` (scale, softcap); the helpers get a tile's coordinates
+as a ``Tile``, built by keyword.
 
 Tile products go to BLAS (``np.dot``), one BLAS thread per task (the caller limits BLAS with
 threadpoolctl: a multithreaded BLAS inside the parallel loop runs 2.6–4.5× slower).
@@ -25,6 +28,7 @@ import numba as nb
 import numpy as np
 
 from refattn.kernels.fastexp import exp
+from refattn.kernels.geometry import Tile
 
 BLOCK_Q = 128
 BLOCK_K = 128
@@ -33,68 +37,47 @@ _NOT_ALLOWED = -np.inf
 
 
 @nb.njit(inline="always", cache=True)
-def _allowed(i, j, causal, left, right, off):
-    d = j - (i + off)
-    if causal and d > 0:
+def _allowed(i, j, g):
+    """Whether causal/window (``g``: Geometry) let row i attend key j."""
+    d = j - (i + g.offset)
+    if g.causal and d > 0:
         return False
-    if right >= 0 and d > right:
+    if g.right >= 0 and d > g.right:
         return False
-    if left >= 0 and d < -left:
-        return False
-    return True
-
-
-@nb.njit(inline="always", cache=True)
-def _tile_inside(i0, bq, j0, bk, causal, left, right, off):
-    """Whether causal/window allow every (row, key) of the tile: the offsets j − i − off span
-    [j0 − (i0 + bq − 1) − off, j0 + bk − 1 − i0 − off]."""
-    d_min = j0 - (i0 + bq - 1) - off
-    d_max = j0 + bk - 1 - i0 - off
-    if causal and d_max > 0:
-        return False
-    if right >= 0 and d_max > right:
-        return False
-    if left >= 0 and d_min < -left:
+    if g.left >= 0 and d < -g.left:
         return False
     return True
 
 
 @nb.njit(inline="always", cache=True)
-def _tile_logits(
-    q,
-    k,
-    n,
-    h,
-    kvh,
-    i0,
-    bq,
-    j0,
-    bk,
-    scale,
-    softcap,
-    bias,
-    has_bias,
-    bn,
-    mask,
-    has_mask,
-    mn,
-    causal,
-    left,
-    right,
-    off,
-    tanh_t,
-    s_buf,
-):
-    """Logits ``(bq, bk)`` of rows i0.. and keys j0.. (−inf where disallowed), a view of the task's
-    buffer ``s_buf``; the product by BLAS.  ``tanh_t`` receives tanh(s0/c) when softcap > 0;
-    ``bn``/``mn``: the bias/mask batch element."""
+def _tile_inside(t, g):
+    """Whether causal/window allow every (row, key) of tile ``t``: the offsets j − i − offset span
+    [j0 − (i0 + bq − 1) − offset, j0 + bk − 1 − i0 − offset]."""
+    d_min = t.j0 - (t.i0 + t.bq - 1) - g.offset
+    d_max = t.j0 + t.bk - 1 - t.i0 - g.offset
+    if g.causal and d_max > 0:
+        return False
+    if g.right >= 0 and d_max > g.right:
+        return False
+    if g.left >= 0 and d_min < -g.left:
+        return False
+    return True
+
+
+@nb.njit(inline="always", cache=True)
+def _tile_logits(q, k, bias, mask, t, g, sc, tanh_t, s_buf):
+    """Logits ``(bq, bk)`` of tile ``t`` (−inf where disallowed), a view of the task's buffer
+    ``s_buf``; the product by BLAS.  ``g``: Geometry, ``sc``: Scaling; ``tanh_t`` receives
+    tanh(s0/c) when softcap > 0."""
+    i0, bq, j0, bk, h = t.i0, t.bq, t.j0, t.bk, t.h
+    scale, softcap = sc.scale, sc.softcap
     s = s_buf[: bq * bk].reshape((bq, bk))
-    np.dot(q[n, h][i0 : i0 + bq], k[n, kvh][j0 : j0 + bk].T, s)
-    if softcap == 0.0 and not has_mask and _tile_inside(i0, bq, j0, bk, causal, left, right, off):
+    np.dot(q[t.n, h][i0 : i0 + bq], k[t.n, t.kvh][j0 : j0 + bk].T, s)
+    if softcap == 0.0 and not g.has_mask and _tile_inside(t, g):
         for r in range(bq):  # every key allowed: a plain scaled copy the compiler vectorises
-            if has_bias:
+            if g.has_bias:
                 for jj in range(bk):
-                    s[r, jj] = scale * s[r, jj] + bias[bn, h, i0 + r, j0 + jj]
+                    s[r, jj] = scale * s[r, jj] + bias[t.bn, h, i0 + r, j0 + jj]
             else:
                 for jj in range(bk):
                     s[r, jj] = scale * s[r, jj]
@@ -105,12 +88,12 @@ def _tile_logits(
             j = j0 + jj
             x = scale * s[r, jj]
             if softcap > 0.0:
-                t = math.tanh(x / softcap)
-                tanh_t[r, jj] = t
-                x = softcap * t
-            if has_bias:
-                x += bias[bn, h, i, j]
-            if not _allowed(i, j, causal, left, right, off) or (has_mask and not mask[mn, h, i, j]):
+                th = math.tanh(x / softcap)
+                tanh_t[r, jj] = th
+                x = softcap * th
+            if g.has_bias:
+                x += bias[t.bn, h, i, j]
+            if not _allowed(i, j, g) or (g.has_mask and not mask[t.mn, h, i, j]):
                 x = _NOT_ALLOWED
             s[r, jj] = x
     return s
@@ -147,30 +130,9 @@ def _row_sum(s, r, bk):
 
 
 @nb.njit(parallel=True, cache=True, fastmath={"contract"})
-def forward(
-    q,
-    k,
-    v,
-    bias,
-    has_bias,
-    mask,
-    has_mask,
-    keep,
-    has_keep,
-    maps,
-    sink,
-    scale,
-    softcap,
-    causal,
-    left,
-    right,
-    off,
-    empty_policy,
-    ranges,
-    out,
-    lse,
-):
-    """out (N, Hq, Lq, Dv), lse (N, Hq, Lq); empty_policy 0 zero, 1 nan, 2 uniform."""
+def forward(q, k, v, bias, mask, keep, maps, sink, geometry, scaling, ranges, out, lse):
+    """out (N, Hq, Lq, Dv), lse (N, Hq, Lq); ``geometry``: Geometry, ``scaling``: Scaling."""
+    g = geometry
     n_batch, hq, lq, d_dim = q.shape
     hk, lk, dv = k.shape[1], k.shape[2], v.shape[3]
     group = hq // hk
@@ -196,31 +158,8 @@ def forward(
         lo, hi = ranges[qb, 0], ranges[qb, 1]
         for j0 in range(lo, hi, BLOCK_K):
             bk = min(j0 + BLOCK_K, hi) - j0
-            s = _tile_logits(
-                q,
-                k,
-                n,
-                h,
-                kvh,
-                i0,
-                bq,
-                j0,
-                bk,
-                scale,
-                softcap,
-                bias,
-                has_bias,
-                bn,
-                mask,
-                has_mask,
-                mn,
-                causal,
-                left,
-                right,
-                off,
-                tanh_t,
-                s_buf,
-            )
+            t = Tile(n=n, h=h, kvh=kvh, bn=bn, mn=mn, kn=kn, i0=i0, bq=bq, j0=j0, bk=bk)
+            s = _tile_logits(q, k, bias, mask, t, g, scaling, tanh_t, s_buf)
             for r in range(bq):  # online softmax: s becomes exp(s − m_new), the acc rescaled by alpha
                 row_max = _row_max(s, r, bk)
                 m_new = max(m[r], row_max)
@@ -235,7 +174,7 @@ def forward(
                 for jj in range(bk):
                     s[r, jj] = exp(s[r, jj] - m_new)
                 total = _row_sum(s, r, bk)
-                if has_keep:
+                if g.has_keep:
                     for jj in range(bk):
                         s[r, jj] *= keep[kn, h, i0 + r, j0 + jj]
                 l_sum[r] += total
@@ -253,86 +192,67 @@ def forward(
                 lse[n, h, i] = -np.inf
                 for c in range(dv):
                     out[n, h, i, c] = 0.0
-                if empty_policy == 1:
+                if g.empty_policy == 1:
                     for c in range(dv):
                         out[n, h, i, c] = np.nan
-                elif empty_policy == 2:
+                elif g.empty_policy == 2:
                     for j in range(lk):
                         w = 1.0 / lk
-                        if has_keep:
+                        if g.has_keep:
                             w *= keep[kn, h, i, j]
                         for c in range(dv):
                             out[n, h, i, c] += w * v[n, kvh, j, c]
 
 
 @nb.njit(inline="always", cache=True)
-def _tile_probabilities(s, bq, bk, lse, n, h, i0, lk, empty_policy):
-    """P = exp(s − lse) in place; rows with lse = −inf get the empty-row fill."""
-    for r in range(bq):
-        row_lse = lse[n, h, i0 + r]
+def _tile_probabilities(s, t, lse, lk, g):
+    """P = exp(s − lse) in place for tile ``t``; rows with lse = −inf get the empty-row fill."""
+    for r in range(t.bq):
+        row_lse = lse[t.n, t.h, t.i0 + r]
         if row_lse == -np.inf:
-            fill = 0.0 if empty_policy == 0 else (np.nan if empty_policy == 1 else 1.0 / lk)
-            for jj in range(bk):
+            fill = 0.0 if g.empty_policy == 0 else (np.nan if g.empty_policy == 1 else 1.0 / lk)
+            for jj in range(t.bk):
                 s[r, jj] = fill
         else:
-            for jj in range(bk):
+            for jj in range(t.bk):
                 s[r, jj] = exp(s[r, jj] - row_lse)  # exp(−inf) = 0
 
 
 @nb.njit(inline="always", cache=True)
-def _tile_ds(
-    p,
-    dp,
-    keep,
-    has_keep,
-    kn,
-    n,
-    h,
-    i0,
-    bq,
-    j0,
-    bk,
-    delta,
-    dl,
-    lse,
-    empty_policy,
-    softcap,
-    tanh_t,
-    dbias,
-    part,
-    bn,
-    want_dbias,
-):
-    """ds = P (dP − Δ + dlse) [· (1 − tanh²)] in place of ``dp``; ``dp`` holds dO vᵀ on entry.
+def _tile_ds(p, dp, keep, t, g, sc, delta, dl, lse, tanh_t, dbias, part, want_dbias):
+    """ds = P (dP − Δ + dlse) [· (1 − tanh²)] in place of ``dp`` for tile ``t``; ``dp`` holds dO vᵀ
+    on entry.  ``g``: Geometry, ``sc``: Scaling.
 
     With ``want_dbias``, the ds before the softcap factor is added into ``dbias[part, bn]``
     ``(Hb, Lqb, Lkb)``: a head, row or key axis of length 1 takes the sum over it (the broadcast)."""
-    plain = not has_keep and not want_dbias and softcap == 0.0
+    n, h, kn, bn, i0, j0 = t.n, t.h, t.kn, t.bn, t.i0, t.j0
+    softcap = sc.softcap
+    plain = not g.has_keep and not want_dbias and softcap == 0.0
     hb = h if dbias.shape[2] > 1 else 0
     i_step = 1 if dbias.shape[3] > 1 else 0
     j_step = 1 if dbias.shape[4] > 1 else 0
-    for r in range(bq):
+    for r in range(t.bq):
         i = i0 + r
         d_row, dl_row = delta[n, h, i], dl[n, h, i]
-        if lse[n, h, i] == -np.inf and empty_policy == 2:  # the uniform fill does not depend on s
-            for jj in range(bk):
+        if lse[n, h, i] == -np.inf and g.empty_policy == 2:  # the uniform fill does not depend on s
+            for jj in range(t.bk):
                 dp[r, jj] = 0.0
             continue
         if plain:  # no branch in the loop: it vectorises
-            for jj in range(bk):
+            for jj in range(t.bk):
                 dp[r, jj] = p[r, jj] * ((dp[r, jj] - d_row) + dl_row)
             continue
-        for jj in range(bk):
+        for jj in range(t.bk):
             j = j0 + jj
-            g = dp[r, jj]
-            if has_keep:
-                g *= keep[kn, h, i, j]
-            g = p[r, jj] * ((g - d_row) + dl_row)
+            gr = dp[r, jj]
+            if g.has_keep:
+                gr *= keep[kn, h, i, j]
+            gr = p[r, jj] * ((gr - d_row) + dl_row)
             if want_dbias:
-                dbias[part, bn, hb, i * i_step, j * j_step] += g
+                dbias[part, bn, hb, i * i_step, j * j_step] += gr
             if softcap > 0.0:
-                g *= 1.0 - tanh_t[r, jj] * tanh_t[r, jj]
-            dp[r, jj] = g
+                gr *= 1.0 - tanh_t[r, jj] * tanh_t[r, jj]
+            dp[r, jj] = gr
 
 
 @nb.njit(parallel=True, cache=True, fastmath={"contract"})
@@ -341,19 +261,11 @@ def backward_dq(
     k,
     v,
     bias,
-    has_bias,
     mask,
-    has_mask,
     keep,
-    has_keep,
     maps,
-    scale,
-    softcap,
-    causal,
-    left,
-    right,
-    off,
-    empty_policy,
+    geometry,
+    scaling,
     ranges,
     pairs,
     starts,
@@ -367,12 +279,13 @@ def backward_dq(
 ):
     """dq (N, Hq, Lq, D) and, when asked, dbias ``(1, Nb, Hb, Lq, Lkb)`` added into; tasks own (group,
     query block), a group being the (n, h) pairs ``pairs[starts[g]:starts[g + 1]]``."""
+    g = geometry
     hq, lq, d_dim = q.shape[1], q.shape[2], q.shape[3]
     hk, lk = k.shape[1], k.shape[2]
     group = hq // hk
     nqb = (lq + BLOCK_Q - 1) // BLOCK_Q
     for task in nb.prange((starts.shape[0] - 1) * nqb):
-        g = task // nqb
+        grp = task // nqb
         qb = task % nqb
         i0 = qb * BLOCK_Q
         i1 = min(i0 + BLOCK_Q, lq)
@@ -382,69 +295,24 @@ def backward_dq(
         dq_part = np.empty((bq, d_dim))
         dq_blk = np.empty((bq, d_dim))
         lo, hi = ranges[qb, 0], ranges[qb, 1]
-        for pair in range(starts[g], starts[g + 1]):
+        for pair in range(starts[grp], starts[grp + 1]):
             n, h = pairs[pair, 0], pairs[pair, 1]
             kvh = h // group
             bn, mn, kn = maps[0, n], maps[1, n], maps[2, n]
             dq_blk[:, :] = 0.0
             for j0 in range(lo, hi, BLOCK_K):
                 bk = min(j0 + BLOCK_K, hi) - j0
-                s = _tile_logits(
-                    q,
-                    k,
-                    n,
-                    h,
-                    kvh,
-                    i0,
-                    bq,
-                    j0,
-                    bk,
-                    scale,
-                    softcap,
-                    bias,
-                    has_bias,
-                    bn,
-                    mask,
-                    has_mask,
-                    mn,
-                    causal,
-                    left,
-                    right,
-                    off,
-                    tanh_t,
-                    s_buf,
-                )
-                _tile_probabilities(s, bq, bk, lse, n, h, i0, lk, empty_policy)
+                t = Tile(n=n, h=h, kvh=kvh, bn=bn, mn=mn, kn=kn, i0=i0, bq=bq, j0=j0, bk=bk)
+                s = _tile_logits(q, k, bias, mask, t, g, scaling, tanh_t, s_buf)
+                _tile_probabilities(s, t, lse, lk, g)
                 ds = ds_buf[: bq * bk].reshape((bq, bk))
                 np.dot(d_o[n, h][i0:i1], v[n, kvh][j0 : j0 + bk].T, ds)
-                _tile_ds(
-                    s,
-                    ds,
-                    keep,
-                    has_keep,
-                    kn,
-                    n,
-                    h,
-                    i0,
-                    bq,
-                    j0,
-                    bk,
-                    delta,
-                    dl,
-                    lse,
-                    empty_policy,
-                    softcap,
-                    tanh_t,
-                    dbias,
-                    0,
-                    bn,
-                    want_dbias,
-                )
+                _tile_ds(s, ds, keep, t, g, scaling, delta, dl, lse, tanh_t, dbias, 0, want_dbias)
                 np.dot(ds, k[n, kvh][j0 : j0 + bk], dq_part)
                 dq_blk += dq_part
             for r in range(bq):
                 for d in range(d_dim):
-                    dq[n, h, i0 + r, d] = scale * dq_blk[r, d]
+                    dq[n, h, i0 + r, d] = scaling.scale * dq_blk[r, d]
 
 
 @nb.njit(parallel=True, cache=True, fastmath={"contract"})
@@ -453,19 +321,11 @@ def backward_dkv(
     k,
     v,
     bias,
-    has_bias,
     mask,
-    has_mask,
     keep,
-    has_keep,
     maps,
-    scale,
-    softcap,
-    causal,
-    left,
-    right,
-    off,
-    empty_policy,
+    geometry,
+    scaling,
     ranges,
     pairs,
     starts,
@@ -474,30 +334,31 @@ def backward_dkv(
     delta,
     dl,
     dk,
-    dv_out,
+    dv,
     dbias,
     want_dbias,
 ):
     """dk (N, Hk, Lk, D), dv (N, Hk, Lk, Dv) and, when asked, dbias ``(P, Nb, Hb, 1, Lkb)`` added into
     (``P`` = the number of key blocks when ``Lkb = 1``: one slot per block, summed by the caller);
     tasks own (group, key block), a group being the (n, kv head) pairs ``pairs[starts[g]:starts[g + 1]]``."""
+    g = geometry
     hq, lq, d_dim = q.shape[1], q.shape[2], q.shape[3]
-    hk, lk, dv = k.shape[1], k.shape[2], v.shape[3]
+    hk, lk, dv_dim = k.shape[1], k.shape[2], v.shape[3]
     group = hq // hk
     nqb = (lq + BLOCK_Q - 1) // BLOCK_Q
     nkb = (lk + BLOCK_K - 1) // BLOCK_K
     for task in nb.prange((starts.shape[0] - 1) * nkb):
-        g = task // nkb
+        grp = task // nkb
         kb = task % nkb
         j0 = kb * BLOCK_K
         bk = min(j0 + BLOCK_K, lk) - j0
         part = kb if dbias.shape[0] > 1 else 0
         tanh_t = np.empty((BLOCK_Q, BLOCK_K))
         s_buf, ds_buf, pk_buf = np.empty(BLOCK_Q * BLOCK_K), np.empty(BLOCK_Q * BLOCK_K), np.empty(BLOCK_Q * BLOCK_K)
-        dk_part, dv_part = np.empty((bk, d_dim)), np.empty((bk, dv))
+        dk_part, dv_part = np.empty((bk, d_dim)), np.empty((bk, dv_dim))
         dk_blk = np.empty((bk, d_dim))
-        dv_blk = np.empty((bk, dv))
-        for pair in range(starts[g], starts[g + 1]):
+        dv_blk = np.empty((bk, dv_dim))
+        for pair in range(starts[grp], starts[grp + 1]):
             n, kvh = pairs[pair, 0], pairs[pair, 1]
             bn, mn, kn = maps[0, n], maps[1, n], maps[2, n]
             dk_blk[:, :] = 0.0
@@ -509,35 +370,12 @@ def backward_dkv(
                     bq = i1 - i0
                     if j0 >= ranges[qb, 1] or j0 + bk <= ranges[qb, 0]:
                         continue
-                    s = _tile_logits(
-                        q,
-                        k,
-                        n,
-                        h,
-                        kvh,
-                        i0,
-                        bq,
-                        j0,
-                        bk,
-                        scale,
-                        softcap,
-                        bias,
-                        has_bias,
-                        bn,
-                        mask,
-                        has_mask,
-                        mn,
-                        causal,
-                        left,
-                        right,
-                        off,
-                        tanh_t,
-                        s_buf,
-                    )
-                    _tile_probabilities(s, bq, bk, lse, n, h, i0, lk, empty_policy)
+                    t = Tile(n=n, h=h, kvh=kvh, bn=bn, mn=mn, kn=kn, i0=i0, bq=bq, j0=j0, bk=bk)
+                    s = _tile_logits(q, k, bias, mask, t, g, scaling, tanh_t, s_buf)
+                    _tile_probabilities(s, t, lse, lk, g)
                     ds = ds_buf[: bq * bk].reshape((bq, bk))
                     np.dot(d_o[n, h][i0:i1], v[n, kvh][j0 : j0 + bk].T, ds)
-                    if has_keep:  # dv += P̃ᵀ dO
+                    if g.has_keep:  # dv += P̃ᵀ dO
                         pk = pk_buf[: bq * bk].reshape((bq, bk))
                         for r in range(bq):
                             for jj in range(bk):
@@ -546,33 +384,11 @@ def backward_dkv(
                     else:
                         np.dot(s.T, d_o[n, h][i0:i1], dv_part)
                     dv_blk += dv_part
-                    _tile_ds(
-                        s,
-                        ds,
-                        keep,
-                        has_keep,
-                        kn,
-                        n,
-                        h,
-                        i0,
-                        bq,
-                        j0,
-                        bk,
-                        delta,
-                        dl,
-                        lse,
-                        empty_policy,
-                        softcap,
-                        tanh_t,
-                        dbias,
-                        part,
-                        bn,
-                        want_dbias,
-                    )
+                    _tile_ds(s, ds, keep, t, g, scaling, delta, dl, lse, tanh_t, dbias, part, want_dbias)
                     np.dot(ds.T, q[n, h][i0:i1], dk_part)  # dk += scale dsᵀ q
                     dk_blk += dk_part
             for jj in range(bk):
                 for d in range(d_dim):
-                    dk[n, kvh, j0 + jj, d] = scale * dk_blk[jj, d]
-                for c in range(dv):
-                    dv_out[n, kvh, j0 + jj, c] = dv_blk[jj, c]
+                    dk[n, kvh, j0 + jj, d] = scaling.scale * dk_blk[jj, d]
+                for c in range(dv_dim):
+                    dv[n, kvh, j0 + jj, c] = dv_blk[jj, c]

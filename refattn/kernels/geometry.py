@@ -1,0 +1,83 @@
+"""The scalars of an attention kernel call, by name: ``Geometry`` (integers and flags), ``Scaling``
+(floats), ``Tile`` (the coordinates of one tile, inside the kernels), and their numba types.
+
+The kernels take ``Geometry`` and ``Scaling`` as single NamedTuple arguments instead of loose
+scalars, so no two of them can be swapped at a call site, and their compile signatures are built
+from the fields below (names and annotated types), not from positions.  Lengths, heads and the GQA
+group are read from the arrays' shapes inside the kernels (they cannot disagree with the data);
+the block sizes are compile-time constants (``sdpa_kernels.BLOCK_Q``, ``BLOCK_K``).  This module
+does not import numba.
+"""
+
+from typing import NamedTuple
+
+__all__ = ["EMPTY_POLICY", "Geometry", "Scaling", "Tile", "numba_type"]
+
+EMPTY_POLICY = {"zero": 0, "nan": 1, "uniform": 2}  # empty_rows -> Geometry.empty_policy
+
+
+class Geometry(NamedTuple):
+    """Which scores exist and how empty rows are filled, for one sdpa call."""
+
+    causal: bool  # key j is disallowed for row i when j > i + offset
+    left: int  # window side before the diagonal: j < i + offset − left disallowed; −1: no limit
+    right: int  # window side after it: j > i + offset + right disallowed; −1: no limit
+    offset: int  # the diagonal of row i is key i + offset (0 top-left, Lk − Lq bottom-right)
+    empty_policy: int  # rows with every key disallowed: 0 zero, 1 nan, 2 uniform (EMPTY_POLICY)
+    has_bias: bool  # whether the ``bias`` array is real (else a 1-element placeholder)
+    has_mask: bool  # whether the ``mask`` array is real
+    has_keep: bool  # whether the ``keep`` (dropout keep-scale) array is real
+
+    @classmethod
+    def of(cls, a):
+        """The geometry of validated sdpa arguments ``a`` (``refattn.attention.sdpa.validate``): the
+        one place it is built.  Window sides arrive clipped to ``Lq + Lk`` (int64 arithmetic safe)."""
+        left, right = (-1 if side is None else int(side) for side in a.window)
+        return cls(
+            causal=bool(a.causal),
+            left=left,
+            right=right,
+            offset=int(a.offset),
+            empty_policy=EMPTY_POLICY[a.empty_rows],
+            has_bias=a.bias is not None,
+            has_mask=a.user_mask is not None,
+            has_keep=a.keep_scale is not None,
+        )
+
+
+class Scaling(NamedTuple):
+    """The float options of the logits, for one sdpa call."""
+
+    scale: float  # s0 = scale · q kᵀ
+    softcap: float  # s = softcap · tanh(s0 / softcap) when > 0; 0: none
+
+    @classmethod
+    def of(cls, a):
+        """The scaling of validated sdpa arguments ``a``."""
+        return cls(scale=float(a.scale), softcap=float(a.softcap or 0.0))
+
+
+class Tile(NamedTuple):
+    """One tile of the scores, built inside the kernels (by keyword) and passed to their helpers."""
+
+    n: int  # score batch element
+    h: int  # query head
+    kvh: int  # its key/value head (h // group)
+    bn: int  # the bias batch element that n reads (maps[0, n])
+    mn: int  # the mask batch element (maps[1, n])
+    kn: int  # the keep batch element (maps[2, n])
+    i0: int  # first query row
+    bq: int  # query rows (≤ BLOCK_Q)
+    j0: int  # first key
+    bk: int  # keys (≤ BLOCK_K)
+
+
+_SCALARS = {bool: "boolean", int: "int64", float: "float64"}  # annotation -> numba type name
+
+
+def numba_type(cls, types):
+    """The numba type of instances of the NamedTuple ``cls``, from its fields' annotations (``bool``
+    → boolean, ``int`` → int64, ``float`` → float64): what ``numba.typeof`` gives an instance whose
+    fields are Python bool / int / float, so an explicit signature built with it matches the call."""
+    fields = [getattr(types, _SCALARS[cls.__annotations__[name]]) for name in cls._fields]
+    return types.BaseTuple.from_types(fields, cls)
