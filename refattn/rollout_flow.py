@@ -10,6 +10,10 @@ Maps are per layer, first layer first: ``(..., H, n, n)`` (or ``(..., n, n)`` wi
 
 and ``R = Â_L ⋯ Â_{start_layer+1}``: later layers on the **left** (row-vector convention of the
 original code).  Flow is a max-flow on the layered graph with capacities ``Â``.
+
+``mask``: real tokens ``(..., n)``, True = real token (the one mask convention of refattn: True = keep).
+``rollout_backward(d_R, attentions, *, options)`` takes the cotangent of ``R`` and returns
+``RolloutGrads(dattentions)``.
 """
 
 from __future__ import annotations
@@ -40,7 +44,8 @@ HEAD_FUSIONS = ("mean", "max", "min", None)
 
 
 class RolloutGrads(NamedTuple):
-    """Gradients of rollout for the registry: ``dattentions (L, ..., H, n, n)`` stacked."""
+    """Gradient of :func:`rollout` w.r.t. ``attentions``: ``dattentions (L, ..., H, n, n)``, one array
+    with every layer's gradient stacked (``dattentions[l]`` that of layer l; 0 before ``start_layer``)."""
 
     dattentions: np.ndarray
 
@@ -237,7 +242,7 @@ def rollout(
 
     ``attentions``: a sequence, stacked array or iterator of per-layer maps; an iterator is read
     one layer at a time (memory does not grow with depth unless ``return_all``).  ``mask``: real
-    tokens ``(..., n)`` (True = real); padded tokens get zero rows and columns and rollout equals
+    tokens ``(..., n)`` (True = real token); padded tokens get zero rows and columns and rollout equals
     that of the cropped maps.  ``rows`` (an index or a list of them, e.g. 0 for [CLS]): only those
     rows of R, ``(..., n)`` or ``(..., k, n)``, by a vector–matrix chain over the layers taken last
     first — O(L·n²) per row instead of O(L·n³); needs the layers as a sequence or array.
@@ -324,10 +329,14 @@ def rollout_backward(
     rows=None,
     check_probabilities=True,
 ):
-    """Gradients of :func:`rollout`: a list with one array per layer map (zeros before ``start_layer``).
+    """Gradient of :func:`rollout`: ``RolloutGrads(dattentions)``, ``dattentions (L, ..., H, n, n)`` the
+    layers' gradients stacked in one array (zeros before ``start_layer``), whether ``attentions`` was
+    given as an array, a sequence or an iterator.
 
-    max/min fusion give the subgradient of the selected head; the discard selection is held fixed.
-    With ``rows``, ``d_R`` has the shape of those rows; it is scattered into R's full shape.
+    ``d_R``: the cotangent of ``R`` (of every prefix ``(L', ..., n, n)`` with ``return_all``).  max/min
+    fusion give the subgradient of the selected head; the discard selection is held fixed.  With
+    ``rows``, ``d_R`` has the shape of those rows; it is scattered into R's full shape.  ``mask``:
+    True = real token.  Options as in :func:`rollout`.
     """
     opts = _options(residual, head_fusion, start_layer, discard_ratio, renormalize, check_probabilities)
     return_all = as_flag(return_all, "return_all")
@@ -368,7 +377,7 @@ def rollout_backward(
     for f in fused:
         r = f.a_hat if r is None else f.a_hat @ r
         prefixes.append(r)
-    grads = [np.zeros(shape) for _ in range(n_layers)]
+    grads = np.zeros((n_layers,) + shape)  # (L, ..., H, n, n): one array, written layer by layer
     g = np.zeros(r_shape)
     for k in range(len(fused) - 1, -1, -1):
         # R_k = Â_k R_{k-1}: G_k = dR_k + Â_{k+1}ᵀ G_{k+1}
@@ -377,7 +386,7 @@ def rollout_backward(
         d_hat = g @ np.swapaxes(prev, -1, -2)  # (..., n, n)
         g = np.swapaxes(fused[k].a_hat, -1, -2) @ g
         grads[first + k] = _fuse_backward(d_hat, fused[k], opts, maps[k][1])
-    return grads
+    return RolloutGrads(grads)
 
 
 def _fuse_backward(d_hat, f, opts, a):
@@ -395,7 +404,7 @@ def _fuse_backward(d_hat, f, opts, a):
     if f.pair is not None:  # Ā = where(both tokens real, Ā, 0)
         d_f = np.where(f.pair, d_f, 0.0)
     if opts.head_fusion == "mean":
-        return np.broadcast_to(d_f[..., None, :, :] / a.shape[-3], a.shape).copy()
+        return np.broadcast_to(d_f[..., None, :, :] / a.shape[-3], a.shape)  # copied into its layer's slot
     if opts.head_fusion in ("max", "min"):
         out = np.zeros(a.shape)
         np.put_along_axis(out, f.choice[..., None, :, :], d_f[..., None, :, :], axis=-3)
@@ -419,7 +428,8 @@ def attention_flow(
     ``Â^(l)_ij`` (renormalised, as rollout).  ``output_layer`` (1..L, default L) picks the source
     layer.  Each max-flow is a linear program solved in float64 by SciPy's HiGHS (no integer
     quantisation); rows are then normalised — a row with no flow at all is an error.
-    ``normalize=False`` returns the raw flows (each ≤ 1, the capacity out of a node).
+    ``normalize=False`` returns the raw flows (each ≤ 1, the capacity out of a node).  ``mask``: real
+    tokens ``(..., n)``, True = real token (padded tokens neither send nor receive flow).
     ``check_probabilities`` as in :func:`rollout`.
     """
     from scipy.optimize import linprog

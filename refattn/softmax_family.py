@@ -1,19 +1,22 @@
 """Softmax, log-softmax and log-sum-exp with boolean masks and an empty-row policy.
 
 Shapes: ``x (..., n, ...)`` with the normalised axis ``axis``; ``mask`` is bool,
-broadcastable to ``x.shape``, True = the entry takes part.  Entries equal to
-``-inf`` in ``x`` take no weight, as masked entries; their gradient is the limit
-``x_j → -inf`` (PyTorch's and JAX's): 0 for softmax and logsumexp, ``dy_j`` for
-log_softmax, while a masked entry's gradient is 0.  A row with no allowed
-entry is an *empty row*; ``empty_rows`` says what it gives:
+broadcastable to ``x.shape``, True = the entry takes part (refattn's one mask convention:
+True = keep).  Each op's output is ``y``; ``name_backward(d_y, x, *, options)`` takes its
+cotangent and returns ``<Name>Grads(dx)``.  Entries equal to ``-inf`` in ``x`` take no
+weight, as masked entries; their gradient is the limit ``x_j → -inf`` (PyTorch's and
+JAX's): 0 for softmax and logsumexp, ``d_y_j`` for log_softmax, while a masked entry's
+gradient is 0.  A row with no allowed entry is an *empty row*; ``empty_rows`` says what
+softmax and log_softmax give there.  logsumexp's ``y`` is ``-inf`` on an empty row under
+every policy (as sdpa's ``lse``), with gradient 0:
 
-===========  ====================  ================  ==============  =========
-policy       softmax               log_softmax       logsumexp       gradient
-===========  ====================  ================  ==============  =========
-"zero"       0                     -inf              -inf            0
-"nan"        NaN                   NaN               NaN             NaN
-"uniform"    1/n                   -log n            -inf            0
-===========  ====================  ================  ==============  =========
+===========  ========  ===========  ==============  =========  ============
+policy       softmax   log_softmax  their gradient  logsumexp  its gradient
+===========  ========  ===========  ==============  =========  ============
+"zero"       0         -inf         0               -inf       0
+"nan"        NaN       NaN          NaN             -inf       0
+"uniform"    1/n       -log n       0               -inf       0
+===========  ========  ===========  ==============  =========  ============
 
 ``"uniform"`` is what a finite large-negative fill gives (every entry equal).
 See ``specs/softmax.md`` for the derivations.
@@ -142,23 +145,25 @@ def _empty_rows_grad(dx, empty, empty_rows):
 
 
 def softmax(x, *, axis=-1, mask=None, empty_rows="zero"):
-    """Softmax of ``x`` along ``axis``; masked entries give 0.  Returns x's shape."""
+    """``y``: the softmax of ``x`` along ``axis``, x's shape; masked entries give 0 (``mask``: True = the
+    entry takes part); ``empty_rows``: what a row without any allowed entry gives."""
     x, ax, s, _ = _prepare(x, axis, mask, empty_rows)
     return np.moveaxis(normalize_last_axis(s, empty_rows).p, -1, ax)
 
 
-def softmax_backward(dy, x, *, axis=-1, mask=None, empty_rows="zero"):
-    """Gradient of ``softmax`` w.r.t. ``x``: ``dx = p (dy - Σ p dy)``; 0 at masked and ``-inf`` entries
-    (``p_j = 0``: also the limit ``x_j → -inf``)."""
+def softmax_backward(d_y, x, *, axis=-1, mask=None, empty_rows="zero"):
+    """``SoftmaxGrads(dx)``, the gradient of :func:`softmax` w.r.t. ``x``: ``dx = p (d_y - Σ p d_y)``; 0 at
+    masked and ``-inf`` entries (``p_j = 0``: also the limit ``x_j → -inf``)."""
     x, ax, s, _ = _prepare(x, axis, mask, empty_rows)
-    d = np.moveaxis(as_cotangent(dy, x.shape), ax, -1)  # (..., n)
+    d = np.moveaxis(as_cotangent(d_y, x.shape, "d_y"), ax, -1)  # (..., n)
     nz = normalize_last_axis(s, empty_rows)
     dx = _empty_rows_grad(softmax_vjp(nz.p, d), nz.empty, empty_rows)
     return SoftmaxGrads(np.moveaxis(dx, -1, ax))
 
 
 def log_softmax(x, *, axis=-1, mask=None, empty_rows="zero"):
-    """``log(softmax(x))`` computed as ``s - lse``; masked entries give ``-inf``."""
+    """``y = log(softmax(x))``, x's shape, computed as ``s - lse``; masked entries give ``-inf``
+    (``mask``: True = the entry takes part)."""
     x, ax, s, _ = _prepare(x, axis, mask, empty_rows)
     nz = normalize_last_axis(s, empty_rows)
     y = (s - nz.shift[..., None]) - nz.log_tail[..., None]  # (..., n), -inf where masked; 0 - log1p(t) at the max
@@ -168,17 +173,18 @@ def log_softmax(x, *, axis=-1, mask=None, empty_rows="zero"):
     return np.moveaxis(y, -1, ax)
 
 
-def log_softmax_backward(dy, x, *, axis=-1, mask=None, empty_rows="zero"):
-    """Gradient of ``log_softmax``: ``dx = dy - p Σ dy`` over the entries not masked (0 on masked ones).
+def log_softmax_backward(d_y, x, *, axis=-1, mask=None, empty_rows="zero"):
+    """``LogSoftmaxGrads(dx)``, the gradient of :func:`log_softmax`: ``dx = d_y - p Σ d_y`` over the entries
+    not masked (0 on masked ones).
 
-    An unmasked ``x_j = -inf`` keeps its cotangent: ``dx_j = dy_j`` (``p_j = 0``), the limit
+    An unmasked ``x_j = -inf`` keeps its cotangent: ``dx_j = d_y_j`` (``p_j = 0``), the limit
     ``x_j → -inf`` of the gradient, as PyTorch and JAX give it.
     """
     x, ax, s, keep = _prepare(x, axis, mask, empty_rows)
-    d = np.moveaxis(as_cotangent(dy, x.shape), ax, -1)  # (..., n)
+    d = np.moveaxis(as_cotangent(d_y, x.shape, "d_y"), ax, -1)  # (..., n)
     nz = normalize_last_axis(s, empty_rows)
     d = np.where(keep, d, 0.0)  # masked: the output there is the constant -inf
-    # y = x - lse(x): dx = dy - p Σ dy, p_j = 0 at an unmasked -inf entry (dx_j = dy_j, the limit)
+    # y = x - lse(x): dx = d_y - p Σ d_y, p_j = 0 at an unmasked -inf entry (dx_j = d_y_j, the limit)
     dx = d - nz.p * d.sum(axis=-1, keepdims=True)  # (..., n)
     if nz.empty.any():
         dx = np.where(nz.empty[..., None], np.nan if empty_rows == "nan" else 0.0, dx)
@@ -186,19 +192,18 @@ def log_softmax_backward(dy, x, *, axis=-1, mask=None, empty_rows="zero"):
 
 
 def logsumexp(x, *, axis=-1, mask=None, empty_rows="zero"):
-    """``log Σ exp(x)`` over allowed entries of ``axis`` (reduced away); ``-inf`` on empty rows."""
+    """``y = log Σ exp(x)`` over the allowed entries of ``axis`` (reduced away; ``mask``: True = the
+    entry takes part).  ``-inf`` on an empty row under every ``empty_rows`` policy, as sdpa's ``lse``:
+    the policy (validated) sets only softmax's and log_softmax's values there."""
     x, ax, s, _ = _prepare(x, axis, mask, empty_rows)
-    nz = normalize_last_axis(s, empty_rows)
-    if empty_rows == "nan":
-        return np.where(nz.empty, np.nan, nz.lse)
-    return nz.lse
+    return normalize_last_axis(s, empty_rows).lse
 
 
-def logsumexp_backward(dy, x, *, axis=-1, mask=None, empty_rows="zero"):
-    """Gradient of ``logsumexp``: ``dx = dy · softmax(x)`` (0 on empty rows, masked and ``-inf`` entries:
-    also the limit ``x_j → -inf``)."""
+def logsumexp_backward(d_y, x, *, axis=-1, mask=None, empty_rows="zero"):
+    """``LogSumExpGrads(dx)``, the gradient of :func:`logsumexp`: ``dx = d_y · softmax(x)``; 0 on empty rows
+    under every policy (``y`` is the constant ``-inf`` there), and at masked and ``-inf`` entries (also the
+    limit ``x_j → -inf``)."""
     x, ax, s, _ = _prepare(x, axis, mask, empty_rows)
-    d = as_cotangent(dy, s.shape[:-1])  # (...,)
-    nz = normalize_last_axis(s, empty_rows)
-    dx = _empty_rows_grad(d[..., None] * nz.p, nz.empty, empty_rows)
-    return LogSumExpGrads(np.moveaxis(dx, -1, ax))
+    d = as_cotangent(d_y, s.shape[:-1], "d_y")  # (...,)
+    nz = normalize_last_axis(s, "zero")  # p = 0 on empty rows, whatever the policy
+    return LogSumExpGrads(np.moveaxis(d[..., None] * nz.p, -1, ax))

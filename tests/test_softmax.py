@@ -119,6 +119,64 @@ def test_policies_on_a_fully_masked_row():
     check_fully_masked_row_backward(DY)
 
 
+def check_logsumexp_is_neg_inf_on_empty_rows_under_every_policy(case):
+    """One empty-row lse convention (sdpa's): ``y = -inf`` on an empty row whatever ``empty_rows`` says,
+    its gradient 0 there; the policy changes nothing of logsumexp, which equals the ``"zero"`` one."""
+    x = _masked(case)
+    ax = case.options["axis"]
+    empty = np.isneginf(x).all(axis=ax)
+    y = softmax_mod.logsumexp(*case.inputs, **case.options)
+    assert np.isneginf(y[empty]).all(), y
+    d_y = np.random.default_rng(3).standard_normal(y.shape)  # random, never all ones
+    dx = softmax_mod.logsumexp_backward(d_y, *case.inputs, **case.options).dx
+    assert (dx[np.broadcast_to(np.expand_dims(empty, ax), dx.shape)] == 0).all(), dx
+    zero = {**case.options, "empty_rows": "zero"}
+    np.testing.assert_array_equal(y, softmax_mod.logsumexp(*case.inputs, **zero))
+    np.testing.assert_array_equal(dx, softmax_mod.logsumexp_backward(d_y, *case.inputs, **zero).dx)
+
+
+@given(softmax_cases())
+def test_logsumexp_is_neg_inf_on_empty_rows_under_every_policy(case):
+    check_logsumexp_is_neg_inf_on_empty_rows_under_every_policy(case)
+
+
+def test_lse_check_catches_the_nan_policy_leaking_into_logsumexp(monkeypatch):
+    """Mutant: logsumexp as before issue 12, NaN on an empty row under ``empty_rows="nan"`` (and a NaN gradient)."""
+    real, real_backward = softmax_mod.logsumexp, softmax_mod.logsumexp_backward
+
+    def nan_on_empty(x, *, axis=-1, mask=None, empty_rows="zero"):
+        y = real(x, axis=axis, mask=mask, empty_rows=empty_rows)
+        return np.where(np.isneginf(y) & (empty_rows == "nan"), np.nan, y)
+
+    monkeypatch.setattr(softmax_mod, "logsumexp", nan_on_empty)
+    assert_catches(softmax_cases(), check_logsumexp_is_neg_inf_on_empty_rows_under_every_policy)
+    monkeypatch.setattr(softmax_mod, "logsumexp", real)
+
+    def nan_gradient(d_y, x, *, axis=-1, mask=None, empty_rows="zero"):
+        dx = real_backward(d_y, x, axis=axis, mask=mask, empty_rows=empty_rows).dx
+        y = np.expand_dims(real(x, axis=axis, mask=mask), axis)
+        return softmax_mod.LogSumExpGrads(np.where(np.isneginf(y) & (empty_rows == "nan"), np.nan, dx))
+
+    monkeypatch.setattr(softmax_mod, "logsumexp_backward", nan_gradient)
+    assert_catches(softmax_cases(), check_logsumexp_is_neg_inf_on_empty_rows_under_every_policy)
+
+
+@pytest.mark.parametrize("policy", ["zero", "nan", "uniform"])
+def test_logsumexp_of_an_empty_row_is_sdpas_lse(policy):
+    """sdpa's lse and logsumexp of the same scores agree on a kept row and are both -inf on an empty one."""
+    rng = np.random.default_rng(4)
+    q, k, v = rng.standard_normal((1, 2, 3)), rng.standard_normal((1, 4, 3)), rng.standard_normal((1, 4, 2))
+    mask = np.array([[True, False, True, True], [False] * 4])  # query 1: every key masked
+    _, lse = refattn.sdpa(q, k, v, mask=mask, empty_rows=policy, return_lse=True)
+    scores = q @ np.swapaxes(k, -1, -2) / np.sqrt(3.0)
+    y = refattn.logsumexp(scores, mask=mask, empty_rows=policy)
+    assert np.isneginf(lse[0, 1]) and np.isneginf(y[0, 1])
+    assert y[0, 0] == pytest.approx(lse[0, 0], rel=1e-15, abs=0.0)
+    d_y = rng.standard_normal(y.shape)
+    dx = refattn.logsumexp_backward(d_y, scores, mask=mask, empty_rows=policy).dx
+    np.testing.assert_array_equal(dx[0, 1], 0.0)
+
+
 def test_fully_masked_row_check_catches_a_gradient_through_the_uniform_fill(monkeypatch):
     """Mutant: the 'uniform' empty row is differentiated as if its 1/n fill were a softmax."""
     monkeypatch.setattr(softmax_mod, "_empty_rows_grad", lambda dx, empty, empty_rows: dx)
@@ -136,7 +194,7 @@ def test_bad_arguments_are_named():
         refattn.softmax(np.ones((2, 3)), mask=np.ones((3, 3), dtype=bool))
     with pytest.raises(refattn.RefAttnError, match="x: expected finite values or -inf"):
         refattn.softmax(np.array([1.0, np.inf]))
-    with pytest.raises(refattn.RefAttnError, match=r"dy: expected shape \(2,\)"):
+    with pytest.raises(refattn.RefAttnError, match=r"d_y: expected shape \(2,\)"):
         refattn.logsumexp_backward(np.zeros(3), np.ones((2, 3)))
 
 

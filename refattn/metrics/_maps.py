@@ -2,7 +2,8 @@
 
 A map ``P (..., Lq, Lk)`` has rows = queries (with heads: ``(..., H, Lq, Lk)``).  ``mask`` is
 either a key-padding mask — ``P.shape[:-3] + (Lk,)`` for a map with heads or
-``P.shape[:-2] + (Lk,)`` — with True = real token, or a full bool mask broadcastable to ``P``.
+``P.shape[:-2] + (Lk,)`` — with True = real token, or a full bool mask broadcastable to ``P``
+(True = the entry is kept).  Every mask of refattn is True = keep: no metric takes the opposite polarity.
 A key-padding mask with ``Lq == Lk`` also marks the padded query rows; with a full mask a
 query row is real when it allows some key.  Masked entries count as 0; padded query rows are
 left out of every average.
@@ -22,6 +23,13 @@ from refattn._validate import RefAttnError, as_bool, as_flag, as_float, is_exten
 
 PROBABILITY_TOLERANCE = 1e-6  # |row sum − 1| allowed for a float64 map
 LOW_PRECISION_CAP = 1e-2  # the widest tolerance a low-precision map gets (n · eps of its format, capped)
+
+
+class MapGrads(NamedTuple):
+    """The gradient of a metric of one attention map ``P`` (every metric whose only differentiable
+    input is ``P``): ``dP`` has P's shape, 0 on masked entries and padded rows."""
+
+    dP: np.ndarray
 
 
 class Map(NamedTuple):
@@ -146,10 +154,10 @@ def row_mean(values, rows):
     return np.where(count > 0, np.where(rows, values, 0.0).sum(axis=-1) / np.maximum(count, 1), 0.0)
 
 
-def row_mean_backward(dy, rows):
-    """Cotangent of ``values`` for :func:`row_mean`: ``dy / count`` on real rows."""
+def row_mean_backward(d_mean, rows):
+    """Cotangent of ``values`` for :func:`row_mean`: ``d_mean / count`` on real rows."""
     count = np.maximum(rows.sum(axis=-1), 1)
-    return np.where(rows, (dy / count)[..., None], 0.0)
+    return np.where(rows, (d_mean / count)[..., None], 0.0)
 
 
 def key_counts(m: Map):

@@ -9,21 +9,20 @@ column (``exclude_bos``: the first real token, column 0 without a mask) and the 
 * induction: the duplicate pattern shifted one key to the right, ``D[i, j] = dup[i, j−1]``, then ``tril``.
 
 ``P (..., H, L, L)`` (square); ``tokens (L,)`` or per example ``P.shape[:-3] + (L,)`` (integer ids or
-strings).  Results ``(..., H)``.  With contiguous padding (left or right) given as ``mask``, each score
-equals that of the cropped map.
+strings).  Results ``score (..., H)``; each backward takes its cotangent ``d_score`` and returns
+:class:`~refattn.metrics.MapGrads` ``(dP)``.  ``mask``: True = real token (a key-padding mask
+``P.shape[:-3] + (L,)``, or a bool mask broadcastable to P, True = kept).  With contiguous padding (left
+or right) given as ``mask``, each score equals that of the cropped map.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import numpy as np
 
 from refattn._validate import RefAttnError, RefAttnTypeError, as_cotangent, as_flag, to_numpy
-from refattn.metrics._maps import attention_map, masked_grad, real_keys
+from refattn.metrics._maps import MapGrads, attention_map, masked_grad, real_keys
 
 __all__ = [
-    "DetectorGrads",
     "duplicate_token_pattern",
     "duplicate_token_score",
     "duplicate_token_score_backward",
@@ -33,10 +32,6 @@ __all__ = [
     "previous_token_score",
     "previous_token_score_backward",
 ]
-
-
-class DetectorGrads(NamedTuple):
-    dP: np.ndarray
 
 
 def _tokens(tokens, shape):
@@ -49,9 +44,9 @@ def _tokens(tokens, shape):
     raise RefAttnError(f"tokens: expected shape ({n},) or {tuple(shape[:-3]) + (n,)}, got {t.shape}")
 
 
-def duplicate_token_pattern(tokens, real=None):
+def duplicate_token_pattern(tokens, *, real=None):
     """``D (..., L, L)``: 1 where an earlier key carries the query's token; with ``real (..., L)``
-    only real keys count (a pad id equal to a token is no duplicate)."""
+    (bool, True = real token) only real keys count (a pad id equal to a token is no duplicate)."""
     t = np.asarray(tokens)
     same = t[..., :, None] == t[..., None, :]
     if real is not None:
@@ -59,9 +54,10 @@ def duplicate_token_pattern(tokens, real=None):
     return np.tril(same, k=-1).astype(np.float64)
 
 
-def induction_pattern(tokens, real=None):
-    """``D (..., L, L)``: the duplicate pattern shifted right by one key, lower-triangular."""
-    dup = duplicate_token_pattern(tokens, real)
+def induction_pattern(tokens, *, real=None):
+    """``D (..., L, L)``: the duplicate pattern shifted right by one key, lower-triangular; ``real``
+    as in :func:`duplicate_token_pattern` (True = real token)."""
+    dup = duplicate_token_pattern(tokens, real=real)
     shifted = np.zeros_like(dup)
     shifted[..., 1:] = dup[..., :-1]
     return np.tril(shifted)
@@ -76,7 +72,7 @@ def _pattern_for(kind, shape, tokens, real=None):
     t = _tokens(tokens, shape)
     if t.ndim > 1:
         t = t[..., None, :]  # (..., 1, L): one token sequence per example, shared by its heads
-    return (duplicate_token_pattern if kind == "duplicate" else induction_pattern)(t, real)
+    return (duplicate_token_pattern if kind == "duplicate" else induction_pattern)(t, real=real)
 
 
 def _prepared(P, mask, exclude_bos, exclude_current_token, check_probabilities):
@@ -105,45 +101,64 @@ def _score(P, pattern_kind, tokens, mask, exclude_bos, exclude_current_token, ch
     return np.where(total > 0, (pk * d).sum(axis=(-2, -1)) / np.where(total > 0, total, 1.0), 0.0)
 
 
-def _score_backward(dy, P, pattern_kind, tokens, mask, exclude_bos, exclude_current_token, check_probabilities):
+def _score_backward(d_score, P, pattern_kind, tokens, mask, exclude_bos, exclude_current_token, check_probabilities):
     """``d score / dP' = (D − score) / Σ P'``."""
     m, real, keep = _prepared(P, mask, exclude_bos, exclude_current_token, check_probabilities)
     d_pat = _pattern_for(pattern_kind, m.p.shape, tokens, real)
     pk = m.p * keep
     total = pk.sum(axis=(-2, -1))
     score = np.where(total > 0, (pk * d_pat).sum(axis=(-2, -1)) / np.where(total > 0, total, 1.0), 0.0)
-    g = as_cotangent(dy, m.p.shape[:-2], "dy")
+    g = as_cotangent(d_score, m.p.shape[:-2], "d_score")
     scale = np.where(total > 0, g / np.where(total > 0, total, 1.0), 0.0)[..., None, None]
-    return DetectorGrads(masked_grad(m, scale * (d_pat - score[..., None, None]) * keep))
+    return MapGrads(masked_grad(m, scale * (d_pat - score[..., None, None]) * keep))
 
 
 def previous_token_score(P, *, mask=None, exclude_bos=False, exclude_current_token=False, check_probabilities=True):
+    """Previous-token score ``score (..., H)``: the share of each map's mass on ``D[i, i−1]``.
+
+    ``mask``: True = real token; ``exclude_bos``: drop the first real token's column;
+    ``exclude_current_token``: drop the diagonal; ``check_probabilities``: refuse maps whose real
+    rows are not probabilities.
+    """
     return _score(P, "previous", None, mask, exclude_bos, exclude_current_token, check_probabilities)
 
 
 def previous_token_score_backward(
-    dy, P, *, mask=None, exclude_bos=False, exclude_current_token=False, check_probabilities=True
+    d_score, P, *, mask=None, exclude_bos=False, exclude_current_token=False, check_probabilities=True
 ):
-    return _score_backward(dy, P, "previous", None, mask, exclude_bos, exclude_current_token, check_probabilities)
+    """Gradient of :func:`previous_token_score`: ``MapGrads(dP)``, ``dP = d_score (D − score) / Σ P'``
+    on the kept entries (``mask``: True = real token)."""
+    return _score_backward(d_score, P, "previous", None, mask, exclude_bos, exclude_current_token, check_probabilities)
 
 
 def duplicate_token_score(
     P, tokens, *, mask=None, exclude_bos=False, exclude_current_token=False, check_probabilities=True
 ):
+    """Duplicate-token score ``score (..., H)``: the share of each map's mass on earlier keys carrying
+    the query's token (``tokens (L,)`` or per example); options as in :func:`previous_token_score`
+    (``mask``: True = real token)."""
     return _score(P, "duplicate", tokens, mask, exclude_bos, exclude_current_token, check_probabilities)
 
 
 def duplicate_token_score_backward(
-    dy, P, tokens, *, mask=None, exclude_bos=False, exclude_current_token=False, check_probabilities=True
+    d_score, P, tokens, *, mask=None, exclude_bos=False, exclude_current_token=False, check_probabilities=True
 ):
-    return _score_backward(dy, P, "duplicate", tokens, mask, exclude_bos, exclude_current_token, check_probabilities)
+    """Gradient of :func:`duplicate_token_score`: ``MapGrads(dP)`` (``mask``: True = real token)."""
+    return _score_backward(
+        d_score, P, "duplicate", tokens, mask, exclude_bos, exclude_current_token, check_probabilities
+    )
 
 
 def induction_score(P, tokens, *, mask=None, exclude_bos=False, exclude_current_token=False, check_probabilities=True):
+    """Induction score ``score (..., H)``: the share of each map's mass on the key after an earlier
+    copy of the query's token; options as in :func:`previous_token_score` (``mask``: True = real token)."""
     return _score(P, "induction", tokens, mask, exclude_bos, exclude_current_token, check_probabilities)
 
 
 def induction_score_backward(
-    dy, P, tokens, *, mask=None, exclude_bos=False, exclude_current_token=False, check_probabilities=True
+    d_score, P, tokens, *, mask=None, exclude_bos=False, exclude_current_token=False, check_probabilities=True
 ):
-    return _score_backward(dy, P, "induction", tokens, mask, exclude_bos, exclude_current_token, check_probabilities)
+    """Gradient of :func:`induction_score`: ``MapGrads(dP)`` (``mask``: True = real token)."""
+    return _score_backward(
+        d_score, P, "induction", tokens, mask, exclude_bos, exclude_current_token, check_probabilities
+    )

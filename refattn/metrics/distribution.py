@@ -2,7 +2,9 @@
 
 ``P (..., H, Lq, Lk)`` or ``(..., Lq, Lk)``; per-row results have shape ``P.shape[:-1]`` (0 on
 padded rows), per-head results ``P.shape[:-2]`` (means over real query rows).  Natural logs;
-``0·log 0 = 0``.  See ``specs/metrics.md``.
+``0·log 0 = 0``.  ``mask``: True = real token (a key-padding mask, or a bool mask broadcastable to P,
+True = kept).  Each backward takes the cotangent ``d_<output>`` of the output its forward names and
+returns ``MapGrads(dP)`` (one map) or its own NamedTuple.  See ``specs/metrics.md``.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import numpy as np
 from refattn import kernels as _kernels
 from refattn._validate import RefAttnError, as_cotangent, as_flag, as_float, as_real, to_numpy
 from refattn.metrics._maps import (
+    MapGrads,
     attention_map,
     check_probability_rows,
     interpret_mask,
@@ -26,10 +29,8 @@ from refattn.softmax_family import normalize_last_axis
 
 __all__ = [
     "EntropyFromLogitsGrads",
-    "EntropyGrads",
     "HeadDiversityGrads",
     "JSGrads",
-    "MaxWeightGrads",
     "detect_collapse",
     "detect_uniform",
     "entropy",
@@ -49,24 +50,22 @@ __all__ = [
 ]
 
 
-class EntropyGrads(NamedTuple):
-    dP: np.ndarray
-
-
 class EntropyFromLogitsGrads(NamedTuple):
+    """Gradient of :func:`entropy_from_logits` w.r.t. its logits ``s``."""
+
     ds: np.ndarray
 
 
-class MaxWeightGrads(NamedTuple):
-    dP: np.ndarray
-
-
 class JSGrads(NamedTuple):
+    """Gradients of :func:`js_divergence` / :func:`js_distance` w.r.t. ``P1`` and ``P2``."""
+
     dP1: np.ndarray
     dP2: np.ndarray
 
 
 class HeadDiversityGrads(NamedTuple):
+    """Gradient of :func:`head_diversity` (and of ``diversity_regularizer``) w.r.t. ``P_heads``."""
+
     dP_heads: np.ndarray
 
 
@@ -80,10 +79,12 @@ def _log_counts(m):
 
 
 def entropy(P, *, mask=None, normalize=False, backend="auto", check_probabilities=True):
-    """Row entropy ``−Σ_j P_ij log P_ij`` over allowed keys ``(..., Lq)``; ``normalize``: ÷ log(n allowed).
+    """Row entropy ``entropy (..., Lq)`` = ``−Σ_j P_ij log P_ij`` over allowed keys; ``normalize``: ÷ log(n
+    allowed).
 
-    ``backend``: ``"numba"`` (a parallel kernel reading P once, without a mask), ``"numpy"`` (the
-    definition) or ``"auto"`` (the kernel from ``refattn.kernels.AUTO_MIN_SCORES`` entries on).
+    ``mask``: True = real token (key padding) or kept entry (a full bool mask).  ``backend``:
+    ``"numba"`` (a parallel kernel reading P once, without a mask), ``"numpy"`` (the definition) or
+    ``"auto"`` (the kernel from ``refattn.kernels.AUTO_MIN_SCORES`` entries on).
     ``check_probabilities``: refuse a map whose real rows are not probabilities (``specs/metrics.md``).
     """
     normalize = as_flag(normalize, "normalize")
@@ -110,22 +111,23 @@ def entropy(P, *, mask=None, normalize=False, backend="auto", check_probabilitie
     return h
 
 
-def entropy_backward(dy, P, *, mask=None, normalize=False, check_probabilities=True):
-    """``dP_ij = −dy_i (log P_ij + 1)`` on allowed entries (÷ log n when normalised).
+def entropy_backward(d_entropy, P, *, mask=None, normalize=False, check_probabilities=True):
+    """``MapGrads(dP)``, ``dP_ij = −d_entropy_i (log P_ij + 1)`` on allowed entries (÷ log n when
+    normalised; ``mask``: True = real token).
 
     Not differentiable where an allowed ``P_ij = 0`` (the derivative is +∞ there; it is returned
     as ±inf); use :func:`entropy_from_logits` for a gradient that is finite everywhere.
     """
     normalize = as_flag(normalize, "normalize")
     m = attention_map(P, mask, check_probabilities=check_probabilities)
-    d = as_cotangent(dy, m.p.shape[:-1], "dy")
+    d = as_cotangent(d_entropy, m.p.shape[:-1], "d_entropy")
     if normalize:
         log_n = _log_counts(m)
         d = np.where(log_n > 0, d / np.where(log_n > 0, log_n, 1.0), 0.0)
     with np.errstate(divide="ignore", invalid="ignore"):
         g = -d[..., None] * (np.log(m.p) + 1.0)
     g = np.where((m.p == 0) & (d[..., None] == 0), 0.0, g)
-    return EntropyGrads(masked_grad(m, g))
+    return MapGrads(masked_grad(m, g))
 
 
 def _logits_parts(s, mask):
@@ -140,7 +142,10 @@ def _logits_parts(s, mask):
 
 
 def entropy_from_logits(s, *, mask=None):
-    """Entropy of ``softmax(s)`` over allowed keys ``(..., Lq)``: ``lse − Σ p s``; 0 on empty rows.
+    """Entropy ``entropy (..., Lq)`` of ``softmax(s)`` over allowed keys: ``lse − Σ p s``; 0 on empty rows.
+
+    ``mask``: True = real token (a key-padding mask) or allowed entry (a full bool mask); masked keys
+    take no weight, as ``-inf`` logits.
 
     Computed as ``log1p(t) − Σ p (s − max s)`` (``lse − max s = log1p(t)``, ``t`` the softmax
     denominator's tail): two non-negative terms, accurate near 0 (one dominant logit) as near log n.
@@ -149,16 +154,17 @@ def entropy_from_logits(s, *, mask=None):
     return np.where(nz.empty, 0.0, nz.log_tail - ubar)
 
 
-def entropy_from_logits_backward(dy, s, *, mask=None):
-    """``ds_j = −dy p_j (s_j − Σ_k p_k s_k)``: finite everywhere, 0 on masked entries."""
+def entropy_from_logits_backward(d_entropy, s, *, mask=None):
+    """``EntropyFromLogitsGrads(ds)``, ``ds_j = −d_entropy p_j (s_j − Σ_k p_k s_k)``: finite everywhere,
+    0 on masked entries (``mask``: True = real token)."""
     logits, nz, u, ubar = _logits_parts(s, mask)
-    d = as_cotangent(dy, logits.shape[:-1], "dy")
+    d = as_cotangent(d_entropy, logits.shape[:-1], "d_entropy")
     centred = np.where(nz.p > 0, u - ubar[..., None], 0.0)  # s_j − Σ p s, from the shifted logits
     return EntropyFromLogitsGrads(-d[..., None] * nz.p * centred)
 
 
 def max_weight(P, *, mask=None, check_probabilities=True):
-    """Largest weight of each row ``(..., Lq)`` (0 on padded rows)."""
+    """Largest weight ``max_weight (..., Lq)`` of each row (0 on padded rows; ``mask``: True = real token)."""
     m = attention_map(P, mask, check_probabilities=check_probabilities)
     return np.where(m.rows, m.p.max(axis=-1), 0.0)
 
@@ -168,23 +174,27 @@ def _argmax_onehot(m):
     return np.arange(m.p.shape[-1]) == idx[..., None]
 
 
-def max_weight_backward(dy, P, *, mask=None, check_probabilities=True):
-    """Subgradient: ``dy`` on each row's (first) maximal entry."""
+def max_weight_backward(d_max_weight, P, *, mask=None, check_probabilities=True):
+    """Subgradient ``MapGrads(dP)``: ``d_max_weight`` on each row's (first) maximal entry
+    (``mask``: True = real token)."""
     m = attention_map(P, mask, check_probabilities=check_probabilities)
-    d = as_cotangent(dy, m.p.shape[:-1], "dy")
-    return MaxWeightGrads(masked_grad(m, np.where(_argmax_onehot(m), d[..., None], 0.0)))
+    d = as_cotangent(d_max_weight, m.p.shape[:-1], "d_max_weight")
+    return MapGrads(masked_grad(m, np.where(_argmax_onehot(m), d[..., None], 0.0)))
 
 
 def head_confidence(P, *, mask=None, check_probabilities=True):
-    """Voita et al. 2019: mean over real query rows of the max weight ``(...,)``; in [1/n, 1]."""
+    """Voita et al. 2019: ``confidence (...,)``, the mean over real query rows of the max weight; in
+    [1/n, 1] (``mask``: True = real token)."""
     m = attention_map(P, mask, check_probabilities=check_probabilities)
     return row_mean(np.where(m.rows, m.p.max(axis=-1), 0.0), m.rows)
 
 
-def head_confidence_backward(dy, P, *, mask=None, check_probabilities=True):
+def head_confidence_backward(d_confidence, P, *, mask=None, check_probabilities=True):
+    """Subgradient of :func:`head_confidence`: ``MapGrads(dP)``, ``d_confidence / n_rows`` on each real
+    row's (first) maximal entry (``mask``: True = real token)."""
     m = attention_map(P, mask, check_probabilities=check_probabilities)
-    d = row_mean_backward(as_cotangent(dy, m.p.shape[:-2], "dy"), m.rows)
-    return MaxWeightGrads(masked_grad(m, np.where(_argmax_onehot(m), d[..., None], 0.0)))
+    d = row_mean_backward(as_cotangent(d_confidence, m.p.shape[:-2], "d_confidence"), m.rows)
+    return MapGrads(masked_grad(m, np.where(_argmax_onehot(m), d[..., None], 0.0)))
 
 
 def _js_parts(P1, P2, mask, check_probabilities):
@@ -217,7 +227,8 @@ def _js_kernel(r):
 
 
 def js_divergence(P1, P2, *, mask=None, check_probabilities=True):
-    """Jensen–Shannon divergence of each pair of rows ``(..., Lq)``, natural log, in [0, log 2].
+    """Jensen–Shannon divergence ``js (..., Lq)`` of each pair of rows, natural log, in [0, log 2]
+    (``mask``: True = real token, shared by both maps).
 
     ``JS = ¼ Σ_j σ_j f(r_j)``, ``σ = P1 + P2``, ``r = (P1 − P2)/σ``: a sum of non-negative terms, each
     computed without cancellation (:func:`_js_kernel`), so JS keeps its relative accuracy down to
@@ -236,25 +247,28 @@ def _half_log1p_times(d, r, total):
     return np.where((total > 0) & (d != 0), g, 0.0)
 
 
-def js_divergence_backward(dy, P1, P2, *, mask=None, check_probabilities=True):
-    """``dP1 = ½ dy log(P1/M) = ½ dy log1p(r)``, ``dP2 = ½ dy log1p(−r)``, ``M = (P1 + P2)/2``
-    (−∞ where ``P = 0 < M``); ``log1p`` of the relative difference keeps the digits near ``P1 = P2``."""
+def js_divergence_backward(d_js, P1, P2, *, mask=None, check_probabilities=True):
+    """``JSGrads(dP1, dP2)``: ``dP1 = ½ d_js log(P1/M) = ½ d_js log1p(r)``, ``dP2 = ½ d_js log1p(−r)``,
+    ``M = (P1 + P2)/2`` (−∞ where ``P = 0 < M``); ``log1p`` of the relative difference keeps the digits
+    near ``P1 = P2`` (``mask``: True = real token)."""
     m1, _, total, r = _js_parts(P1, P2, mask, check_probabilities)
-    d = as_cotangent(dy, m1.p.shape[:-1], "dy")[..., None]
+    d = as_cotangent(d_js, m1.p.shape[:-1], "d_js")[..., None]
     g1 = _half_log1p_times(d, r, total)
     g2 = _half_log1p_times(d, -r, total)
     return JSGrads(masked_grad(m1, g1), masked_grad(m1, g2))
 
 
 def js_distance(P1, P2, *, mask=None, check_probabilities=True):
-    """``sqrt(js_divergence)``: a metric (the triangle inequality holds)."""
+    """``distance (..., Lq)`` = ``sqrt(js_divergence)``: a metric (the triangle inequality holds;
+    ``mask``: True = real token)."""
     return np.sqrt(js_divergence(P1, P2, mask=mask, check_probabilities=check_probabilities))
 
 
-def js_distance_backward(dy, P1, P2, *, mask=None, check_probabilities=True):
-    """``d√JS = dJS / (2√JS)`` (undefined where the rows are equal: returned as 0 there)."""
+def js_distance_backward(d_distance, P1, P2, *, mask=None, check_probabilities=True):
+    """``JSGrads(dP1, dP2)`` through ``d√JS = dJS / (2√JS)`` (undefined where the rows are equal:
+    returned as 0 there; ``mask``: True = real token)."""
     js = js_divergence(P1, P2, mask=mask, check_probabilities=check_probabilities)
-    d = as_cotangent(dy, js.shape, "dy")
+    d = as_cotangent(d_distance, js.shape, "d_distance")
     root = np.sqrt(js)
     scaled = np.where(root > 0, d / (2 * np.where(root > 0, root, 1.0)), 0.0)
     return js_divergence_backward(scaled, P1, P2, mask=mask, check_probabilities=False)
@@ -270,7 +284,8 @@ def _head_vectors(P_heads, mask, check_probabilities):
 
 
 def head_diversity(P_heads, *, mask=None, check_probabilities=True):
-    """Mean over head pairs of ``1 − cos(P_h, P_h')`` (maps flattened) ``(...,)``; 0 with one head."""
+    """``diversity (...,)``: the mean over head pairs of ``1 − cos(P_h, P_h')`` (maps flattened); 0 with
+    one head (``mask``: True = real token)."""
     _, v, norms = _head_vectors(P_heads, mask, check_probabilities)
     h = v.shape[-2]
     if h < 2:
@@ -281,11 +296,12 @@ def head_diversity(P_heads, *, mask=None, check_probabilities=True):
     return (1.0 - cos[..., iu[0], iu[1]]).mean(axis=-1)
 
 
-def head_diversity_backward(dy, P_heads, *, mask=None, check_probabilities=True):
-    """``d cos(a, b)/da = b/(|a||b|) − cos·a/|a|²``, summed over the pairs of each head."""
+def head_diversity_backward(d_diversity, P_heads, *, mask=None, check_probabilities=True):
+    """``HeadDiversityGrads(dP_heads)`` from ``d cos(a, b)/da = b/(|a||b|) − cos·a/|a|²``, summed over
+    the pairs of each head (``mask``: True = real token)."""
     m, v, norms = _head_vectors(P_heads, mask, check_probabilities)
     h = v.shape[-2]
-    d = as_cotangent(dy, v.shape[:-2], "dy")
+    d = as_cotangent(d_diversity, v.shape[:-2], "d_diversity")
     if h < 2:
         return HeadDiversityGrads(np.zeros(m.p.shape))
     safe = np.where(norms > 0, norms, 1.0)
@@ -299,8 +315,9 @@ def head_diversity_backward(dy, P_heads, *, mask=None, check_probabilities=True)
     return HeadDiversityGrads(masked_grad(m, gv.reshape(m.p.shape)))
 
 
-def detect_collapse(P, threshold=0.8, fraction=0.5, *, mask=None, check_probabilities=True):
-    """Heads ``(...,)`` where at least ``fraction`` of real rows put ≥ ``threshold`` on one key."""
+def detect_collapse(P, *, threshold=0.8, fraction=0.5, mask=None, check_probabilities=True):
+    """Heads ``collapsed (...,)`` (bool) where at least ``fraction`` of real rows put ≥ ``threshold`` on
+    one key (``mask``: True = real token)."""
     threshold = as_real(threshold, "threshold", allow_none=False)
     fraction = as_real(fraction, "fraction", allow_none=False)
     m = attention_map(P, mask, check_probabilities=check_probabilities)
@@ -308,8 +325,9 @@ def detect_collapse(P, threshold=0.8, fraction=0.5, *, mask=None, check_probabil
     return row_mean(peaked, m.rows) >= fraction
 
 
-def detect_uniform(P, tolerance=0.1, *, mask=None, check_probabilities=True):
-    """Heads ``(...,)`` whose every real row has normalised entropy ≥ ``1 − tolerance``."""
+def detect_uniform(P, *, tolerance=0.1, mask=None, check_probabilities=True):
+    """Heads ``uniform (...,)`` (bool) whose every real row has normalised entropy ≥ ``1 − tolerance``
+    (``mask``: True = real token)."""
     tolerance = as_real(tolerance, "tolerance", allow_none=False)
     m = attention_map(P, mask, check_probabilities=check_probabilities)
     h = entropy(m.p, mask=m.allowed, normalize=True, check_probabilities=False)

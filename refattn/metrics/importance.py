@@ -43,11 +43,12 @@ def head_importance(grads_of_head_mask, *, per="example", normalize="layer"):
     return scores
 
 
-def weight_norm_importance(params, num_heads):
+def weight_norm_importance(params, *, num_heads):
     """Frobenius norm of each query head's slices of ``w_q``, ``w_k``, ``w_v`` ``(H,)``; a sequence of
-    ``MHAParams`` (one per layer) gives ``(L, H)``.  Under GQA a head uses its kv head's slices."""
+    ``MHAParams`` (one per layer) gives ``(L, H)``.  ``num_heads``: the query heads (keyword-only, as
+    in ``multihead_attention``).  Under GQA a head uses its kv head's slices."""
     if isinstance(params, (list, tuple)) and params and isinstance(params[0], tuple):
-        return np.stack([weight_norm_importance(p, num_heads) for p in params])
+        return np.stack([weight_norm_importance(p, num_heads=num_heads) for p in params])
     from refattn.attention.multihead import check_params
 
     hq = as_int(num_heads, "num_heads", minimum=1)

@@ -4,26 +4,24 @@
   dependency arcs (Clark et al. 2019 score heads by such syntactic relations).
 * ``group_attention(P, groups)``: for each query in a group, its mass on the other members of
   that group; mean over grouped queries (semantic groups, coreference clusters, …).
-* ``phrase_attention(P, pos_tags, phrase_tags=...)``: ``group_attention`` over the phrases read
+* ``phrase_attention(P, pos_tags, *, phrase_tags=...)``: ``group_attention`` over the phrases read
   off POS tags — maximal runs (length ≥ 2) of consecutive tokens whose tag is in ``phrase_tags``.
 
-All are linear in P: ``value = Σ_ij W_ij P_ij / norm`` per map, results ``P.shape[:-2]``.  With a
-mask, pairs and group members that are padded tokens do not count in ``norm`` (contiguous padding
-gives the cropped map's value); ``check_probabilities``: refuse maps that are not probabilities.
+All are linear in P: ``score = Σ_ij W_ij P_ij / norm`` per map, results ``score P.shape[:-2]``; each
+backward takes ``d_score`` and returns :class:`~refattn.metrics.MapGrads` ``(dP)``.  ``mask``: True =
+real token; pairs and group members that are padded tokens do not count in ``norm`` (contiguous
+padding gives the cropped map's value); ``check_probabilities``: refuse maps that are not probabilities.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import numpy as np
 
 from refattn._validate import RefAttnError, as_cotangent
-from refattn.metrics._maps import attention_map, masked_grad, real_keys
+from refattn.metrics._maps import MapGrads, attention_map, masked_grad, real_keys
 
 __all__ = [
     "DEFAULT_PHRASE_TAGS",
-    "MapGrads",
     "group_attention",
     "group_attention_backward",
     "pair_attention",
@@ -34,10 +32,6 @@ __all__ = [
 ]
 
 DEFAULT_PHRASE_TAGS = ("DET", "ADJ", "NOUN", "PROPN", "NUM")
-
-
-class MapGrads(NamedTuple):
-    dP: np.ndarray
 
 
 def _pair_weights(pairs, shape):
@@ -87,39 +81,42 @@ def _linear(m, w, norm):
     return (m.p * w).sum(axis=(-2, -1)) / norm
 
 
-def _linear_backward(dy, m, w, norm):
-    d = as_cotangent(dy, m.p.shape[:-2], "dy")
+def _linear_backward(d_score, m, w, norm):
+    d = as_cotangent(d_score, m.p.shape[:-2], "d_score")
     return MapGrads(masked_grad(m, (d / norm)[..., None, None] * w))
 
 
 def pair_attention(P, pairs, *, mask=None, check_probabilities=True):
-    """Mean of ``P[i, j]`` over ``pairs`` (a list of (query, key) index pairs) ``(...,)``; with a mask,
-    over the pairs between real tokens."""
+    """``score (...,)``: the mean of ``P[i, j]`` over ``pairs`` (a list of (query, key) index pairs); with
+    a mask (True = real token), over the pairs between real tokens."""
     m = attention_map(P, mask, check_probabilities=check_probabilities)
     w, a = _pair_weights(pairs, m.p.shape)
     return _linear(m, w, _pair_norm(m, a, mask))
 
 
-def pair_attention_backward(dy, P, pairs, *, mask=None, check_probabilities=True):
+def pair_attention_backward(d_score, P, pairs, *, mask=None, check_probabilities=True):
+    """Gradient of :func:`pair_attention`: ``MapGrads(dP)`` (``mask``: True = real token)."""
     m = attention_map(P, mask, check_probabilities=check_probabilities)
     w, a = _pair_weights(pairs, m.p.shape)
-    return _linear_backward(dy, m, w, _pair_norm(m, a, mask))
+    return _linear_backward(d_score, m, w, _pair_norm(m, a, mask))
 
 
 def group_attention(P, groups, *, mask=None, check_probabilities=True):
-    """Mean over grouped queries (real rows) of their mass on the other members of their group ``(...,)``."""
+    """``score (...,)``: the mean over grouped queries (real rows) of their mass on the other members of
+    their group (``mask``: True = real token)."""
     m = attention_map(P, mask, check_probabilities=check_probabilities)
     w, members = _group_weights(groups, m.p.shape)
     return _linear(m, w, _member_norm(m, members, mask))
 
 
-def group_attention_backward(dy, P, groups, *, mask=None, check_probabilities=True):
+def group_attention_backward(d_score, P, groups, *, mask=None, check_probabilities=True):
+    """Gradient of :func:`group_attention`: ``MapGrads(dP)`` (``mask``: True = real token)."""
     m = attention_map(P, mask, check_probabilities=check_probabilities)
     w, members = _group_weights(groups, m.p.shape)
-    return _linear_backward(dy, m, w, _member_norm(m, members, mask))
+    return _linear_backward(d_score, m, w, _member_norm(m, members, mask))
 
 
-def phrases_from_tags(pos_tags, phrase_tags=DEFAULT_PHRASE_TAGS):
+def phrases_from_tags(pos_tags, *, phrase_tags=DEFAULT_PHRASE_TAGS):
     """Maximal runs (length ≥ 2) of consecutive tokens whose tag is in ``phrase_tags``: a list of index lists."""
     tags = set(phrase_tags)
     phrases, run = [], []
@@ -141,7 +138,7 @@ def _phrase_weights(m, pos_tags, phrase_tags, mask):
     if len(tags) != n:
         raise RefAttnError(f"pos_tags: expected one tag per token, min(Lq, Lk) = {n} tags, got {len(tags)}")
     if mask is None:
-        return _group_weights(phrases_from_tags(tags, phrase_tags), m.p.shape)
+        return _group_weights(phrases_from_tags(tags, phrase_tags=phrase_tags), m.p.shape)
     real = real_keys(m)[..., :n] & m.rows[..., :n]  # (..., n) real tokens of each map
     w = np.zeros(m.p.shape)
     members = np.zeros(m.p.shape[:-1], dtype=bool)
@@ -150,20 +147,23 @@ def _phrase_weights(m, pos_tags, phrase_tags, mask):
         key = real[idx].tobytes()
         if key not in cache:
             kept = [t if ok else None for t, ok in zip(tags, real[idx])]
-            cache[key] = _group_weights(phrases_from_tags(kept, phrase_tags), m.p.shape)
+            cache[key] = _group_weights(phrases_from_tags(kept, phrase_tags=phrase_tags), m.p.shape)
         w[idx], members[idx] = cache[key]
     return w, members
 
 
-def phrase_attention(P, pos_tags, phrase_tags=DEFAULT_PHRASE_TAGS, *, mask=None, check_probabilities=True):
-    """:func:`group_attention` over the phrases found in ``pos_tags`` (one tag per token; with a mask,
-    padded tokens break phrases)."""
+def phrase_attention(P, pos_tags, *, phrase_tags=DEFAULT_PHRASE_TAGS, mask=None, check_probabilities=True):
+    """``score (...,)``: :func:`group_attention` over the phrases found in ``pos_tags`` (one tag per
+    token; with a mask, True = real token, padded tokens break phrases)."""
     m = attention_map(P, mask, check_probabilities=check_probabilities)
     w, members = _phrase_weights(m, pos_tags, phrase_tags, mask)
     return _linear(m, w, _member_norm(m, members, mask))
 
 
-def phrase_attention_backward(dy, P, pos_tags, phrase_tags=DEFAULT_PHRASE_TAGS, *, mask=None, check_probabilities=True):
+def phrase_attention_backward(
+    d_score, P, pos_tags, *, phrase_tags=DEFAULT_PHRASE_TAGS, mask=None, check_probabilities=True
+):
+    """Gradient of :func:`phrase_attention`: ``MapGrads(dP)`` (``mask``: True = real token)."""
     m = attention_map(P, mask, check_probabilities=check_probabilities)
     w, members = _phrase_weights(m, pos_tags, phrase_tags, mask)
-    return _linear_backward(dy, m, w, _member_norm(m, members, mask))
+    return _linear_backward(d_score, m, w, _member_norm(m, members, mask))

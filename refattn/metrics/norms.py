@@ -2,7 +2,8 @@
 
 ``P (..., H, Lq, Lk)``, ``x (..., Lk, d_model)``, ``w_v (d_model, H·dv)``, ``b_v (H·dv,)`` or None,
 ``w_o (H·dv, d_model)``; head h uses columns ``[h·dv, (h+1)·dv)`` of ``w_v`` and rows of ``w_o``.
-Result ``(..., H, Lq, Lk)`` = ``|P_hij| · ‖f_h(x_j)‖``.
+Result ``norms (..., H, Lq, Lk)`` = ``|P_hij| · ‖f_h(x_j)‖``; the backward takes ``d_norms``.  No mask:
+a padded key's entry is whatever P holds there (0 for a map computed with that key masked).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ __all__ = ["ValueNormsGrads", "value_norms", "value_norms_backward"]
 
 
 class ValueNormsGrads(NamedTuple):
+    """Gradients of :func:`value_norms` w.r.t. each of its inputs, in input order (``db_v`` None without a bias)."""
+
     dP: np.ndarray
     dx: np.ndarray
     dw_v: np.ndarray
@@ -55,17 +58,18 @@ def _parts(P, x, w_v, b_v, w_o, check_probabilities):
 
 
 def value_norms(P, x, w_v, b_v, w_o, *, check_probabilities=True):
-    """``|α_ij| ‖f_h(x_j)‖`` for every head, query and key ``(..., H, Lq, Lk)``; ``check_probabilities``:
+    """``norms (..., H, Lq, Lk)`` = ``|α_ij| ‖f_h(x_j)‖`` for every head, query and key; ``check_probabilities``:
     each row of P must be a probability distribution (no mask: over all keys)."""
     p, *_, norms = _parts(P, x, w_v, b_v, w_o, check_probabilities)
     return np.abs(p) * norms[..., None, :]
 
 
-def value_norms_backward(dy, P, x, w_v, b_v, w_o, *, check_probabilities=True):
-    """Gradients w.r.t. P, x, w_v, b_v, w_o (0 through a zero vector ``f``, where the norm has no gradient)."""
+def value_norms_backward(d_norms, P, x, w_v, b_v, w_o, *, check_probabilities=True):
+    """``ValueNormsGrads(dP, dx, dw_v, db_v, dw_o)`` (0 through a zero vector ``f``, where the norm has no
+    gradient)."""
     p, x, w_v, b, w_o, wv, wo, u, f, norms = _parts(P, x, w_v, b_v, w_o, check_probabilities)
     out_shape = np.broadcast_shapes(p.shape, norms.shape[:-1] + (1,) + norms.shape[-1:])
-    d = as_cotangent(dy, out_shape, "dy")
+    d = as_cotangent(d_norms, out_shape, "d_norms")
     dp = unbroadcast(d * np.sign(p) * norms[..., None, :], p.shape)
     dn = (d * np.abs(p)).sum(axis=-2)  # (..., H, Lk)
     df = np.where(norms > 0, dn / np.where(norms > 0, norms, 1.0), 0.0)[..., None] * f  # (..., H, Lk, d_model)

@@ -29,8 +29,8 @@ def summarize(attentions, tokens=None, *, mask=None, check_probabilities=True):
     ``normalized_entropy``, ``confidence``, ``mean_distance``, ``locality``,
     ``diagonal_strength``, ``attention_to_first`` (the first real token: key 0 unless left padding
     moves it), ``diversity``; with ``tokens`` (integer ids or strings, ``(n,)`` or per example) also
-    ``previous_token``, ``duplicate_token``, ``induction``.  ``check_probabilities``: every layer's
-    real rows must be probabilities.
+    ``previous_token``, ``duplicate_token``, ``induction``.  ``mask``: True = real token (a key-padding
+    mask ``(..., n)``).  ``check_probabilities``: every layer's real rows must be probabilities.
     """
     layers = [as_float(a, f"attentions[{i}]", ndim_min=3) for i, a in enumerate(attentions)]
     if not layers:

@@ -165,7 +165,8 @@ def test_head_importance_conventions():
 def test_weight_norm_importance_uses_each_heads_slices():
     p = refattn.MHAParams(np.ones((2, 4)), np.ones((2, 2)) * 2, np.ones((2, 2)), np.ones((4, 2)))
     # two query heads of width 2 share one kv head (GQA): |w_q^h|² = 4, |w_k|² = 16, |w_v|² = 4
-    np.testing.assert_allclose(metrics.weight_norm_importance(p, 2), [np.sqrt(24.0)] * 2, rtol=1e-15, atol=0.0)
+    got = metrics.weight_norm_importance(p, num_heads=2)
+    np.testing.assert_allclose(got, [np.sqrt(24.0)] * 2, rtol=1e-15, atol=0.0)
 
 
 def test_value_norms_match_the_explicit_per_head_formula():
