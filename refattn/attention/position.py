@@ -107,13 +107,13 @@ def rope(x, positions=None, *, base=10000.0, style="half", rotary_dim=None):
     return _assemble(x, x1 * cos - x2 * sin, x2 * cos + x1 * sin, r, style)
 
 
-def rope_backward(dy, x, positions=None, *, base=10000.0, style="half", rotary_dim=None):
-    """Gradient of :func:`rope`: ``dx = Rᵀ dy``, the inverse rotation (by ``−θ``) of the cotangent,
+def rope_backward(d_y, x, positions=None, *, base=10000.0, style="half", rotary_dim=None):
+    """Gradient of :func:`rope`: ``dx = Rᵀ d_y``, the inverse rotation (by ``−θ``) of the cotangent,
     summed over the dims along which ``x`` was broadcast.  ``positions`` is not differentiated.
 
     Parameters
     ----------
-    dy : array_like, shape (..., L, D)
+    d_y : array_like, shape (..., L, D)
         Cotangent of :func:`rope`'s output: exactly its shape, finite.
     x : array_like, shape (..., L, D)
         The forward's input.
@@ -127,9 +127,9 @@ def rope_backward(dy, x, positions=None, *, base=10000.0, style="half", rotary_d
     """
     x, r, cos, sin = _rope_setup(x, positions, base, style, rotary_dim)
     out_shape = np.broadcast_shapes(x.shape, cos.shape[:-1] + x.shape[-1:])
-    dy = as_cotangent(dy, out_shape, "dy")
-    d1, d2 = _pairs(dy, r, style)  # (..., L, r/2)
-    dx = _assemble(dy, d1 * cos + d2 * sin, d2 * cos - d1 * sin, r, style)
+    d_y = as_cotangent(d_y, out_shape, "d_y")
+    d1, d2 = _pairs(d_y, r, style)  # (..., L, r/2)
+    dx = _assemble(d_y, d1 * cos + d2 * sin, d2 * cos - d1 * sin, r, style)
     extra = dx.ndim - x.ndim
     dx = dx.sum(axis=tuple(range(extra))) if extra else dx
     axes = tuple(i for i, n in enumerate(x.shape) if n == 1 and dx.shape[i] != 1)
