@@ -1,6 +1,31 @@
 """refattn: the float64 golden reference for transformer attention.
 
-Public API (re-exports only); see README.md and specs/.
+The public API, re-exports only (each name is documented where it is defined; see README.md and
+``specs/``): :func:`sdpa`, scaled dot-product attention with every kernel option (masks, bias,
+causal and sliding windows with either alignment, softcap, sinks, dropout, GQA, an empty-row
+policy), and its variants — :func:`multihead_attention`, :func:`relative_attention`,
+:func:`topk_attention`, :func:`allocation_attention`, :func:`linear_attention`, RoPE, ALiBi and
+sinusoidal positions; :func:`softmax`, :func:`log_softmax`, :func:`logsumexp`; attention
+:func:`rollout` and :func:`attention_flow`; and the modules :mod:`~refattn.attention` (every
+variant, the tiled and KV-cache forms, the loop twin), :mod:`~refattn.masks`,
+:mod:`~refattn.metrics`, :mod:`~refattn.lowp` (low-precision rounding and twins),
+:mod:`~refattn.testing` (tolerance rules and gradient checks) and :mod:`~refattn.io` (case files).
+
+Conventions, the same in every module:
+
+* float64 throughout: array inputs of any real dtype (bfloat16 and float8 too) are converted,
+  never mutated; array results are float64 NumPy arrays.
+* Axes: ``...`` batch dims (broadcast), ``Hq``/``Hk`` query/key-value heads (``Hq % Hk == 0``),
+  ``Lq``/``Lk`` query/key lengths, ``D`` the q/k head dim, ``Dv`` the value head dim:
+  ``q (..., Hq, Lq, D)``, ``k (..., Hk, Lk, D)``, ``v (..., Hk, Lk, Dv)``, scores
+  ``(..., Hq, Lq, Lk)``.
+* A bool mask is True = keep (may attend, a real token); an additive mask is a float ``bias``.
+* Every differentiable op ``name(...)`` has ``name_backward(<cotangent>, <same inputs>, <same
+  options>)``, the vector-Jacobian product (``sdpa_backward(d_out, q, k, v, ...)``), returning a
+  NamedTuple of gradients ``d<input>``, each of its input's shape.
+* A bad argument raises :class:`RefAttnError` (a ValueError; :class:`RefAttnTypeError` for a wrong
+  type) naming the argument, what was expected and what was given, before any work;
+  :class:`Unsupported` marks what a candidate implementation cannot express.
 """
 
 from refattn import attention, io, lowp, masks, metrics, testing

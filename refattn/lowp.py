@@ -6,6 +6,11 @@ operand, logits, ``P`` and outputs rounded to ``dtype``; products and softmax su
 ``accumulate`` precision.  Its distance from the float64 golden is the error budget of the tolerance
 rules in :mod:`refattn.testing.compare`.  Every value returned is a float64 array holding values
 representable in ``dtype``.  Conventions and derivations: ``specs/lowp.md``.
+
+Axes as :func:`refattn.sdpa`: ``...`` batch, ``Hq``/``Hk`` query/kv heads, ``Lq``/``Lk`` lengths,
+``D``/``Dv`` head dims.  ``dtype`` names a :class:`Format` (:data:`FORMATS`: float64, float32,
+float16, bfloat16, float8_e4m3, float8_e5m2, or an alias); ``accumulate`` is one of
+:data:`ACCUMULATE`.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ class Format(NamedTuple):
         return 2.0**-self.fraction_bits
 
 
+#: The supported formats by name, ``{name: Format}``.
 FORMATS = {
     f.name: f
     for f in (
@@ -69,12 +75,32 @@ _ALIASES = {
     "float8_e4m3fn": "float8_e4m3",
     "fp8_e5m2": "float8_e5m2",
 }
+#: The accumulation precisions a twin models (``accumulate=``).
 ACCUMULATE = ("float32", "float64")
 
 
 def format_of(dtype) -> Format:
-    """The :class:`Format` named by ``dtype``: a name in :data:`FORMATS` or an alias (``"bf16"``,
-    ``"fp16"``, ``"float8_e4m3fn"``, ...), a NumPy/ml_dtypes dtype, or a torch dtype."""
+    """The :class:`Format` named by ``dtype``.
+
+    Parameters
+    ----------
+    dtype : str, dtype, torch.dtype or Format
+        A name in :data:`FORMATS` (``"float64"``, ``"float32"``, ``"float16"``, ``"bfloat16"``,
+        ``"float8_e4m3"``, ``"float8_e5m2"``) or an alias (``"fp32"``, ``"fp16"``, ``"half"``,
+        ``"bf16"``, ``"fp8_e4m3"``, ``"float8_e4m3fn"``, ``"fp8_e5m2"``); a NumPy or ml_dtypes
+        dtype (``np.float16``, ``ml_dtypes.bfloat16``); a torch dtype (``torch.bfloat16``); or a
+        :class:`Format`, returned as it is.
+
+    Returns
+    -------
+    Format
+        Its fraction bits, smallest normal exponent, largest finite value and overflow value.
+
+    Raises
+    ------
+    RefAttnError
+        ``dtype`` names no supported format (the message lists them).
+    """
     if isinstance(dtype, Format):
         return dtype
     name = str(dtype).removeprefix("torch.")
@@ -92,9 +118,28 @@ def format_of(dtype) -> Format:
 def round_to(x, dtype):
     """``x`` rounded to the nearest value of ``dtype`` (ties to even), as float64; same shape.
 
-    One rounding straight from float64 (no detour through float32, which would round twice);
-    results below the smallest normal are rounded to the format's subnormal grid; values past the
-    largest finite one become ``inf`` (``nan`` for float8_e4m3, which has no infinity); NaN stays NaN.
+    One rounding straight from float64 (no detour through float32, which would round twice)::
+
+        e       = max(⌊log2 |x|⌋, e_min)
+        quantum = 2^(e − fraction_bits)                the format's spacing at |x|
+        r       = round_half_even(|x| / quantum) · quantum,  sign of x restored
+
+    Results below the smallest normal are rounded to the format's subnormal grid; values past the
+    largest finite one become ``inf`` (``nan`` for float8_e4m3, which has no infinity); NaN stays
+    NaN, ``-0.0`` stays ``-0.0``.
+
+    Parameters
+    ----------
+    x : array_like
+        Real numbers of any shape (an int or float dtype, or ml_dtypes' bfloat16/float8); NaN and
+        ``±inf`` allowed; not mutated.  A bool, complex or non-numeric array is refused.
+    dtype : str, dtype or Format
+        The target format, as :func:`format_of` takes it.
+
+    Returns
+    -------
+    ndarray of float64, shape of ``x``
+        The rounded values (a copy, also for ``dtype="float64"``).
     """
     fmt = format_of(dtype)
     a = to_numpy(x, "x")
@@ -116,8 +161,22 @@ def round_to(x, dtype):
 
 
 def round_arrays(arrays, dtype):
-    """A mapping of arrays with every numeric one rounded to ``dtype`` (bool masks kept as they are):
-    the values a candidate computing in ``dtype`` receives."""
+    """The values a candidate computing in ``dtype`` receives: every numeric array rounded to
+    ``dtype``, bool masks kept as they are, None entries dropped.
+
+    Parameters
+    ----------
+    arrays : mapping of str to array_like or None
+        E.g. ``{"q": q, "k": k, "v": v, "bias": bias, "mask": mask}``.
+    dtype : str, dtype or Format
+        The target format, as :func:`format_of` takes it.
+
+    Returns
+    -------
+    dict of str to ndarray
+        The same keys in the same order, without those whose value is None: ``round_to(a, dtype)``
+        for numeric arrays, bool arrays unchanged.
+    """
     return {n: (a if np.asarray(a).dtype == bool else round_to(a, dtype)) for n, a in arrays.items() if a is not None}
 
 
@@ -144,6 +203,7 @@ class _Precision:
         return x.astype(self.acc).sum(axis=axis, dtype=self.acc).astype(np.float64)
 
 
+#: Where a twin applies the scale (``scale_at=``), to q, to k or to the scores.
 SCALE_AT = ("q", "k", "scores")
 LOG2E = 1.4426950408889634  # log2(e), correctly rounded in float64
 
@@ -157,8 +217,9 @@ class _Choices(NamedTuple):
     block_k: int | None  # forward: online softmax over key blocks of this size, P unnormalised in PV
 
 
-# The admissible implementations a tolerance rule must not condemn (``specs/compare.md``): each is
-# a coherent set of choices that correct low-precision kernels make; a rule's budget covers all.
+#: The admissible implementations a tolerance rule must not condemn, ``{name: sdpa_twin choices}``.
+#: Each is a coherent set of choices that correct low-precision kernels make; a rule's budget covers
+#: all (``specs/compare.md``).
 TWIN_VARIANTS = {
     "reference": {"scale_at": "k"},  # flash-attn's same-dtype reference (reorder_ops=True)
     "scale_on_q": {"scale_at": "q"},  # PyTorch's math backend: q scaled before the product
@@ -336,6 +397,51 @@ def sdpa_twin(
     stays in the accumulation precision.  ``recompute_p`` changes only the backward
     (:func:`sdpa_twin_backward`).  With ``dtype="float64", accumulate="float64"`` the twin equals
     :func:`refattn.sdpa` up to float64 reassociation, whatever the choices.
+    :data:`TWIN_VARIANTS` names the coherent sets of choices (``scale_at``, ``exp2``,
+    ``recompute_p``, ``block_k``) that the tolerance rules of :mod:`refattn.testing.compare` cover.
+
+    Parameters
+    ----------
+    q : array_like, shape (..., Hq, Lq, D)
+        Queries as float64 values (rounded to ``dtype`` here; values already on its grid stay).
+    k : array_like, shape (..., Hk, Lk, D)
+        Keys; ``Hk`` divides ``Hq`` (GQA).
+    v : array_like, shape (..., Hk, Lk, Dv)
+        Values.
+    dtype : str, dtype or Format
+        The kernel's storage precision, as :func:`format_of` takes it (``"bfloat16"``, ``"fp16"``,
+        ``torch.float8_e4m3fn``, ...).
+    accumulate : {"float32", "float64"}, default "float32"
+        The precision of products, sums and the softmax statistics (``ra``).
+    reorder_ops : bool, default False
+        flash-attn's ``reorder_ops``: the scale moves to k (implies ``scale_at="k"``; any other
+        ``scale_at`` is refused).
+    scale_at : {"q", "k", "scores"}, optional
+        Where the scale is applied, as above.  Default None: ``"k"`` with ``reorder_ops``, else
+        ``"q"``.
+    exp2 : bool, default False
+        Form the softmax exponent in base 2 with the scale folded into ``log2 e`` (FA2 on GPUs).
+    recompute_p : bool, default False
+        Backward only: P recomputed from the stored lse, ``Δ`` from the rounded output.
+    block_k : int, optional
+        A positive int: the forward is FA2's online softmax over key blocks of that size.
+        Default None: one softmax over all keys.
+    return_lse : bool, default False
+        Also return ``lse``.
+
+    Returns
+    -------
+    out : ndarray of float64, shape (..., Hq, Lq, Dv)
+        Values representable in ``dtype``.
+    lse : ndarray of float64, shape (..., Hq, Lq)
+        Only with ``return_lse=True``, as ``(out, lse)``: in the accumulation precision; ``-inf``
+        on empty rows.
+
+    Raises
+    ------
+    RefAttnError
+        A bad shape, value or option; an unknown ``dtype``, ``accumulate`` or ``scale_at``;
+        ``reorder_ops`` with ``scale_at`` other than ``"k"``; ``block_k`` not a positive int.
     """
     pr = _Precision(dtype, accumulate)
     c = _choices(reorder_ops, scale_at, exp2, recompute_p, block_k)
@@ -370,8 +476,28 @@ def sdpa_twin_backward(
     ``dv = rd(mm(P̃ᵀ, dO))``; GQA groups summed in the accumulation precision.  With ``recompute_p``
     (what flash-style backward kernels do) ``P = rd(ra(exp(ra(s − lse))))`` is recomputed from the
     forward's lse (exp2 as in the forward) and ``Δ = ra(Σ dO ∘ out)`` from the forward's rounded
-    output.  In float64 these are :func:`refattn.sdpa_backward`'s gradients.  Options as
-    :func:`sdpa_twin`'s (``backend`` and ``return_lse`` refused).
+    output.  In float64 these are :func:`refattn.sdpa_backward`'s gradients.  Rounding is
+    piecewise constant, so this is not the derivative of :func:`sdpa_twin`: it is what a
+    low-precision kernel computes, whose distance from the float64 gradient is the tolerance
+    rules' gradient budget.  Options as :func:`sdpa_twin`'s (``backend`` and ``return_lse``
+    refused).
+
+    Parameters
+    ----------
+    d_out : array_like, shape (..., Hq, Lq, Dv)
+        Cotangent of ``out``: exactly the output's shape, finite (rounded to ``dtype``).
+    q, k, v : array_like
+        As :func:`sdpa_twin`: ``(..., Hq, Lq, D)``, ``(..., Hk, Lk, D)``, ``(..., Hk, Lk, Dv)``.
+    dtype, accumulate, reorder_ops, scale_at, exp2, recompute_p, block_k
+        As :func:`sdpa_twin` (same defaults); ``recompute_p`` acts here.
+    d_lse : array_like, shape (..., Hq, Lq), optional
+        Cotangent of ``lse`` (rounded to ``dtype``; 0 on empty rows).  Default None: no lse term.
+
+    Returns
+    -------
+    SDPAGrads
+        ``(dq, dk, dv, dbias, dsinks)``, float64 arrays of values representable in ``dtype``,
+        each of its input's shape; ``dbias``/``dsinks`` None without bias/sinks.
     """
     pr = _Precision(dtype, accumulate)
     rd, ra = pr.rd, pr.ra

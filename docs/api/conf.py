@@ -65,16 +65,28 @@ SPEC_OF = {
     "refattn.RefAttnTypeError": "sdpa",
     "refattn.Unsupported": "adapters",
     "refattn.adapters": "adapters",
+    "refattn.attention.allocation": "allocation",
+    "refattn.attention.cache": "cache",
     "refattn.attention.linear": "linear",
+    "refattn.attention.loops": "sdpa",
+    "refattn.attention.multihead": "multihead",
+    "refattn.attention.options": "sdpa",
     "refattn.attention.position": "position",
+    "refattn.attention.relative": "relative",
     "refattn.attention.sdpa": "sdpa",
+    "refattn.attention.sparse": "sparse",
+    "refattn.attention.tiled": "tiled",
+    "refattn.bench": "cli",
     "refattn.cli": "cli",
     "refattn.crosscheck": "case-format",
     "refattn.crosscheck.implementations": "cli",
     "refattn.crosscheck.judge": "compare",
     "refattn.io": "case-format",
+    "refattn.kernels": "kernels",
+    "refattn.lowp": "lowp",
     "refattn.masks": "masks",
     "refattn.plot": "cli",
+    "refattn.testing.compare": "compare",
     "refattn.testing.derivatives": "testing",
 }
 _SPEC_LITERAL = re.compile(r"``(specs/([\w.-]+)\.md)``")
@@ -117,7 +129,7 @@ def skip_field_aliases(app, what, name, obj, skip, options):
 
 class ReExports(SphinxDirective):
     """``.. reexports:: refattn.io``: every name of the module's ``__all__``, linked to where it is
-    defined, with its summary line (constants with their value)."""
+    defined, with its summary line (modules with theirs, constants with their value)."""
 
     required_arguments = 1
 
@@ -126,7 +138,10 @@ class ReExports(SphinxDirective):
         lines = []
         for name in module.__all__:
             obj = getattr(module, name)
-            if inspect.isclass(obj) or inspect.isfunction(obj):
+            if inspect.ismodule(obj):
+                summary = (inspect.getdoc(obj) or "").split("\n\n")[0].replace("\n", " ")
+                lines.append(f"* :py:mod:`{name} <{obj.__name__}>`: {summary}")
+            elif inspect.isclass(obj) or inspect.isfunction(obj):
                 role = "class" if inspect.isclass(obj) else "func"
                 summary = (inspect.getdoc(obj) or "").split("\n\n")[0].replace("\n", " ")
                 lines.append(f"* :py:{role}:`{name} <{obj.__module__}.{obj.__qualname__}>`: {summary}")

@@ -15,6 +15,10 @@
 
 Options torch SDPA has no form for (softcap, sinks, dropout with an explicit keep-mask, the
 ``"nan"``/``"uniform"`` empty-row policies) raise :class:`Unsupported`.
+
+Axes as :func:`refattn.sdpa`: ``...`` batch, ``Hq``/``Hk`` query/kv heads, ``Lq``/``Lk`` lengths,
+``D``/``Dv`` head dims; for ``nn.MultiheadAttention``, ``B`` batch, ``L`` length, ``E`` embedding.
+PyTorch is imported when a function runs (a :class:`~refattn.RefAttnError` without it).
 """
 
 from __future__ import annotations
@@ -51,7 +55,19 @@ def _torch():
 
 
 def torch_dtype(dtype):
-    """The torch dtype for a refattn format name (``"bfloat16"``, ``"float8_e4m3"``, ...)."""
+    """The torch dtype of a refattn format.
+
+    Parameters
+    ----------
+    dtype : str, dtype or Format
+        A format as :func:`refattn.lowp.format_of` takes it (``"bfloat16"``, ``"fp16"``,
+        ``"float8_e4m3"``, ``torch.float32``, ...).
+
+    Returns
+    -------
+    torch.dtype
+        ``torch.float64`` ... ``torch.float8_e5m2``; ``"float8_e4m3"`` is ``torch.float8_e4m3fn``.
+    """
     torch = _torch()
     name = lowp.format_of(dtype).name
     return {"float8_e4m3": torch.float8_e4m3fn}.get(name) or getattr(torch, name)
@@ -65,8 +81,35 @@ _REFUSED = {"return_lse": _NO_LSE, "backend": _NO_BACKEND}
 @takes_sdpa_options(refuses=_REFUSED)
 def translate_options(q, k, v, **options):
     """refattn sdpa options → keyword arguments of ``F.scaled_dot_product_attention`` (NumPy arrays
-    for ``attn_mask``); raises :class:`Unsupported` for what SDPA cannot express.  ``return_lse`` and
-    ``backend`` are refused."""
+    for ``attn_mask``); raises :class:`Unsupported` for what SDPA cannot express.
+
+    ``scale`` is always given (sdpa's default ``1/sqrt(D)`` made explicit); ``enable_gqa=True``
+    when ``Hq != Hk``; plain ``causal`` with offset 0 (top-left, or ``Lq == Lk``) and no other
+    mask or bias becomes ``is_causal=True``; otherwise the allowed set (mask ∧ causal ∧ window,
+    either alignment) becomes a bool ``attn_mask`` (True = take part, refattn's polarity), and a
+    ``bias`` a float ``attn_mask = where(allowed, bias, -inf)``.  The options are
+    :func:`refattn.sdpa`'s; ``return_lse`` and ``backend`` are refused.
+
+    Parameters
+    ----------
+    q : array_like, shape (..., Hq, Lq, D)
+        Queries (validated as sdpa validates them).
+    k : array_like, shape (..., Hk, Lk, D)
+        Keys.
+    v : array_like, shape (..., Hk, Lk, Dv)
+        Values.
+
+    Returns
+    -------
+    dict
+        ``scale`` and, as needed, ``enable_gqa``, ``is_causal`` or ``attn_mask`` (an ndarray of
+        bool or float64, broadcastable to ``(..., Hq, Lq, Lk)``).
+
+    Raises
+    ------
+    Unsupported
+        ``softcap``, ``sinks``, ``dropout_mask`` or ``empty_rows`` other than ``"zero"``.
+    """
     a = validate(q, k, v, **options)
     if a.softcap is not None:
         raise Unsupported("softcap: torch SDPA has no logit soft-capping")
@@ -102,7 +145,40 @@ def _numpy(t):
 def run_callable(fn, q, k, v, *, dtype="float64", device="cpu", d_out=None, bias=None, **fn_kwargs):
     """``fn(q, k, v, **fn_kwargs) -> out`` on torch tensors of ``dtype`` on ``device``; returns a dict
     of float64 arrays: ``out`` and, with a cotangent ``d_out``, ``dq``, ``dk``, ``dv`` (``dbias`` when
-    a ``bias`` tensor is passed to ``fn`` as ``attn_mask``)."""
+    a ``bias`` tensor is passed to ``fn`` as ``attn_mask``).
+
+    The inputs are converted to float64 tensors, then to ``dtype`` (the conversion rounds them);
+    with ``d_out`` they require grad and ``out.backward(d_out)`` runs.
+
+    Parameters
+    ----------
+    fn : callable
+        ``fn(q, k, v, **fn_kwargs)`` on torch tensors, returning the output tensor
+        ``(..., Hq, Lq, Dv)``.
+    q : array_like, shape (..., Hq, Lq, D)
+        Queries (float64 values).
+    k : array_like, shape (..., Hk, Lk, D)
+        Keys.
+    v : array_like, shape (..., Hk, Lk, Dv)
+        Values.
+    dtype : str, dtype or Format, default "float64"
+        The tensors' dtype (:func:`torch_dtype`).
+    device : str or torch.device, default "cpu"
+        Where the tensors live (``"cuda"``, ...).
+    d_out : array_like, shape of the output, optional
+        Cotangent of ``out``: with it the gradients are computed.  Default None: forward only.
+    bias : array_like, broadcastable to (..., Hq, Lq, Lk), optional
+        Passed to ``fn`` as ``attn_mask``: a float array as a tensor of ``dtype`` (its gradient is
+        ``dbias``), a bool array as a bool tensor (True = take part; no gradient).  Default None.
+    **fn_kwargs
+        More keyword arguments of ``fn`` (``is_causal=True``, ``scale=...``).
+
+    Returns
+    -------
+    dict of str to ndarray
+        float64 NumPy arrays: ``"out"``; with ``d_out`` also ``"dq"``, ``"dk"``, ``"dv"`` and, for a
+        float ``bias``, ``"dbias"`` (the full ``attn_mask`` shape).
+    """
     torch = _torch()
     tdt = torch_dtype(dtype)
     grad = d_out is not None
@@ -128,7 +204,34 @@ def run_callable(fn, q, k, v, *, dtype="float64", device="cpu", d_out=None, bias
 def torch_sdpa(q, k, v, *, dtype="float64", device="cpu", d_out=None, **options):
     """``F.scaled_dot_product_attention`` on refattn's inputs and options; outputs as :func:`run_callable`.
     The inputs are rounded to ``dtype`` by the conversion to torch.  ``return_lse`` and ``backend`` are
-    refused."""
+    refused.
+
+    The options are :func:`refattn.sdpa`'s, translated by :func:`translate_options` (which raises
+    :class:`Unsupported` for softcap, sinks, an explicit dropout keep-mask and the ``"nan"`` and
+    ``"uniform"`` empty-row policies).
+
+    Parameters
+    ----------
+    q : array_like, shape (..., Hq, Lq, D)
+        Queries (float64 values).
+    k : array_like, shape (..., Hk, Lk, D)
+        Keys; ``Hk`` divides ``Hq`` (GQA through ``enable_gqa``).
+    v : array_like, shape (..., Hk, Lk, Dv)
+        Values.
+    dtype : str, dtype or Format, default "float64"
+        The tensors' dtype (:func:`torch_dtype`).
+    device : str or torch.device, default "cpu"
+        Where the tensors live.
+    d_out : array_like, shape (..., Hq, Lq, Dv), optional
+        Cotangent of ``out``: with it the gradients are computed.  Default None: forward only.
+
+    Returns
+    -------
+    dict of str to ndarray
+        float64 NumPy arrays: ``"out"`` ``(..., Hq, Lq, Dv)``; with ``d_out`` also ``"dq"``,
+        ``"dk"``, ``"dv"`` and, with a ``bias``, ``"dbias"`` of bias's shape (0 at disallowed
+        entries).
+    """
     torch = _torch()
     kw = translate_options(q, k, v, **options)
     mask = kw.pop("attn_mask", None)
@@ -162,7 +265,42 @@ def _rounded_inputs(q, k, v, options, dtype):
 
 def check_callable(fn, q, k, v, *, dtype="float64", device="cpu", d_out=None, rule="flash", options=None, **fn_kwargs):
     """Run ``fn`` (as :func:`run_callable`) and judge it against refattn for the sdpa ``options`` it
-    is meant to compute; returns the :class:`refattn.testing.compare.Verdict`."""
+    is meant to compute; returns the :class:`refattn.testing.compare.Verdict`.
+
+    The golden and the twins are computed on the inputs (and a float ``bias`` of ``options``)
+    rounded to ``dtype``, what the candidate received; :func:`refattn.testing.check_attention`
+    judges ``out`` and, with ``d_out``, ``dq``, ``dk``, ``dv``.
+
+    Parameters
+    ----------
+    fn : callable
+        ``fn(q, k, v, **fn_kwargs)`` on torch tensors, returning ``out`` ``(..., Hq, Lq, Dv)``.
+    q : array_like, shape (..., Hq, Lq, D)
+        Queries (float64 values).
+    k : array_like, shape (..., Hk, Lk, D)
+        Keys.
+    v : array_like, shape (..., Hk, Lk, Dv)
+        Values.
+    dtype : str, dtype or Format, default "float64"
+        The tensors' dtype, and the precision the candidate is judged at.
+    device : str or torch.device, default "cpu"
+        Where the tensors live.
+    d_out : array_like, shape (..., Hq, Lq, Dv), optional
+        Cotangent of ``out``: with it the gradients are judged too.  Default None.
+    rule : {"flash", "torch", "allclose"}, default "flash"
+        The tolerance rule (:func:`refattn.testing.check_attention`).
+    options : dict, optional
+        The :func:`refattn.sdpa` options ``fn`` is meant to compute (``{"causal": True}``); they
+        define the golden only: pass ``fn`` its own arguments through ``fn_kwargs``.  Default
+        None: none.
+    **fn_kwargs
+        Keyword arguments of ``fn`` (and ``bias``, as :func:`run_callable` takes it).
+
+    Returns
+    -------
+    Verdict
+        The :class:`refattn.testing.compare.Verdict` over ``out`` [and ``dq``, ``dk``, ``dv``].
+    """
     options = dict(options or {})
     outputs = run_callable(fn, q, k, v, dtype=dtype, device=device, d_out=d_out, **fn_kwargs)
     q, k, v, options = _rounded_inputs(q, k, v, options, dtype)
@@ -174,7 +312,33 @@ def check_callable(fn, q, k, v, *, dtype="float64", device="cpu", d_out=None, ru
 @takes_sdpa_options(refuses=_REFUSED)
 def check_torch(q, k, v, *, dtype="float64", device="cpu", d_out=None, rule="flash", **options):
     """Run :func:`torch_sdpa` and judge it: a :class:`refattn.testing.compare.Verdict`.  Options as
-    :func:`torch_sdpa`'s (``return_lse`` and ``backend`` refused)."""
+    :func:`torch_sdpa`'s (``return_lse`` and ``backend`` refused).
+
+    The golden and the twins are computed on the inputs (and ``bias``) rounded to ``dtype``, what
+    PyTorch received; ``out`` and, with ``d_out``, ``dq``, ``dk``, ``dv`` [``dbias``] are judged.
+
+    Parameters
+    ----------
+    q : array_like, shape (..., Hq, Lq, D)
+        Queries (float64 values).
+    k : array_like, shape (..., Hk, Lk, D)
+        Keys; ``Hk`` divides ``Hq``.
+    v : array_like, shape (..., Hk, Lk, Dv)
+        Values.
+    dtype : str, dtype or Format, default "float64"
+        The tensors' dtype, and the precision PyTorch is judged at.
+    device : str or torch.device, default "cpu"
+        Where the tensors live.
+    d_out : array_like, shape (..., Hq, Lq, Dv), optional
+        Cotangent of ``out``: with it the gradients are judged too.  Default None.
+    rule : {"flash", "torch", "allclose"}, default "flash"
+        The tolerance rule (:func:`refattn.testing.check_attention`).
+
+    Returns
+    -------
+    Verdict
+        The :class:`refattn.testing.compare.Verdict` over ``out`` [and the gradients].
+    """
     outputs = torch_sdpa(q, k, v, dtype=dtype, device=device, d_out=d_out, **options)
     q, k, v, options = _rounded_inputs(q, k, v, options, dtype)
     grads = {n: outputs[n] for n in ("dq", "dk", "dv", "dbias") if n in outputs}
@@ -183,12 +347,44 @@ def check_torch(q, k, v, *, dtype="float64", device="cpu", d_out=None, rule="fla
 
 
 def mha_params(mha):
-    """An ``nn.MultiheadAttention``'s weights as :class:`refattn.MHAParams` (float64 NumPy, ``x @ W``)."""
+    """An ``nn.MultiheadAttention``'s weights as :class:`refattn.MHAParams` (float64 NumPy, ``x @ W``).
+
+    ``w_q = in_proj_weight[:E].T`` (or ``q_proj_weight.T`` when kdim/vdim differ), ``w_k`` and
+    ``w_v`` likewise, ``w_o = out_proj.weight.T``, the biases from ``in_proj_bias`` and
+    ``out_proj.bias``.
+
+    Parameters
+    ----------
+    mha : torch.nn.MultiheadAttention
+        A module with biases (``bias=True``); any dtype and device.
+
+    Returns
+    -------
+    MHAParams
+        ``w_q (E, E)``, ``w_k (kdim, E)``, ``w_v (vdim, E)``, ``w_o (E, E)`` and the four biases,
+        float64.
+
+    Raises
+    ------
+    Unsupported
+        A module without biases.
+    """
     return _mha_arrays(mha, lambda t: t.detach().to("cpu", dtype=_torch().float64).numpy())
 
 
 def mha_param_grads(mha):
-    """The ``.grad`` of an ``nn.MultiheadAttention``'s weights as :class:`refattn.MHAParams`."""
+    """The ``.grad`` of an ``nn.MultiheadAttention``'s weights as :class:`refattn.MHAParams`.
+
+    Parameters
+    ----------
+    mha : torch.nn.MultiheadAttention
+        A module with biases after a backward pass (every weight has its ``.grad``).
+
+    Returns
+    -------
+    MHAParams
+        The gradients in :func:`mha_params`' layout (transposed to ``x @ W``), float64.
+    """
     return _mha_arrays(mha, lambda t: t.grad.detach().to("cpu", dtype=_torch().float64).numpy())
 
 
@@ -213,7 +409,32 @@ def check_mha(mha, x, *, kv=None, key_is_real=None, causal=False, d_y=None, rule
     ``dx`` (and ``dkv``).  ``key_is_real`` ``(B, Lk)``: refattn's polarity, True = a real key (the module receives
     ``key_padding_mask = ~key_is_real``, PyTorch's True = ignore).  The golden is
     :func:`refattn.multihead_attention` in float64 on the module's weights; float64 modules get the
-    float64 budget, others the ``"allclose"`` rule (no low-precision twin of the projections exists)."""
+    float64 budget, others the ``"allclose"`` rule (no low-precision twin of the projections exists).
+
+    Parameters
+    ----------
+    mha : torch.nn.MultiheadAttention
+        The module, ``batch_first=True``, with biases; its dtype and device are used.
+    x : array_like, shape (B, Lq, E)
+        The query input (float64 values, converted to the module's dtype).
+    kv : array_like, shape (B, Lk, kdim), optional
+        The key and value input (cross-attention).  Default None: ``x`` (self-attention).
+    key_is_real : array_like of bool, shape (B, Lk), optional
+        True = a real key, False = padding (the module gets ``key_padding_mask = ~key_is_real``,
+        refattn ``mask = key_is_real[:, None, None, :]``).  Default None: every key real.
+    causal : bool, default False
+        Causal attention, top-left aligned (the module gets a ``triu`` bool ``attn_mask``).
+    d_y : array_like, shape (B, Lq, E), optional
+        Cotangent of the output: with it ``dx`` (and ``dkv``) are judged.  Default None.
+    rule : {"flash", "torch", "allclose"}, optional
+        Default None: ``"flash"`` (the float64 budget) for float64 modules, ``"allclose"`` for
+        others.
+
+    Returns
+    -------
+    Verdict
+        The :class:`refattn.testing.compare.Verdict` over ``out`` [and ``dx``, ``dkv``].
+    """
 
     torch = _torch()
     dtype = str(next(mha.parameters()).dtype).removeprefix("torch.")

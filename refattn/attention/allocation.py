@@ -5,8 +5,11 @@ A per-query gate ``g_i ∈ (0, 1)`` scales query i's scores before everything el
     g_i  = sigmoid(relu(q_i W1 + b1) · w2 + b2)           (..., Hq, Lq)
     s0_ij = g_i · scale · q_i·k_j                           then sdpa's steps 2-7
 
+so a gate near 0 flattens the row towards uniform attention and a gate near 1 leaves sdpa
+unchanged.  Axes as :func:`refattn.sdpa` (``...`` batch, ``Hq``/``Hk`` query/kv heads, ``Lq``/``Lk``
+lengths, ``D``/``Dv`` head dims) and ``G``, the gate's hidden width.
 ``gate = AllocationGate(w1 (D, G), b1 (G,), w2 (G,), b2 ())`` (also a 4-tuple or a mapping, with
-``w2 (G, 1)``/``b2 (1,)`` accepted; gradients come back in the layout given); options as sdpa.
+``w2 (G, 1)``/``b2 (1,)`` accepted; gradients come back in the shapes given); options as sdpa.
 """
 
 from __future__ import annotations
@@ -24,7 +27,20 @@ __all__ = ["AllocationGate", "AllocationGrads", "allocation_attention", "allocat
 
 
 class AllocationGate(NamedTuple):
-    """Gate MLP parameters: ``w1 (D, G)``, ``b1 (G,)``, ``w2 (G,)``, ``b2 ()``."""
+    """Gate MLP parameters, shared by every batch element and head:
+    ``g = sigmoid(relu(q w1 + b1) · w2 + b2)``.
+
+    Fields
+    ------
+    w1 : array_like, shape (D, G)
+        First layer's weight (``D`` the q/k head dim, ``G`` the hidden width, >= 1).
+    b1 : array_like, shape (G,)
+        First layer's bias.
+    w2 : array_like, shape (G,) or (G, 1)
+        Second layer's weight, to one logit per query.
+    b2 : array_like, shape () or (1,)
+        Second layer's bias (a scalar).
+    """
 
     w1: np.ndarray
     b1: np.ndarray
@@ -33,6 +49,24 @@ class AllocationGate(NamedTuple):
 
 
 class AllocationGrads(NamedTuple):
+    """Gradients of :func:`allocation_attention` (returned by :func:`allocation_attention_backward`),
+    each float64 and of its input's shape: GQA groups and broadcast dims are summed back.
+
+    Fields
+    ------
+    dq : ndarray, shape of ``q`` (..., Hq, Lq, D)
+        Through the scores and through the gate (q is the gate's input).
+    dk : ndarray, shape of ``k`` (..., Hk, Lk, D)
+    dv : ndarray, shape of ``v`` (..., Hk, Lk, Dv)
+    dgate : AllocationGate
+        ``(dw1, db1, dw2, db2)``, summed over batch, heads and queries, each in the shape the
+        corresponding gate entry was given in (``w2 (G, 1)`` gives ``dw2 (G, 1)``).
+    dbias : ndarray or None
+        Shape of ``bias``; None when no bias was given.
+    dsinks : ndarray or None
+        Shape of ``sinks``; None when no sinks were given.
+    """
+
     dq: np.ndarray
     dk: np.ndarray
     dv: np.ndarray
@@ -88,8 +122,43 @@ _NO_BACKEND = "allocation_attention builds its gated scores in NumPy; it has no 
 
 @takes_sdpa_options(refuses={"backend": _NO_BACKEND})
 def allocation_attention(q, k, v, gate, *, return_lse=False, **options):
-    """Gated attention ``out (..., Hq, Lq, Dv)`` [, ``lse``]; ``options`` as :func:`refattn.sdpa` but
-    ``backend`` (refused: NumPy only)."""
+    """Attention with a per-query allocation gate: sdpa with query i's logits scaled by ``g_i``.
+
+    ``out = P̃ ṽ``, ``P = softmax_j(mask(softcap(g_i · scale · q_i k̃_jᵀ) + bias))`` with the sink
+    in each row's denominator; the gate is ``g = sigmoid(relu(q w1 + b1) · w2 + b2)``, one value in
+    (0, 1) per query row ``(..., Hq, Lq)``, applied before sdpa's steps 2-7 (softcap, bias, masks,
+    softmax with sinks, dropout, ``P̃ ṽ``).  Axes as :func:`refattn.sdpa`; ``G`` the gate's hidden
+    width.  The other options are :func:`refattn.sdpa`'s; ``backend`` is refused (the gated scores
+    are built in NumPy).
+
+    Parameters
+    ----------
+    q : array_like, shape (..., Hq, Lq, D)
+        Queries, also the gate's input; finite, converted to float64.
+    k : array_like, shape (..., Hk, Lk, D)
+        Keys; ``Hk`` divides ``Hq`` (GQA); finite.
+    v : array_like, shape (..., Hk, Lk, Dv)
+        Values; finite.
+    gate : AllocationGate, tuple or mapping
+        The gate MLP ``(w1 (D, G), b1 (G,), w2 (G,), b2 ())``: an :class:`AllocationGate`, any
+        4-tuple in that order or a mapping with keys w1, b1, w2, b2 (any case); ``w2 (G, 1)`` and
+        ``b2 (1,)`` are accepted.  Shared by every batch element and head.
+    return_lse : bool, default False
+        Also return ``lse``.
+
+    Returns
+    -------
+    out : ndarray of float64, shape (..., Hq, Lq, Dv)
+        ``...`` is the broadcast of q's, k's and v's batch dims.
+    lse : ndarray of float64, shape (..., Hq, Lq)
+        Only with ``return_lse=True``, as ``(out, lse)``: the log of each row's softmax
+        denominator over the gated logits, the sink included; ``-inf`` on empty rows.
+
+    Raises
+    ------
+    RefAttnError
+        A bad shape, value or option (a gate entry of the wrong shape names it, e.g. ``gate.w1``).
+    """
     return_lse = as_flag(return_lse, "return_lse")
     a, *_, f = _setup(q, k, v, gate, options)
     pd = f.p if a.keep_scale is None else f.p * a.keep_scale
@@ -99,8 +168,33 @@ def allocation_attention(q, k, v, gate, *, return_lse=False, **options):
 
 @takes_sdpa_options(refuses={"backend": _NO_BACKEND, "return_lse": BACKWARD_RETURN_LSE})
 def allocation_attention_backward(d_out, q, k, v, gate, *, d_lse=None, **options):
-    """Gradients of :func:`allocation_attention` → :class:`AllocationGrads`; options as the forward's
-    (``backend`` and ``return_lse`` refused)."""
+    """Gradients of :func:`allocation_attention`: the vector-Jacobian product of ``out`` (and ``lse``)
+    at q, k, v, the gate's parameters, bias and sinks.
+
+    From sdpa's logit gradient ``ds0`` (steps 7 back to 2), with ``raw = scale · q k̃ᵀ``:
+    ``dg_i = Σ_j ds0_ij raw_ij``, ``d raw = g ⊙ ds0`` (to q and k as in sdpa), then back through
+    the sigmoid, the second layer, the relu and the first layer (``dq`` gains ``dz1 w1ᵀ``; the
+    gate's gradients are summed over batch, heads and queries; ``specs/allocation.md``).  The
+    options must be those of the forward call; ``backend`` and ``return_lse`` are refused.
+
+    Parameters
+    ----------
+    d_out : array_like, shape (..., Hq, Lq, Dv)
+        Cotangent of ``out``: exactly the output's shape, finite.
+    q, k, v : array_like
+        As :func:`allocation_attention`: ``(..., Hq, Lq, D)``, ``(..., Hk, Lk, D)``,
+        ``(..., Hk, Lk, Dv)``.
+    gate : AllocationGate, tuple or mapping
+        As :func:`allocation_attention`; ``dgate`` comes back in the shapes given.
+    d_lse : array_like, shape (..., Hq, Lq), optional
+        Cotangent of ``lse`` (when the forward returned it).  Default None: no lse term.
+
+    Returns
+    -------
+    AllocationGrads
+        ``(dq, dk, dv, dgate, dbias, dsinks)``, float64, each of its input's shape;
+        ``dbias``/``dsinks`` None without bias/sinks.
+    """
     a, gt, restore, z1, h, g, raw, f = _setup(q, k, v, gate, options)
     d_o = as_cotangent(d_out, a.score_shape[:-1] + (a.v.shape[-1],), "d_out")
     dl = None if d_lse is None else as_cotangent(d_lse, a.score_shape[:-1], "d_lse")

@@ -1,5 +1,8 @@
 """KV-cache decoding and paged KV gathering.
 
+Axes: ``B`` sequences, ``Hq``/``Hk`` query/kv heads, ``Lq`` new queries, ``Lc`` cache slots,
+``D``/``Dv`` head dims; paged: ``P`` pages of ``page_size`` slots, ``S = max_pages·page_size``.
+
 * ``decode(q (B, Hq, Lq, D), k_cache (B, Hk, Lc, D), v_cache (B, Hk, Lc, Dv), *, cache_lengths (B,))``:
   the new queries (the last ``Lq`` tokens of each sequence, normally already appended to the
   cache) attend to the first ``cache_lengths[b]`` (≥ 1) cached keys: it is sdpa on each
@@ -28,6 +31,20 @@ _NAMES = ("q", "k_cache", "v_cache")
 
 
 class DecodeGrads(NamedTuple):
+    """Gradients of :func:`decode` (returned by :func:`decode_backward`), each float64 and of its
+    input's shape; cache slots past a sequence's length get zero.
+
+    Fields
+    ------
+    dq : ndarray, shape of ``q`` (B, Hq, Lq, D)
+    dk_cache : ndarray, shape of ``k_cache`` (B, Hk, Lc, D)
+    dv_cache : ndarray, shape of ``v_cache`` (B, Hk, Lc, Dv)
+    dbias : ndarray or None
+        Shape of ``bias`` (broadcast dims summed); None when no bias was given.
+    dsinks : ndarray or None
+        Shape of ``sinks``; None when no sinks were given.
+    """
+
     dq: np.ndarray
     dk_cache: np.ndarray
     dv_cache: np.ndarray
@@ -36,6 +53,15 @@ class DecodeGrads(NamedTuple):
 
 
 class PagedGatherGrads(NamedTuple):
+    """Gradient of :func:`paged_gather` (returned by :func:`paged_gather_backward`).
+
+    Fields
+    ------
+    dpages : ndarray, shape of ``pages`` (P, Hk, page_size, D)
+        The cotangents of the valid slots added into the page slots they came from (a page used by
+        several sequences accumulates them all); 0 for slots no valid position reads.
+    """
+
     dpages: np.ndarray
 
 
@@ -80,10 +106,41 @@ def _decode_setup(q, k_cache, v_cache, cache_lengths, options):
 
 @takes_sdpa_options(refuses=_REFUSED)
 def decode(q, k_cache, v_cache, *, cache_lengths, return_lse=False, **options):
-    """Attention of new queries over a KV cache; ``out (B, Hq, Lq, Dv)`` [, ``lse``].  ``options`` as
-    :func:`refattn.sdpa` (per-score arrays over the whole cache ``(B, Hq, Lq, Lc)``, sliced per
-    sequence) but ``align`` (refused: always bottom-right to each cache length) and ``backend``
-    (refused: each sequence is an sdpa call with ``backend="auto"``)."""
+    """Attention of new queries over a KV cache: sdpa on each sequence's valid prefix.
+
+    ``out[b] = sdpa(q[b], k_cache[b, :, :n_b], v_cache[b, :, :n_b], align="bottom_right",
+    **options_b)`` with ``n_b = cache_lengths[b]``: query i of sequence b sits at position
+    ``n_b − Lq + i`` (the new queries are the newest tokens, their keys and values normally
+    already in the cache), so ``causal`` allows keys ``j <= n_b − Lq + i`` and ``window`` is
+    aligned likewise.  Slots past ``n_b`` are not keys at all (they never enter a softmax, not even
+    the ``"uniform"`` empty-row mean); a length below ``Lq`` leaves the first query rows empty
+    under ``causal`` (``empty_rows`` applies).  The options are :func:`refattn.sdpa`'s, with the
+    per-score arrays (``mask``, ``bias``, ``dropout_mask``) broadcastable to the whole cache
+    ``(B, Hq, Lq, Lc)`` and sliced per sequence, ``sinks`` to ``(B, Hq)``; ``align`` is refused
+    (always bottom-right to each cache length) and ``backend`` too (each sequence is one sdpa call
+    with ``backend="auto"``).
+
+    Parameters
+    ----------
+    q : array_like, shape (B, Hq, Lq, D)
+        The new queries; exactly 4-D; finite, converted to float64.
+    k_cache : array_like, shape (B, Hk, Lc, D)
+        The key cache; ``Hk`` divides ``Hq`` (GQA); exactly 4-D.  Slots past a length may hold
+        anything finite.
+    v_cache : array_like, shape (B, Hk, Lc, Dv)
+        The value cache, likewise.
+    cache_lengths : array_like of int, shape (B,)
+        Each sequence's valid length ``n_b``, in ``[1, Lc]``.
+    return_lse : bool, default False
+        Also return ``lse``.
+
+    Returns
+    -------
+    out : ndarray of float64, shape (B, Hq, Lq, Dv)
+    lse : ndarray of float64, shape (B, Hq, Lq)
+        Only with ``return_lse=True``, as ``(out, lse)``: the log of each row's softmax
+        denominator over its sequence's valid keys, the sink included; ``-inf`` on empty rows.
+    """
     return_lse = as_flag(return_lse, "return_lse")
     a, per_seq = _decode_setup(q, k_cache, v_cache, cache_lengths, options)
     parts = [_sdpa.sdpa(a.q[i], a.k[i, :, :n], a.v[i, :, :n], return_lse=True, **o) for i, (n, o) in enumerate(per_seq)]
@@ -93,8 +150,28 @@ def decode(q, k_cache, v_cache, *, cache_lengths, return_lse=False, **options):
 
 @takes_sdpa_options(refuses={**_REFUSED, "return_lse": BACKWARD_RETURN_LSE})
 def decode_backward(d_out, q, k_cache, v_cache, *, cache_lengths, d_lse=None, **options):
-    """Gradients of :func:`decode` → :class:`DecodeGrads` (zero for cache slots past each length);
-    options as the forward's (``align``, ``backend`` and ``return_lse`` refused)."""
+    """Gradients of :func:`decode`: per sequence, :func:`refattn.sdpa_backward` on its valid prefix.
+
+    Cache slots past each length get zero gradient.  The options must be those of the forward
+    call; ``align``, ``backend`` and ``return_lse`` are refused.
+
+    Parameters
+    ----------
+    d_out : array_like, shape (B, Hq, Lq, Dv)
+        Cotangent of ``out``: exactly the output's shape, finite.
+    q, k_cache, v_cache : array_like
+        As :func:`decode`: ``(B, Hq, Lq, D)``, ``(B, Hk, Lc, D)``, ``(B, Hk, Lc, Dv)``.
+    cache_lengths : array_like of int, shape (B,)
+        As the forward's, in ``[1, Lc]``.
+    d_lse : array_like, shape (B, Hq, Lq), optional
+        Cotangent of ``lse`` (when the forward returned it).  Default None: no lse term.
+
+    Returns
+    -------
+    DecodeGrads
+        ``(dq, dk_cache, dv_cache, dbias, dsinks)``, float64, each of its input's shape;
+        ``dbias``/``dsinks`` None without bias/sinks.
+    """
     a, per_seq = _decode_setup(q, k_cache, v_cache, cache_lengths, options)
     d_o = as_cotangent(d_out, a.score_shape[:-1] + a.v.shape[-1:], "d_out")
     dl = None if d_lse is None else as_cotangent(d_lse, a.score_shape[:-1], "d_lse")
@@ -138,7 +215,29 @@ def _paged_setup(pages, block_table, lengths):
 
 
 def paged_gather(pages, block_table, lengths):
-    """Paged KV → ``(dense (B, Hk, S, D), valid (B, S))`` with ``S = max_pages · page_size``."""
+    """Paged KV (vLLM's PagedAttention layout) gathered into dense per-sequence arrays.
+
+    Slot ``s`` of sequence ``b`` is slot ``s % page_size`` of page ``block_table[b, s // page_size]``:
+    ``dense[b, :, s] = pages[block_table[b, s // page_size], :, s % page_size]`` for
+    ``s < lengths[b]``, and 0 past each length (never data of an unused page).
+
+    Parameters
+    ----------
+    pages : array_like, shape (P, Hk, page_size, D)
+        The page pool (each page in refattn's ``(H, L, D)`` order); exactly 4-D; finite.
+    block_table : array_like of int, shape (B, max_pages)
+        Page ids of each sequence, in order; the ids of used slots must lie in ``[0, P)``, unused
+        entries may be anything (-1, say).
+    lengths : array_like of int, shape (B,)
+        Each sequence's valid length, in ``[0, max_pages·page_size]``.
+
+    Returns
+    -------
+    dense : ndarray of float64, shape (B, Hk, S, D)
+        ``S = max_pages·page_size``; zero past each length.
+    valid : ndarray of bool, shape (B, S)
+        True on the slots below each length (``valid[:, None, None, :]`` is a key mask for sdpa).
+    """
     pages, page_of, offset, valid = _paged_setup(pages, block_table, lengths)
     dense = pages[page_of, :, offset[None, :], :]  # (B, S, Hk, D)
     dense = np.where(valid[:, :, None, None], dense, 0.0)
@@ -146,7 +245,23 @@ def paged_gather(pages, block_table, lengths):
 
 
 def paged_gather_backward(d_dense, pages, block_table, lengths):
-    """Gradient of :func:`paged_gather` w.r.t. ``pages``: scatter-add of the valid slots."""
+    """Gradient of :func:`paged_gather` w.r.t. ``pages``: a scatter-add of the valid slots.
+
+    ``dpages[block_table[b, s // page_size], :, s % page_size] += d_dense[b, :, s]`` for every
+    ``s < lengths[b]``; a page used by several sequences accumulates them all.
+
+    Parameters
+    ----------
+    d_dense : array_like, shape (B, Hk, S, D)
+        Cotangent of ``dense``: exactly its shape, finite (entries past a length are ignored).
+    pages, block_table, lengths : array_like
+        As :func:`paged_gather`: ``(P, Hk, page_size, D)``, int ``(B, max_pages)``, int ``(B,)``.
+
+    Returns
+    -------
+    PagedGatherGrads
+        ``(dpages,)``, float64, of ``pages``' shape.
+    """
     pages, page_of, offset, valid = _paged_setup(pages, block_table, lengths)
     b, s = valid.shape
     dd = as_cotangent(d_dense, (b, pages.shape[1], s, pages.shape[3]), "d_dense")

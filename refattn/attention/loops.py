@@ -3,7 +3,9 @@
 Slow and obviously right: one Python loop per (batch, head, query, key), the
 scores, masks, softcap, sinks, dropout and empty-row policy written out one
 scalar at a time with ``math.exp``/``math.tanh``.  It shares only argument
-validation with the vectorised path, so the two check each other.
+validation with the vectorised path, so the two check each other.  Axes as
+:func:`refattn.sdpa`: ``...`` batch, ``Hq``/``Hk`` query/kv heads, ``Lq``/``Lk`` lengths,
+``D``/``Dv`` head dims.
 """
 
 from __future__ import annotations
@@ -59,7 +61,57 @@ def sdpa(
     empty_rows="zero",
     return_lse=False,
 ):
-    """Loop version of :func:`refattn.sdpa`: same arguments but ``backend`` (refused), same results."""
+    """Loop version of :func:`refattn.sdpa`: same arguments but ``backend`` (refused), same results.
+
+    For every batch index, head ``h`` (kv head ``h // (Hq // Hk)``) and query ``i``, one scalar at a
+    time: ``s_j = scale · Σ_c q_ic k_jc``, then ``c · tanh(s_j / c)``, ``+ bias_ij``, ``-inf`` where
+    the mask, causal or window disallow, ``P_j = exp(s_j − m) / (Σ_j exp(s_j − m) + exp(sink − m))``
+    with ``m`` the row max, ``out_i = Σ_j P_j · keep_ij / (1 − dropout_p) · v_j`` — sdpa's order of
+    operations (``specs/sdpa.md``), written with ``math.exp``/``math.tanh``.  O(Lq·Lk·D) Python
+    steps per head: for small cases.  Each option means what it means for :func:`refattn.sdpa`,
+    where it is stated in full.
+
+    Parameters
+    ----------
+    q : array_like, shape (..., Hq, Lq, D)
+        Queries; finite, converted to float64.
+    k : array_like, shape (..., Hk, Lk, D)
+        Keys; ``Hk`` divides ``Hq`` (GQA); finite.
+    v : array_like, shape (..., Hk, Lk, Dv)
+        Values; finite.
+    mask : array_like of bool, broadcastable to (..., Hq, Lq, Lk), optional
+        True = query i may attend key j.  Default None.
+    bias : array_like, broadcastable to (..., Hq, Lq, Lk), optional
+        Added to the logits after the softcap; may hold ``-inf``.  Default None.
+    causal : bool, default False
+        Query i attends keys ``j <= i + o`` (``o`` set by ``align``).
+    window : (int or None, int or None), optional
+        ``(left, right)``: keys ``i + o − left <= j <= i + o + right``; None = an unbounded side.
+        Default None.
+    align : {"top_left", "bottom_right"}, optional
+        ``o = 0`` or ``o = Lk − Lq``; needed by causal and window when ``Lq != Lk``.  Default None.
+    scale : float, optional
+        Multiplies ``q kᵀ``.  Default None: ``1 / sqrt(D)``.
+    softcap : float, optional
+        ``c > 0``: logits ``c · tanh(s / c)``.  Default None: no cap.
+    sinks : array_like, broadcastable to (..., Hq), optional
+        A logit per head in every row's softmax denominator.  Default None.
+    dropout_p : float, default 0.0
+        Dropout probability in [0, 1); ``> 0`` needs ``dropout_mask``.
+    dropout_mask : array_like of bool, broadcastable to (..., Hq, Lq, Lk), optional
+        True = keep, kept weights scaled by ``1 / (1 − dropout_p)``.  Default None.
+    empty_rows : {"zero", "nan", "uniform"}, default "zero"
+        The output of a row with every key disallowed and no finite sink: 0, NaN, or the
+        (dropped-out) mean of v over all ``Lk`` keys.
+    return_lse : bool, default False
+        Also return ``lse``.
+
+    Returns
+    -------
+    out : ndarray of float64, shape (..., Hq, Lq, Dv)
+    lse : ndarray of float64, shape (..., Hq, Lq)
+        Only with ``return_lse=True``, as ``(out, lse)``; ``-inf`` on empty rows.
+    """
     return_lse = as_flag(return_lse, "return_lse")
     a = validate(
         q,
@@ -154,8 +206,34 @@ def _project_loops(t, w, b, heads):
     name="loops.multihead_attention",
 )
 def multihead_attention(x, params, *, num_heads, num_kv_heads=None, kv=None, head_mask=None, **options):
-    """Loop version of :func:`refattn.multihead_attention`: per head, per query, per key; options as
-    :func:`refattn.sdpa` but ``backend`` and ``return_lse`` (refused)."""
+    """Loop version of :func:`refattn.multihead_attention`: per head, per query, per key.
+
+    The projections ``split(t w + b)`` and the output projection ``merge(O · head_mask) w_o + b_o``
+    are written one output element at a time, the attention is :func:`sdpa` (this module's
+    loops).  Axes: ``...`` batch, ``Lq``/``Lk`` lengths, ``d_model``/``d_kv`` model widths,
+    ``Hq``/``Hk`` heads.  The options are :func:`refattn.sdpa`'s; ``backend`` and ``return_lse``
+    are refused (the loops are their own implementation; the output is ``y`` alone).
+
+    Parameters
+    ----------
+    x : array_like, shape (..., Lq, d_model)
+        The queries' input sequence.
+    params : MHAParams
+        The projections, as :func:`refattn.multihead_attention`'s.
+    num_heads : int
+        ``Hq`` >= 1.
+    num_kv_heads : int, optional
+        ``Hk``, dividing ``Hq``.  Default None: ``Hq``.
+    kv : array_like, shape (..., Lk, d_kv), optional
+        The keys' and values' input sequence.  Default None: ``x`` (self-attention).
+    head_mask : array_like, broadcastable to (..., Hq), optional
+        A factor per head on its attention output.  Default None.
+
+    Returns
+    -------
+    ndarray of float64, shape (..., Lq, d_model)
+        ``y``; ``...`` is the broadcast of x's and kv's batch dims.
+    """
     from refattn.attention.multihead import check_params, head_counts
 
     x = np.asarray(x, dtype=np.float64)

@@ -1,6 +1,9 @@
 """Multi-head attention with projections (self and cross, GQA, head gates) and its backward.
 
-Axes: ``x (..., Lq, d_model)``, ``kv (..., Lk, d_kv)`` (``kv=None``: self-attention on x).
+Axes: ``...`` batch dims, ``Lq``/``Lk`` query/key lengths, ``d_model``/``d_kv`` the widths of
+the query and key/value inputs, ``Hq``/``Hk`` query/kv heads (``Hk`` divides ``Hq``: GQA), ``dk``
+and ``dv`` the per-head q/k and value dims.
+``x (..., Lq, d_model)``, ``kv (..., Lk, d_kv)`` (``kv=None``: self-attention on x).
 ``MHAParams``: ``w_q (d_model, Hq·dk)``, ``w_k (d_kv, Hk·dk)``, ``w_v (d_kv, Hk·dv)``,
 ``w_o (Hq·dv, d_model)``, biases ``b_q (Hq·dk,)`` … ``b_o (d_model,)`` or None.
 Projections are ``x @ w + b``; head h takes columns ``[h·dk, (h+1)·dk)`` (PyTorch's
@@ -25,6 +28,25 @@ __all__ = ["MHAGrads", "MHAParams", "multihead_attention", "multihead_attention_
 
 
 class MHAParams(NamedTuple):
+    """The weights of one multi-head attention layer, applied as ``t @ w + b`` (so ``w = W.T`` of
+    PyTorch's ``nn.Linear``); head ``h`` takes columns ``[h·e, (h+1)·e)`` of a projection.
+
+    Fields
+    ------
+    w_q : array_like, shape (d_model, Hq·dk)
+    w_k : array_like, shape (d_kv, Hk·dk)
+    w_v : array_like, shape (d_kv, Hk·dv)
+    w_o : array_like, shape (Hq·dv, d_model)
+    b_q : array_like, shape (Hq·dk,), or None
+        Default None: no bias.
+    b_k : array_like, shape (Hk·dk,), or None
+        Default None.
+    b_v : array_like, shape (Hk·dv,), or None
+        Default None.
+    b_o : array_like, shape (d_model,), or None
+        Default None.
+    """
+
     w_q: np.ndarray
     w_k: np.ndarray
     w_v: np.ndarray
@@ -36,7 +58,20 @@ class MHAParams(NamedTuple):
 
 
 class MHAGrads(NamedTuple):
-    """``dkv`` is None for self-attention (x's gradient includes both roles)."""
+    """Gradients of :func:`multihead_attention` (returned by :func:`multihead_attention_backward`),
+    float64, each of its input's shape (broadcast dims summed back).
+
+    Fields
+    ------
+    dx : ndarray, shape of ``x`` (..., Lq, d_model)
+        For self-attention (``kv=None``) it includes x's role as keys and values.
+    dkv : ndarray or None
+        Shape of ``kv`` (..., Lk, d_kv); None for self-attention.
+    dparams : MHAParams
+        The weights' gradients (summed over batch and rows), None where a bias is absent.
+    dhead_mask : ndarray or None
+        Shape of ``head_mask``; None when no head mask was given.
+    """
 
     dx: np.ndarray
     dkv: np.ndarray | None
@@ -143,9 +178,50 @@ _BACKWARD_NO_LSE = "a backward returns gradients, and multihead_attention has no
 
 @takes_sdpa_options(refuses={"return_lse": _NO_LSE})
 def multihead_attention(x, params, *, num_heads, num_kv_heads=None, kv=None, head_mask=None, **options):
-    """Multi-head attention ``(..., Lq, d_model)``; ``options`` are :func:`refattn.sdpa`'s, ``backend``
-    included (masks are ``(..., Hq, Lq, Lk)``-broadcastable; a key-padding mask is
-    ``mask[..., None, None, :]``).  Refuses ``return_lse`` (the output is ``y`` alone)."""
+    """Multi-head attention with its projections: self or cross, GQA, per-head gates.
+
+    ::
+
+        Q, K, V = split(x w_q + b_q), split(kv w_k + b_k), split(kv w_v + b_v)   (..., H, L, e)
+        O = sdpa(Q, K, V, **options) · head_mask[..., h]                         (..., Hq, Lq, dv)
+        y = merge(O) w_o + b_o                                                   (..., Lq, d_model)
+
+    ``split`` gives head ``h`` columns ``[h·e, (h+1)·e)`` (PyTorch's ``view(B, L, H, e)``);
+    query head ``h`` reads kv head ``h // (Hq // Hk)``.  The options are :func:`refattn.sdpa`'s,
+    ``backend`` included, applied to the per-head attention: ``mask``, ``bias`` and
+    ``dropout_mask`` broadcast to its scores ``(..., Hq, Lq, Lk)`` (a key-padding mask ``(B, Lk)``
+    is ``mask[:, None, None, :]``), ``sinks`` to ``(..., Hq)``, ``scale`` defaults to
+    ``1 / sqrt(dk)``.  ``return_lse`` is refused (the output is ``y`` alone).
+
+    Parameters
+    ----------
+    x : array_like, shape (..., Lq, d_model)
+        The queries' input sequence (and the keys' and values' without ``kv``); finite.
+    params : MHAParams
+        The weights ``w_q (d_model, Hq·dk)``, ``w_k (d_kv, Hk·dk)``, ``w_v (d_kv, Hk·dv)``,
+        ``w_o (Hq·dv, d_model)`` and optional biases; ``dk`` and ``dv`` follow from them.
+    num_heads : int
+        ``Hq`` >= 1, dividing the columns of ``w_q``.
+    num_kv_heads : int, optional
+        ``Hk``, dividing ``Hq`` (GQA, MQA with 1).  Default None: ``Hq``.
+    kv : array_like, shape (..., Lk, d_kv), optional
+        The keys' and values' input sequence (cross-attention); batch dims broadcast with x's.
+        Default None: ``x`` (self-attention).
+    head_mask : array_like, broadcastable to (..., Hq), optional
+        A float factor per head on its attention output (Michel et al. 2019's gate; 0 prunes the
+        head); differentiable (``dhead_mask``).  Default None: every head 1.
+
+    Returns
+    -------
+    ndarray of float64, shape (..., Lq, d_model)
+        ``y``; ``...`` is the broadcast of x's and kv's batch dims.
+
+    Raises
+    ------
+    RefAttnError
+        A bad shape, value or option; an input width that disagrees with the weights blames the
+        input (``x: expected last dim d_model = ...``).
+    """
     pr = project(x, params, num_heads, num_kv_heads, kv, head_mask)
     o = _sdpa.sdpa(pr.q, pr.k, pr.v, **options)  # (..., Hq, Lq, dv)
     if pr.head_mask is not None:
@@ -156,8 +232,30 @@ def multihead_attention(x, params, *, num_heads, num_kv_heads=None, kv=None, hea
 
 @takes_sdpa_options(refuses={"return_lse": _BACKWARD_NO_LSE})
 def multihead_attention_backward(d_y, x, params, *, num_heads, num_kv_heads=None, kv=None, head_mask=None, **options):
-    """Gradients of :func:`multihead_attention` → :class:`MHAGrads`; options as the forward's
-    (``return_lse`` refused)."""
+    """Gradients of :func:`multihead_attention`: the vector-Jacobian product of ``y`` at x, kv, the
+    weights and head_mask.
+
+    Back through ``y = merge(Õ) w_o + b_o``, the head gate ``Õ_h = ξ_h O_h``
+    (``dξ_h = Σ dÕ_h ∘ O_h``, the head-importance signal of Michel et al. 2019), sdpa
+    (:func:`refattn.sdpa_backward`, GQA summed there) and the three projections
+    (``specs/multihead.md``).  The options must be those of the forward call; ``return_lse`` is
+    refused.
+
+    Parameters
+    ----------
+    d_y : array_like, shape (..., Lq, d_model)
+        Cotangent of ``y``: exactly the output's shape, finite.
+    x, params : array_like, MHAParams
+        As :func:`multihead_attention`.
+    num_heads, num_kv_heads, kv, head_mask
+        As the forward's (same defaults).
+
+    Returns
+    -------
+    MHAGrads
+        ``(dx, dkv, dparams, dhead_mask)``; ``dkv`` None for self-attention (``dx`` then holds
+        both roles of x), ``dhead_mask`` None without a head mask.
+    """
     pr = project(x, params, num_heads, num_kv_heads, kv, head_mask)
     p = pr.params
     o = _sdpa.sdpa(pr.q, pr.k, pr.v, **options)  # (..., Hq, Lq, dv) before the head gate

@@ -5,8 +5,10 @@ twins, the tolerance checks and the torch adapter) forward sdpa's options throug
 :func:`takes_sdpa_options` makes that explicit:
 
 * the function gets a ``__signature__``: its own parameters, then every sdpa option it forwards as a
-  keyword-only parameter with sdpa's default, so ``help()`` and ``inspect.signature`` show them, and
-  its docstring gains a list of those options with their meaning;
+  keyword-only parameter with sdpa's default, so ``help()`` and ``inspect.signature`` show them;
+* its docstring's NumPy-style ``Parameters`` section gains one entry per forwarded option (its
+  default and meaning, from :data:`SDPA_KEYWORDS`) and one entry naming the options it refuses,
+  each with its reason (the section is created when the docstring has none);
 * keyword arguments are checked by name before the function runs: an unknown one raises
   :class:`~refattn.RefAttnError` naming it and the closest valid name, an sdpa option the variant
   cannot take raises saying why.
@@ -20,6 +22,7 @@ from __future__ import annotations
 import difflib
 import functools
 import inspect
+import re
 from typing import NamedTuple
 
 from refattn._validate import RefAttnError
@@ -44,7 +47,8 @@ class Option(NamedTuple):
     doc: str
 
 
-# What a variant forwards to sdpa (its masking, logits and softmax), in sdpa's order.
+#: What a variant forwards to sdpa (its masking, logits and softmax), the :class:`Option` of each in
+#: sdpa's order.
 SDPA_OPTIONS = (
     Option("mask", None, "bool, broadcastable to (..., Hq, Lq, Lk); True = may attend"),
     Option("bias", None, "float, broadcastable to (..., Hq, Lq, Lk), added to the logits; may hold -inf"),
@@ -58,12 +62,16 @@ SDPA_OPTIONS = (
     Option("dropout_mask", None, "bool, broadcastable to (..., Hq, Lq, Lk); True = keep, P scaled by 1/(1 - p)"),
     Option("empty_rows", "zero", '"zero", "nan" or "uniform": the output of a row with every key masked'),
 )
+#: sdpa's output selector, ``return_lse=False``.
 RETURN_LSE = Option("return_lse", False, "also return lse (..., Hq, Lq), -inf on empty rows")
+#: sdpa's implementation selector, ``backend="auto"``.
 BACKEND = Option("backend", "auto", '"auto", "numpy" or "numba": the implementation of sdpa')
-SDPA_KEYWORDS = SDPA_OPTIONS + (RETURN_LSE, BACKEND)  # refattn.sdpa's keyword-only parameters, in order
+#: refattn.sdpa's keyword-only parameters in order, :data:`SDPA_OPTIONS` then :data:`RETURN_LSE` and
+#: :data:`BACKEND`.
+SDPA_KEYWORDS = SDPA_OPTIONS + (RETURN_LSE, BACKEND)
 _BY_NAME = {o.name: o for o in SDPA_KEYWORDS}
 
-# The reason a backward refuses ``return_lse`` (the forward's output selector).
+#: The reason a backward refuses ``return_lse`` (the forward's output selector).
 BACKWARD_RETURN_LSE = "a backward returns gradients; give the lse cotangent as d_lse="
 
 _TAKES_KEYWORD = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
@@ -102,15 +110,51 @@ def _spec(fn, name, refuses):
     return Spec(name, signature, forwarded, dict(refuses), keywords, valid)
 
 
+_UNDERLINE = re.compile(r"^-{3,}$")
+
+
+def _section_heads(lines):
+    """The indices of the NumPy-style section titles in ``lines`` (a title line, then dashes)."""
+    return [
+        i
+        for i in range(len(lines) - 1)
+        if lines[i].strip() and not lines[i][0].isspace() and _UNDERLINE.match(lines[i + 1])
+    ]
+
+
 def _doc(doc, spec):
-    """``doc`` with the forwarded options (default and meaning) and the refused ones (reason) appended."""
-    lines = [inspect.cleandoc(doc or "")]
-    if spec.forwarded:
-        lines += ["", "Options forwarded to :func:`refattn.sdpa` (keyword-only, ``refattn.attention.options``):", ""]
-        lines += [f"* ``{o.name}={o.default!r}``: {o.doc}" for o in spec.forwarded]
+    """``doc`` with the forwarded options and the refused ones as entries of its Parameters section.
+
+    Each forwarded option gets the entry ``<name> : forwarded to refattn.sdpa``, described as
+    ``<name>=<default>``: its meaning; the refused options share one entry, ``<a>, <b> : not
+    accepted``, whose description is a bullet list ``<a>``: reason.  The entries follow the
+    section's own (the signature's order: own parameters, then the forwarded options); a docstring
+    without a Parameters section gets one, before its first section (or at its end).
+    """
+    lines = inspect.cleandoc(doc or "").splitlines()
+    entries = []
+    for o in spec.forwarded:
+        entries += [f"{o.name} : forwarded to :func:`refattn.sdpa`", f"    ``{o.name}={o.default!r}``: {o.doc}."]
     if spec.refused:
-        lines += ["", "Not accepted (``RefAttnError`` if given):", ""]
-        lines += [f"* ``{n}``: {reason}" for n, reason in spec.refused.items()]
+        entries += [
+            f"{', '.join(spec.refused)} : not accepted",
+            "    Refused with a :class:`~refattn.RefAttnError` if given:",
+            "",
+        ]
+        entries += [f"    * ``{n}``: {reason}" for n, reason in spec.refused.items()]
+    if not entries:
+        return "\n".join(lines).strip() + "\n"
+    heads = _section_heads(lines)
+    own = next((i for i in heads if lines[i].strip() == "Parameters"), None)
+    if own is not None:  # after the section's last entry, before the blank line that ends it
+        at = next((i for i in heads if i > own), len(lines))
+        while not lines[at - 1].strip():
+            at -= 1
+        lines[at:at] = entries
+    elif heads:
+        lines[heads[0] : heads[0]] = ["Parameters", "----------", *entries, ""]
+    else:
+        lines += ["", "Parameters", "----------", *entries]
     return "\n".join(lines).strip() + "\n"
 
 
@@ -128,11 +172,41 @@ def takes_sdpa_options(*, refuses=None, name=None, like=None):
     """Decorator: the function takes sdpa's options (those it does not name itself) as keyword-only
     parameters, forwarded through its ``**options``; keyword arguments are checked by name at call time.
 
-    ``refuses``: ``{option: reason}`` for the sdpa options (:data:`SDPA_KEYWORDS`) the function cannot
-    take; they are left out of its signature and refused with the reason.  ``name``: the name in
-    error messages (default ``fn.__name__``).  ``like``: a decorated function whose parameters this
-    one takes and passes on (``assert_attention_close`` takes ``check_attention``'s).  The spec is
-    kept as ``fn.sdpa_options`` (a :class:`Spec`).
+    The decorated function gets ``__signature__`` = its own parameters (``**options`` dropped), then
+    each forwarded option of :data:`SDPA_KEYWORDS` as a keyword-only parameter with sdpa's default,
+    in sdpa's order; its docstring's Parameters section gains an entry per forwarded option and one
+    for the refused ones (their reasons); it keeps its :class:`Spec` as ``fn.sdpa_options``.  A call
+    with a keyword the signature lacks raises :class:`~refattn.RefAttnError` before the function
+    runs: ``"<name>: unknown option 'casual' (did you mean 'causal'?); options: ..."`` or, for a
+    refused option, ``"<name>: option 'backend' is not accepted: <reason>"``.  A valid call is the
+    undecorated function's.
+
+    Parameters
+    ----------
+    refuses : dict of {str: str}, optional
+        ``{option: reason}`` for the sdpa options (names of :data:`SDPA_KEYWORDS`) the function
+        cannot take: they are left out of its signature and refused with the reason.  An option the
+        function names as its own parameter cannot be refused, and its default must be sdpa's.
+        Default None: every option it does not name is forwarded.
+    name : str, optional
+        The function's name in error messages (e.g. ``"loops.sdpa"``).  Default None:
+        ``fn.__name__``.
+    like : callable, optional
+        A function decorated by ``takes_sdpa_options`` whose parameters (signature, forwarded and
+        refused options) this one takes and passes on, e.g. ``assert_attention_close`` takes
+        ``check_attention``'s; excludes ``refuses``.  Default None.
+
+    Returns
+    -------
+    callable
+        The decorator: ``fn`` → its checking wrapper (``functools.wraps``; ``__wrapped__`` is ``fn``).
+
+    Raises
+    ------
+    TypeError
+        At decoration: ``refuses`` names no sdpa option, ``like`` and ``refuses`` are both given, the
+        function refuses an option it takes itself, gives an sdpa option another default than
+        sdpa's, or forwards options without having ``**options``.
     """
     refuses = dict(refuses or {})
     unknown = set(refuses) - set(_BY_NAME)

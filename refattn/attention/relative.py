@@ -1,5 +1,7 @@
 """Relative-position attention (Shaw, Uszkoreit & Vaswani 2018) and its backward.
 
+Axes as :func:`refattn.sdpa` (``...`` batch, ``Hq``/``Hk`` query/kv heads, ``Lq``/``Lk``
+lengths, ``D``/``Dv`` head dims) and ``2M+1`` relative-distance buckets:
 ``q (..., Hq, Lq, D)``, ``k (..., Hk, Lk, D)``, ``v (..., Hk, Lk, Dv)``, ``rel_k (2M+1, D)``,
 ``rel_v (2M+1, Dv)`` with ``M = max_distance``; ``idx_ij = clip(j − i, −M, M) + M``::
 
@@ -24,6 +26,24 @@ __all__ = ["RelativeAttentionGrads", "relative_attention", "relative_attention_b
 
 
 class RelativeAttentionGrads(NamedTuple):
+    """Gradients of :func:`relative_attention` (returned by :func:`relative_attention_backward`),
+    each float64 and of its input's shape: GQA groups and broadcast dims are summed back.
+
+    Fields
+    ------
+    dq : ndarray, shape of ``q`` (..., Hq, Lq, D)
+    dk : ndarray, shape of ``k`` (..., Hk, Lk, D)
+    dv : ndarray, shape of ``v`` (..., Hk, Lk, Dv)
+    drel_k : ndarray, shape (2M+1, D)
+        Summed over batch, heads and query-key pairs of each bucket.
+    drel_v : ndarray, shape (2M+1, Dv)
+        Summed likewise.
+    dbias : ndarray or None
+        Shape of ``bias``; None when no bias was given.
+    dsinks : ndarray or None
+        Shape of ``sinks``; None when no sinks were given.
+    """
+
     dq: np.ndarray
     dk: np.ndarray
     dv: np.ndarray
@@ -63,8 +83,50 @@ _NO_BACKEND = "relative_attention builds its scores (q kᵀ plus the relative te
 
 @takes_sdpa_options(refuses={"backend": _NO_BACKEND})
 def relative_attention(q, k, v, rel_k, rel_v, *, max_distance, return_lse=False, **options):
-    """Shaw relative attention ``out (..., Hq, Lq, Dv)`` [, ``lse``]; ``options`` as :func:`refattn.sdpa`
-    but ``backend`` (refused: NumPy only)."""
+    """Relative-position attention (Shaw, Uszkoreit & Vaswani 2018): learned embeddings of the
+    clipped distance ``j − i`` join the keys and the values.
+
+    With ``M = max_distance`` and ``idx_ij = clip(j − i, −M, M) + M`` (raw indices, no alignment
+    offset)::
+
+        s0_ij = scale · (q_i·k_j + q_i·rel_k[idx_ij])        then sdpa's steps 2-6
+        out_i = Σ_j P̃_ij (v_j + rel_v[idx_ij])
+
+    (softcap, bias, masks, softmax with sinks, dropout as :func:`refattn.sdpa`; ``P̃`` the
+    weights after dropout).  The options are :func:`refattn.sdpa`'s; ``backend`` is refused (the
+    scores are built in NumPy).
+
+    Parameters
+    ----------
+    q : array_like, shape (..., Hq, Lq, D)
+        Queries; finite, converted to float64.
+    k : array_like, shape (..., Hk, Lk, D)
+        Keys; ``Hk`` divides ``Hq`` (GQA); finite.
+    v : array_like, shape (..., Hk, Lk, Dv)
+        Values; finite.
+    rel_k : array_like, shape (2M+1, D)
+        Key embedding of each clipped distance, row ``r`` for ``j − i = r − M``; shared by every
+        batch element and head.
+    rel_v : array_like, shape (2M+1, Dv)
+        Value embedding of each clipped distance, likewise.
+    max_distance : int
+        ``M >= 0``: distances beyond ``±M`` share the end buckets (``M = 0``: one bucket).
+    return_lse : bool, default False
+        Also return ``lse``.
+
+    Returns
+    -------
+    out : ndarray of float64, shape (..., Hq, Lq, Dv)
+        ``...`` is the broadcast of q's, k's and v's batch dims.
+    lse : ndarray of float64, shape (..., Hq, Lq)
+        Only with ``return_lse=True``, as ``(out, lse)``: the log of each row's softmax
+        denominator, the sink included; ``-inf`` on empty rows.
+
+    Raises
+    ------
+    RefAttnError
+        A bad shape, value or option, e.g. ``rel_k`` not ``(2·max_distance+1, D)``.
+    """
     return_lse = as_flag(return_lse, "return_lse")
     a, rk, rv, e, f = _setup(q, k, v, rel_k, rel_v, max_distance, options)
     pd = f.p if a.keep_scale is None else f.p * a.keep_scale  # (..., Hq, Lq, Lk)
@@ -74,8 +136,35 @@ def relative_attention(q, k, v, rel_k, rel_v, *, max_distance, return_lse=False,
 
 @takes_sdpa_options(refuses={"backend": _NO_BACKEND, "return_lse": BACKWARD_RETURN_LSE})
 def relative_attention_backward(d_out, q, k, v, rel_k, rel_v, *, max_distance, d_lse=None, **options):
-    """Gradients of :func:`relative_attention` → :class:`RelativeAttentionGrads`; options as the
-    forward's (``backend`` and ``return_lse`` refused)."""
+    """Gradients of :func:`relative_attention`: the vector-Jacobian product of ``out`` (and ``lse``)
+    at q, k, v, rel_k, rel_v, bias and sinks.
+
+    With ``B(X)_ir = Σ_j X_ij [idx_ij = r]`` (bucketing): ``drel_v = Σ B(P̃)ᵀ d_out``,
+    ``dP̃_ij = d_out_i·(ṽ_j + rel_v[idx_ij])``; sdpa's steps 6 back to 2 give ``ds0``; then
+    ``dq = scale·(ds0 k̃ + B(ds0) rel_k)``, ``dk̃ = scale·ds0ᵀ q``, ``drel_k = scale·Σ B(ds0)ᵀ q``
+    (``specs/relative.md``).  The options must be those of the forward call; ``backend`` and
+    ``return_lse`` are refused.
+
+    Parameters
+    ----------
+    d_out : array_like, shape (..., Hq, Lq, Dv)
+        Cotangent of ``out``: exactly the output's shape, finite.
+    q, k, v : array_like
+        As :func:`relative_attention`: ``(..., Hq, Lq, D)``, ``(..., Hk, Lk, D)``,
+        ``(..., Hk, Lk, Dv)``.
+    rel_k, rel_v : array_like
+        As the forward's: ``(2M+1, D)`` and ``(2M+1, Dv)``.
+    max_distance : int
+        ``M``, as the forward's.
+    d_lse : array_like, shape (..., Hq, Lq), optional
+        Cotangent of ``lse`` (when the forward returned it).  Default None: no lse term.
+
+    Returns
+    -------
+    RelativeAttentionGrads
+        ``(dq, dk, dv, drel_k, drel_v, dbias, dsinks)``, float64, each of its input's shape;
+        ``dbias``/``dsinks`` None without bias/sinks.
+    """
     a, rk, rv, e, f = _setup(q, k, v, rel_k, rel_v, max_distance, options)
     ve = _sdpa.expand_kv(a.v, a.groups)  # (..., Hq, Lk, Dv)
     d_o = as_cotangent(d_out, a.score_shape[:-1] + (rv.shape[-1],), "d_out")

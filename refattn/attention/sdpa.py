@@ -419,8 +419,9 @@ def sdpa(
     empty_rows : {"zero", "nan", "uniform"}, default "zero"
         The result for an *empty* row (every key disallowed and no finite sink): ``"zero"``, P
         and out 0 (PyTorch's safe softmax, flash-attn); ``"nan"``, NaN (xformers, eager
-        softmax); ``"uniform"``, ``P = 1/Lk`` and out the mean of v over all ``Lk`` keys (a
-        finite fill such as ``finfo.min``).  lse is ``-inf`` there under every policy.
+        softmax); ``"uniform"``, ``P = 1/Lk`` and out the mean of v over all ``Lk`` keys,
+        dropout applied (as a finite fill such as ``finfo.min`` gives).  lse is ``-inf`` there
+        under every policy.
     return_lse : bool, default False
         Also return ``lse``.
     backend : {"auto", "numpy", "numba"}, default "auto"
@@ -711,7 +712,8 @@ def attention_weights(
     Returns
     -------
     P : ndarray of float64, shape (..., Hq, Lq, Lk)
-        Rows sum to 1 (to ``1 − exp(sink − lse)`` with sinks), 0 where disallowed.
+        Rows sum to 1 (to ``1 − exp(sink − lse)`` with sinks), 0 where disallowed; an empty
+        row is 0, NaN or ``1/Lk`` as ``empty_rows`` says.
     """
     a = validate(
         q,

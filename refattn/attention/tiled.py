@@ -1,6 +1,9 @@
 """Tiled formulations of sdpa: query chunks, the online-softmax (FlashAttention-2) algorithm,
 and the split-KV merge.  Each equals :func:`refattn.sdpa` on every option it accepts.
 
+Axes as :func:`refattn.sdpa`: ``...`` batch, ``Hq``/``Hk`` query/kv heads, ``Lq``/``Lk`` lengths,
+``D``/``Dv`` head dims; ``S`` split-KV partials.
+
 * ``sdpa_chunked(q, k, v, *, chunk_size)``: sdpa on query chunks of ``chunk_size`` rows
   (the memory-efficient recipe); masks, bias and dropout are sliced with global indices.
 * ``sdpa_online(q, k, v, *, block_q, block_k)``: the FlashAttention-2 forward — for each
@@ -35,6 +38,16 @@ __all__ = [
 
 
 class CombineGrads(NamedTuple):
+    """Gradients of :func:`combine_partials` (returned by :func:`combine_partials_backward`), float64.
+
+    Fields
+    ------
+    douts : ndarray, shape of ``outs`` (S, ..., Lq, Dv)
+        ``w_s · d_out``.
+    dlses : ndarray, shape of ``lses`` (S, ..., Lq)
+        ``w_s · ((out_s − out)·d_out + d_lse)``.
+    """
+
     douts: np.ndarray
     dlses: np.ndarray
 
@@ -67,8 +80,34 @@ _ONLINE_BACKEND = 'sdpa_online is the online-softmax algorithm in NumPy; refattn
 
 @takes_sdpa_options(refuses={"backend": _CHUNKED_BACKEND})
 def sdpa_chunked(q, k, v, *, chunk_size, return_lse=False, **options):
-    """sdpa computed ``chunk_size`` query rows at a time; same results and options as :func:`refattn.sdpa`
-    but ``backend`` (refused: each chunk is an sdpa call with ``backend="auto"``)."""
+    """sdpa computed ``chunk_size`` query rows at a time (the memory-efficient recipe, Rabe & Staats
+    2021); same results and options as :func:`refattn.sdpa`.
+
+    ``out[..., i0:i1, :] = sdpa(q[..., i0:i1, :], k, v, ...)`` for each chunk of rows, with
+    causal and window turned into an explicit mask built with the global row indices, and
+    ``mask``, ``bias`` and ``dropout_mask`` sliced to the chunk's rows.  ``backend`` is refused
+    (each chunk is an sdpa call with ``backend="auto"``).
+
+    Parameters
+    ----------
+    q : array_like, shape (..., Hq, Lq, D)
+        Queries; finite, converted to float64.
+    k : array_like, shape (..., Hk, Lk, D)
+        Keys; ``Hk`` divides ``Hq`` (GQA); finite.
+    v : array_like, shape (..., Hk, Lk, Dv)
+        Values; finite.
+    chunk_size : int
+        Query rows per chunk, >= 1; need not divide ``Lq`` (the last chunk is shorter).
+    return_lse : bool, default False
+        Also return ``lse``.
+
+    Returns
+    -------
+    out : ndarray of float64, shape (..., Hq, Lq, Dv)
+        As :func:`refattn.sdpa`'s (to float64 rounding).
+    lse : ndarray of float64, shape (..., Hq, Lq)
+        Only with ``return_lse=True``, as ``(out, lse)``; ``-inf`` on empty rows.
+    """
     chunk = as_int(chunk_size, "chunk_size", minimum=1)
     return_lse = as_flag(return_lse, "return_lse")
     a = _sdpa.validate(q, k, v, **options)
@@ -83,8 +122,29 @@ def sdpa_chunked(q, k, v, *, chunk_size, return_lse=False, **options):
 
 @takes_sdpa_options(refuses={"backend": _CHUNKED_BACKEND, "return_lse": BACKWARD_RETURN_LSE})
 def sdpa_chunked_backward(d_out, q, k, v, *, chunk_size, d_lse=None, **options):
-    """Gradients of :func:`sdpa_chunked`: per chunk, dq rows written, dk/dv/dbias/dsinks summed; options
-    as the forward's (``backend`` and ``return_lse`` refused)."""
+    """Gradients of :func:`sdpa_chunked`: :func:`refattn.sdpa_backward` per chunk of query rows.
+
+    Each chunk writes its rows of ``dq`` (and of the full-size ``dbias``); ``dk``, ``dv`` and
+    ``dsinks`` are summed over the chunks.  The options must be those of the forward call;
+    ``backend`` and ``return_lse`` are refused.
+
+    Parameters
+    ----------
+    d_out : array_like, shape (..., Hq, Lq, Dv)
+        Cotangent of ``out``: exactly the output's shape, finite.
+    q, k, v : array_like
+        As :func:`sdpa_chunked`: ``(..., Hq, Lq, D)``, ``(..., Hk, Lk, D)``, ``(..., Hk, Lk, Dv)``.
+    chunk_size : int
+        Query rows per chunk, >= 1.
+    d_lse : array_like, shape (..., Hq, Lq), optional
+        Cotangent of ``lse`` (when the forward returned it).  Default None: no lse term.
+
+    Returns
+    -------
+    SDPAGrads
+        ``(dq, dk, dv, dbias, dsinks)``, float64, each of its input's shape;
+        ``dbias``/``dsinks`` None without bias/sinks.
+    """
     chunk = as_int(chunk_size, "chunk_size", minimum=1)
     a = _sdpa.validate(q, k, v, **options)
     d_o = as_cotangent(d_out, a.score_shape[:-1] + a.v.shape[-1:], "d_out")
@@ -153,8 +213,43 @@ class _Tiles:
 
 @takes_sdpa_options(refuses={"backend": _ONLINE_BACKEND})
 def sdpa_online(q, k, v, *, block_q, block_k, return_lse=False, **options):
-    """The FlashAttention-2 forward; same results and options as :func:`refattn.sdpa` but ``backend``
-    (refused: this is the algorithm in NumPy)."""
+    """The FlashAttention-2 forward (online softmax over key blocks); same results and options as
+    :func:`refattn.sdpa`.
+
+    For each block of ``block_q`` queries, over blocks of ``block_k`` keys, with a running max
+    ``m``, sum ``l`` and accumulator ``acc`` per row (initialised with the sink: ``m = σ``,
+    ``l = 1``)::
+
+        s = tile logits (scale, softcap, bias, masks)               (..., Hq, bq, bk)
+        m' = max(m, rowmax(s));  α = exp(m − m');  P = exp(s − m')
+        l = α l + rowsum(P);     acc = α acc + (P ⊙ keep/(1−p)) v_tile
+        out = acc / l,  lse = m + log l                              (l = 0: an empty row)
+
+    Only ``block_q × block_k`` tiles of scores exist, never ``Lq × Lk``.  ``backend`` is refused
+    (this is the algorithm in NumPy; ``refattn.sdpa(..., backend="numba")`` runs it compiled).
+
+    Parameters
+    ----------
+    q : array_like, shape (..., Hq, Lq, D)
+        Queries; finite, converted to float64.
+    k : array_like, shape (..., Hk, Lk, D)
+        Keys; ``Hk`` divides ``Hq`` (GQA); finite.
+    v : array_like, shape (..., Hk, Lk, Dv)
+        Values; finite.
+    block_q : int
+        Query rows per block, >= 1; need not divide ``Lq``.
+    block_k : int
+        Keys per block, >= 1; need not divide ``Lk``.
+    return_lse : bool, default False
+        Also return ``lse``.
+
+    Returns
+    -------
+    out : ndarray of float64, shape (..., Hq, Lq, Dv)
+        As :func:`refattn.sdpa`'s (to float64 rounding).
+    lse : ndarray of float64, shape (..., Hq, Lq)
+        Only with ``return_lse=True``, as ``(out, lse)``; ``-inf`` on empty rows.
+    """
     bq, bk = as_int(block_q, "block_q", minimum=1), as_int(block_k, "block_k", minimum=1)
     return_lse = as_flag(return_lse, "return_lse")
     a = _sdpa.validate(q, k, v, **options)
@@ -188,8 +283,32 @@ def sdpa_online(q, k, v, *, block_q, block_k, return_lse=False, **options):
 
 @takes_sdpa_options(refuses={"backend": _ONLINE_BACKEND, "return_lse": BACKWARD_RETURN_LSE})
 def sdpa_online_backward(d_out, q, k, v, *, block_q, block_k, d_lse=None, **options):
-    """The FlashAttention-2 backward (P recomputed from lse, ``Δ = rowsum(dO ∘ O)``) → ``SDPAGrads``;
-    options as the forward's (``backend`` and ``return_lse`` refused)."""
+    """The FlashAttention-2 backward: P recomputed from lse, tile by tile.
+
+    Out and lse are recomputed by :func:`sdpa_online`; ``Δ_i = rowsum(dO_i ∘ O_i)``; per tile
+    ``P = exp(s − lse)``, ``dṽ += P̃ᵀ dO``, ``dP = (dO ṽᵀ) ⊙ keep/(1−p)``,
+    ``ds = P ⊙ (dP − Δ + d_lse)``, then back through the softcap, ``dq += scale·ds k̃``,
+    ``dk̃ += scale·dsᵀ q``; the sinks get ``Σ_i P_σ,i (d_lse_i − Δ_i)`` (``specs/tiled.md``).
+    The options must be those of the forward call; ``backend`` and ``return_lse`` are refused.
+
+    Parameters
+    ----------
+    d_out : array_like, shape (..., Hq, Lq, Dv)
+        Cotangent of ``out``: exactly the output's shape, finite.
+    q, k, v : array_like
+        As :func:`sdpa_online`: ``(..., Hq, Lq, D)``, ``(..., Hk, Lk, D)``, ``(..., Hk, Lk, Dv)``.
+    block_q, block_k : int
+        Query rows and keys per block, >= 1.
+    d_lse : array_like, shape (..., Hq, Lq), optional
+        Cotangent of ``lse`` (when the forward returned it); ignored on empty rows.  Default
+        None: no lse term.
+
+    Returns
+    -------
+    SDPAGrads
+        ``(dq, dk, dv, dbias, dsinks)``, float64, each of its input's shape;
+        ``dbias``/``dsinks`` None without bias/sinks.
+    """
     bq, bk = as_int(block_q, "block_q", minimum=1), as_int(block_k, "block_k", minimum=1)
     a = _sdpa.validate(q, k, v, **options)
     out, lse = sdpa_online(q, k, v, block_q=bq, block_k=bk, return_lse=True, **options)
@@ -257,13 +376,48 @@ def _combine_setup(outs, lses):
 
 
 def combine_partials(outs, lses):
-    """Merge split-KV partials: ``(out (..., Lq, Dv), lse (..., Lq))``; all-empty rows give 0 and ``-inf``."""
+    """Merge split-KV partials (flash-decoding): attention over the union of key splits from each
+    split's output and lse.
+
+    ``lse = log Σ_s exp(lse_s)``, ``w_s = exp(lse_s − lse)``, ``out = Σ_s w_s out_s``, the sum
+    formed as ``max + log1p(tail)`` (refattn's softmax).  A partial with ``lse_s = -inf`` (no key
+    in its split) contributes nothing; a row where every partial is empty gives ``out = 0``,
+    ``lse = -inf`` (the ``"zero"`` policy).
+
+    Parameters
+    ----------
+    outs : array_like, shape (S, ..., Lq, Dv)
+        The ``S`` partial outputs, stacked on the first axis (``...`` e.g. batch and heads); finite.
+    lses : array_like, shape (S, ..., Lq)
+        Their log-sum-exps, ``outs.shape[:-1]``; finite or ``-inf``.
+
+    Returns
+    -------
+    out : ndarray of float64, shape (..., Lq, Dv)
+    lse : ndarray of float64, shape (..., Lq)
+    """
     outs, _, w, lse = _combine_setup(outs, lses)
     return np.einsum("s...i,s...ie->...ie", w, outs), lse
 
 
 def combine_partials_backward(d_out, outs, lses, *, d_lse=None):
-    """Gradients of :func:`combine_partials` → :class:`CombineGrads` (``douts``, ``dlses``)."""
+    """Gradients of :func:`combine_partials`: ``douts_s = w_s d_out``,
+    ``dlses_s = w_s ((out_s − out)·d_out + d_lse)``.
+
+    Parameters
+    ----------
+    d_out : array_like, shape (..., Lq, Dv)
+        Cotangent of ``out``: exactly the output's shape, finite.
+    outs, lses : array_like
+        As :func:`combine_partials`: ``(S, ..., Lq, Dv)`` and ``(S, ..., Lq)``.
+    d_lse : array_like, shape (..., Lq), optional
+        Cotangent of ``lse``.  Default None: no lse term.
+
+    Returns
+    -------
+    CombineGrads
+        ``(douts, dlses)``, float64, of the shapes of ``outs`` and ``lses``.
+    """
     outs, lses, w, lse = _combine_setup(outs, lses)
     out = np.einsum("s...i,s...ie->...ie", w, outs)
     d_o = as_cotangent(d_out, out.shape, "d_out")

@@ -19,6 +19,9 @@ largest twin error sets the budget.  Rules (``specs/compare.md``):
 A float64 candidate has no meaningful twin (a float64 twin is the golden); every rule then allows
 ``FLOAT64_BUDGET · max(1, max|golden|)``, the budget refattn holds its own kernels to.
 NaN and ±inf must sit where the golden has them; elsewhere they fail.
+
+Axes as :func:`refattn.sdpa`: ``...`` batch, ``Hq``/``Hk`` query/kv heads, ``Lq``/``Lk`` lengths,
+``D``/``Dv`` head dims.
 """
 
 from __future__ import annotations
@@ -48,12 +51,15 @@ __all__ = [
     "judge",
 ]
 
+#: The tolerance rules (``rule=``).
 RULES = ("flash", "torch", "allclose")
 FLASH_FACTOR = {"output": 2.0, "gradient": 3.0}
 TORCH_FUDGE = 5.0
+#: A float64 candidate's budget, relative to ``max(1, max|golden|)``, under every rule.
 FLOAT64_BUDGET = 1e-12
-# PyTorch test_transformers.py default_atol/default_rtol (float32, float16, bfloat16); float8: the
-# bfloat16 values scaled by the ratio of unit roundoffs (refattn's extension, not PyTorch's).
+#: The torch rule's ``{dtype: (atol₀, rtol₀)}``, PyTorch test_transformers.py's
+#: default_atol/default_rtol (float32, float16, bfloat16); float8: the bfloat16 values scaled by the
+#: ratio of unit roundoffs (refattn's extension, not PyTorch's).
 TORCH_DEFAULTS = {
     "float32": (1e-5, 1.3e-6),
     "float16": (1e-3, 1e-3),
@@ -61,8 +67,9 @@ TORCH_DEFAULTS = {
     "float8_e4m3": (1.6e-2, 2.56e-1),
     "float8_e5m2": (3.2e-2, 5.12e-1),
 }
-# xformers' memory-efficient attention ERROR_ATOL / ERROR_RTOL (float32, float16, bfloat16);
-# float8: the bfloat16 values scaled by the ratio of unit roundoffs.
+#: The allclose rule's ``{dtype: (atol, rtol)}`` for outputs, xformers' memory-efficient attention
+#: ERROR_ATOL / ERROR_RTOL (float32, float16, bfloat16); float8: the bfloat16 values scaled by the
+#: ratio of unit roundoffs.
 ALLCLOSE_TOLERANCES = {
     "float32": (3e-4, 2e-5),
     "float16": (4e-3, 4e-4),
@@ -70,7 +77,8 @@ ALLCLOSE_TOLERANCES = {
     "float8_e4m3": (3.2e-1, 8e-2),
     "float8_e5m2": (6.4e-1, 1.6e-1),
 }
-# xformers' AttentionBwOpBase ERROR_ATOL / ERROR_RTOL for gradients; float8 scaled as above.
+#: The allclose rule's ``{dtype: (atol, rtol)}`` for gradients, xformers' AttentionBwOpBase
+#: ERROR_ATOL / ERROR_RTOL; float8 scaled as above.
 ALLCLOSE_GRAD_TOLERANCES = {
     "float32": (9e-4, 1e-4),
     "float16": (0.2, 0.02),
@@ -121,6 +129,10 @@ class Judgement:
         return self.max_error / self.allowed if self.allowed > 0 else (0.0 if self.max_error == 0 else math.inf)
 
     def report(self):
+        """This quantity's lines of the report: status; the worst element (index, actual, golden);
+        allowed, floor, twin error and the twin that sets it; the closest twin; the error ratios;
+        the elements and rows over budget, the worst rows and whether the failures are confined to
+        masked/padded rows; NaN/inf placement differences."""
         status = "ok" if self.passed else "FAIL"
         lines = [f"{self.quantity}: {status} (rule {self.rule!r}, dtype {self.dtype})"]
         if self.worst_index is not None:
@@ -169,6 +181,8 @@ class Verdict:
         raise KeyError(quantity)
 
     def report(self):
+        """The full report: a headline (``refattn: candidate matches`` or ``does NOT match``), then
+        each :meth:`Judgement.report` (the message of :class:`AttentionMismatch`)."""
         head = "refattn: candidate matches" if self.passed else "refattn: candidate does NOT match"
         return "\n".join([head] + [j.report() for j in self.judgements])
 
@@ -225,12 +239,56 @@ def judge(
 ):
     """Apply ``rule`` to one quantity; returns a :class:`Judgement` (raises nothing on a mismatch).
 
-    ``actual``, ``golden``: arrays of one shape.  ``twin``: an array of that shape, or a mapping
-    ``{name: array}`` of admissible twins whose elementwise largest error ``max_i |twin_i − golden|``
-    is the twin error (None for float64).  ``kind``:
-    ``"output"`` or ``"gradient"`` (from the name when None: ``out``/``lse`` are outputs).
-    ``masked_rows``: bool, broadcastable to ``actual.shape[:-1]``, True on rows that are masked or
-    padded.  ``factor`` overrides flash's k, ``atol``/``rtol`` the torch/allclose tolerances.
+    With ``e = |actual − golden|`` where both are finite, ``g = golden`` and ``t`` the twin
+    envelope (elementwise the largest ``|twin_i − golden|``): ``"flash"`` passes when
+    ``max e <= k · max t + floor``; ``"torch"`` and ``"allclose"`` when elementwise
+    ``e <= atol + rtol · |g|`` (see the module docstring and ``specs/compare.md``).  For
+    ``dtype="float64"`` every rule allows ``FLOAT64_BUDGET · max(1, max|g|)``.  NaN and ``±inf``
+    must sit where the golden has them.
+
+    Parameters
+    ----------
+    quantity : str
+        Its name in the report (``"out"``, ``"lse"``, ``"dq"``, ...); also sets ``kind``'s default.
+    actual : array_like
+        The candidate's values, any shape; real (float, int, bfloat16/float8), NaN and ``±inf``
+        allowed.
+    golden : array_like
+        The float64 reference, of ``actual``'s shape.
+    twin : array_like or mapping of str to array_like, optional
+        The low-precision twin's values, of that shape, or ``{name: array}`` of several admissible
+        twins (the one with the largest error is named in the report).  Ignored for float64.
+        Default None: no twin (twin error 0).
+    dtype : str, dtype or Format
+        The precision the candidate computed in (:func:`refattn.lowp.format_of`).
+    rule : {"flash", "torch", "allclose"}, default "flash"
+        The tolerance rule.
+    kind : {"output", "gradient"}, optional
+        Sets flash's ``k`` (2 or 3) and the allclose table.  Default None: ``"output"`` for
+        ``out`` and ``lse``, ``"gradient"`` otherwise.
+    masked_rows : array_like of bool, broadcastable to actual.shape[:-1], optional
+        True on rows that are masked or padded: the report says whether every failing row is one.
+        Default None.
+    factor : float, optional
+        Overrides flash's ``k``.  Default None.
+    fudge : float, default 5.0
+        The torch rule's multiplier of the twin's errors (``TORCH_FUDGE``).
+    atol, rtol : float, optional
+        Override the torch/allclose tolerances (the torch rule's derived ones included).  Default
+        None.
+    max_rows : int, default 5
+        How many of the worst rows the judgement keeps for the report.
+
+    Returns
+    -------
+    Judgement
+        Pass or fail, the errors, the budget and where the worst elements and rows are.
+
+    Raises
+    ------
+    RefAttnError
+        Shapes that differ, an unknown rule, kind or dtype (``RefAttnTypeError`` for a complex,
+        bool or non-numeric array).
     """
     as_choice(rule, "rule", RULES)
     fmt = lowp.format_of(dtype)
@@ -383,16 +441,69 @@ def check_attention(
 ):
     """Judge a candidate's ``out`` (and ``lse``, gradients) against the golden; returns a :class:`Verdict`.
 
-    ``actual``: the candidate's output ``(..., Hq, Lq, Dv)`` for inputs ``q, k, v`` and sdpa
-    ``options``.  ``lse``: its log-sum-exp, if it returns one.  ``grads``: its gradients for the
-    cotangents ``d_out`` [, ``d_lse``] (a mapping with keys dq, dk, dv, dbias, dsinks or a tuple in that order).
-    ``dtype``: the precision the candidate computed in (its inputs are taken to be ``q, k, v``
-    rounded to it: pass the float64 values the candidate's low-precision inputs hold).
-    ``twins``: the admissible implementations the budget covers — ``"admissible"`` (every entry of
-    :data:`refattn.lowp.TWIN_VARIANTS`), one of their names, or a mapping ``{name: choices}`` of
-    :func:`refattn.lowp.sdpa_twin` keyword choices; each quantity's twin error is the largest.
-    ``return_lse`` is accepted and ignored (the options of an sdpa call pass as they are; ``lse`` is
-    judged when given); ``backend`` is refused.
+    The golden is :func:`refattn.sdpa` / :func:`refattn.sdpa_backward` in float64 on ``q, k, v``
+    and the sdpa options; the twins are :func:`refattn.lowp.sdpa_twin` /
+    :func:`~refattn.lowp.sdpa_twin_backward` in ``dtype``, once per admissible implementation;
+    each quantity is judged by :func:`judge` under ``rule``, its twin error the largest over the
+    twins.  The options are :func:`refattn.sdpa`'s, as passed to the candidate; ``return_lse`` is
+    accepted and ignored (the options of an sdpa call pass as they are; ``lse`` is judged when
+    given); ``backend`` is refused (the golden uses ``backend="auto"``).
+
+    Parameters
+    ----------
+    actual : array_like, shape (..., Hq, Lq, Dv)
+        The candidate's output for these inputs and options; any real dtype.
+    q : array_like, shape (..., Hq, Lq, D)
+        The float64 values the candidate's query input held (its low-precision inputs converted
+        exactly; the twins round to ``dtype``, which leaves them unchanged).
+    k : array_like, shape (..., Hk, Lk, D)
+        Keys, likewise; ``Hk`` divides ``Hq``.
+    v : array_like, shape (..., Hk, Lk, Dv)
+        Values, likewise.
+    dtype : str, dtype or Format
+        The precision the candidate computed in (:func:`refattn.lowp.format_of`); ``"float64"``
+        gets the fixed float64 budget.
+    lse : array_like, shape (..., Hq, Lq), optional
+        The candidate's log-sum-exp, judged as an output.  Default None: not judged.
+    grads : mapping or tuple, optional
+        The candidate's gradients for ``d_out`` (and ``d_lse``): a mapping with keys among dq, dk,
+        dv, dbias, dsinks or a tuple ``(dq, dk, dv[, dbias, dsinks])``; None entries are skipped.
+        Default None: no gradient judged.
+    d_out : array_like, shape (..., Hq, Lq, Dv), optional
+        The cotangent the gradients were computed for; required with ``grads``.  Default None.
+    d_lse : array_like, shape (..., Hq, Lq), optional
+        The lse cotangent, if the gradients include one.  Default None.
+    rule : {"flash", "torch", "allclose"}, default "flash"
+        The tolerance rule for every quantity (module docstring, ``specs/compare.md``).
+    accumulate : {"float32", "float64"}, default "float32"
+        The twins' accumulation precision.
+    twins : str or mapping, default "admissible"
+        The implementations the budget covers: ``"admissible"`` (every entry of
+        :data:`refattn.lowp.TWIN_VARIANTS`), one of their names, or a mapping ``{name: choices}``
+        of :func:`refattn.lowp.sdpa_twin` keyword choices.
+    factor_out : float, optional
+        Overrides flash's ``k`` for ``out`` and ``lse``.  Default None: 2.
+    factor_grad : float, optional
+        Overrides flash's ``k`` for the gradients.  Default None: 3.
+    fudge : float, default 5.0
+        The torch rule's multiplier of the twin's errors.
+    atol, rtol : float, optional
+        Override the torch/allclose tolerances of every quantity.  Default None.
+    return_lse : bool, default False
+        Accepted and ignored.
+
+    Returns
+    -------
+    Verdict
+        One :class:`Judgement` for ``out``, then ``lse`` and each gradient given; truthy when all
+        pass; ``.report()`` explains.
+
+    Raises
+    ------
+    RefAttnError
+        A bad shape, value or option; ``grads`` without ``d_out``; a gradient of an input the
+        call does not have (``dbias`` without ``bias``).  A mismatch is not raised: it is the
+        verdict.
     """
     # the candidate's arrays first: a complex or non-numeric one is refused before any work
     actual = _as_real_array(actual, "actual")
@@ -471,7 +582,26 @@ def _twin_variants(twins):
 @takes_sdpa_options(like=check_attention)
 def assert_attention_close(actual, q, k, v, *, dtype, **kwargs):
     """Raise :class:`AttentionMismatch` (an AssertionError with the report) unless the candidate
-    passes; returns the :class:`Verdict` otherwise.  Arguments as :func:`check_attention`."""
+    passes; returns the :class:`Verdict` otherwise.  Arguments as :func:`check_attention`.
+
+    Parameters
+    ----------
+    actual, q, k, v, dtype, lse, grads, d_out, d_lse
+        The candidate, its inputs and what it returned, as :func:`check_attention`'s.
+    rule, accumulate, twins, factor_out, factor_grad, fudge, atol, rtol, return_lse
+        The rule and its settings, as :func:`check_attention`'s (same defaults).
+
+    Returns
+    -------
+    Verdict
+        The passing verdict.
+
+    Raises
+    ------
+    AttentionMismatch
+        The candidate fails; its message is ``verdict.report()``, its ``verdict`` attribute the
+        :class:`Verdict`.
+    """
     verdict = check_attention(actual, q, k, v, dtype=dtype, **kwargs)
     if not verdict.passed:
         raise AttentionMismatch(verdict)
