@@ -19,9 +19,12 @@ import numpy as np
 
 __all__ = ["FULL", "QUICK", "estimate_seconds", "numba_version", "parse_args", "parser", "plan_lines", "progress"]
 
+#: The defaults of a full run: SDPA sizes, repeats, peak-memory sizes, whether the rollout section runs.
 FULL = {"sizes": [1024, 4096, 16384], "repeats": 5, "memory_sizes": [8192, 16384, 32768], "rollout": True}
+#: The defaults under ``--quick`` (same keys as :data:`FULL`).
 QUICK = {"sizes": [1024, 4096], "repeats": 3, "memory_sizes": [4096, 8192], "rollout": False}
-NUMPY_MAX_N = 4096  # the NumPy SDPA rows (an N×N score matrix per head) and every backward row stop here
+#: The NumPy SDPA rows (an N×N score matrix per head) and every backward row stop at this N.
+NUMPY_MAX_N = 4096
 
 # Share of the float64 GEMM rate each method reaches (non-causal, causal), as measured in
 # benchmarks/RESULTS.md; the estimate divides each row's flops by share × this machine's rate.
@@ -50,6 +53,22 @@ def _positive_int(text):
 
 
 def parser(prog=None):
+    """The argument parser of the benchmark command (every option has help; ``--help`` lists them).
+
+    Options: ``--quick``, ``--sizes N…``, ``--repeats R``, ``--memory-sizes N…``,
+    ``--rollout`` / ``--no-rollout``, ``--output FILE``, ``--plan``, ``--quiet``.  The sizing options
+    default to None here: :func:`parse_args` fills them from :data:`FULL` or :data:`QUICK`.
+
+    Parameters
+    ----------
+    prog : str, optional
+        The program name in usage and errors (``"refattn bench"`` from the CLI).  Default None:
+        ``"python -m refattn.bench"``.
+
+    Returns
+    -------
+    argparse.ArgumentParser
+    """
     p = argparse.ArgumentParser(
         prog=prog or "python -m refattn.bench",
         description="Side-by-side measurements in one run: refattn kernel vs refattn NumPy vs PyTorch CPU vs "
@@ -95,8 +114,31 @@ def parser(prog=None):
 
 
 def parse_args(argv=None, prog=None):
-    """The parsed options with ``--quick`` resolved: ``sizes``, ``repeats``, ``memory_sizes``,
-    ``rollout`` hold the values to run with, ``explicit`` the names given on the command line."""
+    """The parsed options with ``--quick`` resolved.
+
+    ``--quick`` changes only the defaults: an option given explicitly keeps its value.
+
+    Parameters
+    ----------
+    argv : list of str, optional
+        The arguments (without the program name).  Default None: ``sys.argv[1:]``.
+    prog : str, optional
+        The program name for usage and errors (:func:`parser`).  Default None:
+        ``"python -m refattn.bench"``.
+
+    Returns
+    -------
+    argparse.Namespace
+        ``sizes`` (list of int), ``repeats`` (int), ``memory_sizes`` (list of int), ``rollout``
+        (bool): the values to run with; ``explicit``: the names among those four given on the
+        command line; ``quick``, ``output`` (str or None), ``plan``, ``quiet`` as given.
+
+    Raises
+    ------
+    SystemExit
+        argparse's exit (status 2, message on stderr) for a bad option, a non-positive size or
+        repeat count, or an ``--output`` that is a directory or whose folder does not exist.
+    """
     p = parser(prog)
     args = p.parse_args(argv)
     defaults = QUICK if args.quick else FULL
@@ -114,7 +156,13 @@ def parse_args(argv=None, prog=None):
 
 
 def numba_version():
-    """numba's version, or None when it is not installed (the kernel rows are then left out)."""
+    """numba's version, or None when it is not installed (the kernel rows are then left out).
+
+    Returns
+    -------
+    str or None
+        ``numba.__version__`` (numba is imported only when installed).
+    """
     if importlib.util.find_spec("numba") is None:
         return None
     import numba
@@ -127,7 +175,20 @@ def _torch_available():
 
 
 def gemm_probe(n=1024, repeats=3):
-    """This machine's float64 GEMM rate (FLOP/s) from a few quick products (for the estimate only)."""
+    """This machine's float64 GEMM rate from a few quick products (for the estimate only).
+
+    Parameters
+    ----------
+    n : int, default 1024
+        The products are ``n × n`` float64 matrices (``2·n³`` flops each).
+    repeats : int, default 3
+        Products timed; the fastest counts.
+
+    Returns
+    -------
+    float
+        FLOP/s.
+    """
     a = np.random.default_rng(0).standard_normal((n, n))
     best = float("inf")
     for _ in range(repeats):
@@ -138,7 +199,29 @@ def gemm_probe(n=1024, repeats=3):
 
 
 def estimate_seconds(args, rate, *, kernel, torch):
-    """The run's duration in seconds, estimated for ``args`` on a machine of GEMM rate ``rate``."""
+    """The run's duration in seconds, estimated for ``args`` on a machine of GEMM rate ``rate``.
+
+    Each timed row's flops (forward ``4·N²·D·H``, forward+backward ``14·N²·D·H``, causal half)
+    divided by the share of the GEMM rate its method reached in ``benchmarks/RESULTS.md``, times
+    the repeats, plus the pauses between timed calls, the GEMM measurement, the peak-memory rows
+    and the rollout section (scaled from its time there).  An estimate, not a bound.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        The options (:func:`parse_args`): ``sizes``, ``repeats``, ``memory_sizes``, ``rollout``.
+    rate : float
+        This machine's float64 GEMM rate in FLOP/s (:func:`gemm_probe`).
+    kernel : bool
+        Whether the kernel rows run (numba installed).
+    torch : bool
+        Whether the PyTorch rows run (torch installed).
+
+    Returns
+    -------
+    float
+        Seconds.
+    """
 
     def timed(flops, share):
         return args.repeats * (flops / (share * rate) + _PAUSE)
@@ -176,7 +259,25 @@ def _duration(seconds):
 
 
 def plan_lines(args, rate=None):
-    """What the run will do and how long it should take, as lines for stderr."""
+    """What the run will do and how long it should take, as lines for stderr.
+
+    The plan (each value and where it came from: ``given``, ``--quick`` or ``default``), the estimate
+    of this run, of the full run and of ``--quick`` (:func:`estimate_seconds`), and a line each when
+    numba or torch is not installed (their rows left out).
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        The options from :func:`parse_args` (with ``explicit`` and ``quick``).
+    rate : float, optional
+        The float64 GEMM rate in FLOP/s.  Default None: measured by :func:`gemm_probe` (about a
+        second).
+
+    Returns
+    -------
+    list of str
+        The lines, without newlines.
+    """
     kernel, torch = numba_version() is not None, _torch_available()
     rate = gemm_probe() if rate is None else rate
     source = {name: "given" if name in args.explicit else ("--quick" if args.quick else "default") for name in FULL}
@@ -202,7 +303,21 @@ def plan_lines(args, rate=None):
 
 
 def progress(args, stream=None):
-    """``say(text)``: one line ``refattn bench: [elapsed] text`` on stderr (nothing with ``--quiet``)."""
+    """The progress reporter of a run: ``say(text)`` writes one line ``refattn bench: [elapsed] text``.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        The options; with ``args.quiet`` true, ``say`` writes nothing.
+    stream : file-like, optional
+        Where the lines go (flushed after each).  Default None: ``sys.stderr`` at the time of each
+        line.
+
+    Returns
+    -------
+    callable
+        ``say(text)``; elapsed seconds are counted from this call.
+    """
     start = time.perf_counter()
 
     def say(text):

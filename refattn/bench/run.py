@@ -7,6 +7,9 @@ Without numba the kernel rows are left out (NumPy and PyTorch rows only).
 Times are medians of ``--repeats`` runs, methods interleaved round-robin (BLAS worker threads that
 keep spinning after a product slow whatever runs next); ratios matter, not absolute times.
 Flop convention: forward 4·N²·D per head, forward+backward 14·N²·D, causal half.
+
+The targets the last section judges are those of ``specs/kernels.md`` (Performance); the command is
+specified in ``specs/cli.md`` (``refattn bench``).
 """
 
 from __future__ import annotations
@@ -43,6 +46,20 @@ def _median_times(methods, repeats):
 
 
 def gemm_rate(n=2048, repeats=5):
+    """This machine's float64 GEMM rate, the yardstick of the table's "× GEMM rate" column.
+
+    Parameters
+    ----------
+    n : int, default 2048
+        The product is of an ``n × n`` float64 matrix with itself (``2·n³`` flops).
+    repeats : int, default 5
+        Products timed (0.15 s pause after each); the median counts.
+
+    Returns
+    -------
+    float
+        FLOP/s.
+    """
     a = np.random.default_rng(0).standard_normal((n, n))
     t = _median_times({"gemm": lambda: a @ a}, repeats)["gemm"]
     return 2 * n**3 / t
@@ -89,6 +106,37 @@ def _backward_methods(q, k, v, d_out, causal, torch):
 
 
 def sdpa_rows(sizes, repeats, gemm, heads=8, dim=64, say=None):
+    """The SDPA section: forward and forward+backward times of each method, float64 unless noted.
+
+    For each ``N``: ``q, k, v`` of shape ``(1, heads, N, dim)`` (standard normal, seeded by ``N``),
+    non-causal and causal.  Forward methods: the refattn kernel (with numba), refattn NumPy (``N <=
+    4096``), PyTorch CPU ``scaled_dot_product_attention`` in float64 and float32 (with torch).
+    Forward+backward (only ``N <= 4096``): ``sdpa(..., return_lse=True)`` then ``sdpa_backward(...,
+    saved=...)`` for the kernel and NumPy, PyTorch's SDPA + autograd in float64.  Methods are
+    interleaved round-robin, ``repeats`` times each.
+
+    Parameters
+    ----------
+    sizes : list of int
+        Sequence lengths ``N``.
+    repeats : int
+        Timed calls of each method; the median is reported.
+    gemm : float
+        The float64 GEMM rate in FLOP/s (:func:`gemm_rate`).
+    heads : int, default 8
+        Heads ``H``.
+    dim : int, default 64
+        Head dim ``D``.
+    say : callable, optional
+        ``say(text)`` is called with ``"SDPA N=…"`` before each size (progress).  Default None.
+
+    Returns
+    -------
+    list of tuple
+        One ``(pass, N, causal, method, seconds, GFLOP/s, fraction of the GEMM rate)`` per row;
+        ``pass`` is ``"forward"`` or ``"forward+backward"``, ``method`` e.g. ``"refattn kernel"``,
+        ``"torch float32"``.
+    """
     torch = importlib.util.find_spec("torch") and __import__("torch")
     rows = []
     for n in sizes:
@@ -120,9 +168,27 @@ def _peak_mib(fn, *args, **kwargs):
 
 
 def memory_rows(sizes, dim=64):
-    """Peak Python-visible allocation (tracemalloc) beyond inputs, H = 1: the forward, and the backward
-    with a broadcast ``(N,)`` bias (dbias reduced in the kernels; a dbias of the score shape would be
-    one N×N float64 array, ``8·N²`` bytes); the backward up to N = 8192, NumPy's up to 4096, to stay quick."""
+    """Peak Python-visible allocation (tracemalloc) beyond the inputs, B = H = 1.
+
+    The forward, and the backward with a broadcast ``(N,)`` bias (dbias reduced in the kernels; a
+    dbias of the score shape would be one N×N float64 array, ``8·N²`` bytes).  Rows: the kernel's
+    forward at every size, NumPy's up to N = 8192; the kernel's backward up to N = 8192, NumPy's up to
+    4096, to stay quick.  Each backend is called once on a 256-long problem first, so a compile is
+    not counted.
+
+    Parameters
+    ----------
+    sizes : list of int
+        Sequence lengths ``N``.
+    dim : int, default 64
+        Head dim ``D``.
+
+    Returns
+    -------
+    list of tuple
+        One ``(pass, N, backend, peak MiB, MiB of one N×D float64 array)`` per row; ``pass`` is
+        ``"forward"`` or ``"backward, bias (N,)"``, ``backend`` ``"numba"`` or ``"numpy"``.
+    """
 
     rows = []
     for n in sizes:
@@ -142,7 +208,34 @@ def memory_rows(sizes, dim=64):
 
 
 def rollout_rows(layers=28, heads=16, n=256, batch=32, repeats=5):
-    """Streaming rollout vs stacking every layer, and the head-mean pass alone (the bandwidth floor)."""
+    """The rollout section: streaming rollout vs stacking every layer, and the head-mean pass alone
+    (the bandwidth floor).
+
+    Every layer is one of two float32 maps ``(batch, heads, n, n)`` (a map and its rows reversed, so
+    the layers do not commute).  Rows: the kernel's head-mean pass (with numba), NumPy's, CLS-row
+    rollout (``rows=0``), streaming rollout (default backend and NumPy), the matrix chain
+    ``R ← Â R`` alone, rollout of the stacked layers.
+
+    Parameters
+    ----------
+    layers : int, default 28
+        Layers ``L``.
+    heads : int, default 16
+        Heads ``H``.
+    n : int, default 256
+        Tokens.
+    batch : int, default 32
+        Batch ``B``.
+    repeats : int, default 5
+        Timed runs of each method; the median is reported.
+
+    Returns
+    -------
+    rows : list of tuple
+        One ``(method, seconds, peak traced MiB)`` per row (the peak of the last run).
+    layer_mib : float
+        The size of one layer's maps in MiB.
+    """
     from refattn import kernels
 
     base = np.random.default_rng(2).random((batch, heads, n, n), dtype=np.float32)
@@ -199,6 +292,14 @@ def rollout_rows(layers=28, heads=16, n=256, batch=32, repeats=5):
 
 
 def loops_rows():
+    """The loops section: the explicit-loop reference against the matrix NumPy path, on one small
+    problem (``(1, 2, 32, 16)`` q, k, v), medians of 3.
+
+    Returns
+    -------
+    dict
+        ``{"loops": seconds, "matrix (numpy)": seconds}``.
+    """
     from refattn.attention import loops
 
     rng = np.random.default_rng(3)
@@ -210,12 +311,25 @@ def loops_rows():
 
 
 def compile_seconds():
+    """The first kernel call's time in a fresh Python process: a compile, or a load from numba's
+    on-disk cache.
+
+    Returns
+    -------
+    float
+        Seconds, as the child process reports them.
+
+    Raises
+    ------
+    subprocess.CalledProcessError
+        When the child process fails.
+    """
     import subprocess
     import sys
 
     code = (
         "import time, numpy as np, refattn; t = time.perf_counter(); "
-        "sdpa(np.ones((1, 2, 4)), np.ones((1, 2, 4)), np.ones((1, 2, 4)), backend='numba'); "
+        "refattn.sdpa(np.ones((1, 2, 4)), np.ones((1, 2, 4)), np.ones((1, 2, 4)), backend='numba'); "
         "print(time.perf_counter() - t)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -269,6 +383,24 @@ def _targets(timing, memory, rollout, layer_mib):
 
 
 def main(argv=None, prog=None):
+    """Run the benchmarks and print the Markdown table (``python -m refattn.bench``, ``refattn bench``).
+
+    The plan and the estimate go to stderr first (:mod:`refattn.bench.options`; ``--plan`` stops
+    there), then one progress line per section; the table (machine, GEMM rate, the SDPA, peak-memory,
+    loops and rollout sections, the targets judged from this run) goes to stdout and to ``--output``.
+
+    Parameters
+    ----------
+    argv : list of str, optional
+        The command's arguments (without the program name).  Default None: ``sys.argv[1:]``.
+    prog : str, optional
+        The program name in usage and errors.  Default None: ``"python -m refattn.bench"``.
+
+    Returns
+    -------
+    int
+        The exit status, 0 (bad options exit through argparse with status 2).
+    """
     from refattn.bench import options
 
     args = options.parse_args(argv, prog)

@@ -4,6 +4,14 @@ Each kernel has a NumPy twin that defines the math (``specs/kernels.md``); resul
 ≤ 1e-12 relative and are bitwise identical for any number of threads.  Nothing here imports
 numba or compiles until a kernel is first used; compiled code is cached on disk, and the first
 compile of each kernel family announces itself with one line on stderr (``set_quiet``).
+
+This module is the kernels' Python side: the backend choice (:func:`resolve_backend`, the NumPy
+path's memory limit :func:`numpy_max_bytes`), the flattening of validated arguments to the kernels'
+layout, and the compile on first use.  The kernels themselves live in
+:mod:`refattn.kernels.sdpa_kernels` (attention), :mod:`refattn.kernels.rollout_kernels` and
+:mod:`refattn.kernels.metric_kernels`; their named scalars in :mod:`refattn.kernels.geometry`.
+Callers are the ops' ``backend=`` switches (``refattn.sdpa``, ``refattn.rollout``,
+``refattn.metrics.entropy``); the functions here take arguments those ops have already validated.
 """
 
 from __future__ import annotations
@@ -36,9 +44,15 @@ __all__ = [
     "set_quiet",
 ]
 
+#: The values of every op's ``backend=`` argument.
 BACKENDS = ("auto", "numpy", "numba")
-AUTO_MIN_SCORES = 1 << 18  # "auto" uses the kernel from this many scores (N·Hq·Lq·Lk) on
-NUMPY_MAX_BYTES = None  # the NumPy path's limit on its intermediates; None: $REFATTN_NUMPY_MAX_BYTES or 8 GiB
+#: ``backend="auto"`` takes the kernel from this many scores on (``N·Hq·Lq·Lk``; ``2**18``), when
+#: numba is installed; smaller problems are faster in NumPy and never pay a compile.
+AUTO_MIN_SCORES = 1 << 18
+#: The NumPy path's limit on its score-sized float64 intermediates, in bytes: a number or text such
+#: as ``"16GiB"``, ``"8e9"``, ``"inf"`` (no limit), set by assignment.  None (the default): the
+#: environment variable ``REFATTN_NUMPY_MAX_BYTES``, else 8 GiB (:func:`numpy_max_bytes`).
+NUMPY_MAX_BYTES = None
 DEFAULT_NUMPY_MAX_BYTES = 8 << 30
 _compiled = {}  # kernel name -> its dispatcher, compiled for its signatures
 _families = {}  # kernel module -> {kernel name: dispatcher}, every kernel of it compiled
@@ -46,6 +60,13 @@ _compile_lock = threading.Lock()
 
 
 def numba_available():
+    """Whether numba is installed (found on the import path; it is not imported here).
+
+    Returns
+    -------
+    bool
+        True when ``backend="numba"`` can run and ``"auto"`` may pick the kernels.
+    """
     return importlib.util.find_spec("numba") is not None
 
 
@@ -72,8 +93,24 @@ def _parse_bytes(value, name):
 
 
 def numpy_max_bytes():
-    """The most bytes the NumPy path may allocate for its score-sized intermediates: the module setting
-    ``NUMPY_MAX_BYTES`` when not None, else ``$REFATTN_NUMPY_MAX_BYTES``, else 8 GiB; ``inf``: no limit."""
+    """The most bytes the NumPy path may allocate for its score-sized float64 intermediates.
+
+    Read at every call, in this order: the module setting :data:`NUMPY_MAX_BYTES` when not None,
+    else the environment variable ``REFATTN_NUMPY_MAX_BYTES`` (when set and not blank), else 8 GiB.
+    Either setting is a number of bytes > 0 or text such as ``"8589934592"``, ``"8e9"``, ``"16GiB"``,
+    ``"512M"`` (units k, M, G, T are powers of 1024, an optional ``B`` / ``iB`` suffix, any case) or
+    ``"inf"``.
+
+    Returns
+    -------
+    float
+        The limit in bytes; ``inf``: no limit.
+
+    Raises
+    ------
+    RefAttnError
+        When the setting in use is not a number of bytes > 0 (the message names which setting).
+    """
     if NUMPY_MAX_BYTES is not None:
         return _parse_bytes(NUMPY_MAX_BYTES, "refattn.kernels.NUMPY_MAX_BYTES")
     env = os.environ.get("REFATTN_NUMPY_MAX_BYTES", "").strip()
@@ -85,12 +122,40 @@ def _gib(nbytes):
 
 
 def resolve_backend(backend, score_count, numpy_bytes=None, *, what="the NumPy path", shape=None):
-    """``"numpy"`` or ``"numba"`` for a call with ``score_count`` scores.
+    """The backend that runs a call: ``"numpy"`` or ``"numba"`` (``specs/kernels.md``, Backend choice).
 
-    ``numpy_bytes``: what the NumPy path would allocate for its score-sized intermediates (None: not
-    checked).  ``"auto"`` picks the kernel when that exceeds :func:`numpy_max_bytes` and numba is
-    installed; a NumPy path over the limit is a RefAttnError naming the size and ``backend="numba"``.
-    ``what`` and ``shape`` (the score shape) are for that message."""
+    * ``"numba"``: the kernels, whatever the size (no memory check: they need O(N·D) memory);
+    * ``"numpy"``: the NumPy definition, unless it would need more than :func:`numpy_max_bytes`;
+    * ``"auto"``: the kernels when numba is installed and either ``score_count >=``
+      :data:`AUTO_MIN_SCORES` or the NumPy path is over the limit; NumPy otherwise.
+
+    Parameters
+    ----------
+    backend : {"auto", "numpy", "numba"}
+        The caller's ``backend=`` argument (:data:`BACKENDS`).
+    score_count : int
+        The number of scores of the call, ``N·Hq·Lq·Lk`` (for rollout and the metrics: the entries of
+        the maps); compared with :data:`AUTO_MIN_SCORES`.
+    numpy_bytes : float, optional
+        Bytes the NumPy path would allocate for its score-sized intermediates.  Default None: the
+        memory limit is not checked (rollout and the metrics pass none).
+    what : str, default "the NumPy path"
+        What the NumPy path is, for the error message (e.g. ``"the NumPy path of sdpa"``).
+    shape : tuple of int, optional
+        The score shape ``(..., Hq, Lq, Lk)``, named in the error message.  Default None: not named.
+
+    Returns
+    -------
+    str
+        ``"numpy"`` or ``"numba"``.
+
+    Raises
+    ------
+    RefAttnError
+        ``backend`` not one of :data:`BACKENDS`; ``"numba"`` without numba installed; a NumPy path
+        (``"numpy"``, or ``"auto"`` without numba) over the memory limit: the message names the size,
+        the limit and ``backend="numba"``.
+    """
     as_choice(backend, "backend", BACKENDS)
     if backend == "numba":
         if not numba_available():
@@ -110,8 +175,30 @@ def resolve_backend(backend, score_count, numpy_bytes=None, *, what="the NumPy p
 
 
 def numpy_too_big_message(name, what, numpy_bytes, limit, shape=None):
-    """``name: what needs … GiB … over the limit of … GiB (…)``: the start of the message of a NumPy
-    path refused for its size; the caller adds what to do instead."""
+    """The start of the message of a NumPy path refused for its size; the caller adds what to do instead.
+
+    ``"{name}: {what} needs … GiB for its score-sized float64 intermediates (scores (…)), over the
+    limit of … GiB (REFATTN_NUMPY_MAX_BYTES or refattn.kernels.NUMPY_MAX_BYTES raise it)"``, sizes
+    in GiB (in MiB below 0.1 GiB).
+
+    Parameters
+    ----------
+    name : str
+        The argument(s) the message is about, e.g. ``"q, k"`` or ``"backend"``.
+    what : str
+        The refused computation, e.g. ``"the NumPy path of sdpa"``.
+    numpy_bytes : float
+        The bytes it would need.
+    limit : float
+        The limit it exceeds (:func:`numpy_max_bytes`).
+    shape : tuple of int, optional
+        The score shape, named in the message.  Default None: not named.
+
+    Returns
+    -------
+    str
+        The message, without a final period.
+    """
     scores = "" if shape is None else f" (scores {tuple(shape)})"
     return (
         f"{name}: {what} needs {_gib(numpy_bytes)} for its score-sized float64 intermediates{scores}, over the "
@@ -193,9 +280,20 @@ _quiet = None  # set_quiet: True / False override $REFATTN_QUIET; None follows i
 
 
 def set_quiet(quiet=True):
-    """Silence (``True``) or restore (``False``) the line on stderr that announces a kernel family's
-    first compile; ``None`` follows ``$REFATTN_QUIET`` again (set and not ``0``: silent).  Returns the
-    previous setting."""
+    """Silence or restore the line on stderr that announces a kernel family's first compile.
+
+    Parameters
+    ----------
+    quiet : bool or None, default True
+        ``True``: silent; ``False``: the line is printed (overriding the environment); ``None``:
+        follow the environment variable ``REFATTN_QUIET`` again (set and not ``0``: silent).  Any
+        other value is taken as a bool.
+
+    Returns
+    -------
+    bool or None
+        The previous setting (None: it followed ``REFATTN_QUIET``), to restore it with.
+    """
     global _quiet
     previous = _quiet
     _quiet = None if quiet is None else bool(quiet)
@@ -336,8 +434,29 @@ def _read_only(x, shape):
 
 
 def rollout_fuse_mean(a, residual, renormalize):
-    """Â ``(..., n, n)`` float64 of one layer ``a (..., H, n, n)`` (float32 or float64) by the kernel:
-    head mean, ``residual·I`` added, rows renormalised; None when a row is not finite."""
+    """One rollout layer's ``Â`` by the kernel (:func:`refattn.kernels.rollout_kernels.fuse_mean`).
+
+    ``M = residual·I + (1 − residual)·mean_h a``, then, with ``renormalize``, each row divided by its
+    sum (a row summing to 0 is left as it is): the NumPy definition's mean fusion without a mask or
+    discarding (``refattn.rollout_flow``, ``specs/rollout.md``), ≤ 1e-12 from it.  Numba is
+    compiled on first use (the rollout family).
+
+    Parameters
+    ----------
+    a : ndarray, shape (..., H, n, n)
+        One layer's attention maps, float32 (read as it is) or float64 (another dtype is converted to
+        float64); any strides; never written.
+    residual : float
+        The weight of the identity, ``α`` in ``α·I + (1 − α)·mean_h a``.
+    renormalize : bool
+        Whether each row of ``M`` is divided by its sum.
+
+    Returns
+    -------
+    ndarray or None
+        ``Â``, float64 of shape ``(..., n, n)`` (the heads averaged away); None when a row of some map
+        is not finite (a NaN or inf in any head): the caller raises its own error.
+    """
     heads, n = a.shape[-3:-1]
     maps = _read_only(a, (-1, heads, n, n))
     out = np.empty((maps.shape[0], n, n))
@@ -351,8 +470,31 @@ ROLLOUT_ROW_BLOCKS = 8  # row blocks per map in rollout_rows_product: tasks for 
 
 
 def rollout_rows_product(v, a, residual, renormalize):
-    """``v Â`` ``(..., k, n)`` for rows ``v (..., k, n)`` and one layer ``a (..., H, n, n)``, Â formed
-    row by row inside the kernel (one read of the maps, no n×n array); None when a row is not finite."""
+    """``v Â`` for rows ``v`` and one layer ``a``, ``Â`` formed row by row inside the kernel.
+
+    ``Â`` is :func:`rollout_fuse_mean`'s; it is never formed as an ``n × n`` array: one read of the
+    maps (:func:`refattn.kernels.rollout_kernels.fuse_mean_rows`), the row blocks' partial products
+    summed here in a fixed order (bitwise identical for any number of threads).  Used by rollout's
+    row-only path (``rows=``), which carries ``k`` rows back through the layers.
+
+    Parameters
+    ----------
+    v : array_like, shape (..., k, n)
+        The rows to multiply, float64 (converted); leading dims broadcast to ``a``'s batch dims.
+    a : ndarray, shape (..., H, n, n)
+        One layer's attention maps, float32 or float64 (another dtype is converted to float64); any
+        strides; never written.
+    residual : float
+        The weight of the identity in ``Â`` (see :func:`rollout_fuse_mean`).
+    renormalize : bool
+        Whether the rows of ``Â`` are divided by their sums.
+
+    Returns
+    -------
+    ndarray or None
+        ``v Â``, float64 of shape ``a.shape[:-3] + (k, n)``; None when a row of some map is not
+        finite.
+    """
     heads, n = a.shape[-3:-1]
     maps = _read_only(a, (-1, heads, n, n))
     rows = _read_only(
@@ -369,8 +511,23 @@ def rollout_rows_product(v, a, residual, renormalize):
 
 
 def row_entropy(p):
-    """Row entropy ``(...,)`` of maps ``p (..., n)`` (float32 or float64, no mask) by the kernel; None
-    when an entry is not finite."""
+    """Row entropy ``H_r = −Σ_j p_rj log p_rj`` by the kernel (:mod:`refattn.kernels.metric_kernels`).
+
+    Natural log, ``0 log 0 = 0``; only entries ``> 0`` contribute (no mask, no check that rows are
+    probabilities: ``refattn.metrics.entropy`` validates and checks).  ≤ 1e-12 from the NumPy
+    definition; bitwise identical for any number of threads.
+
+    Parameters
+    ----------
+    p : ndarray, shape (..., n)
+        Attention maps, rows along the last axis; float32 (read as it is) or float64 (another dtype is
+        converted to float64).
+
+    Returns
+    -------
+    ndarray or None
+        float64 of shape ``(...,)``, one entropy per row; None when some entry is not finite.
+    """
     rows = _read_only(np.ascontiguousarray(p), (-1, p.shape[-1]))
     out = np.empty(rows.shape[0])
     bad = np.empty(rows.shape[0], dtype=bool)
@@ -415,9 +572,34 @@ def _per_score(x, score_shape, dtype):
 
 
 def key_ranges(lq, lk, causal, window, offset, block):
-    """int64 ``(⌈lq / block⌉, 2)``: for each block of ``block`` query rows, the keys ``[lo, hi)`` that
-    causal/window let some row of the block attend (every other key tile is skipped); ``window``
-    sides are ints (clipped by validation) or None."""
+    """For each block of query rows, the keys ``[lo, hi)`` that causal/window let some row of it attend.
+
+    The kernels skip every key tile outside the range.  For the block of rows ``[i0, i1)``:
+    ``lo = i0 + offset − left`` and ``hi = i1 + offset + right`` (``right ≤ 0`` under causal), each
+    clipped to ``[0, lk]`` and ``hi >= lo``; an unbounded side gives ``lo = 0`` / ``hi = lk``.  Exactly
+    the keys the band allows (tested): keys a mask disallows are not removed.
+
+    Parameters
+    ----------
+    lq, lk : int
+        Query and key lengths ``Lq``, ``Lk``.
+    causal : bool
+        Whether row i may attend only keys ``j <= i + offset``.
+    window : (int or None, int or None)
+        ``(left, right)`` window sides, ints >= 0 (as validation clips them) or None (unbounded);
+        ``(None, None)``: no window.
+    offset : int
+        The alignment offset ``o``: row i's diagonal is key ``i + o`` (0 top-left, ``Lk − Lq``
+        bottom-right).
+    block : int
+        Query rows per block (the kernels' ``BLOCK_Q``).
+
+    Returns
+    -------
+    ndarray of int64, shape (⌈lq / block⌉, 2)
+        Row ``b`` is ``[lo, hi)`` for query rows ``[b·block, min((b + 1)·block, lq))``; an empty
+        range has ``lo == hi``.
+    """
     left, right = window
     if causal:
         right = 0 if right is None else min(right, 0)
@@ -483,7 +665,24 @@ class _Flat:
 
 
 def sdpa_forward(a):
-    """``(out, lse)`` of sdpa on validated arguments ``a``, by the forward kernel."""
+    """``(out, lse)`` of sdpa on validated arguments, by the forward kernel.
+
+    The kernel :func:`refattn.kernels.sdpa_kernels.forward` (compiled on first use) on the arguments
+    flattened to its layout; per-score options are read through broadcast views, nothing of the
+    score shape is allocated.  BLAS runs one thread per task during the call.
+
+    Parameters
+    ----------
+    a : refattn.attention.sdpa.Args
+        Validated arguments of one sdpa call (``refattn.attention.sdpa.validate``), with ``v``.
+
+    Returns
+    -------
+    out : ndarray, shape (..., Hq, Lq, Dv)
+        float64; ``...`` the broadcast batch dims.  Empty rows filled per ``a.empty_rows``.
+    lse : ndarray, shape (..., Hq, Lq)
+        float64 log-sum-exp of each row (sink included); ``-inf`` on empty rows.
+    """
     kern = _kernels()  # before the limit: loading the kernels loads the BLAS they call
     f = _Flat(a)
     hq, lq = a.score_shape[-3:-1]
@@ -547,9 +746,31 @@ class _BiasGrad:
 
 
 def sdpa_backward(a, d_out, d_lse, saved=None):
-    """``(dq, dk, dv, dbias, dsinks)`` by the backward kernels (P recomputed from lse); ``saved``:
-    the forward's ``(out, lse)``, recomputed when None.  Extra memory O(N·H·L·D) plus dbias in the
-    bias' own shape: dbias is reduced inside the kernels, never materialised at the score shape."""
+    """The gradients of sdpa by the backward kernels (P recomputed from lse).
+
+    :func:`refattn.kernels.sdpa_kernels.backward_dq`, then
+    :func:`~refattn.kernels.sdpa_kernels.backward_dkv`; ``dsinks`` is computed here in NumPy.
+    Extra memory O(N·H·L·D) plus dbias in the bias' own shape: dbias is reduced inside the
+    kernels, never materialised at the score shape.
+
+    Parameters
+    ----------
+    a : refattn.attention.sdpa.Args
+        Validated arguments of one sdpa call (``refattn.attention.sdpa.validate``), with ``v``.
+    d_out : ndarray, shape (..., Hq, Lq, Dv)
+        Cotangent of ``out``, float64, of the full (broadcast) output shape.
+    d_lse : ndarray, shape (..., Hq, Lq), or None
+        Cotangent of ``lse``, float64 (ignored on empty rows); None: zero.
+    saved : (ndarray, ndarray), optional
+        The forward's ``(out, lse)`` as :func:`sdpa_forward` returns them.  Default None: recomputed
+        by the forward kernel (+25 % time).
+
+    Returns
+    -------
+    tuple
+        ``(dq, dk, dv, dbias, dsinks)``, float64, each of its input's shape (broadcast dims and GQA
+        groups summed back); ``dbias`` None without a bias, ``dsinks`` None without sinks.
+    """
     kern = _kernels()
     f = _Flat(a)
     hq, lq = a.score_shape[-3:-1]

@@ -54,7 +54,23 @@ def _from_bits(typingctx, b):
 
 @nb.njit(inline="always", cache=True)
 def exp(x):
-    """``e**x`` within 1 ulp; straight-line code that LLVM vectorises inside loops."""
+    """``e**x`` within 1 ulp; straight-line code that LLVM vectorises inside loops.
+
+    A numba function (``inline="always"``: inlined into the kernels that call it); callable from
+    Python too, where it compiles on its first call.  The method and the bound are the module's.
+
+    Parameters
+    ----------
+    x : float
+        A float64 scalar, any value: ``x > 709.78`` gives ``inf``, ``x < −745.14`` gives ``0``,
+        results in the subnormal range are rounded once; ``exp(−inf) = 0``, ``exp(inf) = inf``,
+        ``exp(nan) = nan``.
+
+    Returns
+    -------
+    float
+        ``e**x`` in float64, less than 1 ulp from the exact value (measured at most 0.92 ulp).
+    """
     x = max(min(x, 710.0), -746.0)
     t = x * _LOG2E + _SHIFTER
     kf = t - _SHIFTER

@@ -13,11 +13,32 @@ from typing import NamedTuple
 
 __all__ = ["EMPTY_POLICY", "Geometry", "Scaling", "Tile", "numba_type"]
 
-EMPTY_POLICY = {"zero": 0, "nan": 1, "uniform": 2}  # empty_rows -> Geometry.empty_policy
+#: sdpa's ``empty_rows`` policies as the integers ``Geometry.empty_policy`` carries.
+EMPTY_POLICY = {"zero": 0, "nan": 1, "uniform": 2}
 
 
 class Geometry(NamedTuple):
-    """Which scores exist and how empty rows are filled, for one sdpa call."""
+    """Which scores exist and how empty rows are filled, for one sdpa call (``specs/kernels.md``,
+    Parameters).  Built by :meth:`of`; every field a Python ``bool`` or ``int``, so its numba type is
+    ``numba_type(Geometry, types)``.
+
+    Fields
+    ------
+    causal : bool
+        Key ``j`` is disallowed for row ``i`` when ``j > i + offset``.
+    left : int
+        Window side before the diagonal: ``j < i + offset − left`` disallowed; ``−1``: no limit.
+    right : int
+        Window side after it: ``j > i + offset + right`` disallowed; ``−1``: no limit.
+    offset : int
+        The diagonal of row ``i`` is key ``i + offset`` (0 top-left, ``Lk − Lq`` bottom-right).
+    empty_policy : int
+        Rows with every key disallowed and no finite sink: 0 ``"zero"``, 1 ``"nan"``, 2 ``"uniform"``
+        (:data:`EMPTY_POLICY`).
+    has_bias, has_mask, has_keep : bool
+        Whether the kernel's ``bias``, ``mask`` and ``keep`` (dropout keep-scale) arrays are real,
+        else 1-element placeholders that are never read.
+    """
 
     causal: bool  # key j is disallowed for row i when j > i + offset
     left: int  # window side before the diagonal: j < i + offset − left disallowed; −1: no limit
@@ -30,8 +51,19 @@ class Geometry(NamedTuple):
 
     @classmethod
     def of(cls, a):
-        """The geometry of validated sdpa arguments ``a`` (``refattn.attention.sdpa.validate``): the
-        one place it is built.  Window sides arrive clipped to ``Lq + Lk`` (int64 arithmetic safe)."""
+        """The geometry of one sdpa call: the one place a Geometry is built.
+
+        Parameters
+        ----------
+        a : refattn.attention.sdpa.Args
+            Validated sdpa arguments (``refattn.attention.sdpa.validate``); its window sides arrive
+            clipped to ``Lq + Lk``, so the kernels' int64 index arithmetic cannot overflow.
+
+        Returns
+        -------
+        Geometry
+            Fields by keyword, as Python ``bool`` / ``int``; a None window side becomes ``−1``.
+        """
         left, right = (-1 if side is None else int(side) for side in a.window)
         return cls(
             causal=bool(a.causal),
@@ -46,19 +78,59 @@ class Geometry(NamedTuple):
 
 
 class Scaling(NamedTuple):
-    """The float options of the logits, for one sdpa call."""
+    """The float options of the logits, for one sdpa call.  Built by :meth:`of`.
+
+    Fields
+    ------
+    scale : float
+        ``s0 = scale · q kᵀ``.
+    softcap : float
+        ``s = softcap · tanh(s0 / softcap)`` when ``> 0``; ``0``: no cap.
+    """
 
     scale: float  # s0 = scale · q kᵀ
     softcap: float  # s = softcap · tanh(s0 / softcap) when > 0; 0: none
 
     @classmethod
     def of(cls, a):
-        """The scaling of validated sdpa arguments ``a``."""
+        """The scaling of one sdpa call.
+
+        Parameters
+        ----------
+        a : refattn.attention.sdpa.Args
+            Validated sdpa arguments (``refattn.attention.sdpa.validate``).
+
+        Returns
+        -------
+        Scaling
+            ``scale`` as a Python float; ``softcap`` the cap, or ``0.0`` when there is none.
+        """
         return cls(scale=float(a.scale), softcap=float(a.softcap or 0.0))
 
 
 class Tile(NamedTuple):
-    """One tile of the scores, built inside the kernels (by keyword) and passed to their helpers."""
+    """One tile of the scores, built inside the kernels (by keyword) and passed to their helpers:
+    the rows ``[i0, i0 + bq)`` and keys ``[j0, j0 + bk)`` of score batch element ``n``, head ``h``.
+
+    Fields
+    ------
+    n : int
+        Score batch element (flattened broadcast batch).
+    h : int
+        Query head.
+    kvh : int
+        Its key/value head, ``h // group`` (GQA).
+    bn, mn, kn : int
+        The bias, mask and keep batch elements that ``n`` reads (``maps[0 | 1 | 2, n]``).
+    i0 : int
+        First query row.
+    bq : int
+        Query rows (≤ ``BLOCK_Q``).
+    j0 : int
+        First key.
+    bk : int
+        Keys (≤ ``BLOCK_K``).
+    """
 
     n: int  # score batch element
     h: int  # query head
@@ -76,8 +148,24 @@ _SCALARS = {bool: "boolean", int: "int64", float: "float64"}  # annotation -> nu
 
 
 def numba_type(cls, types):
-    """The numba type of instances of the NamedTuple ``cls``, from its fields' annotations (``bool``
-    → boolean, ``int`` → int64, ``float`` → float64): what ``numba.typeof`` gives an instance whose
-    fields are Python bool / int / float, so an explicit signature built with it matches the call."""
+    """The numba type of instances of a NamedTuple, from its fields' annotations.
+
+    ``bool`` → boolean, ``int`` → int64, ``float`` → float64: what ``numba.typeof`` gives an instance
+    whose fields are Python bool / int / float, so an explicit signature built with it matches the
+    call (and numba's on-disk cache can hold it).
+
+    Parameters
+    ----------
+    cls : type
+        A NamedTuple class whose fields are all annotated ``bool``, ``int`` or ``float``
+        (:class:`Geometry`, :class:`Scaling`, :class:`Tile`); another annotation is a KeyError.
+    types : module
+        ``numba.types`` (passed in: this module does not import numba).
+
+    Returns
+    -------
+    numba.types.NamedUniTuple or numba.types.NamedTuple
+        The NamedTuple type of ``cls`` with those field types.
+    """
     fields = [getattr(types, _SCALARS[cls.__annotations__[name]]) for name in cls._fields]
     return types.BaseTuple.from_types(fields, cls)

@@ -30,7 +30,9 @@ import numpy as np
 from refattn.kernels.fastexp import exp
 from refattn.kernels.geometry import Tile
 
+#: Query rows per tile (a compile-time constant; :func:`refattn.kernels.key_ranges` gets it as ``block``).
 BLOCK_Q = 128
+#: Keys per tile (a compile-time constant).
 BLOCK_K = 128
 
 _NOT_ALLOWED = -np.inf
@@ -131,7 +133,53 @@ def _row_sum(s, r, bk):
 
 @nb.njit(parallel=True, cache=True, fastmath={"contract"})
 def forward(q, k, v, bias, mask, keep, maps, sink, geometry, scaling, ranges, out, lse):
-    """out (N, Hq, Lq, Dv), lse (N, Hq, Lq); ``geometry``: Geometry, ``scaling``: Scaling."""
+    """sdpa's forward: ``out`` and ``lse`` by tiles, with an online softmax.
+
+    Tasks own (n, query head, query block of ``BLOCK_Q``); over the key tiles of the block's range:
+    the logits ``scale · q kᵀ`` (BLAS), softcap, bias, masks, the online softmax (running max ``m``
+    and sum ``l`` starting from the sink, accumulator rescaled by ``exp(m − m')``) and
+    ``acc += P̃ v`` (BLAS).  Empty rows (no allowed key, no finite sink) get ``lse = −inf`` and
+    ``out`` per ``geometry.empty_policy``: zeros, NaN, or the keep-weighted mean of every value.
+
+    Parameters
+    ----------
+    q : ndarray, shape (N, Hq, Lq, D)
+        Queries, float64, C-contiguous, read only; ``N`` the flattened broadcast batch.
+    k : ndarray, shape (N, Hk, Lk, D)
+        Keys, float64, C-contiguous, read only; ``Hk`` divides ``Hq`` (query head ``h`` reads kv
+        head ``h // (Hq // Hk)``).
+    v : ndarray, shape (N, Hk, Lk, Dv)
+        Values, float64, C-contiguous, read only.
+    bias : ndarray, shape (Nb, Hq, Lq, Lk)
+        float64 view over the bias' own ``Nb`` batch elements (zero strides where it broadcasts),
+        read only; a 1-element placeholder when ``geometry.has_bias`` is False.
+    mask : ndarray of bool, shape (Nm, Hq, Lq, Lk)
+        True = allowed; the same kind of view, or a placeholder when ``geometry.has_mask`` is False.
+    keep : ndarray, shape (Nk, Hq, Lq, Lk)
+        The dropout keep-scale ``keep / (1 − dropout_p)``, float64; the same kind of view, or a
+        placeholder when ``geometry.has_keep`` is False.
+    maps : ndarray of int64, shape (3, N)
+        ``maps[0 | 1 | 2, n]``: the bias, mask and keep batch element that score batch element ``n``
+        reads.
+    sink : ndarray, shape (N, Hq)
+        Each head's sink logit, float64, read only, any strides; ``-inf``: no sink.
+    geometry : refattn.kernels.geometry.Geometry
+        Causal, window sides, alignment offset, empty-row policy and which per-score arrays are real.
+    scaling : refattn.kernels.geometry.Scaling
+        ``scale`` and ``softcap`` (0: none).
+    ranges : ndarray of int64, shape (⌈Lq / BLOCK_Q⌉, 2)
+        The keys ``[lo, hi)`` each query block visits (:func:`refattn.kernels.key_ranges`; the
+        backward passes every key, ``[0, Lk)``, under ``empty_rows`` ``"nan"`` / ``"uniform"``).
+    out : ndarray, shape (N, Hq, Lq, Dv)
+        float64, C-contiguous; receives the output.
+    lse : ndarray, shape (N, Hq, Lq)
+        float64, C-contiguous; receives each row's log-sum-exp (sink included).
+
+    Returns
+    -------
+    None
+        The results are written into ``out`` and ``lse``.
+    """
     g = geometry
     n_batch, hq, lq, d_dim = q.shape
     hk, lk, dv = k.shape[1], k.shape[2], v.shape[3]
@@ -277,8 +325,66 @@ def backward_dq(
     dbias,
     want_dbias,
 ):
-    """dq (N, Hq, Lq, D) and, when asked, dbias ``(1, Nb, Hb, Lq, Lkb)`` added into; tasks own (group,
-    query block), a group being the (n, h) pairs ``pairs[starts[g]:starts[g + 1]]``."""
+    """sdpa's backward to q (and to a bias with its own query rows).
+
+    Tasks own (group, query block); for each pair of the group and each key tile of the block's
+    range: ``P = exp(s − lse)`` recomputed, ``dP = dO vᵀ`` (times ``keep``),
+    ``ds = P (dP − Δ + dlse)`` (times ``1 − tanh²`` under a softcap), ``dq += scale · ds k``.
+
+    Parameters
+    ----------
+    q : ndarray, shape (N, Hq, Lq, D)
+        Queries, float64, C-contiguous, read only; ``N`` the flattened broadcast batch.
+    k : ndarray, shape (N, Hk, Lk, D)
+        Keys, float64, C-contiguous, read only; ``Hk`` divides ``Hq`` (query head ``h`` reads kv
+        head ``h // (Hq // Hk)``).
+    v : ndarray, shape (N, Hk, Lk, Dv)
+        Values, float64, C-contiguous, read only.
+    bias : ndarray, shape (Nb, Hq, Lq, Lk)
+        float64 view over the bias' own ``Nb`` batch elements (zero strides where it broadcasts),
+        read only; a 1-element placeholder when ``geometry.has_bias`` is False.
+    mask : ndarray of bool, shape (Nm, Hq, Lq, Lk)
+        True = allowed; the same kind of view, or a placeholder when ``geometry.has_mask`` is False.
+    keep : ndarray, shape (Nk, Hq, Lq, Lk)
+        The dropout keep-scale ``keep / (1 − dropout_p)``, float64; the same kind of view, or a
+        placeholder when ``geometry.has_keep`` is False.
+    maps : ndarray of int64, shape (3, N)
+        ``maps[0 | 1 | 2, n]``: the bias, mask and keep batch element that score batch element ``n``
+        reads.
+    geometry : refattn.kernels.geometry.Geometry
+        Causal, window sides, alignment offset, empty-row policy and which per-score arrays are real.
+    scaling : refattn.kernels.geometry.Scaling
+        ``scale`` and ``softcap`` (0: none).
+    ranges : ndarray of int64, shape (⌈Lq / BLOCK_Q⌉, 2)
+        The keys ``[lo, hi)`` each query block visits (:func:`refattn.kernels.key_ranges`; the
+        backward passes every key, ``[0, Lk)``, under ``empty_rows`` ``"nan"`` / ``"uniform"``).
+    pairs : ndarray of int64, shape (M, 2)
+        The task groups' pairs, group by group: ``(n, h)``, batch element and query head.
+    starts : ndarray of int64, shape (G + 1,)
+        Group ``g`` is ``pairs[starts[g]:starts[g + 1]]``; the pairs of a group add into the same
+        ``dbias`` entries (one pair per group when no dbias is reduced here).
+    lse : ndarray, shape (N, Hq, Lq)
+        The forward's log-sum-exp, float64, read only; ``-inf`` marks an empty row.
+    d_o : ndarray, shape (N, Hq, Lq, Dv)
+        Cotangent of ``out``, float64, C-contiguous, read only.
+    delta : ndarray, shape (N, Hq, Lq)
+        ``Δ = rowsum(dO ∘ O)``, float64, read only.
+    dl : ndarray, shape (N, Hq, Lq)
+        Cotangent of ``lse``, float64 (0 on empty rows), read only.
+    dq : ndarray, shape (N, Hq, Lq, D)
+        float64, C-contiguous; receives ``dq`` for every pair in ``pairs``.
+    dbias : ndarray, shape (1, Nb, Hb, Lq, Lkb)
+        float64, C-contiguous: the bias' own shape (batch flattened to ``Nb``; ``Hb`` 1 or ``Hq``,
+        ``Lkb`` 1 or ``Lk``); ``ds`` before the softcap factor is added into it (summed over the
+        axes of length 1) when ``want_dbias``; else a 1-element placeholder.
+    want_dbias : bool
+        Whether this kernel reduces ``dbias`` (the bias has its own query rows).
+
+    Returns
+    -------
+    None
+        The results are written into ``dq`` (and added into ``dbias``).
+    """
     g = geometry
     hq, lq, d_dim = q.shape[1], q.shape[2], q.shape[3]
     hk, lk = k.shape[1], k.shape[2]
@@ -338,9 +444,69 @@ def backward_dkv(
     dbias,
     want_dbias,
 ):
-    """dk (N, Hk, Lk, D), dv (N, Hk, Lk, Dv) and, when asked, dbias ``(P, Nb, Hb, 1, Lkb)`` added into
-    (``P`` = the number of key blocks when ``Lkb = 1``: one slot per block, summed by the caller);
-    tasks own (group, key block), a group being the (n, kv head) pairs ``pairs[starts[g]:starts[g + 1]]``."""
+    """sdpa's backward to k and v (and to a bias without query rows).
+
+    Tasks own (group, key block of ``BLOCK_K``), looping over the group's pairs, their query heads
+    and the query blocks whose range meets the key block, in a fixed order: ``P`` recomputed,
+    ``dv += P̃ᵀ dO``, ``ds`` as in :func:`backward_dq`, ``dk += scale · dsᵀ q``.
+
+    Parameters
+    ----------
+    q : ndarray, shape (N, Hq, Lq, D)
+        Queries, float64, C-contiguous, read only; ``N`` the flattened broadcast batch.
+    k : ndarray, shape (N, Hk, Lk, D)
+        Keys, float64, C-contiguous, read only; ``Hk`` divides ``Hq`` (query head ``h`` reads kv
+        head ``h // (Hq // Hk)``).
+    v : ndarray, shape (N, Hk, Lk, Dv)
+        Values, float64, C-contiguous, read only.
+    bias : ndarray, shape (Nb, Hq, Lq, Lk)
+        float64 view over the bias' own ``Nb`` batch elements (zero strides where it broadcasts),
+        read only; a 1-element placeholder when ``geometry.has_bias`` is False.
+    mask : ndarray of bool, shape (Nm, Hq, Lq, Lk)
+        True = allowed; the same kind of view, or a placeholder when ``geometry.has_mask`` is False.
+    keep : ndarray, shape (Nk, Hq, Lq, Lk)
+        The dropout keep-scale ``keep / (1 − dropout_p)``, float64; the same kind of view, or a
+        placeholder when ``geometry.has_keep`` is False.
+    maps : ndarray of int64, shape (3, N)
+        ``maps[0 | 1 | 2, n]``: the bias, mask and keep batch element that score batch element ``n``
+        reads.
+    geometry : refattn.kernels.geometry.Geometry
+        Causal, window sides, alignment offset, empty-row policy and which per-score arrays are real.
+    scaling : refattn.kernels.geometry.Scaling
+        ``scale`` and ``softcap`` (0: none).
+    ranges : ndarray of int64, shape (⌈Lq / BLOCK_Q⌉, 2)
+        The keys ``[lo, hi)`` each query block visits (:func:`refattn.kernels.key_ranges`; the
+        backward passes every key, ``[0, Lk)``, under ``empty_rows`` ``"nan"`` / ``"uniform"``).
+    pairs : ndarray of int64, shape (M, 2)
+        The task groups' pairs, group by group: ``(n, kvh)``, batch element and key/value head.
+    starts : ndarray of int64, shape (G + 1,)
+        Group ``g`` is ``pairs[starts[g]:starts[g + 1]]``; the pairs of a group add into the same
+        ``dbias`` entries (one pair per group when no dbias is reduced here).
+    lse : ndarray, shape (N, Hq, Lq)
+        The forward's log-sum-exp, float64, read only; ``-inf`` marks an empty row.
+    d_o : ndarray, shape (N, Hq, Lq, Dv)
+        Cotangent of ``out``, float64, C-contiguous, read only.
+    delta : ndarray, shape (N, Hq, Lq)
+        ``Δ = rowsum(dO ∘ O)``, float64, read only.
+    dl : ndarray, shape (N, Hq, Lq)
+        Cotangent of ``lse``, float64 (0 on empty rows), read only.
+    dk : ndarray, shape (N, Hk, Lk, D)
+        float64, C-contiguous; receives ``dk`` for every pair in ``pairs``.
+    dv : ndarray, shape (N, Hk, Lk, Dv)
+        float64, C-contiguous; receives ``dv`` for every pair in ``pairs``.
+    dbias : ndarray, shape (P, Nb, Hb, 1, Lkb)
+        float64, C-contiguous: the bias' own shape times ``P`` slots (``P`` = the number of key
+        blocks when ``Lkb = 1``: one slot per block, summed by the caller in block order; else 1);
+        ``ds`` before the softcap factor is added into it when ``want_dbias``; else a 1-element
+        placeholder.
+    want_dbias : bool
+        Whether this kernel reduces ``dbias`` (the bias has no query rows of its own, ``Lqb = 1 < Lq``).
+
+    Returns
+    -------
+    None
+        The results are written into ``dk`` and ``dv`` (and added into ``dbias``).
+    """
     g = geometry
     hq, lq, d_dim = q.shape[1], q.shape[2], q.shape[3]
     hk, lk, dv_dim = k.shape[1], k.shape[2], v.shape[3]
