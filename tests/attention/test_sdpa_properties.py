@@ -1,21 +1,17 @@
 """Properties of sdpa / attention_weights, each shown to fail on a deliberately broken variant."""
 
-import importlib
 import zlib
 
 import numpy as np
-import pytest
 from hypothesis import given
-from hypothesis import strategies as st
 from scipy.special import logsumexp as scipy_logsumexp
 
 import refattn
+from refattn import masks as masks_mod
 from refattn.attention import loops
+from refattn.attention import sdpa as sdpa_mod
 from refattn.testing.strategies import Case, sdpa_cases, weights_cases
-from tests.mutation import assert_catches
-
-sdpa_mod = importlib.import_module("refattn.attention.sdpa")
-masks_mod = refattn.masks
+from tests.mutation import property_table
 
 CLOSE = dict(rtol=1e-12, atol=1e-13)
 
@@ -197,12 +193,6 @@ PROPERTIES = [
 ]
 
 
-@pytest.mark.parametrize("check, strategy, _mutant", PROPERTIES, ids=[p[0].__name__ for p in PROPERTIES])
-@given(data=st.data())
-def test_property(check, strategy, _mutant, data):
-    check(data.draw(strategy))
-
-
 # ---- the broken variants ------------------------------------------------------------------------
 
 
@@ -261,11 +251,7 @@ MUTANTS = {
     ),
 }
 
-
-@pytest.mark.parametrize("check, strategy, mutant", PROPERTIES, ids=[p[2] for p in PROPERTIES])
-def test_property_catches_its_mutant(check, strategy, mutant, monkeypatch):
-    MUTANTS[mutant](monkeypatch)
-    assert_catches(strategy, check)
+test_property, test_property_catches_its_mutant = property_table(PROPERTIES, MUTANTS)
 
 
 @given(weights_cases())

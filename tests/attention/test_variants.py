@@ -1,14 +1,14 @@
 """Equivalences and properties of the attention variants, each with a broken variant it must catch."""
 
-import importlib
-
 import numpy as np
 import pytest
 from hypothesis import given
-from hypothesis import strategies as st
 
 import refattn
 from refattn.attention import cache, loops, tiled
+from refattn.attention import linear as linear_mod
+from refattn.attention import multihead as mh_mod
+from refattn.attention import position as position_mod
 from refattn.testing.strategies import (
     Case,
     chunked_cases,
@@ -19,13 +19,7 @@ from refattn.testing.strategies import (
     rope_cases,
     sdpa_cases,
 )
-from tests.mutation import assert_catches
-
-mh_mod = importlib.import_module("refattn.attention.multihead")
-tiled_mod = importlib.import_module("refattn.attention.tiled")
-linear_mod = importlib.import_module("refattn.attention.linear")
-position_mod = importlib.import_module("refattn.attention.position")
-cache_mod = importlib.import_module("refattn.attention.cache")
+from tests.mutation import property_table
 
 CLOSE = dict(rtol=1e-12, atol=1e-13)
 
@@ -332,12 +326,6 @@ PROPERTIES = [
 ]
 
 
-@pytest.mark.parametrize("check, strategy, _m", PROPERTIES, ids=[p[0].__name__ for p in PROPERTIES])
-@given(data=st.data())
-def test_property(check, strategy, _m, data):
-    check(data.draw(strategy))
-
-
 def _rope_mutant(change):
     def patch(mp):
         real = position_mod._rope_setup
@@ -352,16 +340,16 @@ def _rope_mutant(change):
 
 def _online_without_rescaling(mp):
     def run(q, k, v, *, block_q, block_k, return_lse=False, **options):  # the running sum is never rescaled
-        a = tiled_mod._sdpa.validate(q, k, v, **options)
-        tiles = tiled_mod._Tiles(a)
+        a = tiled._sdpa.validate(q, k, v, **options)
+        tiles = tiled._Tiles(a)
         out = np.zeros(a.score_shape[:-1] + (a.v.shape[-1],))
         lse = np.zeros(a.score_shape[:-1])
-        for i0, i1 in tiled_mod._blocks(a.q.shape[-2], block_q):
+        for i0, i1 in tiled._blocks(a.q.shape[-2], block_q):
             rows = a.score_shape[:-2] + (i1 - i0,)
             m = np.full(rows, -np.inf) if tiles.sink is None else tiles.sink[..., i0:i1].copy()
             l_ = np.where(np.isfinite(m), 1.0, 0.0)
             acc = np.zeros(rows + (a.v.shape[-1],))
-            for j0, j1 in tiled_mod._blocks(a.k.shape[-2], block_k):
+            for j0, j1 in tiled._blocks(a.k.shape[-2], block_k):
                 s, _ = tiles.scores(i0, i1, j0, j1)
                 m = np.maximum(m, s.max(axis=-1))
                 ms = np.where(np.isneginf(m), 0.0, m)
@@ -379,15 +367,15 @@ def _online_without_rescaling(mp):
 
 def _chunks_aligned_locally(mp):
     """Each chunk gets causal/window relative to its own first row instead of the global one."""
-    real = tiled_mod._chunk_options
+    real = tiled._chunk_options
 
     def mutant(a, o, i0, i1):
         structure = {k: o[k] for k in ("causal", "window") if k in o}
         plain_opts = _drop(o, "causal", "window", "align", "chunk_size")
-        plain = tiled_mod._sdpa.validate(a.q, a.k, a.v, **plain_opts)
+        plain = tiled._sdpa.validate(a.q, a.k, a.v, **plain_opts)
         return {**real(plain, plain_opts, i0, i1), **structure, "align": o.get("align") or "top_left"}
 
-    mp.setattr(tiled_mod, "_chunk_options", mutant)
+    mp.setattr(tiled, "_chunk_options", mutant)
 
 
 MUTANTS = {
@@ -407,16 +395,16 @@ MUTANTS = {
     "online_without_rescaling": _online_without_rescaling,
     "chunks_aligned_locally": _chunks_aligned_locally,
     "combine_without_renormalisation": lambda mp: mp.setattr(
-        tiled_mod,
+        tiled,
         "_combine_setup",
         (lambda real: lambda outs, lses: (lambda r: (r[0], r[1], np.exp(r[1]), r[3]))(real(outs, lses)))(
-            tiled_mod._combine_setup
+            tiled._combine_setup
         ),
     ),
     "exclusive_prefix_sum": lambda mp: mp.setattr(
         linear_mod, "prefix_sum", lambda x, axis: np.cumsum(x, axis=axis) - x
     ),
-    "decode_aligned_top_left": lambda mp: mp.setattr(cache_mod, "DECODE_ALIGN", "top_left"),
+    "decode_aligned_top_left": lambda mp: mp.setattr(cache, "DECODE_ALIGN", "top_left"),
     "rope_without_the_sine_term": _rope_mutant(lambda x, r, cos, sin: (x, r, cos, 0 * sin)),
     "rope_angle_squared": _rope_mutant(
         lambda x, r, cos, sin: (x, r, np.cos(np.arccos(cos) ** 2), np.sin(np.arccos(cos) ** 2))
@@ -431,11 +419,7 @@ MUTANTS = {
     ),
 }
 
-
-@pytest.mark.parametrize("check, strategy, mutant", PROPERTIES, ids=[p[2] for p in PROPERTIES])
-def test_property_catches_its_mutant(check, strategy, mutant, monkeypatch):
-    MUTANTS[mutant](monkeypatch)
-    assert_catches(strategy, check)
+test_property, test_property_catches_its_mutant = property_table(PROPERTIES, MUTANTS)
 
 
 def test_multihead_blames_the_input_whose_last_dim_disagrees_with_the_weights():
