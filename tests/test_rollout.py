@@ -4,13 +4,11 @@ import tracemalloc
 
 import numpy as np
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
 
 import refattn
 from refattn import rollout_flow as rollout_mod
 from refattn.testing.strategies import Case, rollout_cases
-from tests.mutation import assert_catches
+from tests.mutation import property_table
 
 CLOSE = dict(rtol=1e-12, atol=1e-13)
 
@@ -216,12 +214,6 @@ PROPERTIES = [
 ]
 
 
-@pytest.mark.parametrize("check, strategy, _m", PROPERTIES, ids=[p[0].__name__ for p in PROPERTIES])
-@given(data=st.data())
-def test_property(check, strategy, _m, data):
-    check(data.draw(strategy))
-
-
 def _fuse_mutant(change):
     def patch(mp):
         real = rollout_mod._fuse
@@ -265,7 +257,4 @@ MUTANTS = {
 }
 
 
-@pytest.mark.parametrize("check, strategy, mutant", PROPERTIES, ids=[p[2] for p in PROPERTIES])
-def test_property_catches_its_mutant(check, strategy, mutant, monkeypatch):
-    MUTANTS[mutant](monkeypatch)
-    assert_catches(strategy, check)
+test_property, test_property_catches_its_mutant = property_table(PROPERTIES, MUTANTS)

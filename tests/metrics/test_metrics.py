@@ -4,13 +4,11 @@ import importlib
 
 import numpy as np
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
 
 import refattn
 from refattn import metrics
 from refattn.testing.strategies import Case, map_cases
-from tests.mutation import assert_catches
+from tests.mutation import property_table
 
 dist_mod = importlib.import_module("refattn.metrics.distribution")
 pos_mod = importlib.import_module("refattn.metrics.position")
@@ -226,12 +224,6 @@ PROPERTIES = [
 ]
 
 
-@pytest.mark.parametrize("check, strategy, _m", PROPERTIES, ids=[p[0].__name__ for p in PROPERTIES])
-@given(data=st.data())
-def test_property(check, strategy, _m, data):
-    check(data.draw(strategy))
-
-
 def _unguarded_xlogx(p):
     with np.errstate(divide="ignore", invalid="ignore"):
         return p * np.log(p)
@@ -255,10 +247,7 @@ MUTANTS = {
 }
 
 
-@pytest.mark.parametrize("check, strategy, mutant", PROPERTIES, ids=[p[2] for p in PROPERTIES])
-def test_property_catches_its_mutant(check, strategy, mutant, monkeypatch):
-    MUTANTS[mutant](monkeypatch)
-    assert_catches(strategy, check)
+test_property, test_property_catches_its_mutant = property_table(PROPERTIES, MUTANTS)
 
 
 def test_crop_property_holds_for_case_objects():
