@@ -3,12 +3,11 @@
 import numpy as np
 import pytest
 import scipy.special
-from hypothesis import given
 
 import refattn
 from refattn import softmax_family as softmax_mod
 from refattn.testing.strategies import softmax_cases
-from tests.mutation import assert_catches, violates
+from tests.mutation import property_table, violates
 
 
 def _masked(case):
@@ -47,38 +46,6 @@ def check_empty_rows_follow_policy(case):
     sums = p.sum(axis=ax, keepdims=True)
     np.testing.assert_allclose(sums[~empty], 1.0, rtol=1e-14)
     assert (p[np.broadcast_to(~empty, p.shape) & np.isneginf(x)] == 0).all()
-
-
-@given(softmax_cases())
-def test_matches_scipy(case):
-    check_matches_scipy(case)
-
-
-@given(softmax_cases())
-def test_empty_rows_follow_policy(case):
-    check_empty_rows_follow_policy(case)
-
-
-def test_scipy_check_catches_missing_max_shift_overflow(monkeypatch):
-    real = softmax_mod.normalize_last_axis
-
-    def unnormalised(s, empty_rows, sink=None):
-        nz = real(s, empty_rows, sink)
-        return nz._replace(p=nz.p * s.shape[-1] / 2.0)
-
-    monkeypatch.setattr(softmax_mod, "normalize_last_axis", unnormalised)
-    assert_catches(softmax_cases(), check_matches_scipy)
-
-
-def test_policy_check_catches_nan_leaking_into_zero_policy(monkeypatch):
-    real = softmax_mod.normalize_last_axis
-
-    def leaky(s, empty_rows, sink=None):
-        nz = real(s, empty_rows, sink)
-        return nz._replace(p=np.where(nz.empty[..., None], np.nan, nz.p))
-
-    monkeypatch.setattr(softmax_mod, "normalize_last_axis", leaky)
-    assert_catches(softmax_cases().filter(lambda c: c.options["empty_rows"] != "nan"), check_empty_rows_follow_policy)
 
 
 def test_large_logits_do_not_overflow():
@@ -133,32 +100,6 @@ def check_logsumexp_is_neg_inf_on_empty_rows_under_every_policy(case):
     zero = {**case.options, "empty_rows": "zero"}
     np.testing.assert_array_equal(y, softmax_mod.logsumexp(*case.inputs, **zero))
     np.testing.assert_array_equal(dx, softmax_mod.logsumexp_backward(d_y, *case.inputs, **zero).dx)
-
-
-@given(softmax_cases())
-def test_logsumexp_is_neg_inf_on_empty_rows_under_every_policy(case):
-    check_logsumexp_is_neg_inf_on_empty_rows_under_every_policy(case)
-
-
-def test_lse_check_catches_the_nan_policy_leaking_into_logsumexp(monkeypatch):
-    """Mutant: logsumexp as before issue 12, NaN on an empty row under ``empty_rows="nan"`` (and a NaN gradient)."""
-    real, real_backward = softmax_mod.logsumexp, softmax_mod.logsumexp_backward
-
-    def nan_on_empty(x, *, axis=-1, mask=None, empty_rows="zero"):
-        y = real(x, axis=axis, mask=mask, empty_rows=empty_rows)
-        return np.where(np.isneginf(y) & (empty_rows == "nan"), np.nan, y)
-
-    monkeypatch.setattr(softmax_mod, "logsumexp", nan_on_empty)
-    assert_catches(softmax_cases(), check_logsumexp_is_neg_inf_on_empty_rows_under_every_policy)
-    monkeypatch.setattr(softmax_mod, "logsumexp", real)
-
-    def nan_gradient(d_y, x, *, axis=-1, mask=None, empty_rows="zero"):
-        dx = real_backward(d_y, x, axis=axis, mask=mask, empty_rows=empty_rows).dx
-        y = np.expand_dims(real(x, axis=axis, mask=mask), axis)
-        return softmax_mod.LogSumExpGrads(np.where(np.isneginf(y) & (empty_rows == "nan"), np.nan, dx))
-
-    monkeypatch.setattr(softmax_mod, "logsumexp_backward", nan_gradient)
-    assert_catches(softmax_cases(), check_logsumexp_is_neg_inf_on_empty_rows_under_every_policy)
 
 
 @pytest.mark.parametrize("policy", ["zero", "nan", "uniform"])
@@ -279,17 +220,71 @@ def _with_an_unmasked_neg_inf(case):
     return type(case)((x,), case.options)
 
 
-@given(softmax_cases().map(_with_an_unmasked_neg_inf))
-def test_neg_inf_backward_is_the_limit(case):
-    check_neg_inf_backward_is_the_limit(case)
+# ---- the property table and its mutants ---------------------------------------------------------
 
 
-def test_limit_check_catches_a_backward_dropping_the_cotangent(monkeypatch):
-    """Mutant: log_softmax_backward as before issue 11, the cotangent of an unmasked -inf dropped."""
+def _normalize_mutant(change):
+    def patch(mp):
+        real = softmax_mod.normalize_last_axis
+        mp.setattr(
+            softmax_mod, "normalize_last_axis", lambda s, empty_rows, sink=None: change(real(s, empty_rows, sink), s)
+        )
+
+    return patch
+
+
+def _nan_policy_leaking_into_logsumexp(mp):
+    """logsumexp as before issue 12: NaN on an empty row under ``empty_rows="nan"``."""
+    real = softmax_mod.logsumexp
+
+    def nan_on_empty(x, *, axis=-1, mask=None, empty_rows="zero"):
+        y = real(x, axis=axis, mask=mask, empty_rows=empty_rows)
+        return np.where(np.isneginf(y) & (empty_rows == "nan"), np.nan, y)
+
+    mp.setattr(softmax_mod, "logsumexp", nan_on_empty)
+
+
+def _nan_gradient_of_logsumexp(mp):
+    """logsumexp_backward as before issue 12: a NaN gradient on an empty row under "nan"."""
+    real, real_backward = softmax_mod.logsumexp, softmax_mod.logsumexp_backward
+
+    def nan_gradient(d_y, x, *, axis=-1, mask=None, empty_rows="zero"):
+        dx = real_backward(d_y, x, axis=axis, mask=mask, empty_rows=empty_rows).dx
+        y = np.expand_dims(real(x, axis=axis, mask=mask), axis)
+        return softmax_mod.LogSumExpGrads(np.where(np.isneginf(y) & (empty_rows == "nan"), np.nan, dx))
+
+    mp.setattr(softmax_mod, "logsumexp_backward", nan_gradient)
+
+
+def _log_softmax_backward_dropping_the_cotangent(mp):
+    """log_softmax_backward as before issue 11: the cotangent of an unmasked -inf dropped."""
     real = softmax_mod.log_softmax_backward
+    mp.setattr(
+        softmax_mod, "log_softmax_backward", lambda d_y, x, **o: real(np.where(np.isneginf(x), 0.0, d_y), x, **o)
+    )
 
-    def dropping(dy, x, **options):
-        return real(np.where(np.isneginf(x), 0.0, dy), x, **options)
 
-    monkeypatch.setattr(softmax_mod, "log_softmax_backward", dropping)
-    assert_catches(softmax_cases().map(_with_an_unmasked_neg_inf), check_neg_inf_backward_is_the_limit)
+PROPERTIES = [
+    (check_matches_scipy, softmax_cases(), "unnormalised_by_n_over_2"),
+    (check_empty_rows_follow_policy, softmax_cases(), "nan_leaking_into_zero_policy"),
+    (
+        check_logsumexp_is_neg_inf_on_empty_rows_under_every_policy,
+        softmax_cases(),
+        ("nan_policy_leaking_into_logsumexp", "nan_gradient_of_logsumexp"),
+    ),
+    (
+        check_neg_inf_backward_is_the_limit,
+        softmax_cases().map(_with_an_unmasked_neg_inf),
+        "log_softmax_backward_dropping_the_cotangent",
+    ),
+]
+MUTANTS = {
+    "unnormalised_by_n_over_2": _normalize_mutant(lambda nz, s: nz._replace(p=nz.p * s.shape[-1] / 2.0)),
+    "nan_leaking_into_zero_policy": _normalize_mutant(
+        lambda nz, s: nz._replace(p=np.where(nz.empty[..., None], np.nan, nz.p))
+    ),
+    "nan_policy_leaking_into_logsumexp": _nan_policy_leaking_into_logsumexp,
+    "nan_gradient_of_logsumexp": _nan_gradient_of_logsumexp,
+    "log_softmax_backward_dropping_the_cotangent": _log_softmax_backward_dropping_the_cotangent,
+}
+test_property, test_property_catches_its_mutant = property_table(PROPERTIES, MUTANTS)
