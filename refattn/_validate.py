@@ -9,6 +9,9 @@ and what was given.
 
 from __future__ import annotations
 
+import difflib
+import functools
+import inspect
 import numbers
 
 import numpy as np
@@ -34,6 +37,45 @@ class RefAttnTypeError(RefAttnError, TypeError):
     """An argument of the wrong type, e.g. a float mask, a string array, a bool given for a number.
 
     Both a :class:`RefAttnError` (so a ``ValueError``) and a :class:`TypeError`."""
+
+
+def unknown_option(function, name, valid, listed=None):
+    """The :class:`RefAttnError` for a keyword ``name`` that ``function`` (its name, for the message)
+    does not take: the closest of ``valid`` suggested, and the options listed (``listed``, default
+    ``valid`` in order): ``"entropy: unknown option 'normalise' (did you mean 'normalize'?); options: ..."``."""
+    close = difflib.get_close_matches(name, sorted(valid), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return RefAttnError(f"{function}: unknown option {name!r}{hint}; options: {', '.join(listed or valid)}")
+
+
+def keyword_checked(fn):
+    """``fn`` with the names of its keyword arguments checked before it runs: a name its signature
+    lacks raises :func:`unknown_option`'s error instead of Python's ``TypeError``.  A function that
+    takes ``**kwargs``, or is checked already, is returned as it is."""
+    params = inspect.signature(fn).parameters
+    if getattr(fn, "keywords_checked", False) or any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        return fn
+    named = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    valid = frozenset(named)
+
+    @functools.wraps(fn)
+    def checked(*args, **kwargs):
+        for name in kwargs:
+            if name not in valid:
+                raise unknown_option(fn.__name__, name, named)
+        return fn(*args, **kwargs)
+
+    checked.keywords_checked = True
+    return checked
+
+
+def check_keywords_of(namespace):
+    """Wrap every public function a module defines (``namespace["__all__"]``) in
+    :func:`keyword_checked`: call as ``check_keywords_of(globals())`` at the end of the module."""
+    for name in namespace["__all__"]:
+        fn = namespace[name]
+        if inspect.isfunction(fn) and fn.__module__ == namespace["__name__"]:
+            namespace[name] = keyword_checked(fn)
 
 
 def to_numpy(x, name):

@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from refattn._validate import RefAttnError, as_choice, as_cotangent, to_numpy, unbroadcast
+from refattn._validate import RefAttnError, as_choice, as_cotangent, check_keywords_of, to_numpy, unbroadcast
 from refattn.attention.options import BACKWARD_RETURN_LSE, takes_sdpa_options
 from refattn.attention.sdpa import SDPAGrads, expand_kv, reduce_kv, validate
 
@@ -546,3 +546,6 @@ def sdpa_twin_backward(
     dk = rd(ra(reduce_kv(dke, a.groups)))
     dv = rd(ra(reduce_kv(dve, a.groups)))
     return SDPAGrads(unbroadcast(dq, a.q.shape), unbroadcast(dk, a.k.shape), unbroadcast(dv, a.v.shape), dbias, dsinks)
+
+
+check_keywords_of(globals())  # a typo in a keyword raises RefAttnError with a suggestion

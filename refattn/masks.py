@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from refattn._validate import RefAttnError, as_choice, as_flag, as_int, as_real
+from refattn._validate import RefAttnError, as_choice, as_flag, as_int, as_real, check_keywords_of
 
 __all__ = ["ALIGNMENTS", "block", "causal", "dropout_mask", "from_lengths", "local", "strided", "varlen", "window"]
 
@@ -339,3 +339,6 @@ def dropout_mask(shape, p, seed):
         z = _splitmix64(np.uint64(seed) * _GOLDEN + n + np.uint64(1))
     u = (z >> np.uint64(11)).astype(np.float64) * 2.0**-53
     return (u >= p).reshape(shape)
+
+
+check_keywords_of(globals())  # a typo in a keyword raises RefAttnError with a suggestion

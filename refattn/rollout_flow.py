@@ -34,18 +34,26 @@ from refattn._validate import (
     as_flag,
     as_int,
     as_real,
+    check_keywords_of,
     to_numpy,
 )
 from refattn.metrics._maps import check_probability_rows
 
 __all__ = ["HEAD_FUSIONS", "RolloutGrads", "attention_flow", "rollout", "rollout_backward"]
 
+#: The values of ``head_fusion`` (None for maps already fused).
 HEAD_FUSIONS = ("mean", "max", "min", None)
 
 
 class RolloutGrads(NamedTuple):
-    """Gradient of :func:`rollout` w.r.t. ``attentions``: ``dattentions (L, ..., H, n, n)``, one array
-    with every layer's gradient stacked (``dattentions[l]`` that of layer l; 0 before ``start_layer``)."""
+    """Gradient of :func:`rollout` (returned by :func:`rollout_backward`) w.r.t. ``attentions``.
+
+    Fields
+    ------
+    dattentions : ndarray of float64, shape (L, ..., H, n, n)
+        Every layer's gradient stacked in one array, whatever container held the layers:
+        ``dattentions[l]`` is layer l's, 0 for the layers before ``start_layer``.
+    """
 
     dattentions: np.ndarray
 
@@ -240,18 +248,77 @@ def rollout(
 ):
     """Attention rollout ``R (..., n, n)``, or every prefix ``(L', ..., n, n)`` with ``return_all``.
 
-    ``attentions``: a sequence, stacked array or iterator of per-layer maps; an iterator is read
-    one layer at a time (memory does not grow with depth unless ``return_all``).  ``mask``: real
-    tokens ``(..., n)`` (True = real token); padded tokens get zero rows and columns and rollout equals
-    that of the cropped maps.  ``rows`` (an index or a list of them, e.g. 0 for [CLS]): only those
-    rows of R, ``(..., n)`` or ``(..., k, n)``, by a vector–matrix chain over the layers taken last
-    first — O(L·n²) per row instead of O(L·n³); needs the layers as a sequence or array.
-    ``backend``: ``"numba"`` fuses each layer (head mean, residual, renormalisation) in one
-    parallel read of its maps (mean fusion without mask or discard; otherwise NumPy), ``"numpy"``
-    the definition, ``"auto"`` the kernel for layers of ``refattn.kernels.AUTO_MIN_SCORES``
-    entries and more.  ``check_probabilities``: refuse a layer whose real rows (every head) are not
-    probabilities over the real tokens — non-negative, summing to 1 within 1e-6 (a hint names
-    logits passed by mistake); ``False`` takes the maps as they are.
+    Abnar & Zuidema 2020.  Per layer (``specs/rollout.md``)::
+
+        1. Ā = fuse_heads(A)                  mean | max | min over H (None: already fused)
+        2. Ā = Ā · [both tokens real]         with a mask
+        3. Ā = Ā with the ⌊discard_ratio · n⌋ smallest entries of each row set to 0
+                                              (n real tokens; real keys ranked, ties: lower index)
+        4. M = residual · I + (1 − residual) · Ā    (I on real tokens only)
+        5. Â = M / rowsum(M)                  when renormalize (zero rows stay 0)
+
+    and ``R = Â_L ⋯ Â_{s+1}`` for ``start_layer = s``: later layers on the **left** (rows are queries,
+    the row-vector convention of the original code); ``return_all`` gives every prefix
+    ``Â_k ⋯ Â_{s+1}``, ``k = s+1 .. L``.
+
+    Axes: ``L`` layers, ``...`` batch dims, ``H`` heads, ``n`` tokens (queries = keys).
+
+    Parameters
+    ----------
+    attentions : sequence, array or iterator of array_like, each of shape (..., H, n, n)
+        The maps of every layer, first layer first, rows = queries, square, all of layer 0's shape
+        (``(..., n, n)`` with ``head_fusion=None``): a list, a stacked array ``(L, ..., H, n, n)`` or an
+        iterator, read one layer at a time.  int or float dtype, never mutated; finite.
+        Memory does not grow with depth for an iterator (unless ``return_all``).
+    residual : float, default 0.5
+        The weight of the identity (the residual connection) in ``Â = residual·I + (1 − residual)·Ā``,
+        in [0, 1]; 1 gives ``I``.
+    head_fusion : {"mean", "max", "min", None}, default "mean"
+        How each layer's heads are fused into ``Ā``: their mean, entrywise max or min; None: the maps
+        are already fused, ``(..., n, n)``.
+    start_layer : int, default 0
+        The first layer taken into the product (>= 0, fewer than the layers); earlier layers are
+        still checked.
+    discard_ratio : float, default 0.0
+        In [0, 1): the ``⌊discard_ratio · n_real⌋`` smallest entries of each row of ``Ā`` are set to 0
+        before the residual (per row; vit-explain drops them over the whole map).
+    renormalize : bool, default True
+        Divide each row of M by its sum.
+    mask : array_like of bool, broadcastable to (..., n), optional
+        True = real token (refattn's one polarity: True = keep): entries touching a padded token are
+        0 in every ``Ā`` (the identity too), padded tokens get zero rows and columns, and the result
+        on the real tokens equals that of the cropped maps.  Default None: every token real.
+    return_all : bool, default False
+        Return every prefix, stacked, instead of R.
+    rows : int or sequence of int, optional
+        Only those rows of R (e.g. 0 for [CLS]), by a vector–matrix chain over the layers taken last
+        first: O(L·n²) per row instead of O(L·n³).  Needs the layers as a sequence or array (not an
+        iterator); not with ``return_all``.  Default None: all of R.
+    backend : {"auto", "numpy", "numba"}, default "auto"
+        ``"numba"``: each layer fused (head mean, residual, renormalisation) in one parallel read of
+        its maps, for mean fusion without mask or discard (otherwise NumPy), within 1e-12 of the
+        definition; ``"numpy"``: the definition; ``"auto"``: the kernel for layers of
+        ``refattn.kernels.AUTO_MIN_SCORES`` (2**18) entries and more, when numba is installed.
+    check_probabilities : bool, default True
+        Refuse (RefAttnError naming ``attentions[i]``, the row and its sum and minimum, with a hint
+        when the maps look like logits) a layer whose real tokens' rows, in any head, are not
+        probabilities over the real tokens: entries >= 0, summing to 1 within 1e-6 (``n · eps`` for
+        float32 and coarser maps).  Every layer is checked, those before ``start_layer`` too; padded
+        tokens' rows are exempt.  False: take the maps as they are.
+
+    Returns
+    -------
+    R : ndarray of float64, shape (..., n, n)
+        The rollout; ``(L', ..., n, n)`` with ``return_all`` (``L' = L − start_layer``), ``(..., n)``
+        or ``(..., k, n)`` with ``rows`` (an index or k of them).  Padded tokens' rows and columns
+        are 0.
+
+    Raises
+    ------
+    RefAttnError
+        No layer, layers of different or non-square shapes, ``start_layer`` past the last layer, an
+        option out of range, non-finite maps or rows that are not probabilities (``RefAttnTypeError``
+        for a non-real dtype or a non-bool mask).
     """
     opts = _options(residual, head_fusion, start_layer, discard_ratio, renormalize, check_probabilities)
     return_all = as_flag(return_all, "return_all")
@@ -329,14 +396,30 @@ def rollout_backward(
     rows=None,
     check_probabilities=True,
 ):
-    """Gradient of :func:`rollout`: ``RolloutGrads(dattentions)``, ``dattentions (L, ..., H, n, n)`` the
-    layers' gradients stacked in one array (zeros before ``start_layer``), whether ``attentions`` was
-    given as an array, a sequence or an iterator.
+    """Gradient of :func:`rollout`: ``dattentions = ∂/∂attentions of Σ d_R · R``.
 
-    ``d_R``: the cotangent of ``R`` (of every prefix ``(L', ..., n, n)`` with ``return_all``).  max/min
-    fusion give the subgradient of the selected head; the discard selection is held fixed.  With
-    ``rows``, ``d_R`` has the shape of those rows; it is scattered into R's full shape.  ``mask``:
-    True = real token.  Options as in :func:`rollout`.
+    Going from the last layer down with the prefixes ``P_k = Â_k ⋯ Â_{s+1}``: ``G_k = dR_k + Â_{k+1}ᵀ
+    G_{k+1}``, ``dÂ_k = G_k P_{k−1}ᵀ``, then back through each layer's steps (``specs/rollout.md``):
+    the renormalisation, the residual, the discard (its selection held fixed), the padding and the
+    fusion (mean: ``dĀ / H`` to every head; max/min: the subgradient, all to the selected head, lower
+    head index on ties).  The result is the same whether ``attentions`` is an array, a sequence or an
+    iterator.
+
+    Parameters
+    ----------
+    d_R : array_like
+        Cotangent of ``R``: exactly its shape, finite; ``(L', ..., n, n)`` (every prefix) with
+        ``return_all``; the shape of those rows with ``rows`` (scattered into R's full shape).
+    attentions : sequence, array or iterator of array_like
+        As :func:`rollout`.
+    residual, head_fusion, start_layer, discard_ratio, renormalize, mask, return_all, rows, check_probabilities
+        The forward's options, as :func:`rollout` (same defaults; ``mask``: True = real token).
+        The backward runs NumPy: it takes no ``backend``.
+
+    Returns
+    -------
+    RolloutGrads
+        ``(dattentions,)``: float64, ``(L, ..., H, n, n)``, 0 for the layers before ``start_layer``.
     """
     opts = _options(residual, head_fusion, start_layer, discard_ratio, renormalize, check_probabilities)
     return_all = as_flag(return_all, "return_all")
@@ -422,15 +505,56 @@ def attention_flow(
     normalize=True,
     check_probabilities=True,
 ):
-    """Attention flow ``(..., n, n)``: max-flow from each node of the output layer to each input token.
+    """Attention flow ``flow (..., n, n)``: max-flow from each node of the output layer to each input token.
 
-    Nodes ``(l, i)`` for l = 0..L (0 = input tokens), edges ``(l, i) → (l − 1, j)`` with capacity
-    ``Â^(l)_ij`` (renormalised, as rollout).  ``output_layer`` (1..L, default L) picks the source
-    layer.  Each max-flow is a linear program solved in float64 by SciPy's HiGHS (no integer
-    quantisation); rows are then normalised — a row with no flow at all is an error.
-    ``normalize=False`` returns the raw flows (each ≤ 1, the capacity out of a node).  ``mask``: real
-    tokens ``(..., n)``, True = real token (padded tokens neither send nor receive flow).
-    ``check_probabilities`` as in :func:`rollout`.
+    Abnar & Zuidema 2020.  Nodes ``(l, i)`` for l = 0..L (0 = input tokens), edges ``(l, i) → (l − 1, j)``
+    with capacity ``Â^(l)_ij`` (steps 1–5 of :func:`rollout`, renormalised, nothing discarded).  For
+    each node i of the output layer and each input token j, the maximum flow from ``(L_o, i)`` to
+    ``(0, j)``, a linear program solved in float64 by SciPy's HiGHS (no integer quantisation); each
+    row is then normalised.  ``n²`` LPs per map of ``L·n²`` variables: a reference for small n.  Not
+    differentiable (no backward).
+
+    Axes: ``L`` layers, ``...`` batch dims, ``H`` heads, ``n`` tokens (queries = keys).
+
+    Parameters
+    ----------
+    attentions : sequence, array or iterator of array_like, each of shape (..., H, n, n)
+        The maps of every layer, first layer first, rows = queries, square, all of layer 0's shape
+        (``(..., n, n)`` with ``head_fusion=None``): a list, a stacked array ``(L, ..., H, n, n)`` or an
+        iterator, read one layer at a time.  int or float dtype, never mutated; finite.
+    residual : float, default 0.5
+        The weight of the identity (the residual connection) in ``Â = residual·I + (1 − residual)·Ā``,
+        in [0, 1]; 1 gives ``I``.
+    head_fusion : {"mean", "max", "min", None}, default "mean"
+        How each layer's heads are fused into ``Ā``: their mean, entrywise max or min; None: the maps
+        are already fused, ``(..., n, n)``.
+    output_layer : int, optional
+        The source layer ``L_o``, in 1..L.  Default None: the last layer, L.
+    mask : array_like of bool, broadcastable to (..., n), optional
+        True = real token (refattn's one polarity: True = keep): padded tokens neither send nor
+        receive flow (their entries are 0 in every ``Â``), and the result on the real tokens equals
+        that of the cropped maps (to 1e-9, the LP's tolerance).  Default None: every token real.
+    normalize : bool, default True
+        Divide each row by its total flow; False: the raw flows, each ≤ 1 (the capacity out of a
+        node).
+    check_probabilities : bool, default True
+        Refuse (RefAttnError naming ``attentions[i]``, the row and its sum and minimum, with a hint
+        when the maps look like logits) a layer whose real tokens' rows, in any head, are not
+        probabilities over the real tokens: entries >= 0, summing to 1 within 1e-6 (``n · eps`` for
+        float32 and coarser maps).  Every layer is checked, those before ``start_layer`` too; padded
+        tokens' rows are exempt.  False: take the maps as they are.
+
+    Returns
+    -------
+    flow : ndarray of float64, shape (..., n, n)
+        Row i: the flow from output node i to each input token (rows sum to 1 with ``normalize``);
+        0 on padded tokens' rows and columns.
+
+    Raises
+    ------
+    RefAttnError
+        As :func:`rollout`; also ``output_layer`` out of range, an output node that carries no flow
+        to any input token, or an LP that fails.
     """
     from scipy.optimize import linprog
 
@@ -486,3 +610,6 @@ def _max_flow(cap, source, sink, linprog):
     if res.status != 0:
         raise RefAttnError(f"attention_flow: the max-flow LP failed ({res.message})")
     return max(-res.fun, 0.0)
+
+
+check_keywords_of(globals())  # a typo in a keyword raises RefAttnError with a suggestion

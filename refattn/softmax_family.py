@@ -28,7 +28,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from refattn._validate import as_axis, as_bool, as_choice, as_cotangent, as_float, check_broadcast_to
+from refattn._validate import as_axis, as_bool, as_choice, as_cotangent, as_float, check_broadcast_to, check_keywords_of
 
 __all__ = [
     "EMPTY_ROW_POLICIES",
@@ -43,18 +43,40 @@ __all__ = [
     "softmax_backward",
 ]
 
+#: The values of ``empty_rows`` (the table above).
 EMPTY_ROW_POLICIES = ("zero", "nan", "uniform")
 
 
 class SoftmaxGrads(NamedTuple):
+    """Gradient of :func:`softmax` (returned by :func:`softmax_backward`) w.r.t. ``x``: ``dx = p (d_y − Σ p d_y)``.
+
+    Fields
+    ------
+    dx : ndarray of float64, shape of ``x``
+    """
+
     dx: np.ndarray
 
 
 class LogSoftmaxGrads(NamedTuple):
+    """Gradient of :func:`log_softmax` (returned by :func:`log_softmax_backward`) w.r.t. ``x``: ``dx = d_y − p Σ d_y``.
+
+    Fields
+    ------
+    dx : ndarray of float64, shape of ``x``
+    """
+
     dx: np.ndarray
 
 
 class LogSumExpGrads(NamedTuple):
+    """Gradient of :func:`logsumexp` (returned by :func:`logsumexp_backward`) w.r.t. ``x``: ``dx = d_y · p``.
+
+    Fields
+    ------
+    dx : ndarray of float64, shape of ``x``
+    """
+
     dx: np.ndarray
 
 
@@ -145,15 +167,67 @@ def _empty_rows_grad(dx, empty, empty_rows):
 
 
 def softmax(x, *, axis=-1, mask=None, empty_rows="zero"):
-    """``y``: the softmax of ``x`` along ``axis``, x's shape; masked entries give 0 (``mask``: True = the
-    entry takes part); ``empty_rows``: what a row without any allowed entry gives."""
+    """``y``: the softmax of ``x`` along ``axis``, x's shape; masked entries give 0.
+
+    ``y_j = exp(x_j − lse)`` over the entries that take part (``mask`` True and ``x_j > -inf``), 0
+    elsewhere, ``lse = m + log1p(t)`` with ``m`` the row's max and ``t`` the denominator's tail
+    without its largest term (``specs/softmax.md``): no overflow, and the digits of a tail far below
+    ε are kept.
+
+    Axes: ``n`` the length of ``axis``; the other dims are batch dims.
+
+    Parameters
+    ----------
+    x : array_like, shape (..., n, ...)
+        Logits, normalised along ``axis``; any real dtype, converted to float64, never mutated; at
+        least one dimension.  ``-inf`` entries take no weight, as masked ones (their gradient is the
+        limit ``x_j → -inf``); NaN and ``+inf`` are refused.
+    axis : int, default -1
+        The axis normalised over (negative counts from the end).
+    mask : array_like of bool, broadcastable to x.shape, optional
+        True = the entry takes part (refattn's one polarity: True = keep); a mask may not enlarge
+        ``x``.  A float mask is refused: add an additive mask to ``x``.  Default None: every entry
+        takes part.
+    empty_rows : {"zero", "nan", "uniform"}, default "zero"
+        The result on an *empty row* (no entry taking part, or all of them ``-inf``): see the table
+        of :mod:`refattn.softmax_family`.  ``"zero"``: 0; ``"nan"``: NaN; ``"uniform"``: ``1/n``.
+
+    Returns
+    -------
+    y : ndarray of float64, x's shape
+        Each row sums to 1 over its entries that take part (empty rows aside).
+
+    Raises
+    ------
+    RefAttnError
+        A NaN or ``+inf`` entry, a bad ``axis``, ``mask`` shape or ``empty_rows`` (``RefAttnTypeError``
+        for a non-real ``x`` or a non-bool mask).
+    """
     x, ax, s, _ = _prepare(x, axis, mask, empty_rows)
     return np.moveaxis(normalize_last_axis(s, empty_rows).p, -1, ax)
 
 
 def softmax_backward(d_y, x, *, axis=-1, mask=None, empty_rows="zero"):
-    """``SoftmaxGrads(dx)``, the gradient of :func:`softmax` w.r.t. ``x``: ``dx = p (d_y - Σ p d_y)``; 0 at
-    masked and ``-inf`` entries (``p_j = 0``: also the limit ``x_j → -inf``)."""
+    """Gradient of :func:`softmax`: ``dx = ∂/∂x of Σ d_y · y = p (d_y − Σ p d_y)``.
+
+    0 at masked and ``-inf`` entries (``p_j = 0``: also the limit ``x_j → -inf``); on empty rows 0
+    under ``"zero"`` and ``"uniform"``, NaN under ``"nan"``.  Formed as ``p (c − Σ p c)``,
+    ``c = d_y − d_y_t`` (t the largest entry), so the largest entry keeps its digits.
+
+    Parameters
+    ----------
+    d_y : array_like, shape x.shape
+        Cotangent of ``y``: exactly its shape, finite.
+    x : array_like
+        As :func:`softmax`.
+    axis, mask, empty_rows
+        The forward's options, as :func:`softmax` (same defaults; ``mask``: True = the entry takes part).
+
+    Returns
+    -------
+    SoftmaxGrads
+        ``(dx,)``: float64, x's shape.
+    """
     x, ax, s, _ = _prepare(x, axis, mask, empty_rows)
     d = np.moveaxis(as_cotangent(d_y, x.shape, "d_y"), ax, -1)  # (..., n)
     nz = normalize_last_axis(s, empty_rows)
@@ -162,8 +236,39 @@ def softmax_backward(d_y, x, *, axis=-1, mask=None, empty_rows="zero"):
 
 
 def log_softmax(x, *, axis=-1, mask=None, empty_rows="zero"):
-    """``y = log(softmax(x))``, x's shape, computed as ``s - lse``; masked entries give ``-inf``
-    (``mask``: True = the entry takes part)."""
+    """``y = log(softmax(x))``, x's shape, computed as ``x − lse``; masked entries give ``-inf``.
+
+    ``y_j = (x_j − m) − log1p(t)`` (``m`` the row's max, ``t`` the denominator's tail without its
+    largest term, ``specs/softmax.md``) over the entries that take part; ``-inf`` on the others.
+
+    Axes: ``n`` the length of ``axis``; the other dims are batch dims.
+
+    Parameters
+    ----------
+    x : array_like, shape (..., n, ...)
+        Logits, normalised along ``axis``; any real dtype, converted to float64, never mutated; at
+        least one dimension.  ``-inf`` entries take no weight, as masked ones (their gradient is the
+        limit ``x_j → -inf``); NaN and ``+inf`` are refused.
+    axis : int, default -1
+        The axis normalised over (negative counts from the end).
+    mask : array_like of bool, broadcastable to x.shape, optional
+        True = the entry takes part (refattn's one polarity: True = keep); a mask may not enlarge
+        ``x``.  A float mask is refused: add an additive mask to ``x``.  Default None: every entry
+        takes part.
+    empty_rows : {"zero", "nan", "uniform"}, default "zero"
+        The result on an *empty row* (no entry taking part, or all of them ``-inf``): see the table
+        of :mod:`refattn.softmax_family`.  ``"zero"``: ``-inf``; ``"nan"``: NaN; ``"uniform"``: ``−log n``.
+
+    Returns
+    -------
+    y : ndarray of float64, x's shape
+
+    Raises
+    ------
+    RefAttnError
+        A NaN or ``+inf`` entry, a bad ``axis``, ``mask`` shape or ``empty_rows`` (``RefAttnTypeError``
+        for a non-real ``x`` or a non-bool mask).
+    """
     x, ax, s, _ = _prepare(x, axis, mask, empty_rows)
     nz = normalize_last_axis(s, empty_rows)
     y = (s - nz.shift[..., None]) - nz.log_tail[..., None]  # (..., n), -inf where masked; 0 - log1p(t) at the max
@@ -174,11 +279,26 @@ def log_softmax(x, *, axis=-1, mask=None, empty_rows="zero"):
 
 
 def log_softmax_backward(d_y, x, *, axis=-1, mask=None, empty_rows="zero"):
-    """``LogSoftmaxGrads(dx)``, the gradient of :func:`log_softmax`: ``dx = d_y - p Σ d_y`` over the entries
-    not masked (0 on masked ones).
+    """Gradient of :func:`log_softmax`: ``dx = ∂/∂x of Σ d_y · y = d_y − p Σ d_y``.
 
-    An unmasked ``x_j = -inf`` keeps its cotangent: ``dx_j = d_y_j`` (``p_j = 0``), the limit
-    ``x_j → -inf`` of the gradient, as PyTorch and JAX give it.
+    The sum runs over the entries not masked; masked entries have their ``d_y`` dropped (the
+    output there is the constant ``-inf``) and ``dx = 0``.  An unmasked ``x_j = -inf`` keeps its
+    cotangent: ``dx_j = d_y_j`` (``p_j = 0``), the limit ``x_j → -inf`` of the gradient, as PyTorch
+    and JAX give it.  On empty rows 0, NaN under ``"nan"``.
+
+    Parameters
+    ----------
+    d_y : array_like, shape x.shape
+        Cotangent of ``y``: exactly its shape, finite.
+    x : array_like
+        As :func:`log_softmax`.
+    axis, mask, empty_rows
+        The forward's options, as :func:`log_softmax` (same defaults; ``mask``: True = the entry takes part).
+
+    Returns
+    -------
+    LogSoftmaxGrads
+        ``(dx,)``: float64, x's shape.
     """
     x, ax, s, keep = _prepare(x, axis, mask, empty_rows)
     d = np.moveaxis(as_cotangent(d_y, x.shape, "d_y"), ax, -1)  # (..., n)
@@ -192,18 +312,69 @@ def log_softmax_backward(d_y, x, *, axis=-1, mask=None, empty_rows="zero"):
 
 
 def logsumexp(x, *, axis=-1, mask=None, empty_rows="zero"):
-    """``y = log Σ exp(x)`` over the allowed entries of ``axis`` (reduced away; ``mask``: True = the
-    entry takes part).  ``-inf`` on an empty row under every ``empty_rows`` policy, as sdpa's ``lse``:
-    the policy (validated) sets only softmax's and log_softmax's values there."""
+    """``y = log Σ exp(x)`` over the allowed entries of ``axis``, reduced away.
+
+    ``y = m + log1p(t)`` (``m`` the row's max, ``t`` the denominator's tail without its largest term,
+    ``specs/softmax.md``), over the entries that take part.  ``-inf`` on an empty row under every
+    ``empty_rows`` policy, as sdpa's ``lse``: the policy (validated) sets only softmax's and
+    log_softmax's values there.
+
+    Axes: ``n`` the length of ``axis``; the other dims are batch dims.
+
+    Parameters
+    ----------
+    x : array_like, shape (..., n, ...)
+        Logits, normalised along ``axis``; any real dtype, converted to float64, never mutated; at
+        least one dimension.  ``-inf`` entries take no weight, as masked ones (their gradient is the
+        limit ``x_j → -inf``); NaN and ``+inf`` are refused.
+    axis : int, default -1
+        The axis normalised over (negative counts from the end).
+    mask : array_like of bool, broadcastable to x.shape, optional
+        True = the entry takes part (refattn's one polarity: True = keep); a mask may not enlarge
+        ``x``.  A float mask is refused: add an additive mask to ``x``.  Default None: every entry
+        takes part.
+    empty_rows : {"zero", "nan", "uniform"}, default "zero"
+        The result on an *empty row* (no entry taking part, or all of them ``-inf``): see the table
+        of :mod:`refattn.softmax_family`.  It does not change logsumexp's ``-inf``.
+
+    Returns
+    -------
+    y : ndarray of float64, x.shape without ``axis``
+
+    Raises
+    ------
+    RefAttnError
+        A NaN or ``+inf`` entry, a bad ``axis``, ``mask`` shape or ``empty_rows`` (``RefAttnTypeError``
+        for a non-real ``x`` or a non-bool mask).
+    """
     x, ax, s, _ = _prepare(x, axis, mask, empty_rows)
     return normalize_last_axis(s, empty_rows).lse
 
 
 def logsumexp_backward(d_y, x, *, axis=-1, mask=None, empty_rows="zero"):
-    """``LogSumExpGrads(dx)``, the gradient of :func:`logsumexp`: ``dx = d_y · softmax(x)``; 0 on empty rows
-    under every policy (``y`` is the constant ``-inf`` there), and at masked and ``-inf`` entries (also the
-    limit ``x_j → -inf``)."""
+    """Gradient of :func:`logsumexp`: ``dx = ∂/∂x of Σ d_y · y = d_y · softmax(x)``.
+
+    0 on empty rows under every policy (``y`` is the constant ``-inf`` there), and at masked and
+    ``-inf`` entries (also the limit ``x_j → -inf``).
+
+    Parameters
+    ----------
+    d_y : array_like, shape x.shape without ``axis``
+        Cotangent of ``y``: exactly its shape, finite.
+    x : array_like
+        As :func:`logsumexp`.
+    axis, mask, empty_rows
+        The forward's options, as :func:`logsumexp` (same defaults; ``mask``: True = the entry takes part).
+
+    Returns
+    -------
+    LogSumExpGrads
+        ``(dx,)``: float64, x's shape.
+    """
     x, ax, s, _ = _prepare(x, axis, mask, empty_rows)
     d = as_cotangent(d_y, s.shape[:-1], "d_y")  # (...,)
     nz = normalize_last_axis(s, "zero")  # p = 0 on empty rows, whatever the policy
     return LogSumExpGrads(np.moveaxis(d[..., None] * nz.p, -1, ax))
+
+
+check_keywords_of(globals())  # a typo in a keyword raises RefAttnError with a suggestion

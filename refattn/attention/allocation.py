@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from refattn._validate import RefAttnError, as_cotangent, as_flag, as_float, sum_outer, unbroadcast
+from refattn._validate import RefAttnError, as_cotangent, as_flag, as_float, check_keywords_of, sum_outer, unbroadcast
 from refattn.attention import sdpa as _sdpa
 from refattn.attention.options import BACKWARD_RETURN_LSE, takes_sdpa_options
 
@@ -214,3 +214,6 @@ def allocation_attention_backward(d_out, q, k, v, gate, *, d_lse=None, **options
     dq = dq + unbroadcast(dz1 @ gt.w1.T, a.q.shape)
     dv = unbroadcast(_sdpa.reduce_kv(dve, a.groups), a.v.shape)
     return AllocationGrads(dq, dk, dv, restore((dw1, db1, dw2, db2)), dbias, dsinks)
+
+
+check_keywords_of(globals())  # a typo in a keyword raises RefAttnError with a suggestion

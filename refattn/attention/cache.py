@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from refattn._validate import RefAttnError, as_cotangent, as_flag, as_float, unbroadcast
+from refattn._validate import RefAttnError, as_cotangent, as_flag, as_float, check_keywords_of, unbroadcast
 from refattn.attention import sdpa as _sdpa
 from refattn.attention.options import BACKWARD_RETURN_LSE, takes_sdpa_options
 
@@ -269,3 +269,6 @@ def paged_gather_backward(d_dense, pages, block_table, lengths):
     bi, si = np.nonzero(valid)
     np.add.at(dpages, (page_of[bi, si], slice(None), offset[si]), dd[bi, :, si, :])
     return PagedGatherGrads(dpages)
+
+
+check_keywords_of(globals())  # a typo in a keyword raises RefAttnError with a suggestion

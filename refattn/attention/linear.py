@@ -17,7 +17,16 @@ from typing import NamedTuple
 
 import numpy as np
 
-from refattn._validate import RefAttnError, as_choice, as_cotangent, as_flag, as_float, as_real, unbroadcast
+from refattn._validate import (
+    RefAttnError,
+    as_choice,
+    as_cotangent,
+    as_flag,
+    as_float,
+    as_real,
+    check_keywords_of,
+    unbroadcast,
+)
 from refattn.attention.sdpa import expand_kv, reduce_kv
 
 __all__ = ["FEATURE_MAPS", "LinearAttentionGrads", "linear_attention", "linear_attention_backward"]
@@ -166,3 +175,6 @@ def linear_attention_backward(d_out, q, k, v, *, feature_map="elu+1", causal=Fal
     dk = unbroadcast(reduce_kv(d_b * db, g), k.shape)
     dv = unbroadcast(reduce_kv(dve, g), v.shape)
     return LinearAttentionGrads(dq, dk, dv)
+
+
+check_keywords_of(globals())  # a typo in a keyword raises RefAttnError with a suggestion

@@ -14,7 +14,7 @@ import math
 
 import numpy as np
 
-from refattn._validate import RefAttnError, as_flag
+from refattn._validate import RefAttnError, as_flag, check_keywords_of
 from refattn.attention.options import takes_sdpa_options
 from refattn.attention.sdpa import validate
 
@@ -260,3 +260,6 @@ def multihead_attention(x, params, *, num_heads, num_kv_heads=None, kv=None, hea
                         acc += g * o[idx + (h, i, e)] * p.w_o[h * dv + e, c]
                 y[idx + (i, c)] = acc
     return y
+
+
+check_keywords_of(globals())  # a typo in a keyword raises RefAttnError with a suggestion

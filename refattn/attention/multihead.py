@@ -20,7 +20,16 @@ from typing import NamedTuple
 
 import numpy as np
 
-from refattn._validate import RefAttnError, as_cotangent, as_float, as_int, check_broadcast_to, sum_outer, unbroadcast
+from refattn._validate import (
+    RefAttnError,
+    as_cotangent,
+    as_float,
+    as_int,
+    check_broadcast_to,
+    check_keywords_of,
+    sum_outer,
+    unbroadcast,
+)
 from refattn.attention import sdpa as _sdpa
 from refattn.attention.options import takes_sdpa_options
 
@@ -288,3 +297,6 @@ def multihead_attention_backward(d_y, x, params, *, num_heads, num_kv_heads=None
     if kv is None:
         return MHAGrads(d_in["q"] + dsrc, None, dparams, dhm)
     return MHAGrads(d_in["q"], dsrc, dparams, dhm)
+
+
+check_keywords_of(globals())  # a typo in a keyword raises RefAttnError with a suggestion

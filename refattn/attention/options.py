@@ -19,13 +19,12 @@ order); ``tests/attention/test_options.py`` holds the two equal.
 
 from __future__ import annotations
 
-import difflib
 import functools
 import inspect
 import re
 from typing import NamedTuple
 
-from refattn._validate import RefAttnError
+from refattn._validate import RefAttnError, unknown_option
 
 __all__ = [
     "BACKEND",
@@ -163,9 +162,7 @@ def _reject(spec, kwargs):
     bad = next(n for n in kwargs if n not in spec.valid)
     if bad in spec.refused:
         return RefAttnError(f"{spec.name}: option {bad!r} is not accepted: {spec.refused[bad]}")
-    close = difflib.get_close_matches(bad, sorted(spec.valid), n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return RefAttnError(f"{spec.name}: unknown option {bad!r}{hint}; options: {', '.join(spec.keywords)}")
+    return unknown_option(spec.name, bad, spec.valid, spec.keywords)
 
 
 def takes_sdpa_options(*, refuses=None, name=None, like=None):
@@ -228,6 +225,7 @@ def takes_sdpa_options(*, refuses=None, name=None, like=None):
         wrapper.__signature__ = spec.signature
         wrapper.__doc__ = _doc(fn.__doc__, spec)
         wrapper.sdpa_options = spec
+        wrapper.keywords_checked = True  # refattn._validate.keyword_checked leaves it as it is
         return wrapper
 
     return decorate

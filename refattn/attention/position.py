@@ -18,7 +18,7 @@ from typing import NamedTuple
 import numpy as np
 
 from refattn import masks as _masks
-from refattn._validate import RefAttnError, as_choice, as_cotangent, as_float, as_int, as_real
+from refattn._validate import RefAttnError, as_choice, as_cotangent, as_float, as_int, as_real, check_keywords_of
 
 __all__ = ["RopeGrads", "alibi_bias", "alibi_slopes", "rope", "rope_backward", "sinusoidal_positions"]
 
@@ -227,3 +227,6 @@ def sinusoidal_positions(length, dim, *, base=10000.0):
     pe[:, 0::2] = np.sin(pos * freq)
     pe[:, 1::2] = np.cos(pos * freq[: dim // 2])
     return pe
+
+
+check_keywords_of(globals())  # a typo in a keyword raises RefAttnError with a suggestion

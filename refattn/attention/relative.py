@@ -18,7 +18,16 @@ from typing import NamedTuple
 
 import numpy as np
 
-from refattn._validate import RefAttnError, as_cotangent, as_flag, as_float, as_int, sum_outer, unbroadcast
+from refattn._validate import (
+    RefAttnError,
+    as_cotangent,
+    as_flag,
+    as_float,
+    as_int,
+    check_keywords_of,
+    sum_outer,
+    unbroadcast,
+)
 from refattn.attention import sdpa as _sdpa
 from refattn.attention.options import BACKWARD_RETURN_LSE, takes_sdpa_options
 
@@ -182,3 +191,6 @@ def relative_attention_backward(d_out, q, k, v, rel_k, rel_v, *, max_distance, d
     drel_k = sum_outer(ds_rel, a.q)  # (R, D)
     dv = unbroadcast(_sdpa.reduce_kv(dve, a.groups), a.v.shape)
     return RelativeAttentionGrads(dq, dk, dv, drel_k, drel_v, dbias, dsinks)
+
+
+check_keywords_of(globals())  # a typo in a keyword raises RefAttnError with a suggestion

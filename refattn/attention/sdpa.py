@@ -39,6 +39,7 @@ from refattn._validate import (
     as_float,
     as_real,
     check_broadcast_to,
+    check_keywords_of,
     unbroadcast,
 )
 from refattn.softmax_family import EMPTY_ROW_POLICIES, normalize_last_axis
@@ -786,3 +787,6 @@ def attention_weights_backward(
     f = forward_scores(a)
     dp = as_cotangent(d_weights, a.score_shape, "d_weights")
     return AttentionWeightsGrads(*backward_scores(a, f, dp, None))
+
+
+check_keywords_of(globals())  # a typo in a keyword raises RefAttnError with a suggestion

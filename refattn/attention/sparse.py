@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from refattn._validate import as_int
+from refattn._validate import as_int, check_keywords_of
 from refattn.attention import sdpa as _sdpa
 from refattn.attention.options import BACKWARD_RETURN_LSE, takes_sdpa_options
 
@@ -117,3 +117,6 @@ def topk_attention_backward(d_out, q, k, v, *, top_k, d_lse=None, **options):
         broadcast dims summed); ``dbias``/``dsinks`` None without bias/sinks.
     """
     return _sdpa.sdpa_backward(d_out, q, k, v, d_lse=d_lse, **_selected_options(q, k, v, top_k, options))
+
+
+check_keywords_of(globals())  # a typo in a keyword raises RefAttnError with a suggestion

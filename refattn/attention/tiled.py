@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from refattn._validate import RefAttnError, as_cotangent, as_flag, as_float, as_int, unbroadcast
+from refattn._validate import RefAttnError, as_cotangent, as_flag, as_float, as_int, check_keywords_of, unbroadcast
 from refattn.attention import sdpa as _sdpa
 from refattn.attention.options import BACKWARD_RETURN_LSE, takes_sdpa_options
 from refattn.softmax_family import normalize_last_axis
@@ -426,3 +426,6 @@ def combine_partials_backward(d_out, outs, lses, *, d_lse=None):
     douts = w[..., None] * d_o  # (S, ..., Lq, Dv)
     dlses = w * (np.einsum("s...ie,...ie->s...i", outs - out, d_o) + dl)  # (S, ..., Lq)
     return CombineGrads(douts, dlses)
+
+
+check_keywords_of(globals())  # a typo in a keyword raises RefAttnError with a suggestion
