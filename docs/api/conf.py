@@ -85,7 +85,10 @@ SPEC_OF = {
     "refattn.kernels": "kernels",
     "refattn.lowp": "lowp",
     "refattn.masks": "masks",
+    "refattn.metrics": "metrics",
     "refattn.plot": "cli",
+    "refattn.rollout_flow": "rollout",
+    "refattn.softmax_family": "softmax",
     "refattn.testing.compare": "compare",
     "refattn.testing.derivatives": "testing",
 }

@@ -26,8 +26,15 @@ LOW_PRECISION_CAP = 1e-2  # the widest tolerance a low-precision map gets (n · 
 
 
 class MapGrads(NamedTuple):
-    """The gradient of a metric of one attention map ``P`` (every metric whose only differentiable
-    input is ``P``): ``dP`` has P's shape, 0 on masked entries and padded rows."""
+    """The gradient of a metric of one attention map ``P`` (every metric whose only differentiable input is ``P``).
+
+    What the backward of such a metric returns: ``MapGrads(dP)``.
+
+    Fields
+    ------
+    dP : ndarray of float64, shape of ``P``
+        0 on masked entries and padded rows.
+    """
 
     dP: np.ndarray
 

@@ -45,8 +45,24 @@ def _tokens(tokens, shape):
 
 
 def duplicate_token_pattern(tokens, *, real=None):
-    """``D (..., L, L)``: 1 where an earlier key carries the query's token; with ``real (..., L)``
-    (bool, True = real token) only real keys count (a pad id equal to a token is no duplicate)."""
+    """The duplicate-token pattern ``D (..., L, L)``: 1 where an earlier key carries the query's token.
+
+    ``D[i, j] = 1`` iff ``tokens[j] == tokens[i]``, ``j < i`` and (with ``real``) key j is a real
+    token; 0 elsewhere (strictly lower-triangular).
+
+    Parameters
+    ----------
+    tokens : array_like of int or str, shape (..., L)
+        The token of each position (integer ids or strings); leading dims are batch dims.
+    real : array_like of bool, broadcastable to (..., L), optional
+        True = real token: only real keys count, so a pad id equal to a token is no duplicate.
+        Default None: every key counts.
+
+    Returns
+    -------
+    D : ndarray of float64, shape (..., L, L)
+        0/1 pattern, rows = queries.
+    """
     t = np.asarray(tokens)
     same = t[..., :, None] == t[..., None, :]
     if real is not None:
@@ -55,8 +71,25 @@ def duplicate_token_pattern(tokens, *, real=None):
 
 
 def induction_pattern(tokens, *, real=None):
-    """``D (..., L, L)``: the duplicate pattern shifted right by one key, lower-triangular; ``real``
-    as in :func:`duplicate_token_pattern` (True = real token)."""
+    """The induction pattern ``D (..., L, L)``: 1 on the key right after an earlier copy of the query's token.
+
+    ``D[i, j] = dup[i, j − 1]`` (the duplicate pattern of :func:`duplicate_token_pattern` shifted one
+    key to the right, column 0 zero), then ``tril``: query i attends the token that followed an earlier
+    occurrence of its own token (Olsson et al. 2022).
+
+    Parameters
+    ----------
+    tokens : array_like of int or str, shape (..., L)
+        The token of each position (integer ids or strings); leading dims are batch dims.
+    real : array_like of bool, broadcastable to (..., L), optional
+        True = real token, as in :func:`duplicate_token_pattern`: only real keys match.  Default
+        None: every key counts.
+
+    Returns
+    -------
+    D : ndarray of float64, shape (..., L, L)
+        0/1 pattern, rows = queries, lower-triangular.
+    """
     dup = duplicate_token_pattern(tokens, real=real)
     shifted = np.zeros_like(dup)
     shifted[..., 1:] = dup[..., :-1]
@@ -116,9 +149,46 @@ def _score_backward(d_score, P, pattern_kind, tokens, mask, exclude_bos, exclude
 def previous_token_score(P, *, mask=None, exclude_bos=False, exclude_current_token=False, check_probabilities=True):
     """Previous-token score ``score (..., H)``: the share of each map's mass on ``D[i, i−1]``.
 
-    ``mask``: True = real token; ``exclude_bos``: drop the first real token's column;
-    ``exclude_current_token``: drop the diagonal; ``check_probabilities``: refuse maps whose real
-    rows are not probabilities.
+    ``score = Σ_ij P'_ij D_ij / Σ_ij P'_ij`` per map, ``P'`` = P with masked entries (and, by option,
+    the BOS column and the diagonal) set to 0, and D the previous-token pattern (lower-triangular):
+    ``D[i, i − 1] = 1``.  In [0, 1]; 0 for a map with ``Σ P' = 0``.  TransformerLens' ``head_detector``
+    (``error_measure="mul"``) without its rounding to three decimals.
+
+    Axes: ``...`` batch dims, ``H`` heads, ``L`` tokens (queries = keys).
+
+    Parameters
+    ----------
+    P : array_like, shape (..., H, L, L)
+        Attention maps, rows = queries, square (``Lq = Lk = L``); any real dtype (bfloat16 too),
+        converted to float64, never mutated; finite.  Leading dims ``...`` are batch dims; a single
+        map ``(L, L)`` is accepted too.
+    mask : array_like of bool, optional
+        True = real token: a key-padding mask ``P.shape[:-3] + (L,)`` (per example, shared by its
+        heads) or ``P.shape[:-2] + (L,)`` (per map), which also marks the padded query rows; or a bool
+        mask broadcastable to P (True = the entry is kept; a row is real when it keeps some key).
+        Masked entries count as 0.  With contiguous padding (left or right) each score
+        equals that of the cropped map.  Default None: every token real.
+    exclude_bos : bool, default False
+        Also set to 0 the column of the first real token (BOS: column 0 without a mask, the first
+        real key of each map with one), in the numerator and in ``Σ P'``.
+    exclude_current_token : bool, default False
+        Also set the diagonal ``P_ii`` to 0.
+    check_probabilities : bool, default True
+        Refuse (RefAttnError naming the first offending row, with its sum and minimum) a map whose
+        real rows are not probabilities: entries >= 0, each row summing to 1 over its allowed keys
+        within 1e-6 (``n · eps`` of a coarser format such as float16, at most 1e-2).  False: measure
+        the map as it is (maps with sinks or dropout).
+
+    Returns
+    -------
+    score : ndarray of float64, shape P.shape[:-2], i.e. (..., H)
+        The share of each map's (kept) mass on the pattern.
+
+    Raises
+    ------
+    RefAttnError
+        A map that is not square, a bad ``mask`` shape, or rows that are not probabilities
+        (``RefAttnTypeError`` for a non-bool mask).
     """
     return _score(P, "previous", None, mask, exclude_bos, exclude_current_token, check_probabilities)
 
@@ -126,39 +196,189 @@ def previous_token_score(P, *, mask=None, exclude_bos=False, exclude_current_tok
 def previous_token_score_backward(
     d_score, P, *, mask=None, exclude_bos=False, exclude_current_token=False, check_probabilities=True
 ):
-    """Gradient of :func:`previous_token_score`: ``MapGrads(dP)``, ``dP = d_score (D − score) / Σ P'``
-    on the kept entries (``mask``: True = real token)."""
+    """Gradient of :func:`previous_token_score`: ``dP = ∂/∂P of Σ d_score · score``.
+
+    ``score = Σ P' D / Σ P'`` gives ``dP_ij = d_score (D_ij − score) / Σ P'`` on the kept entries of
+    each map, 0 on masked, excluded (BOS, diagonal) and padded entries and on maps with ``Σ P' = 0``.
+
+    Parameters
+    ----------
+    d_score : array_like, shape P.shape[:-2], i.e. (..., H)
+        Cotangent of ``score``: exactly its shape, finite.
+    P : array_like, shape (..., H, L, L)
+        As :func:`previous_token_score`.
+    mask, exclude_bos, exclude_current_token, check_probabilities
+        The forward's options, as :func:`previous_token_score` (same defaults; ``mask``: True = real token).
+
+    Returns
+    -------
+    MapGrads
+        ``(dP,)``: float64, P's shape.
+    """
     return _score_backward(d_score, P, "previous", None, mask, exclude_bos, exclude_current_token, check_probabilities)
 
 
 def duplicate_token_score(
     P, tokens, *, mask=None, exclude_bos=False, exclude_current_token=False, check_probabilities=True
 ):
-    """Duplicate-token score ``score (..., H)``: the share of each map's mass on earlier keys carrying
-    the query's token (``tokens (L,)`` or per example); options as in :func:`previous_token_score`
-    (``mask``: True = real token)."""
+    """Duplicate-token score ``score (..., H)``: the share of each map's mass on earlier keys carrying the
+    query's token.
+
+    ``score = Σ_ij P'_ij D_ij / Σ_ij P'_ij`` per map, ``P'`` = P with masked entries (and, by option,
+    the BOS column and the diagonal) set to 0, and D the duplicate-token pattern (lower-triangular):
+    ``D[i, j] = 1`` iff ``tokens[j] == tokens[i]``, ``j < i`` and key j is a real token
+    (:func:`duplicate_token_pattern`).  In [0, 1]; 0 for a map with ``Σ P' = 0``.  TransformerLens' ``head_detector``
+    (``error_measure="mul"``) without its rounding to three decimals.
+
+    Axes: ``...`` batch dims, ``H`` heads, ``L`` tokens (queries = keys).
+
+    Parameters
+    ----------
+    P : array_like, shape (..., H, L, L)
+        Attention maps, rows = queries, square (``Lq = Lk = L``); any real dtype (bfloat16 too),
+        converted to float64, never mutated; finite.  Leading dims ``...`` are batch dims; a single
+        map ``(L, L)`` is accepted too.
+    tokens : array_like of int or str, shape (L,) or P.shape[:-3] + (L,)
+        The token of each position (integer ids or strings; floats are refused), one sequence shared
+        by every map or one per example (shared by its heads).  What a padded position holds is
+        ignored.
+    mask : array_like of bool, optional
+        True = real token: a key-padding mask ``P.shape[:-3] + (L,)`` (per example, shared by its
+        heads) or ``P.shape[:-2] + (L,)`` (per map), which also marks the padded query rows; or a bool
+        mask broadcastable to P (True = the entry is kept; a row is real when it keeps some key).
+        Masked entries count as 0; only real keys match the pattern.  With contiguous padding (left or right) each score
+        equals that of the cropped map.  Default None: every token real.
+    exclude_bos : bool, default False
+        Also set to 0 the column of the first real token (BOS: column 0 without a mask, the first
+        real key of each map with one), in the numerator and in ``Σ P'``.
+    exclude_current_token : bool, default False
+        Also set the diagonal ``P_ii`` to 0.
+    check_probabilities : bool, default True
+        Refuse (RefAttnError naming the first offending row, with its sum and minimum) a map whose
+        real rows are not probabilities: entries >= 0, each row summing to 1 over its allowed keys
+        within 1e-6 (``n · eps`` of a coarser format such as float16, at most 1e-2).  False: measure
+        the map as it is (maps with sinks or dropout).
+
+    Returns
+    -------
+    score : ndarray of float64, shape P.shape[:-2], i.e. (..., H)
+        The share of each map's (kept) mass on the pattern.
+
+    Raises
+    ------
+    RefAttnError
+        A map that is not square, a bad ``tokens`` or ``mask`` shape, or rows that are not probabilities
+        (``RefAttnTypeError`` for float tokens or a non-bool mask).
+    """
     return _score(P, "duplicate", tokens, mask, exclude_bos, exclude_current_token, check_probabilities)
 
 
 def duplicate_token_score_backward(
     d_score, P, tokens, *, mask=None, exclude_bos=False, exclude_current_token=False, check_probabilities=True
 ):
-    """Gradient of :func:`duplicate_token_score`: ``MapGrads(dP)`` (``mask``: True = real token)."""
+    """Gradient of :func:`duplicate_token_score`: ``dP = ∂/∂P of Σ d_score · score``.
+
+    ``score = Σ P' D / Σ P'`` gives ``dP_ij = d_score (D_ij − score) / Σ P'`` on the kept entries of
+    each map, 0 on masked, excluded (BOS, diagonal) and padded entries and on maps with ``Σ P' = 0``.
+
+    Parameters
+    ----------
+    d_score : array_like, shape P.shape[:-2], i.e. (..., H)
+        Cotangent of ``score``: exactly its shape, finite.
+    P : array_like, shape (..., H, L, L)
+        As :func:`duplicate_token_score`.
+    tokens
+        As :func:`duplicate_token_score`.
+    mask, exclude_bos, exclude_current_token, check_probabilities
+        The forward's options, as :func:`duplicate_token_score` (same defaults; ``mask``: True = real token).
+
+    Returns
+    -------
+    MapGrads
+        ``(dP,)``: float64, P's shape.
+    """
     return _score_backward(
         d_score, P, "duplicate", tokens, mask, exclude_bos, exclude_current_token, check_probabilities
     )
 
 
 def induction_score(P, tokens, *, mask=None, exclude_bos=False, exclude_current_token=False, check_probabilities=True):
-    """Induction score ``score (..., H)``: the share of each map's mass on the key after an earlier
-    copy of the query's token; options as in :func:`previous_token_score` (``mask``: True = real token)."""
+    """Induction score ``score (..., H)``: the share of each map's mass on the key after an earlier copy
+    of the query's token.
+
+    ``score = Σ_ij P'_ij D_ij / Σ_ij P'_ij`` per map, ``P'`` = P with masked entries (and, by option,
+    the BOS column and the diagonal) set to 0, and D the induction pattern (lower-triangular):
+    the duplicate pattern shifted one key to the right, ``D[i, j] = dup[i, j − 1]``
+    (:func:`induction_pattern`).  In [0, 1]; 0 for a map with ``Σ P' = 0``.  TransformerLens' ``head_detector``
+    (``error_measure="mul"``) without its rounding to three decimals.
+
+    Axes: ``...`` batch dims, ``H`` heads, ``L`` tokens (queries = keys).
+
+    Parameters
+    ----------
+    P : array_like, shape (..., H, L, L)
+        Attention maps, rows = queries, square (``Lq = Lk = L``); any real dtype (bfloat16 too),
+        converted to float64, never mutated; finite.  Leading dims ``...`` are batch dims; a single
+        map ``(L, L)`` is accepted too.
+    tokens : array_like of int or str, shape (L,) or P.shape[:-3] + (L,)
+        The token of each position (integer ids or strings; floats are refused), one sequence shared
+        by every map or one per example (shared by its heads).  What a padded position holds is
+        ignored.
+    mask : array_like of bool, optional
+        True = real token: a key-padding mask ``P.shape[:-3] + (L,)`` (per example, shared by its
+        heads) or ``P.shape[:-2] + (L,)`` (per map), which also marks the padded query rows; or a bool
+        mask broadcastable to P (True = the entry is kept; a row is real when it keeps some key).
+        Masked entries count as 0; only real keys match the pattern.  With contiguous padding (left or right) each score
+        equals that of the cropped map.  Default None: every token real.
+    exclude_bos : bool, default False
+        Also set to 0 the column of the first real token (BOS: column 0 without a mask, the first
+        real key of each map with one), in the numerator and in ``Σ P'``.
+    exclude_current_token : bool, default False
+        Also set the diagonal ``P_ii`` to 0.
+    check_probabilities : bool, default True
+        Refuse (RefAttnError naming the first offending row, with its sum and minimum) a map whose
+        real rows are not probabilities: entries >= 0, each row summing to 1 over its allowed keys
+        within 1e-6 (``n · eps`` of a coarser format such as float16, at most 1e-2).  False: measure
+        the map as it is (maps with sinks or dropout).
+
+    Returns
+    -------
+    score : ndarray of float64, shape P.shape[:-2], i.e. (..., H)
+        The share of each map's (kept) mass on the pattern.
+
+    Raises
+    ------
+    RefAttnError
+        A map that is not square, a bad ``tokens`` or ``mask`` shape, or rows that are not probabilities
+        (``RefAttnTypeError`` for float tokens or a non-bool mask).
+    """
     return _score(P, "induction", tokens, mask, exclude_bos, exclude_current_token, check_probabilities)
 
 
 def induction_score_backward(
     d_score, P, tokens, *, mask=None, exclude_bos=False, exclude_current_token=False, check_probabilities=True
 ):
-    """Gradient of :func:`induction_score`: ``MapGrads(dP)`` (``mask``: True = real token)."""
+    """Gradient of :func:`induction_score`: ``dP = ∂/∂P of Σ d_score · score``.
+
+    ``score = Σ P' D / Σ P'`` gives ``dP_ij = d_score (D_ij − score) / Σ P'`` on the kept entries of
+    each map, 0 on masked, excluded (BOS, diagonal) and padded entries and on maps with ``Σ P' = 0``.
+
+    Parameters
+    ----------
+    d_score : array_like, shape P.shape[:-2], i.e. (..., H)
+        Cotangent of ``score``: exactly its shape, finite.
+    P : array_like, shape (..., H, L, L)
+        As :func:`induction_score`.
+    tokens
+        As :func:`induction_score`.
+    mask, exclude_bos, exclude_current_token, check_probabilities
+        The forward's options, as :func:`induction_score` (same defaults; ``mask``: True = real token).
+
+    Returns
+    -------
+    MapGrads
+        ``(dP,)``: float64, P's shape.
+    """
     return _score_backward(
         d_score, P, "induction", tokens, mask, exclude_bos, exclude_current_token, check_probabilities
     )

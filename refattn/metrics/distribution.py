@@ -51,20 +51,41 @@ __all__ = [
 
 
 class EntropyFromLogitsGrads(NamedTuple):
-    """Gradient of :func:`entropy_from_logits` w.r.t. its logits ``s``."""
+    """Gradient of :func:`entropy_from_logits` (returned by :func:`entropy_from_logits_backward`).
+
+    Fields
+    ------
+    ds : ndarray of float64, shape of ``s`` (..., Lq, Lk)
+        0 on masked keys and on empty rows.
+    """
 
     ds: np.ndarray
 
 
 class JSGrads(NamedTuple):
-    """Gradients of :func:`js_divergence` / :func:`js_distance` w.r.t. ``P1`` and ``P2``."""
+    """Gradients of :func:`js_divergence` and :func:`js_distance` (returned by their backwards).
+
+    Fields
+    ------
+    dP1 : ndarray of float64, shape of ``P1``
+    dP2 : ndarray of float64, shape of ``P2``
+        Both 0 on masked entries and padded rows; ``−inf`` where that map's entry is 0 and the other's
+        is not (``log(P/M)`` with ``P = 0 < M``).
+    """
 
     dP1: np.ndarray
     dP2: np.ndarray
 
 
 class HeadDiversityGrads(NamedTuple):
-    """Gradient of :func:`head_diversity` (and of ``diversity_regularizer``) w.r.t. ``P_heads``."""
+    """Gradient of :func:`head_diversity` (and of
+    :func:`~refattn.metrics.regularizers.diversity_regularizer`) w.r.t. ``P_heads``.
+
+    Fields
+    ------
+    dP_heads : ndarray of float64, shape of ``P_heads`` (..., H, Lq, Lk)
+        0 on masked entries and padded rows.
+    """
 
     dP_heads: np.ndarray
 
@@ -79,13 +100,48 @@ def _log_counts(m):
 
 
 def entropy(P, *, mask=None, normalize=False, backend="auto", check_probabilities=True):
-    """Row entropy ``entropy (..., Lq)`` = ``−Σ_j P_ij log P_ij`` over allowed keys; ``normalize``: ÷ log(n
-    allowed).
+    """Row entropy ``entropy (..., Lq)`` = ``−Σ_j P_ij log P_ij`` over allowed keys; ``normalize``: ÷ log(n allowed).
 
-    ``mask``: True = real token (key padding) or kept entry (a full bool mask).  ``backend``:
-    ``"numba"`` (a parallel kernel reading P once, without a mask), ``"numpy"`` (the definition) or
-    ``"auto"`` (the kernel from ``refattn.kernels.AUTO_MIN_SCORES`` entries on).
-    ``check_probabilities``: refuse a map whose real rows are not probabilities (``specs/metrics.md``).
+    Natural log, ``0 · log 0 = 0``; in ``[0, log n_i]``, ``n_i`` the row's allowed keys.  Padded rows
+    read 0.
+
+    Axes: ``...`` batch dims, ``H`` heads (optional), ``Lq`` queries (rows), ``Lk`` keys.
+
+    Parameters
+    ----------
+    P : array_like, shape (..., H, Lq, Lk) or (..., Lq, Lk)
+        Attention maps, rows = queries; any real dtype (bfloat16 too), converted to float64, never
+        mutated; finite.  Leading dims are batch dims.
+    mask : array_like of bool, optional
+        True = real token: a key-padding mask ``P.shape[:-3] + (Lk,)`` (per example, shared by its
+        heads) or ``P.shape[:-2] + (Lk,)`` (per map), which with ``Lq = Lk`` also marks the padded
+        query rows; or a bool mask broadcastable to P (True = the entry is kept; a row is real when it
+        keeps some key).  Masked entries count as 0; padded rows are left out of every average.
+        Default None: every token real.
+    normalize : bool, default False
+        Divide each row's entropy by ``log n_i`` (result in [0, 1]); a row with a single allowed key
+        gives 0.
+    backend : {"auto", "numpy", "numba"}, default "auto"
+        ``"numba"``: a parallel kernel reading P once (``refattn/kernels/metric_kernels.py``, within
+        1e-12 of the definition), used without a mask only; ``"numpy"``: the definition;
+        ``"auto"``: the kernel from ``refattn.kernels.AUTO_MIN_SCORES`` (2**18) entries of P on, when
+        numba is installed.
+    check_probabilities : bool, default True
+        Refuse (RefAttnError naming the argument and the first offending row, with its sum and
+        minimum) a map whose real rows are not probabilities: entries >= 0, each row summing to 1 over
+        its allowed keys within 1e-6 (``n · eps`` of a coarser format such as float16, at most 1e-2).
+        False: measure the map as it is (maps with sinks or dropout, known-good maps in a hot loop).
+
+    Returns
+    -------
+    entropy : ndarray of float64, shape P.shape[:-1], i.e. (..., Lq)
+        The entropy of each row (normalised with ``normalize``); 0 on padded rows.
+
+    Raises
+    ------
+    RefAttnError
+        A bad shape or value, named in the message, or rows that are not probabilities
+        (``RefAttnTypeError`` for a wrong type, such as a non-bool mask).
     """
     normalize = as_flag(normalize, "normalize")
     check = as_flag(check_probabilities, "check_probabilities")
@@ -112,11 +168,27 @@ def entropy(P, *, mask=None, normalize=False, backend="auto", check_probabilitie
 
 
 def entropy_backward(d_entropy, P, *, mask=None, normalize=False, check_probabilities=True):
-    """``MapGrads(dP)``, ``dP_ij = −d_entropy_i (log P_ij + 1)`` on allowed entries (÷ log n when
-    normalised; ``mask``: True = real token).
+    """Gradient of :func:`entropy`: ``dP = ∂/∂P of Σ d_entropy · entropy``.
 
-    Not differentiable where an allowed ``P_ij = 0`` (the derivative is +∞ there; it is returned
-    as ±inf); use :func:`entropy_from_logits` for a gradient that is finite everywhere.
+    ``dP_ij = −d_entropy_i (log P_ij + 1)`` on allowed entries (÷ ``log n_i`` when normalised), 0 on
+    masked entries and padded rows.  Not differentiable where an allowed ``P_ij = 0``: the derivative
+    is infinite there and is returned as ±inf (0 where ``d_entropy_i = 0``); use
+    :func:`entropy_from_logits` for a gradient that is finite everywhere.
+
+    Parameters
+    ----------
+    d_entropy : array_like, shape P.shape[:-1], i.e. (..., Lq)
+        Cotangent of ``entropy``: exactly its shape, finite.
+    P : array_like
+        As :func:`entropy`.
+    mask, normalize, check_probabilities
+        The forward's options, as :func:`entropy` (same defaults; ``mask``: True = real token).  The
+        backward runs NumPy: it takes no ``backend``.
+
+    Returns
+    -------
+    MapGrads
+        ``(dP,)``: float64, P's shape; 0 on masked entries and padded rows.
     """
     normalize = as_flag(normalize, "normalize")
     m = attention_map(P, mask, check_probabilities=check_probabilities)
@@ -144,19 +216,58 @@ def _logits_parts(s, mask):
 def entropy_from_logits(s, *, mask=None):
     """Entropy ``entropy (..., Lq)`` of ``softmax(s)`` over allowed keys: ``lse − Σ p s``; 0 on empty rows.
 
-    ``mask``: True = real token (a key-padding mask) or allowed entry (a full bool mask); masked keys
-    take no weight, as ``-inf`` logits.
+    Computed as ``log1p(t) − Σ_j p_j (s_j − max s)`` (``lse − max s = log1p(t)``, ``t`` the softmax
+    denominator's tail): two non-negative terms, accurate near 0 (one dominant logit) as near
+    ``log n``.  The logits are not checked to be anything but real.
 
-    Computed as ``log1p(t) − Σ p (s − max s)`` (``lse − max s = log1p(t)``, ``t`` the softmax
-    denominator's tail): two non-negative terms, accurate near 0 (one dominant logit) as near log n.
+    Axes: ``...`` batch dims, ``H`` heads (optional), ``Lq`` queries (rows), ``Lk`` keys.
+
+    Parameters
+    ----------
+    s : array_like, shape (..., H, Lq, Lk) or (..., Lq, Lk)
+        Logits, rows = queries; any real dtype, converted to float64, never mutated; finite or
+        ``-inf`` (a key with no weight), never NaN or ``+inf``.
+    mask : array_like of bool, optional
+        True = real token: a key-padding mask ``s.shape[:-3] + (Lk,)`` or ``s.shape[:-2] + (Lk,)``
+        (with ``Lq = Lk`` it also marks the padded query rows), or a bool mask broadcastable to s
+        (True = the entry is allowed).  Masked keys take no weight, as ``-inf`` logits.  Default None:
+        every key allowed.
+
+    Returns
+    -------
+    entropy : ndarray of float64, shape s.shape[:-1], i.e. (..., Lq)
+        Natural log; 0 on empty rows (every key masked or ``-inf``, padded rows included).
+
+    Raises
+    ------
+    RefAttnError
+        A bad shape or value, named in the message, or rows that are not probabilities
+        (``RefAttnTypeError`` for a wrong type, such as a non-bool mask).
     """
     _, nz, _, ubar = _logits_parts(s, mask)
     return np.where(nz.empty, 0.0, nz.log_tail - ubar)
 
 
 def entropy_from_logits_backward(d_entropy, s, *, mask=None):
-    """``EntropyFromLogitsGrads(ds)``, ``ds_j = −d_entropy p_j (s_j − Σ_k p_k s_k)``: finite everywhere,
-    0 on masked entries (``mask``: True = real token)."""
+    """Gradient of :func:`entropy_from_logits`: ``ds = ∂/∂s of Σ d_entropy · entropy``.
+
+    ``ds_j = −d_entropy p_j (s_j − Σ_k p_k s_k)``, ``p = softmax(s)`` over the allowed keys, formed from
+    the shifted logits: finite everywhere, 0 on masked and ``-inf`` keys and on empty rows.
+
+    Parameters
+    ----------
+    d_entropy : array_like, shape s.shape[:-1], i.e. (..., Lq)
+        Cotangent of ``entropy``: exactly its shape, finite.
+    s : array_like
+        As :func:`entropy_from_logits`.
+    mask
+        The forward's option, as :func:`entropy_from_logits` (same default; True = real token).
+
+    Returns
+    -------
+    EntropyFromLogitsGrads
+        ``(ds,)``: float64, s's shape.
+    """
     logits, nz, u, ubar = _logits_parts(s, mask)
     d = as_cotangent(d_entropy, logits.shape[:-1], "d_entropy")
     centred = np.where(nz.p > 0, u - ubar[..., None], 0.0)  # s_j − Σ p s, from the shifted logits
@@ -164,7 +275,40 @@ def entropy_from_logits_backward(d_entropy, s, *, mask=None):
 
 
 def max_weight(P, *, mask=None, check_probabilities=True):
-    """Largest weight ``max_weight (..., Lq)`` of each row (0 on padded rows; ``mask``: True = real token)."""
+    """Largest weight ``max_weight (..., Lq)`` of each row (0 on padded rows; ``mask``: True = real token).
+
+    ``max_j P_ij`` over the allowed keys.
+
+    Axes: ``...`` batch dims, ``H`` heads (optional), ``Lq`` queries (rows), ``Lk`` keys.
+
+    Parameters
+    ----------
+    P : array_like, shape (..., H, Lq, Lk) or (..., Lq, Lk)
+        Attention maps, rows = queries; any real dtype (bfloat16 too), converted to float64, never
+        mutated; finite.  Leading dims are batch dims.
+    mask : array_like of bool, optional
+        True = real token: a key-padding mask ``P.shape[:-3] + (Lk,)`` (per example, shared by its
+        heads) or ``P.shape[:-2] + (Lk,)`` (per map), which with ``Lq = Lk`` also marks the padded
+        query rows; or a bool mask broadcastable to P (True = the entry is kept; a row is real when it
+        keeps some key).  Masked entries count as 0; padded rows are left out of every average.
+        Default None: every token real.
+    check_probabilities : bool, default True
+        Refuse (RefAttnError naming the argument and the first offending row, with its sum and
+        minimum) a map whose real rows are not probabilities: entries >= 0, each row summing to 1 over
+        its allowed keys within 1e-6 (``n · eps`` of a coarser format such as float16, at most 1e-2).
+        False: measure the map as it is (maps with sinks or dropout, known-good maps in a hot loop).
+
+    Returns
+    -------
+    max_weight : ndarray of float64, shape P.shape[:-1], i.e. (..., Lq)
+        0 on padded rows.
+
+    Raises
+    ------
+    RefAttnError
+        A bad shape or value, named in the message, or rows that are not probabilities
+        (``RefAttnTypeError`` for a wrong type, such as a non-bool mask).
+    """
     m = attention_map(P, mask, check_probabilities=check_probabilities)
     return np.where(m.rows, m.p.max(axis=-1), 0.0)
 
@@ -175,23 +319,85 @@ def _argmax_onehot(m):
 
 
 def max_weight_backward(d_max_weight, P, *, mask=None, check_probabilities=True):
-    """Subgradient ``MapGrads(dP)``: ``d_max_weight`` on each row's (first) maximal entry
-    (``mask``: True = real token)."""
+    """Gradient of :func:`max_weight`: ``dP = ∂/∂P of Σ d_max_weight · max_weight``.
+
+    Parameters
+    ----------
+    d_max_weight : array_like, shape P.shape[:-1], i.e. (..., Lq)
+        Cotangent of ``max_weight``: exactly its shape, finite.
+    P : array_like
+        As :func:`max_weight`.
+    mask, check_probabilities
+        The forward's options, as :func:`max_weight` (same defaults; ``mask``: True = real token).
+
+    Returns
+    -------
+    MapGrads
+        ``(dP,)``, float64, P's shape: the subgradient, ``d_max_weight_i`` on each row's first (lowest
+        key index) maximal entry, 0 elsewhere.
+    """
     m = attention_map(P, mask, check_probabilities=check_probabilities)
     d = as_cotangent(d_max_weight, m.p.shape[:-1], "d_max_weight")
     return MapGrads(masked_grad(m, np.where(_argmax_onehot(m), d[..., None], 0.0)))
 
 
 def head_confidence(P, *, mask=None, check_probabilities=True):
-    """Voita et al. 2019: ``confidence (...,)``, the mean over real query rows of the max weight; in
-    [1/n, 1] (``mask``: True = real token)."""
+    """Voita et al. 2019: ``confidence (...,)``, the mean over real query rows of the max weight.
+
+    ``confidence = mean_i max_j P_ij`` over the real rows of each map: in ``[1/n, 1]`` for rows of
+    ``n`` allowed keys; 0 for a map without a real row.
+
+    Axes: ``...`` batch dims, ``H`` heads (optional), ``Lq`` queries (rows), ``Lk`` keys.
+
+    Parameters
+    ----------
+    P : array_like, shape (..., H, Lq, Lk) or (..., Lq, Lk)
+        Attention maps, rows = queries; any real dtype (bfloat16 too), converted to float64, never
+        mutated; finite.  Leading dims are batch dims.
+    mask : array_like of bool, optional
+        True = real token: a key-padding mask ``P.shape[:-3] + (Lk,)`` (per example, shared by its
+        heads) or ``P.shape[:-2] + (Lk,)`` (per map), which with ``Lq = Lk`` also marks the padded
+        query rows; or a bool mask broadcastable to P (True = the entry is kept; a row is real when it
+        keeps some key).  Masked entries count as 0; padded rows are left out of every average.
+        Default None: every token real.
+    check_probabilities : bool, default True
+        Refuse (RefAttnError naming the argument and the first offending row, with its sum and
+        minimum) a map whose real rows are not probabilities: entries >= 0, each row summing to 1 over
+        its allowed keys within 1e-6 (``n · eps`` of a coarser format such as float16, at most 1e-2).
+        False: measure the map as it is (maps with sinks or dropout, known-good maps in a hot loop).
+
+    Returns
+    -------
+    confidence : ndarray of float64, shape P.shape[:-2], i.e. (..., H)
+
+    Raises
+    ------
+    RefAttnError
+        A bad shape or value, named in the message, or rows that are not probabilities
+        (``RefAttnTypeError`` for a wrong type, such as a non-bool mask).
+    """
     m = attention_map(P, mask, check_probabilities=check_probabilities)
     return row_mean(np.where(m.rows, m.p.max(axis=-1), 0.0), m.rows)
 
 
 def head_confidence_backward(d_confidence, P, *, mask=None, check_probabilities=True):
-    """Subgradient of :func:`head_confidence`: ``MapGrads(dP)``, ``d_confidence / n_rows`` on each real
-    row's (first) maximal entry (``mask``: True = real token)."""
+    """Gradient of :func:`head_confidence`: ``dP = ∂/∂P of Σ d_confidence · confidence``.
+
+    Parameters
+    ----------
+    d_confidence : array_like, shape P.shape[:-2], i.e. (..., H)
+        Cotangent of ``confidence``: exactly its shape, finite.
+    P : array_like
+        As :func:`head_confidence`.
+    mask, check_probabilities
+        The forward's options, as :func:`head_confidence` (same defaults; ``mask``: True = real token).
+
+    Returns
+    -------
+    MapGrads
+        ``(dP,)``, float64, P's shape: the subgradient, ``d_confidence / n_rows`` on each real row's
+        first (lowest key index) maximal entry, 0 elsewhere.
+    """
     m = attention_map(P, mask, check_probabilities=check_probabilities)
     d = row_mean_backward(as_cotangent(d_confidence, m.p.shape[:-2], "d_confidence"), m.rows)
     return MapGrads(masked_grad(m, np.where(_argmax_onehot(m), d[..., None], 0.0)))
@@ -227,12 +433,43 @@ def _js_kernel(r):
 
 
 def js_divergence(P1, P2, *, mask=None, check_probabilities=True):
-    """Jensen–Shannon divergence ``js (..., Lq)`` of each pair of rows, natural log, in [0, log 2]
-    (``mask``: True = real token, shared by both maps).
+    """Jensen–Shannon divergence ``js (..., Lq)`` of each pair of rows, natural log, in [0, log 2].
 
-    ``JS = ¼ Σ_j σ_j f(r_j)``, ``σ = P1 + P2``, ``r = (P1 − P2)/σ``: a sum of non-negative terms, each
-    computed without cancellation (:func:`_js_kernel`), so JS keeps its relative accuracy down to
-    nearly identical rows (``specs/metrics.md``).
+    ``JS = ½ KL(P1 ‖ M) + ½ KL(P2 ‖ M)``, ``M = (P1 + P2)/2``, computed as ``¼ Σ_j σ_j f(r_j)`` with
+    ``σ = P1 + P2``, ``r = (P1 − P2)/σ`` and ``f(r) = (1 + r) log(1 + r) + (1 − r) log(1 − r) ≥ 0``: a
+    sum of non-negative terms, each without cancellation, so JS keeps its relative accuracy down to
+    nearly identical rows (``specs/metrics.md``).  Symmetric; 0 on equal rows.
+
+    Axes: ``...`` batch dims, ``H`` heads (optional), ``Lq`` queries (rows), ``Lk`` keys.
+
+    Parameters
+    ----------
+    P1 : array_like, shape (..., H, Lq, Lk) or (..., Lq, Lk)
+        The first maps, rows = queries; any real dtype, converted to float64, never mutated; finite.
+    P2 : array_like, shape of P1
+        The second maps, exactly P1's shape.
+    mask : array_like of bool, optional
+        True = real token: a key-padding mask ``P.shape[:-3] + (Lk,)`` (per example, shared by its
+        heads) or ``P.shape[:-2] + (Lk,)`` (per map), which with ``Lq = Lk`` also marks the padded
+        query rows; or a bool mask broadcastable to P (True = the entry is kept; a row is real when it
+        keeps some key).  Masked entries count as 0; padded rows are left out of every average.
+        Shared by both maps.  Default None: every token real.
+    check_probabilities : bool, default True
+        Refuse (RefAttnError naming the argument and the first offending row, with its sum and
+        minimum) a map whose real rows are not probabilities: entries >= 0, each row summing to 1 over
+        its allowed keys within 1e-6 (``n · eps`` of a coarser format such as float16, at most 1e-2).
+        False: measure the map as it is (maps with sinks or dropout, known-good maps in a hot loop).
+
+    Returns
+    -------
+    js : ndarray of float64, shape P1.shape[:-1], i.e. (..., Lq)
+        0 on padded rows.
+
+    Raises
+    ------
+    RefAttnError
+        A bad shape or value, named in the message, or rows that are not probabilities
+        (``RefAttnTypeError`` for a wrong type, such as a non-bool mask).
     """
     m1, _, total, r = _js_parts(P1, P2, mask, check_probabilities)
     js = 0.25 * (total * _js_kernel(r)).sum(axis=-1)  # (..., Lq)
@@ -248,9 +485,26 @@ def _half_log1p_times(d, r, total):
 
 
 def js_divergence_backward(d_js, P1, P2, *, mask=None, check_probabilities=True):
-    """``JSGrads(dP1, dP2)``: ``dP1 = ½ d_js log(P1/M) = ½ d_js log1p(r)``, ``dP2 = ½ d_js log1p(−r)``,
-    ``M = (P1 + P2)/2`` (−∞ where ``P = 0 < M``); ``log1p`` of the relative difference keeps the digits
-    near ``P1 = P2`` (``mask``: True = real token)."""
+    """Gradient of :func:`js_divergence`: ``dP1, dP2 = ∂/∂(P1, P2) of Σ d_js · js``.
+
+    ``dP1 = ½ d_js log(P1/M) = ½ d_js log1p(r)``, ``dP2 = ½ d_js log1p(−r)``, ``r = (P1 − P2)/(P1 + P2)``:
+    ``log1p`` of the relative difference keeps the digits near ``P1 = P2``.  ``−inf`` where an entry is
+    0 and the other map's is not; 0 on masked entries and padded rows.
+
+    Parameters
+    ----------
+    d_js : array_like, shape P1.shape[:-1], i.e. (..., Lq)
+        Cotangent of ``js``: exactly its shape, finite.
+    P1, P2 : array_like
+        As :func:`js_divergence`.
+    mask, check_probabilities
+        The forward's options, as :func:`js_divergence` (same defaults; ``mask``: True = real token).
+
+    Returns
+    -------
+    JSGrads
+        ``(dP1, dP2)``: float64, each of its map's shape.
+    """
     m1, _, total, r = _js_parts(P1, P2, mask, check_probabilities)
     d = as_cotangent(d_js, m1.p.shape[:-1], "d_js")[..., None]
     g1 = _half_log1p_times(d, r, total)
@@ -259,14 +513,65 @@ def js_divergence_backward(d_js, P1, P2, *, mask=None, check_probabilities=True)
 
 
 def js_distance(P1, P2, *, mask=None, check_probabilities=True):
-    """``distance (..., Lq)`` = ``sqrt(js_divergence)``: a metric (the triangle inequality holds;
-    ``mask``: True = real token)."""
+    """``distance (..., Lq)`` = ``sqrt(js_divergence)``: a metric (the triangle inequality holds).
+
+    The Jensen–Shannon distance of each pair of rows, in ``[0, sqrt(log 2)]``; it inherits the
+    relative accuracy of :func:`js_divergence`.
+
+    Axes: ``...`` batch dims, ``H`` heads (optional), ``Lq`` queries (rows), ``Lk`` keys.
+
+    Parameters
+    ----------
+    P1 : array_like, shape (..., H, Lq, Lk) or (..., Lq, Lk)
+        The first maps, rows = queries; any real dtype, converted to float64, never mutated; finite.
+    P2 : array_like, shape of P1
+        The second maps, exactly P1's shape.
+    mask : array_like of bool, optional
+        True = real token: a key-padding mask ``P.shape[:-3] + (Lk,)`` (per example, shared by its
+        heads) or ``P.shape[:-2] + (Lk,)`` (per map), which with ``Lq = Lk`` also marks the padded
+        query rows; or a bool mask broadcastable to P (True = the entry is kept; a row is real when it
+        keeps some key).  Masked entries count as 0; padded rows are left out of every average.
+        Shared by both maps.  Default None: every token real.
+    check_probabilities : bool, default True
+        Refuse (RefAttnError naming the argument and the first offending row, with its sum and
+        minimum) a map whose real rows are not probabilities: entries >= 0, each row summing to 1 over
+        its allowed keys within 1e-6 (``n · eps`` of a coarser format such as float16, at most 1e-2).
+        False: measure the map as it is (maps with sinks or dropout, known-good maps in a hot loop).
+
+    Returns
+    -------
+    distance : ndarray of float64, shape P1.shape[:-1], i.e. (..., Lq)
+        0 on padded rows.
+
+    Raises
+    ------
+    RefAttnError
+        A bad shape or value, named in the message, or rows that are not probabilities
+        (``RefAttnTypeError`` for a wrong type, such as a non-bool mask).
+    """
     return np.sqrt(js_divergence(P1, P2, mask=mask, check_probabilities=check_probabilities))
 
 
 def js_distance_backward(d_distance, P1, P2, *, mask=None, check_probabilities=True):
-    """``JSGrads(dP1, dP2)`` through ``d√JS = dJS / (2√JS)`` (undefined where the rows are equal:
-    returned as 0 there; ``mask``: True = real token)."""
+    """Gradient of :func:`js_distance`: ``dP1, dP2 = ∂/∂(P1, P2) of Σ d_distance · distance``.
+
+    Through ``d√JS = dJS / (2√JS)`` and :func:`js_divergence_backward`.  √ has no derivative at 0: where
+    the rows are equal the gradient is returned as 0.
+
+    Parameters
+    ----------
+    d_distance : array_like, shape P1.shape[:-1], i.e. (..., Lq)
+        Cotangent of ``distance``: exactly its shape, finite.
+    P1, P2 : array_like
+        As :func:`js_distance`.
+    mask, check_probabilities
+        The forward's options, as :func:`js_distance` (same defaults; ``mask``: True = real token).
+
+    Returns
+    -------
+    JSGrads
+        ``(dP1, dP2)``: float64, each of its map's shape.
+    """
     js = js_divergence(P1, P2, mask=mask, check_probabilities=check_probabilities)
     d = as_cotangent(d_distance, js.shape, "d_distance")
     root = np.sqrt(js)
@@ -284,8 +589,41 @@ def _head_vectors(P_heads, mask, check_probabilities):
 
 
 def head_diversity(P_heads, *, mask=None, check_probabilities=True):
-    """``diversity (...,)``: the mean over head pairs of ``1 − cos(P_h, P_h')`` (maps flattened); 0 with
-    one head (``mask``: True = real token)."""
+    """``diversity (...,)``: the mean over head pairs of ``1 − cos(P_h, P_h')`` (maps flattened); 0 with one head.
+
+    ``diversity = mean_{h < h'} (1 − ⟨v_h, v_h'⟩ / (‖v_h‖ ‖v_h'‖))``, ``v_h`` head h's map (masked
+    entries zeroed) flattened to ``Lq·Lk`` entries; a map that is all zero has cosine 0 with every
+    other.  In [0, 1] for non-negative maps.
+
+    Axes: ``...`` batch dims, ``H`` heads, ``Lq`` queries, ``Lk`` keys.
+
+    Parameters
+    ----------
+    P_heads : array_like, shape (..., H, Lq, Lk)
+        The maps of every head of a layer (at least 3 dims), rows = queries; any real dtype,
+        converted to float64, never mutated; finite.
+    mask : array_like of bool, optional
+        True = real token: a key-padding mask ``P_heads.shape[:-3] + (Lk,)`` (per example, shared by its
+        heads) or ``P_heads.shape[:-2] + (Lk,)`` (per map), which with ``Lq = Lk`` also marks the padded
+        query rows; or a bool mask broadcastable to P_heads (True = the entry is kept; a row is real when it
+        keeps some key).  Masked entries count as 0; padded rows are left out of every average.
+        Default None: every token real.
+    check_probabilities : bool, default True
+        Refuse (RefAttnError naming the argument and the first offending row, with its sum and
+        minimum) a map whose real rows are not probabilities: entries >= 0, each row summing to 1 over
+        its allowed keys within 1e-6 (``n · eps`` of a coarser format such as float16, at most 1e-2).
+        False: measure the map as it is (maps with sinks or dropout, known-good maps in a hot loop).
+
+    Returns
+    -------
+    diversity : ndarray of float64, shape P_heads.shape[:-3], i.e. (...,)
+
+    Raises
+    ------
+    RefAttnError
+        A bad shape or value, named in the message, or rows that are not probabilities
+        (``RefAttnTypeError`` for a wrong type, such as a non-bool mask).
+    """
     _, v, norms = _head_vectors(P_heads, mask, check_probabilities)
     h = v.shape[-2]
     if h < 2:
@@ -297,8 +635,25 @@ def head_diversity(P_heads, *, mask=None, check_probabilities=True):
 
 
 def head_diversity_backward(d_diversity, P_heads, *, mask=None, check_probabilities=True):
-    """``HeadDiversityGrads(dP_heads)`` from ``d cos(a, b)/da = b/(|a||b|) − cos·a/|a|²``, summed over
-    the pairs of each head (``mask``: True = real token)."""
+    """Gradient of :func:`head_diversity`: ``dP_heads = ∂/∂P_heads of Σ d_diversity · diversity``.
+
+    From ``∂cos(a, b)/∂a = b/(‖a‖ ‖b‖) − cos(a, b) · a/‖a‖²``, summed over the pairs of each head; 0 on
+    masked entries and padded rows, and for a single head.
+
+    Parameters
+    ----------
+    d_diversity : array_like, shape P_heads.shape[:-3], i.e. (...,)
+        Cotangent of ``diversity``: exactly its shape, finite.
+    P_heads : array_like, shape (..., H, Lq, Lk)
+        As :func:`head_diversity`.
+    mask, check_probabilities
+        The forward's options, as :func:`head_diversity` (same defaults; ``mask``: True = real token).
+
+    Returns
+    -------
+    HeadDiversityGrads
+        ``(dP_heads,)``: float64, P_heads' shape.
+    """
     m, v, norms = _head_vectors(P_heads, mask, check_probabilities)
     h = v.shape[-2]
     d = as_cotangent(d_diversity, v.shape[:-2], "d_diversity")
@@ -316,8 +671,44 @@ def head_diversity_backward(d_diversity, P_heads, *, mask=None, check_probabilit
 
 
 def detect_collapse(P, *, threshold=0.8, fraction=0.5, mask=None, check_probabilities=True):
-    """Heads ``collapsed (...,)`` (bool) where at least ``fraction`` of real rows put ≥ ``threshold`` on
-    one key (``mask``: True = real token)."""
+    """Heads ``collapsed (...,)`` (bool) where at least ``fraction`` of real rows put ≥ ``threshold`` on one key.
+
+    A collapsed head attends (almost) one key per query: ``mean_i [max_j P_ij >= threshold] >=
+    fraction`` over its real rows.  Not differentiable (no backward).
+
+    Axes: ``...`` batch dims, ``H`` heads (optional), ``Lq`` queries (rows), ``Lk`` keys.
+
+    Parameters
+    ----------
+    P : array_like, shape (..., H, Lq, Lk) or (..., Lq, Lk)
+        Attention maps, rows = queries; any real dtype (bfloat16 too), converted to float64, never
+        mutated; finite.  Leading dims are batch dims.
+    threshold : float, default 0.8
+        The weight a row's largest entry must reach for the row to count as peaked.
+    fraction : float, default 0.5
+        The share of real rows that must be peaked.
+    mask : array_like of bool, optional
+        True = real token: a key-padding mask ``P.shape[:-3] + (Lk,)`` (per example, shared by its
+        heads) or ``P.shape[:-2] + (Lk,)`` (per map), which with ``Lq = Lk`` also marks the padded
+        query rows; or a bool mask broadcastable to P (True = the entry is kept; a row is real when it
+        keeps some key).  Masked entries count as 0; padded rows are left out of every average.
+        Default None: every token real.
+    check_probabilities : bool, default True
+        Refuse (RefAttnError naming the argument and the first offending row, with its sum and
+        minimum) a map whose real rows are not probabilities: entries >= 0, each row summing to 1 over
+        its allowed keys within 1e-6 (``n · eps`` of a coarser format such as float16, at most 1e-2).
+        False: measure the map as it is (maps with sinks or dropout, known-good maps in a hot loop).
+
+    Returns
+    -------
+    collapsed : ndarray of bool, shape P.shape[:-2], i.e. (..., H)
+
+    Raises
+    ------
+    RefAttnError
+        A bad shape or value, named in the message, or rows that are not probabilities
+        (``RefAttnTypeError`` for a wrong type, such as a non-bool mask).
+    """
     threshold = as_real(threshold, "threshold", allow_none=False)
     fraction = as_real(fraction, "fraction", allow_none=False)
     m = attention_map(P, mask, check_probabilities=check_probabilities)
@@ -326,8 +717,42 @@ def detect_collapse(P, *, threshold=0.8, fraction=0.5, mask=None, check_probabil
 
 
 def detect_uniform(P, *, tolerance=0.1, mask=None, check_probabilities=True):
-    """Heads ``uniform (...,)`` (bool) whose every real row has normalised entropy ≥ ``1 − tolerance``
-    (``mask``: True = real token)."""
+    """Heads ``uniform (...,)`` (bool) whose every real row has normalised entropy ≥ ``1 − tolerance``.
+
+    Normalised entropy ``H_i / log n_i`` (:func:`entropy` with ``normalize=True``); rows with a single
+    allowed key and padded rows do not count against a head.  Not differentiable (no backward).
+
+    Axes: ``...`` batch dims, ``H`` heads (optional), ``Lq`` queries (rows), ``Lk`` keys.
+
+    Parameters
+    ----------
+    P : array_like, shape (..., H, Lq, Lk) or (..., Lq, Lk)
+        Attention maps, rows = queries; any real dtype (bfloat16 too), converted to float64, never
+        mutated; finite.  Leading dims are batch dims.
+    tolerance : float, default 0.1
+        How far below 1 a row's normalised entropy may be.
+    mask : array_like of bool, optional
+        True = real token: a key-padding mask ``P.shape[:-3] + (Lk,)`` (per example, shared by its
+        heads) or ``P.shape[:-2] + (Lk,)`` (per map), which with ``Lq = Lk`` also marks the padded
+        query rows; or a bool mask broadcastable to P (True = the entry is kept; a row is real when it
+        keeps some key).  Masked entries count as 0; padded rows are left out of every average.
+        Default None: every token real.
+    check_probabilities : bool, default True
+        Refuse (RefAttnError naming the argument and the first offending row, with its sum and
+        minimum) a map whose real rows are not probabilities: entries >= 0, each row summing to 1 over
+        its allowed keys within 1e-6 (``n · eps`` of a coarser format such as float16, at most 1e-2).
+        False: measure the map as it is (maps with sinks or dropout, known-good maps in a hot loop).
+
+    Returns
+    -------
+    uniform : ndarray of bool, shape P.shape[:-2], i.e. (..., H)
+
+    Raises
+    ------
+    RefAttnError
+        A bad shape or value, named in the message, or rows that are not probabilities
+        (``RefAttnTypeError`` for a wrong type, such as a non-bool mask).
+    """
     tolerance = as_real(tolerance, "tolerance", allow_none=False)
     m = attention_map(P, mask, check_probabilities=check_probabilities)
     h = entropy(m.p, mask=m.allowed, normalize=True, check_probabilities=False)

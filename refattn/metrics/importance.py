@@ -22,7 +22,39 @@ __all__ = ["head_importance", "weight_norm_importance"]
 
 
 def head_importance(grads_of_head_mask, *, per="example", normalize="layer"):
-    """Importance ``(L, H)`` of every head from per-example (or per-token) head-gate gradients."""
+    """Importance ``(L, H)`` of every head from per-example (or per-token) head-gate gradients.
+
+    Michel, Levy & Neubig 2019: ``I_h = E_x |∂L(x)/∂ξ_h|``, ξ_h the gate of head h (``head_mask`` of
+    :func:`~refattn.attention.multihead.multihead_attention`; its gradient is
+    ``multihead_attention_backward(...).dhead_mask``), collected for N examples.  Not differentiable
+    (no backward).
+
+    Axes: ``N`` examples, ``T`` tokens, ``L`` layers, ``H`` heads.
+
+    Parameters
+    ----------
+    grads_of_head_mask : array_like, shape (N, L, H) or (N, T, L, H)
+        The gradients of the loss w.r.t. the head gates, one per example (or per example and token);
+        any real dtype, converted to float64; finite.
+    per : {"example", "token"}, default "example"
+        ``"example"`` (the paper): ``mean_N |g|``, a ``(N, T, L, H)`` input first summed over T (the
+        gradient of the example's loss); ``"token"`` (the original code's accumulation): ``|g|`` per
+        token, then the mean over N and T; needs ``(N, T, L, H)``.  The two differ when per-token
+        gradients cancel.
+    normalize : {"layer", None}, default "layer"
+        ``"layer"``: each layer's scores divided by their ℓ2 norm over the heads (the paper; a layer of
+        zeros stays 0); None: the raw means.
+
+    Returns
+    -------
+    importance : ndarray of float64, shape (L, H)
+        Non-negative.
+
+    Raises
+    ------
+    RefAttnError
+        A shape that does not fit ``per``, or an unknown ``per`` or ``normalize``.
+    """
     g = as_float(grads_of_head_mask, "grads_of_head_mask", ndim_min=3)
     as_choice(per, "per", ("example", "token"))
     if normalize is not None:
@@ -44,9 +76,31 @@ def head_importance(grads_of_head_mask, *, per="example", normalize="layer"):
 
 
 def weight_norm_importance(params, *, num_heads):
-    """Frobenius norm of each query head's slices of ``w_q``, ``w_k``, ``w_v`` ``(H,)``; a sequence of
-    ``MHAParams`` (one per layer) gives ``(L, H)``.  ``num_heads``: the query heads (keyword-only, as
-    in ``multihead_attention``).  Under GQA a head uses its kv head's slices."""
+    """Frobenius norm ``(H,)`` of each query head's slices of ``w_q``, ``w_k``, ``w_v``; per layer ``(L, H)``.
+
+    ``importance_h = sqrt(‖w_q[:, h]‖² + ‖w_k[:, kv(h)]‖² + ‖w_v[:, kv(h)]‖²)`` over head h's columns
+    (``[h·dk, (h+1)·dk)`` of ``w_q``); under GQA (``Hk < Hq``) head h uses the slices of its kv head
+    ``kv(h) = h // (Hq // Hk)``.  Biases and ``w_o`` are left out.  Not differentiable (no backward).
+
+    Parameters
+    ----------
+    params : MHAParams or sequence of MHAParams
+        The weights of one layer (:class:`~refattn.attention.multihead.MHAParams`: ``w_q (d_model,
+        Hq·dk)``, ``w_k (d_kv, Hk·dk)``, ``w_v (d_kv, Hk·dv)``, ...), or a list or tuple of them, one
+        per layer, first layer first.
+    num_heads : int
+        The number of query heads ``Hq`` (>= 1, dividing ``w_q``'s columns), as in
+        ``multihead_attention``; the kv heads ``Hk`` follow from ``w_k``'s columns.
+
+    Returns
+    -------
+    importance : ndarray of float64, shape (Hq,), or (L, Hq) for a sequence of layers
+
+    Raises
+    ------
+    RefAttnError
+        Weights whose shapes disagree with each other or with ``num_heads``.
+    """
     if isinstance(params, (list, tuple)) and params and isinstance(params[0], tuple):
         return np.stack([weight_norm_importance(p, num_heads=num_heads) for p in params])
     from refattn.attention.multihead import check_params

@@ -31,6 +31,7 @@ __all__ = [
     "phrases_from_tags",
 ]
 
+#: The tags :func:`phrases_from_tags` and :func:`phrase_attention` make phrases of by default.
 DEFAULT_PHRASE_TAGS = ("DET", "ADJ", "NOUN", "PROPN", "NUM")
 
 
@@ -87,15 +88,70 @@ def _linear_backward(d_score, m, w, norm):
 
 
 def pair_attention(P, pairs, *, mask=None, check_probabilities=True):
-    """``score (...,)``: the mean of ``P[i, j]`` over ``pairs`` (a list of (query, key) index pairs); with
-    a mask (True = real token), over the pairs between real tokens."""
+    """``score (...,)``: the mean of ``P[i, j]`` over ``pairs`` (a list of (query, key) index pairs).
+
+    ``score = Σ_{(i, j) ∈ pairs} P_ij / norm``, ``norm`` the number of pairs (with a mask, of the
+    pairs between real tokens; at least 1).  Clark et al. 2019 score heads by such syntactic
+    relations.  Linear in P.
+
+    Axes: ``...`` batch dims, ``H`` heads (optional), ``Lq`` queries (rows), ``Lk`` keys.
+
+    Parameters
+    ----------
+    P : array_like, shape (..., H, Lq, Lk) or (..., Lq, Lk)
+        Attention maps, rows = queries; any real dtype (bfloat16 too), converted to float64, never
+        mutated; finite.  Leading dims are batch dims.
+    pairs : sequence of (int, int)
+        ``(query, key)`` index pairs (e.g. dependency arcs), in the map's coordinates (padded ones
+        included); each ``0 <= query < Lq``, ``0 <= key < Lk``.  A pair given twice counts twice.
+    mask : array_like of bool, optional
+        True = real token: a key-padding mask ``P.shape[:-3] + (Lk,)`` (per example, shared by its
+        heads) or ``P.shape[:-2] + (Lk,)`` (per map), which with ``Lq = Lk`` also marks the padded
+        query rows; or a bool mask broadcastable to P (True = the entry is kept; a row is real when it
+        keeps some key).  Masked entries count as 0; pairs touching a padded token do not count in the norm,
+        so contiguous padding gives the cropped map's value.  Default None: every token real.
+    check_probabilities : bool, default True
+        Refuse (RefAttnError naming the argument and the first offending row, with its sum and
+        minimum) a map whose real rows are not probabilities: entries >= 0, each row summing to 1 over
+        its allowed keys within 1e-6 (``n · eps`` of a coarser format such as float16, at most 1e-2).
+        False: measure the map as it is (maps with sinks or dropout, known-good maps in a hot loop).
+
+    Returns
+    -------
+    score : ndarray of float64, shape P.shape[:-2], i.e. (..., H)
+        0 for a map with nothing to measure (the norm is at least 1).
+
+    Raises
+    ------
+    RefAttnError
+        A bad shape or value, named in the message, or rows that are not probabilities
+        (``RefAttnTypeError`` for a wrong type, such as a non-bool mask).
+    """
     m = attention_map(P, mask, check_probabilities=check_probabilities)
     w, a = _pair_weights(pairs, m.p.shape)
     return _linear(m, w, _pair_norm(m, a, mask))
 
 
 def pair_attention_backward(d_score, P, pairs, *, mask=None, check_probabilities=True):
-    """Gradient of :func:`pair_attention`: ``MapGrads(dP)`` (``mask``: True = real token)."""
+    """Gradient of :func:`pair_attention`: ``dP = ∂/∂P of Σ d_score · score``.
+
+    The score is linear, ``score = Σ_ij W_ij P_ij / norm``: ``dP = d_score · W / norm`` on the allowed
+    entries, 0 on masked entries and padded rows.
+
+    Parameters
+    ----------
+    d_score : array_like, shape P.shape[:-2], i.e. (..., H)
+        Cotangent of ``score``: exactly its shape, finite.
+    P, pairs
+        As :func:`pair_attention`.
+    mask, check_probabilities
+        The forward's options, as :func:`pair_attention` (same defaults; ``mask``: True = real token).
+
+    Returns
+    -------
+    MapGrads
+        ``(dP,)``: float64, P's shape; 0 on masked entries and padded rows.
+    """
     m = attention_map(P, mask, check_probabilities=check_probabilities)
     w, a = _pair_weights(pairs, m.p.shape)
     return _linear_backward(d_score, m, w, _pair_norm(m, a, mask))
@@ -103,21 +159,89 @@ def pair_attention_backward(d_score, P, pairs, *, mask=None, check_probabilities
 
 def group_attention(P, groups, *, mask=None, check_probabilities=True):
     """``score (...,)``: the mean over grouped queries (real rows) of their mass on the other members of
-    their group (``mask``: True = real token)."""
+    their group.
+
+    ``score = Σ_i Σ_{j ∈ g(i), j ≠ i} P_ij / norm``, g(i) the group of query i, ``norm`` the number
+    of grouped queries that are real rows (at least 1).  Linear in P.
+
+    Axes: ``...`` batch dims, ``H`` heads (optional), ``Lq`` queries (rows), ``Lk`` keys.
+
+    Parameters
+    ----------
+    P : array_like, shape (..., H, Lq, Lk) or (..., Lq, Lk)
+        Attention maps, rows = queries; any real dtype (bfloat16 too), converted to float64, never
+        mutated; finite.  Leading dims are batch dims.
+    groups : sequence of sequences of int
+        Groups of token indices (semantic groups, coreference clusters, ...), each index in
+        ``[0, min(Lq, Lk))``, in the map's coordinates.
+    mask : array_like of bool, optional
+        True = real token: a key-padding mask ``P.shape[:-3] + (Lk,)`` (per example, shared by its
+        heads) or ``P.shape[:-2] + (Lk,)`` (per map), which with ``Lq = Lk`` also marks the padded
+        query rows; or a bool mask broadcastable to P (True = the entry is kept; a row is real when it
+        keeps some key).  Masked entries count as 0; only the grouped queries that are real rows count in the norm,
+        so contiguous padding gives the cropped map's value.  Default None: every token real.
+    check_probabilities : bool, default True
+        Refuse (RefAttnError naming the argument and the first offending row, with its sum and
+        minimum) a map whose real rows are not probabilities: entries >= 0, each row summing to 1 over
+        its allowed keys within 1e-6 (``n · eps`` of a coarser format such as float16, at most 1e-2).
+        False: measure the map as it is (maps with sinks or dropout, known-good maps in a hot loop).
+
+    Returns
+    -------
+    score : ndarray of float64, shape P.shape[:-2], i.e. (..., H)
+        0 for a map with nothing to measure (the norm is at least 1).
+
+    Raises
+    ------
+    RefAttnError
+        A bad shape or value, named in the message, or rows that are not probabilities
+        (``RefAttnTypeError`` for a wrong type, such as a non-bool mask).
+    """
     m = attention_map(P, mask, check_probabilities=check_probabilities)
     w, members = _group_weights(groups, m.p.shape)
     return _linear(m, w, _member_norm(m, members, mask))
 
 
 def group_attention_backward(d_score, P, groups, *, mask=None, check_probabilities=True):
-    """Gradient of :func:`group_attention`: ``MapGrads(dP)`` (``mask``: True = real token)."""
+    """Gradient of :func:`group_attention`: ``dP = ∂/∂P of Σ d_score · score``.
+
+    The score is linear, ``score = Σ_ij W_ij P_ij / norm``: ``dP = d_score · W / norm`` on the allowed
+    entries, 0 on masked entries and padded rows.
+
+    Parameters
+    ----------
+    d_score : array_like, shape P.shape[:-2], i.e. (..., H)
+        Cotangent of ``score``: exactly its shape, finite.
+    P, groups
+        As :func:`group_attention`.
+    mask, check_probabilities
+        The forward's options, as :func:`group_attention` (same defaults; ``mask``: True = real token).
+
+    Returns
+    -------
+    MapGrads
+        ``(dP,)``: float64, P's shape; 0 on masked entries and padded rows.
+    """
     m = attention_map(P, mask, check_probabilities=check_probabilities)
     w, members = _group_weights(groups, m.p.shape)
     return _linear_backward(d_score, m, w, _member_norm(m, members, mask))
 
 
 def phrases_from_tags(pos_tags, *, phrase_tags=DEFAULT_PHRASE_TAGS):
-    """Maximal runs (length ≥ 2) of consecutive tokens whose tag is in ``phrase_tags``: a list of index lists."""
+    """The phrases of a tag sequence: maximal runs (length ≥ 2) of consecutive tokens whose tag is in ``phrase_tags``.
+
+    Parameters
+    ----------
+    pos_tags : iterable of str
+        One tag per token (``None`` is in no phrase and ends a run).
+    phrase_tags : collection of str, default DEFAULT_PHRASE_TAGS
+        The tags a phrase is made of: ``("DET", "ADJ", "NOUN", "PROPN", "NUM")`` by default.
+
+    Returns
+    -------
+    phrases : list of list of int
+        The token indices of each phrase, in order.
+    """
     tags = set(phrase_tags)
     phrases, run = [], []
     for i, tag in enumerate(list(pos_tags) + [None]):
@@ -153,8 +277,47 @@ def _phrase_weights(m, pos_tags, phrase_tags, mask):
 
 
 def phrase_attention(P, pos_tags, *, phrase_tags=DEFAULT_PHRASE_TAGS, mask=None, check_probabilities=True):
-    """``score (...,)``: :func:`group_attention` over the phrases found in ``pos_tags`` (one tag per
-    token; with a mask, True = real token, padded tokens break phrases)."""
+    """``score (...,)``: :func:`group_attention` over the phrases found in ``pos_tags``.
+
+    The phrases are the maximal runs (length >= 2) of consecutive tokens whose tag is in
+    ``phrase_tags`` (:func:`phrases_from_tags`); with a mask a padded token is in no phrase and
+    ends a run, so the phrases are those of the cropped tags.  Linear in P.
+
+    Axes: ``...`` batch dims, ``H`` heads (optional), ``Lq`` queries (rows), ``Lk`` keys.
+
+    Parameters
+    ----------
+    P : array_like, shape (..., H, Lq, Lk) or (..., Lq, Lk)
+        Attention maps, rows = queries; any real dtype (bfloat16 too), converted to float64, never
+        mutated; finite.  Leading dims are batch dims.
+    pos_tags : sequence of str
+        One part-of-speech tag per token, ``min(Lq, Lk)`` of them (pads included: their tags are
+        ignored).
+    phrase_tags : collection of str, default DEFAULT_PHRASE_TAGS
+        The tags a phrase is made of: ``("DET", "ADJ", "NOUN", "PROPN", "NUM")`` by default.
+    mask : array_like of bool, optional
+        True = real token: a key-padding mask ``P.shape[:-3] + (Lk,)`` (per example, shared by its
+        heads) or ``P.shape[:-2] + (Lk,)`` (per map), which with ``Lq = Lk`` also marks the padded
+        query rows; or a bool mask broadcastable to P (True = the entry is kept; a row is real when it
+        keeps some key).  Masked entries count as 0; a padded token is in no phrase,
+        so contiguous padding gives the cropped map's value.  Default None: every token real.
+    check_probabilities : bool, default True
+        Refuse (RefAttnError naming the argument and the first offending row, with its sum and
+        minimum) a map whose real rows are not probabilities: entries >= 0, each row summing to 1 over
+        its allowed keys within 1e-6 (``n · eps`` of a coarser format such as float16, at most 1e-2).
+        False: measure the map as it is (maps with sinks or dropout, known-good maps in a hot loop).
+
+    Returns
+    -------
+    score : ndarray of float64, shape P.shape[:-2], i.e. (..., H)
+        0 for a map with nothing to measure (the norm is at least 1).
+
+    Raises
+    ------
+    RefAttnError
+        A bad shape or value, named in the message, or rows that are not probabilities
+        (``RefAttnTypeError`` for a wrong type, such as a non-bool mask).
+    """
     m = attention_map(P, mask, check_probabilities=check_probabilities)
     w, members = _phrase_weights(m, pos_tags, phrase_tags, mask)
     return _linear(m, w, _member_norm(m, members, mask))
@@ -163,7 +326,25 @@ def phrase_attention(P, pos_tags, *, phrase_tags=DEFAULT_PHRASE_TAGS, mask=None,
 def phrase_attention_backward(
     d_score, P, pos_tags, *, phrase_tags=DEFAULT_PHRASE_TAGS, mask=None, check_probabilities=True
 ):
-    """Gradient of :func:`phrase_attention`: ``MapGrads(dP)`` (``mask``: True = real token)."""
+    """Gradient of :func:`phrase_attention`: ``dP = ∂/∂P of Σ d_score · score``.
+
+    The score is linear, ``score = Σ_ij W_ij P_ij / norm``: ``dP = d_score · W / norm`` on the allowed
+    entries, 0 on masked entries and padded rows.
+
+    Parameters
+    ----------
+    d_score : array_like, shape P.shape[:-2], i.e. (..., H)
+        Cotangent of ``score``: exactly its shape, finite.
+    P, pos_tags
+        As :func:`phrase_attention`.
+    phrase_tags, mask, check_probabilities
+        The forward's options, as :func:`phrase_attention` (same defaults; ``mask``: True = real token).
+
+    Returns
+    -------
+    MapGrads
+        ``(dP,)``: float64, P's shape; 0 on masked entries and padded rows.
+    """
     m = attention_map(P, mask, check_probabilities=check_probabilities)
     w, members = _phrase_weights(m, pos_tags, phrase_tags, mask)
     return _linear_backward(d_score, m, w, _member_norm(m, members, mask))

@@ -19,7 +19,17 @@ __all__ = ["ValueNormsGrads", "value_norms", "value_norms_backward"]
 
 
 class ValueNormsGrads(NamedTuple):
-    """Gradients of :func:`value_norms` w.r.t. each of its inputs, in input order (``db_v`` None without a bias)."""
+    """Gradients of :func:`value_norms` (returned by :func:`value_norms_backward`), in input order.
+
+    Fields
+    ------
+    dP : ndarray of float64, shape of ``P`` (..., H, Lq, Lk)
+    dx : ndarray of float64, shape of ``x`` (..., Lk, d_model)
+    dw_v : ndarray of float64, shape of ``w_v`` (d_model, H·dv)
+    db_v : ndarray of float64, shape (H·dv,), or None
+        None when no bias was given.
+    dw_o : ndarray of float64, shape of ``w_o`` (H·dv, d_model)
+    """
 
     dP: np.ndarray
     dx: np.ndarray
@@ -58,15 +68,69 @@ def _parts(P, x, w_v, b_v, w_o, check_probabilities):
 
 
 def value_norms(P, x, w_v, b_v, w_o, *, check_probabilities=True):
-    """``norms (..., H, Lq, Lk)`` = ``|α_ij| ‖f_h(x_j)‖`` for every head, query and key; ``check_probabilities``:
-    each row of P must be a probability distribution (no mask: over all keys)."""
+    """``norms (..., H, Lq, Lk)`` = ``|α_ij| ‖f_h(x_j)‖`` for every head, query and key (Kobayashi et al. 2020).
+
+    ``f_h(x) = (x W_V^h + b_V^h) W_O^h``: the vector key j contributes to query i through head h is
+    ``α_hij f_h(x_j)``, and its norm measures that contribution better than the weight alone.  No
+    mask: a padded key's entry is whatever P holds there (0 for a map computed with that key masked).
+
+    Axes: ``...`` batch dims, ``H`` heads, ``Lq`` queries, ``Lk`` keys, ``d_model`` the model width,
+    ``dv`` the value head dim.
+
+    Parameters
+    ----------
+    P : array_like, shape (..., H, Lq, Lk)
+        Attention maps of the layer, rows = queries; any real dtype, converted to float64, never
+        mutated; finite.
+    x : array_like, shape (..., Lk, d_model)
+        The layer's key/value inputs; batch dims broadcast with P's.
+    w_v : array_like, shape (d_model, H·dv)
+        Value projection, applied as ``x @ w_v`` (``W.T`` of PyTorch's ``nn.Linear``); head h takes
+        columns ``[h·dv, (h+1)·dv)``.
+    b_v : array_like, shape (H·dv,), or None
+        Value bias (None: no bias).
+    w_o : array_like, shape (H·dv, d_model)
+        Output projection; head h takes rows ``[h·dv, (h+1)·dv)``.
+    check_probabilities : bool, default True
+        Refuse (RefAttnError naming the first offending row) a P whose rows are not probabilities
+        over all keys: entries >= 0, each row summing to 1 within 1e-6 (``n · eps`` of a coarser
+        format, at most 1e-2).  False: take P as it is.
+
+    Returns
+    -------
+    norms : ndarray of float64, shape (..., H, Lq, Lk)
+        ``...`` the broadcast of P's and x's batch dims.
+
+    Raises
+    ------
+    RefAttnError
+        A bad shape or value, named in the message, or rows that are not probabilities
+        (``RefAttnTypeError`` for a wrong type, such as a non-bool mask).
+    """
     p, *_, norms = _parts(P, x, w_v, b_v, w_o, check_probabilities)
     return np.abs(p) * norms[..., None, :]
 
 
 def value_norms_backward(d_norms, P, x, w_v, b_v, w_o, *, check_probabilities=True):
-    """``ValueNormsGrads(dP, dx, dw_v, db_v, dw_o)`` (0 through a zero vector ``f``, where the norm has no
-    gradient)."""
+    """Gradients of :func:`value_norms`: ``∂/∂(P, x, w_v, b_v, w_o) of Σ d_norms · norms``.
+
+    ``dP = d_norms sign(P) ‖f‖``, and through ``‖f‖`` (``d f = dn · f/‖f‖``, 0 where ``f = 0``: the norm has
+    no gradient there) to x, ``w_v``, ``b_v`` and ``w_o``; broadcast batch dims are summed back.
+
+    Parameters
+    ----------
+    d_norms : array_like, shape of ``norms`` (..., H, Lq, Lk)
+        Cotangent of ``norms``: exactly its shape, finite.
+    P, x, w_v, b_v, w_o
+        As :func:`value_norms`.
+    check_probabilities
+        The forward's option, as :func:`value_norms` (same default).
+
+    Returns
+    -------
+    ValueNormsGrads
+        ``(dP, dx, dw_v, db_v, dw_o)``: float64, each of its input's shape; ``db_v`` None without a bias.
+    """
     p, x, w_v, b, w_o, wv, wo, u, f, norms = _parts(P, x, w_v, b_v, w_o, check_probabilities)
     out_shape = np.broadcast_shapes(p.shape, norms.shape[:-1] + (1,) + norms.shape[-1:])
     d = as_cotangent(d_norms, out_shape, "d_norms")

@@ -22,15 +22,54 @@ def _first_real_token(p, mask, check_probabilities):
 
 
 def summarize(attentions, tokens=None, *, mask=None, check_probabilities=True):
-    """Per layer and head, averaged over the batch and real query rows: a dict of ``(L, H)`` arrays
-    (``diversity``: ``(L,)``).
+    """Per layer and head, averaged over the batch and real query rows: a dict of ``(L, H)`` arrays.
 
-    ``attentions``: per-layer maps ``(..., H, n, n)``, first layer first.  Keys: ``entropy``,
-    ``normalized_entropy``, ``confidence``, ``mean_distance``, ``locality``,
-    ``diagonal_strength``, ``attention_to_first`` (the first real token: key 0 unless left padding
-    moves it), ``diversity``; with ``tokens`` (integer ids or strings, ``(n,)`` or per example) also
-    ``previous_token``, ``duplicate_token``, ``induction``.  ``mask``: True = real token (a key-padding
-    mask ``(..., n)``).  ``check_probabilities``: every layer's real rows must be probabilities.
+    The standard table of attention statistics, one row per layer, each entry the mean over the batch
+    of the per-map value (itself a mean over real query rows):
+
+    * ``entropy``, ``normalized_entropy``: row entropy (:func:`~refattn.metrics.distribution.entropy`),
+      natural log, and ÷ ``log n``;
+    * ``confidence``: :func:`~refattn.metrics.distribution.head_confidence`;
+    * ``mean_distance``, ``locality``: :func:`~refattn.metrics.position.mean_distance`,
+      :func:`~refattn.metrics.position.locality_score`;
+    * ``diagonal_strength``: :func:`~refattn.metrics.position.diagonal_strength`;
+    * ``attention_to_first``: the mass on the first real token (key 0 unless left padding moves it);
+    * ``diversity``, of shape ``(L,)``: :func:`~refattn.metrics.distribution.head_diversity`, averaged over the
+      batch;
+    * with ``tokens`` also ``previous_token``, ``duplicate_token``, ``induction``: the scores of
+      :mod:`refattn.metrics.detectors`.
+
+    Axes: ``L`` layers, ``...`` batch dims, ``H`` heads, ``n`` tokens (queries = keys).
+
+    Parameters
+    ----------
+    attentions : sequence of array_like, each of shape (..., H, n, n)
+        The maps of every layer, first layer first, rows = queries, square, with the same heads in
+        every layer; any real dtype, converted to float64, never mutated; finite.  At least one layer.
+    tokens : array_like of int or str, shape (n,) or (..., n), optional
+        The token of each position (integer ids or strings; floats are refused), one sequence for
+        every map or one per example; what a padded position holds is ignored.  Default None: no
+        detector scores.
+    mask : array_like of bool, optional
+        True = real token: a key-padding mask ``(..., n)`` (or, as for every metric, a bool mask
+        broadcastable to the maps, True = the entry is kept).  Padded rows are left out of every
+        average; contiguous padding gives the cropped maps' table.  Default None: every token real.
+    check_probabilities : bool, default True
+        Refuse (RefAttnError naming ``attentions[i]`` and the first offending row) a layer whose real
+        rows are not probabilities: entries >= 0, each row summing to 1 over its allowed keys within
+        1e-6 (``n · eps`` of a coarser format).  Every layer is checked once.  False: take the maps as
+        they are.
+
+    Returns
+    -------
+    summary : dict of str to ndarray of float64
+        The keys above, in that order: ``(L, H)`` arrays, ``diversity`` ``(L,)``.
+
+    Raises
+    ------
+    RefAttnError
+        No layer, a bad ``tokens`` or ``mask`` shape, or rows that are not probabilities
+        (``RefAttnTypeError`` for float tokens or a non-bool mask).
     """
     layers = [as_float(a, f"attentions[{i}]", ndim_min=3) for i, a in enumerate(attentions)]
     if not layers:
