@@ -684,3 +684,35 @@ def test_property_table_refuses_an_inconsistent_declaration():
     ):
         with pytest.raises(ValueError, match="property table"):
             property_table(rows, mutants)
+
+
+def _typo(name):
+    """``name`` with two letters in its middle swapped (``"causal"`` -> ``"cuasal"``)."""
+    i = max(1, len(name) // 2 - 1)
+    return name[:i] + name[i + 1] + name[i] + name[i + 2 :]
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_a_typo_in_an_option_is_refused_with_the_closest_name(name):
+    """Every registered forward and backward checks its keyword names before it runs."""
+    op = _registry.get(name)
+    checked = 0
+    for fn in (op.forward, op.backward):
+        if fn is None:
+            continue
+        options = [n for n, p in inspect.signature(fn).parameters.items() if p.kind == p.KEYWORD_ONLY]
+        longest = max(
+            (n for n in options if len(n) >= 4 and n[len(n) // 2 - 1] != n[len(n) // 2]), key=len, default=None
+        )
+        if longest is None:
+            continue
+        with pytest.raises(
+            refattn.RefAttnError, match=f"unknown option '{_typo(longest)}' \\(did you mean '{longest}'\\?\\)"
+        ):
+            fn(**{_typo(longest): None})
+        checked += 1
+    assert (
+        checked >= 1
+        or op.backward is None
+        or not any(p.kind == p.KEYWORD_ONLY for p in inspect.signature(op.forward).parameters.values())
+    )

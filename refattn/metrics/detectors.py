@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from refattn._validate import RefAttnError, RefAttnTypeError, as_cotangent, as_flag, to_numpy
+from refattn._validate import RefAttnError, RefAttnTypeError, as_cotangent, as_flag, check_keywords_of, to_numpy
 from refattn.metrics._maps import MapGrads, attention_map, masked_grad, real_keys
 
 __all__ = [
@@ -382,3 +382,6 @@ def induction_score_backward(
     return _score_backward(
         d_score, P, "induction", tokens, mask, exclude_bos, exclude_current_token, check_probabilities
     )
+
+
+check_keywords_of(globals())  # a typo in a keyword raises RefAttnError with a suggestion

@@ -14,7 +14,7 @@ from typing import NamedTuple
 import numpy as np
 
 from refattn import kernels as _kernels
-from refattn._validate import RefAttnError, as_cotangent, as_flag, as_float, as_real, to_numpy
+from refattn._validate import RefAttnError, as_cotangent, as_flag, as_float, as_real, check_keywords_of, to_numpy
 from refattn.metrics._maps import (
     MapGrads,
     attention_map,
@@ -759,3 +759,6 @@ def detect_uniform(P, *, tolerance=0.1, mask=None, check_probabilities=True):
     single = key_counts(m) <= 1
     ok = (h >= 1.0 - tolerance) | ~m.rows | single
     return ok.all(axis=-1)
+
+
+check_keywords_of(globals())  # a typo in a keyword raises RefAttnError with a suggestion

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from refattn._validate import RefAttnError, as_choice, as_float, as_int
+from refattn._validate import RefAttnError, as_choice, as_float, as_int, check_keywords_of
 
 __all__ = ["head_importance", "weight_norm_importance"]
 
@@ -120,3 +120,6 @@ def weight_norm_importance(params, *, num_heads):
             + np.sum(p.w_v[:, kv * dv : (kv + 1) * dv] ** 2)
         )
     return out
+
+
+check_keywords_of(globals())  # a typo in a keyword raises RefAttnError with a suggestion

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from refattn._validate import RefAttnError, as_cotangent
+from refattn._validate import RefAttnError, as_cotangent, check_keywords_of
 from refattn.metrics._maps import MapGrads, attention_map, masked_grad, real_keys
 
 __all__ = [
@@ -348,3 +348,6 @@ def phrase_attention_backward(
     m = attention_map(P, mask, check_probabilities=check_probabilities)
     w, members = _phrase_weights(m, pos_tags, phrase_tags, mask)
     return _linear_backward(d_score, m, w, _member_norm(m, members, mask))
+
+
+check_keywords_of(globals())  # a typo in a keyword raises RefAttnError with a suggestion

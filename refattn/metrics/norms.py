@@ -12,7 +12,16 @@ from typing import NamedTuple
 
 import numpy as np
 
-from refattn._validate import RefAttnError, as_cotangent, as_flag, as_float, sum_outer, to_numpy, unbroadcast
+from refattn._validate import (
+    RefAttnError,
+    as_cotangent,
+    as_flag,
+    as_float,
+    check_keywords_of,
+    sum_outer,
+    to_numpy,
+    unbroadcast,
+)
 from refattn.metrics._maps import check_probability_rows
 
 __all__ = ["ValueNormsGrads", "value_norms", "value_norms_backward"]
@@ -144,3 +153,6 @@ def value_norms_backward(d_norms, P, x, w_v, b_v, w_o, *, check_probabilities=Tr
     db = None if b is None else du.reshape(-1, h, du.shape[-2], dv).sum(axis=(0, 2)).reshape(-1)
     dx = unbroadcast((du @ np.swapaxes(wv, -1, -2)).sum(axis=-3), x.shape)
     return ValueNormsGrads(dp, dx, dwv.transpose(1, 0, 2).reshape(w_v.shape), db, dwo.reshape(w_o.shape))
+
+
+check_keywords_of(globals())  # a typo in a keyword raises RefAttnError with a suggestion

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from refattn._validate import as_cotangent, as_int
+from refattn._validate import as_cotangent, as_int, check_keywords_of
 from refattn.metrics._maps import (
     MapGrads,
     attention_map,
@@ -551,3 +551,6 @@ def self_context_balance_backward(d_balance, P, *, mask=None, check_probabilitie
     m = attention_map(P, mask, check_probabilities=check_probabilities)
     d = row_mean_backward(as_cotangent(d_balance, m.p.shape[:-2], "d_balance"), m.rows)
     return MapGrads(masked_grad(m, d[..., None] * _self_minus_context(m)))
+
+
+check_keywords_of(globals())  # a typo in a keyword raises RefAttnError with a suggestion

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from refattn._validate import as_cotangent, as_float
+from refattn._validate import as_cotangent, as_float, check_keywords_of
 from refattn.metrics._maps import MapGrads, attention_map, key_counts
 from refattn.metrics.distribution import (
     HeadDiversityGrads,
@@ -179,3 +179,6 @@ def diversity_regularizer_backward(d_loss, P_heads, *, mask=None, check_probabil
     d = float(as_cotangent(d_loss, (), "d_loss"))
     cot = np.full(div.shape, -d / max(div.size, 1))
     return HeadDiversityGrads(head_diversity_backward(cot, P_heads, mask=mask, check_probabilities=False).dP_heads)
+
+
+check_keywords_of(globals())  # a typo in a keyword raises RefAttnError with a suggestion

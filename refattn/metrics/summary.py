@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from refattn._validate import RefAttnError, as_flag, as_float
+from refattn._validate import RefAttnError, as_flag, as_float, check_keywords_of
 from refattn.metrics._maps import attention_map, interpret_mask, real_keys, row_mean
 from refattn.metrics.detectors import _tokens, duplicate_token_score, induction_score, previous_token_score
 from refattn.metrics.distribution import entropy, head_confidence, head_diversity
@@ -101,3 +101,6 @@ def summarize(attentions, tokens=None, *, mask=None, check_probabilities=True):
             add("duplicate_token", duplicate_token_score(p, tokens, **off))
             add("induction", induction_score(p, tokens, **off))
     return {name: np.array(values) for name, values in rows.items()}
+
+
+check_keywords_of(globals())  # a typo in a keyword raises RefAttnError with a suggestion

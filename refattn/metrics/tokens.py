@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from refattn._validate import RefAttnError, as_cotangent, as_int, as_real
+from refattn._validate import RefAttnError, as_cotangent, as_int, as_real, check_keywords_of
 from refattn.metrics._maps import MapGrads, attention_map, key_counts, masked_grad, row_mean, row_mean_backward
 
 __all__ = [
@@ -557,3 +557,6 @@ def special_token_bias(P, special_positions, *, factor=2, mask=None, check_proba
     uniform = (np.broadcast_to(w, m.p.shape) * m.allowed).sum(axis=-1) / np.maximum(key_counts(m), 1)
     to = attention_to(m.p, special_positions, mask=m.allowed, check_probabilities=False)
     return to > factor * row_mean(uniform, m.rows)
+
+
+check_keywords_of(globals())  # a typo in a keyword raises RefAttnError with a suggestion
