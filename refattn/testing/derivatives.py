@@ -403,7 +403,7 @@ def gradcheck(
 
 
 def check_vjp(
-    fn,
+    forward,
     backward,
     inputs,
     *,
@@ -416,17 +416,17 @@ def check_vjp(
     raise_on_failure=True,
     **more_options,
 ):
-    """Compare ``backward`` with random directional derivatives of ``fn``: cheap at any size.
+    """Compare ``backward`` with random directional derivatives of ``forward``: cheap at any size.
 
-    ``fn``, ``backward``, ``inputs`` and options as for :func:`gradcheck`, whose
+    ``forward``, ``backward``, ``inputs`` and options as for :func:`gradcheck`, whose
     seeded cotangents ``d_out`` (one per float output) define
-    ``L(x) = Σ ⟨d_out, fn(x)⟩``.  Each differentiable input ``x_i`` (every array
+    ``L(x) = Σ ⟨d_out, forward(x)⟩``.  Each differentiable input ``x_i`` (every array
     leaf) gets a random direction ``δ_i = rms(x_i) · z_i``, ``z_i`` standard
     normal and 0 on non-finite entries, so ``eps`` is relative to the input's
     size.  The identity checked is ``⟨d_out, J δ⟩ = Σ_i ⟨backward(d_out)_i, δ_i⟩``;
     its left side is the eighth-order central difference of ``φ(t) = L(x + tδ)``,
     ``Σ_m c_m (φ(mh) − φ(−mh)) / h``, ``m = 1..4``, ``c = 4/5, −1/5, 4/105, −1/280``,
-    ``h = eps`` (error ``O(h⁸)``; eight calls of ``fn``).  The directions are
+    ``h = eps`` (error ``O(h⁸)``; eight calls of ``forward``).  The directions are
     ``"all"`` (every input moved at once) and, with ``per_input``, each input
     alone, so a failure names the input: ``1 + 8 · (1 + inputs)`` calls in all.
 
@@ -436,13 +436,13 @@ def check_vjp(
     noise measured from the eighth differences of φ, their median over the
     directions).  ``|⟨g, δ⟩|`` is of the order of ``‖g‖₂ · rms(x)``, so a
     gradient off by a factor ``1 + 3e-7`` fails ``rtol = 1e-8`` thirty times
-    over.  Choose ``eps`` so that ``x ± 4·eps·δ`` stays where ``fn`` is smooth
+    over.  Choose ``eps`` so that ``x ± 4·eps·δ`` stays where ``forward`` is smooth
     (attention maps with entries near 0 need ``eps ≈ 1e-4``).  Returns a
     :class:`VjpReport`; raises :class:`VjpError` on failure.
 
     Parameters
     ----------
-    fn, backward, inputs
+    forward, backward, inputs
         As :func:`gradcheck`.
     options : dict, optional
         Keyword options, as :func:`gradcheck`.  Default None.
@@ -457,7 +457,7 @@ def check_vjp(
         Seeds the cotangents and the directions.
     per_input : bool, default True
         Also move each input alone, so that a failure names it; False checks the direction
-        ``"all"`` only (9 calls of ``fn``).
+        ``"all"`` only (9 calls of ``forward``).
     raise_on_failure : bool, default True
         Raise :class:`VjpError` on failure; False returns the failing report.
     **more_options
@@ -474,7 +474,7 @@ def check_vjp(
         When a direction fails and ``raise_on_failure``.
     """
     rng = np.random.default_rng(seed)
-    lin = _Linearised(fn, backward, inputs, dict(options or {}, **more_options), rng)
+    lin = _Linearised(forward, backward, inputs, dict(options or {}, **more_options), rng)
     moves, analytic = [], []
     for name, x, g in lin.targets:
         finite = np.isfinite(x)
