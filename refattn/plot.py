@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from refattn._validate import RefAttnError, as_int
+from refattn._validate import RefAttnError, as_int, check_keywords_of
 
 __all__ = [
     "MAX_HEADS",
@@ -620,3 +620,6 @@ def plot_attention_report(path, layers, **options):
     fig = attention_report(layers, **options)
     fig.savefig(path, dpi=120)
     return path
+
+
+check_keywords_of(globals())  # a typo in a keyword raises RefAttnError with a suggestion

@@ -10,7 +10,7 @@ For lse, drop the last letter: ``(B, H, L)`` vs ``(B, L, H)``.
 
 import numpy as np
 
-from refattn._validate import RefAttnError, as_choice, to_numpy
+from refattn._validate import RefAttnError, as_choice, check_keywords_of, to_numpy
 
 __all__ = ["LAYOUTS", "from_bhld", "to_bhld"]
 
@@ -72,3 +72,6 @@ def from_bhld(x, layout, *, name="x"):
         A view of ``x`` (unchanged for ``"bhld"``).
     """
     return to_bhld(x, layout, name=name)  # both conversions swap the same two axes
+
+
+check_keywords_of(globals())  # a typo in a keyword raises RefAttnError with a suggestion

@@ -26,7 +26,7 @@ from __future__ import annotations
 import numpy as np
 
 from refattn import lowp
-from refattn._validate import RefAttnError, Unsupported, unbroadcast
+from refattn._validate import RefAttnError, Unsupported, check_keywords_of, unbroadcast
 from refattn.attention.multihead import MHAParams, multihead_attention, multihead_attention_backward
 from refattn.attention.options import takes_sdpa_options
 from refattn.attention.sdpa import validate
@@ -468,3 +468,6 @@ def check_mha(mha, x, *, kv=None, key_is_real=None, causal=False, d_y=None, rule
         if kv is not None:
             judgements.append(judge("dkv", _numpy(tkv.grad), g.dkv, dtype=fmt, rule=rule, kind="gradient"))
     return Verdict(judgements)
+
+
+check_keywords_of(globals())  # a typo in a keyword raises RefAttnError with a suggestion

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from refattn._validate import RefAttnError, Unsupported
+from refattn._validate import RefAttnError, Unsupported, check_keywords_of
 from refattn.attention.position import rope
 from refattn.attention.sdpa import attention_weights, sdpa
 
@@ -362,3 +362,6 @@ def model_attentions(model, input_ids, *, attention_mask=None):
         mask = None if attention_mask is None else torch.as_tensor(np.asarray(attention_mask))
         result = model(input_ids=ids, attention_mask=mask, output_attentions=True)
     return [_np(a) for a in result.attentions]
+
+
+check_keywords_of(globals())  # a typo in a keyword raises RefAttnError with a suggestion

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from refattn import lowp
-from refattn._validate import RefAttnError
+from refattn._validate import RefAttnError, check_keywords_of
 from refattn.attention.sdpa import validate
 from refattn.crosscheck import npz
 
@@ -261,3 +261,6 @@ def _validate_call(case, path):
             raise RefAttnError(f"{path}: key '{name}': expected shape {wanted[name]}, got {value.shape}")
     if any(n in case.outputs for n in ("dq", "dk", "dv", "dbias", "dsinks")) and "d_out" not in case.cotangents:
         raise RefAttnError(f"{path}: gradients are present but the cotangent 'd_out' is missing")
+
+
+check_keywords_of(globals())  # a typo in a keyword raises RefAttnError with a suggestion

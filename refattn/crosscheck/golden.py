@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from refattn._validate import RefAttnError
+from refattn._validate import RefAttnError, check_keywords_of
 from refattn.attention.sdpa import sdpa, sdpa_backward
 from refattn.crosscheck.cases import Case, save_case
 from refattn.crosscheck.suite import standard_cases
@@ -65,3 +65,6 @@ def write_golden(directory, suite="standard"):
         golden = case.with_outputs(golden_outputs(case), implementation="refattn golden (float64)")
         paths.append(save_case(directory / f"{case.name}.npz", golden))
     return paths
+
+
+check_keywords_of(globals())  # a typo in a keyword raises RefAttnError with a suggestion

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from refattn import lowp
-from refattn._validate import RefAttnError, Unsupported
+from refattn._validate import RefAttnError, Unsupported, check_keywords_of
 from refattn.attention import loops, tiled
 from refattn.attention.sdpa import sdpa, sdpa_backward
 from refattn.crosscheck.cases import Case
@@ -291,3 +291,6 @@ class Progress:
                 self.group = group
                 self.stream.write(f"{self.prefix}: {done}/{total} {group}\n")
         self.stream.flush()
+
+
+check_keywords_of(globals())  # a typo in a keyword raises RefAttnError with a suggestion

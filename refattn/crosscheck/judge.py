@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from refattn._validate import RefAttnError
+from refattn._validate import RefAttnError, check_keywords_of
 from refattn.crosscheck.cases import Case
 from refattn.testing.compare import check_attention
 
@@ -50,3 +50,6 @@ def check_case(case: Case, *, rule="flash", dtype=None, **rule_options):
         **rule_options,
         **case.sdpa_options(),
     )
+
+
+check_keywords_of(globals())  # a typo in a keyword raises RefAttnError with a suggestion

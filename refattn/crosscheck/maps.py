@@ -8,7 +8,7 @@ import os
 
 import numpy as np
 
-from refattn._validate import RefAttnError
+from refattn._validate import RefAttnError, check_keywords_of
 from refattn.crosscheck import npz
 
 __all__ = ["ATTENTION_KEYS", "MAP_VERSION", "load_attentions", "save_attentions"]
@@ -132,3 +132,6 @@ def load_attentions(path, *, max_bytes=npz.MAX_BYTES):
                 f"{path}: key '{key}': expected shape (..., n) with n = {n} (the maps'), got {value.shape}"
             )
     return layers, mask, tokens
+
+
+check_keywords_of(globals())  # a typo in a keyword raises RefAttnError with a suggestion

@@ -13,6 +13,7 @@ import math
 import numpy as np
 
 from refattn import masks
+from refattn._validate import check_keywords_of
 from refattn.attention.position import alibi_bias, alibi_slopes, rope
 from refattn.crosscheck.cases import Case
 
@@ -144,3 +145,6 @@ def standard_suite():
     list of Case
     """
     return standard_cases()
+
+
+check_keywords_of(globals())  # a typo in a keyword raises RefAttnError with a suggestion

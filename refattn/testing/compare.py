@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from refattn import lowp
-from refattn._validate import RefAttnError, RefAttnTypeError, as_choice, is_extension_float, to_numpy
+from refattn._validate import RefAttnError, RefAttnTypeError, as_choice, check_keywords_of, is_extension_float, to_numpy
 from refattn.attention.options import takes_sdpa_options
 from refattn.attention.sdpa import sdpa, sdpa_backward, validate
 
@@ -606,3 +606,6 @@ def assert_attention_close(actual, q, k, v, *, dtype, **kwargs):
     if not verdict.passed:
         raise AttentionMismatch(verdict)
     return verdict
+
+
+check_keywords_of(globals())  # a typo in a keyword raises RefAttnError with a suggestion

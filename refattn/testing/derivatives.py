@@ -23,6 +23,8 @@ from functools import partial
 
 import numpy as np
 
+from refattn._validate import check_keywords_of
+
 __all__ = [
     "DirectionCheck",
     "GradcheckError",
@@ -506,3 +508,6 @@ def check_vjp(
     if raise_on_failure and not report.passed:
         raise VjpError(report)
     return report
+
+
+check_keywords_of(globals())  # a typo in a keyword raises RefAttnError with a suggestion
