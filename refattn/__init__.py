@@ -1,15 +1,27 @@
 """refattn: the float64 golden reference for transformer attention.
 
 The public API, re-exports only (each name is documented where it is defined; see README.md and
-``specs/``): :func:`sdpa`, scaled dot-product attention with every kernel option (masks, bias,
-causal and sliding windows with either alignment, softcap, sinks, dropout, GQA, an empty-row
-policy), and its variants — :func:`multihead_attention`, :func:`relative_attention`,
-:func:`topk_attention`, :func:`allocation_attention`, :func:`linear_attention`, RoPE, ALiBi and
-sinusoidal positions; :func:`softmax`, :func:`log_softmax`, :func:`logsumexp`; attention
-:func:`rollout` and :func:`attention_flow`; and the modules :mod:`~refattn.attention` (every
+``specs/``): :func:`~refattn.attention.sdpa.sdpa`, scaled dot-product attention with every kernel
+option (masks, bias, causal and sliding windows with either alignment, softcap, sinks, dropout, GQA,
+an empty-row policy), :func:`~refattn.attention.sdpa.attention_weights` (its probabilities P), and
+its variants — :func:`~refattn.attention.multihead.multihead_attention`,
+:func:`~refattn.attention.relative.relative_attention`,
+:func:`~refattn.attention.sparse.topk_attention`,
+:func:`~refattn.attention.allocation.allocation_attention`,
+:func:`~refattn.attention.linear.linear_attention`; RoPE (:func:`~refattn.attention.position.rope`),
+ALiBi (:func:`~refattn.attention.position.alibi_slopes`,
+:func:`~refattn.attention.position.alibi_bias`) and sinusoidal positions
+(:func:`~refattn.attention.position.sinusoidal_positions`);
+:func:`~refattn.softmax_family.softmax`, :func:`~refattn.softmax_family.log_softmax`,
+:func:`~refattn.softmax_family.logsumexp`; attention :func:`~refattn.rollout_flow.rollout` and
+:func:`~refattn.rollout_flow.attention_flow`; and the modules :mod:`~refattn.attention` (every
 variant, the tiled and KV-cache forms, the loop twin), :mod:`~refattn.masks`,
 :mod:`~refattn.metrics`, :mod:`~refattn.lowp` (low-precision rounding and twins),
-:mod:`~refattn.testing` (tolerance rules and gradient checks) and :mod:`~refattn.io` (case files).
+:mod:`~refattn.testing` (tolerance rules and gradient checks; its Hypothesis strategies,
+:mod:`refattn.testing.strategies`, are imported explicitly) and :mod:`~refattn.io` (case files).
+Also exported: the parameter NamedTuples :class:`~refattn.attention.multihead.MHAParams` and
+:class:`~refattn.attention.allocation.AllocationGate`, the backwards' ``...Grads`` NamedTuples
+(:class:`~refattn.rollout_flow.RolloutGrads` among them), the errors (below) and ``__version__``.
 
 Conventions, the same in every module:
 
@@ -57,7 +69,7 @@ from refattn.attention.sdpa import (
     sdpa_backward,
 )
 from refattn.attention.sparse import topk_attention, topk_attention_backward
-from refattn.rollout_flow import attention_flow, rollout, rollout_backward
+from refattn.rollout_flow import RolloutGrads, attention_flow, rollout, rollout_backward
 from refattn.softmax_family import (
     LogSoftmaxGrads,
     LogSumExpGrads,
@@ -79,6 +91,7 @@ __all__ = [
     "MHAGrads",
     "MHAParams",
     "RelativeAttentionGrads",
+    "RolloutGrads",
     "RopeGrads",
     "alibi_bias",
     "alibi_slopes",

@@ -11,6 +11,7 @@ outside the documentation.
 """
 
 import importlib
+import importlib.util
 import inspect
 import pathlib
 import re
@@ -89,8 +90,10 @@ SPEC_OF = {
     "refattn.plot": "cli",
     "refattn.rollout_flow": "rollout",
     "refattn.softmax_family": "softmax",
+    "refattn.testing": "testing",
     "refattn.testing.compare": "compare",
     "refattn.testing.derivatives": "testing",
+    "refattn.testing.strategies": "testing",
 }
 _SPEC_LITERAL = re.compile(r"``(specs/([\w.-]+)\.md)``")
 

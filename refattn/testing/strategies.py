@@ -1,9 +1,22 @@
 """Hypothesis strategies that draw valid inputs and options for refattn's ops.
 
-Each strategy draws a :class:`Case` (positional ``inputs`` and keyword
-``options``); each op of the registry (``refattn/_registry.py``) holds its strategy.  Values are bounded
-(``|x| <= 2``) so nothing overflows; masks are random, so rows with every key
-masked (empty rows) occur.  Needs Hypothesis (the ``test`` extra).
+Each ``*_cases`` strategy draws a :class:`Case` (positional ``inputs`` and keyword ``options``: the
+call ``op(*case.inputs, **case.options)``).  Each op of the registry (``refattn/_registry.py``)
+holds its strategy as a callable ``(*, for_gradcheck=False) -> SearchStrategy of Case``
+(:func:`metric_strategy` makes the metrics' ones).  ``for_gradcheck=True`` keeps to the smooth,
+finite part of the op's domain, where a finite-difference gradient check means something: no
+``"nan"`` empty-row policy, and no inputs at or near a kink (relu, a top-k selection, ties of max
+and min, ``|·|``), seeded continuous noise breaking the exact ties Hypothesis likes to draw; the
+strategies of ops without a backward accept it and ignore it.
+
+The arrays are small (each axis 1..4 or so; 0 where an empty input is valid) and float64.  Values
+are bounded (``|x| <= 2``, 3 for softmax inputs) so nothing overflows; masks are random, so rows
+with every key masked (empty rows) occur.  :func:`attention_inputs`, for users, draws larger inputs
+at the lengths around kernel tile boundaries (:data:`TILE_LENGTHS`) to property-test an attention
+kernel against refattn (``specs/testing.md``).
+
+Needs Hypothesis (the ``test`` extra): :mod:`refattn.testing` does not import this module, import
+``refattn.testing.strategies`` explicitly.
 """
 
 from __future__ import annotations
@@ -66,7 +79,18 @@ __all__ = [
 
 @dataclass
 class Case:
-    """Inputs and options of one op call: ``fn(*inputs, **options)``."""
+    """Inputs and options of one op call: ``fn(*inputs, **options)``.
+
+    What every strategy here draws.  Its repr gives the shapes first, then the full values (what
+    Hypothesis prints for a falsifying example).
+
+    Fields
+    ------
+    inputs : tuple
+        The positional arguments: arrays, lengths, parameter NamedTuples, ...
+    options : dict
+        The keyword arguments, array options included; default empty.
+    """
 
     inputs: tuple
     options: dict = field(default_factory=dict)
@@ -78,6 +102,19 @@ class Case:
 
 
 def finite_floats(bound=2.0):
+    """Floats in ``[-bound, bound]``: no NaN, no infinity, no subnormals.
+
+    The elements of the arrays the strategies here draw.
+
+    Parameters
+    ----------
+    bound : float, default 2.0
+        The largest magnitude drawn (inclusive).
+
+    Returns
+    -------
+    hypothesis.strategies.SearchStrategy of float
+    """
     return st.floats(-bound, bound, allow_nan=False, allow_infinity=False, allow_subnormal=False)
 
 
@@ -148,6 +185,8 @@ def _attention_case(draw, *, with_v, for_gradcheck):
     return Case(inputs, opts)
 
 
+#: The default ``lengths`` of :func:`attention_inputs`, a few small ones and both sides of the 32, 64
+#: and 128 tile boundaries (where a kernel's last tile is partial).
 TILE_LENGTHS = (1, 2, 3, 17, 31, 32, 33, 63, 64, 65, 127, 128, 129)
 
 
@@ -166,13 +205,43 @@ def attention_inputs(
     """Inputs for property-testing a user's attention kernel against refattn: a :class:`Case` with
     ``inputs = (q (B, Hq, Lq, D), k (B, Hk, Lk, D), v (B, Hk, Lk, D))`` and sdpa ``options``.
 
-    Lengths are drawn from ``lengths`` (by default both sides of the 32/64/128 tile boundaries);
-    ``options`` names what may be drawn: ``"causal"``, ``"window"`` (either alignment),
-    ``"mask"`` (key padding per batch item, query padding too: empty rows occur), ``"bias"``,
-    ``"scale"``, ``"gqa"`` (Hk dividing Hq), ``"softcap"``, ``"sinks"``.  ``adversarial`` adds rows
-    with large logits (a row of q scaled by 30) and near ties (keys equal to 1e-9).  With ``dtype``
-    (``"bfloat16"``, ...) every array is rounded to that format, so a kernel's low-precision inputs
-    hold exactly the values refattn sees.  Arrays come from a drawn seed (fast at 129 × 64).
+    The arrays are float64, standard normal, from a drawn seed (fast at 129 × 64); v has q's and k's
+    head dim D.  Compare the kernel's output with ``refattn.sdpa(*case.inputs, **case.options)``, for
+    example by :func:`~refattn.testing.compare.assert_attention_close`.
+
+    Parameters
+    ----------
+    lengths : sequence of int, default ``TILE_LENGTHS``
+        Lq and Lk are drawn from it, each on its own; by default both sides of the 32/64/128 tile
+        boundaries.
+    head_dims : sequence of int, default (8, 16, 64)
+        D is drawn from it.
+    max_batch : int, default 2
+        B is drawn from ``1..max_batch``.
+    max_heads : int, default 4
+        Hk is drawn from ``1..max_heads``; Hq (with ``"gqa"``) is at most ``max_heads`` as well.
+    options : collection of str, default ("causal", "window", "mask", "bias", "scale", "gqa")
+        What may be drawn; each option named is drawn or left out: ``"causal"`` (``causal=True``),
+        ``"window"`` (``window=(left, right)``, each side None, 0, 1, 31 or 64), ``"mask"`` (a padding
+        mask ``(B, 1, Lq, Lk)`` from key lengths in ``1..Lk`` per batch item, sometimes with query
+        lengths in ``0..Lq`` too: empty rows occur), ``"bias"`` (standard normal, ``(Hq, Lq, Lk)``),
+        ``"scale"`` (0.05, 0.5 or 1.0), ``"gqa"`` (``Hq = g · Hk`` with g among 1, 2, 4 and ``Hq <=
+        max_heads``; without it ``Hq = Hk``), ``"softcap"`` (5.0 or 30.0), ``"sinks"`` (standard
+        normal, ``(Hq,)``).  With causal or a window an ``align`` (``"top_left"`` or
+        ``"bottom_right"``) is drawn too, always when ``Lq != Lk``.
+    adversarial : bool, default True
+        Also draw (each or not) one query row scaled by 30, the same row in every batch item and head
+        (large logits: a softmax that must not overflow), and, when ``Lk > 1``, key 1 set to key 0 plus
+        1e-9 noise (near-tied keys).  False: plain standard normal arrays.
+    dtype : str, optional
+        A format of ``refattn.lowp.FORMATS`` or an alias (``"bfloat16"``, ``"float16"``,
+        ``"float8_e4m3"``, ...): q, k, v and any bias and sinks are rounded to it
+        (:func:`~refattn.lowp.round_to`; still float64 arrays), so a kernel's low-precision inputs hold
+        exactly the values refattn sees.  Default None: no rounding.
+
+    Returns
+    -------
+    hypothesis.strategies.SearchStrategy of Case
     """
     from refattn import lowp
 
@@ -220,18 +289,72 @@ def attention_inputs(
 
 
 def sdpa_cases(*, for_gradcheck=False):
-    """Cases for :func:`refattn.sdpa`: every option, GQA, broadcast batch dims, lq != lk."""
+    """Cases for :func:`~refattn.attention.sdpa.sdpa`: every option, GQA, broadcast batch dims,
+    ``Lq != Lk``.
+
+    ``inputs = (q (..., Hq, Lq, D), k (..., Hk, Lk, D), v (..., Hk, Lk, Dv))``: batch dims ``()``,
+    ``(1,)`` or ``(2,)`` (k's and v's each broadcasting to q's: every batch dim kept or 1), Hk in 1..2,
+    ``Hq = Hk`` or ``2 · Hk``, Lq and Lk in 1..4, D and Dv in 1..3; finite values in ``[-2, 2]``.
+
+    Options, each drawn or left out: a bool ``mask`` and a float ``bias`` (some entries ``-inf``) of
+    shapes broadcasting to the scores ``(..., Hq, Lq, Lk)`` (one or more trailing dims, each kept or
+    1); ``causal=True``; ``window=(left, right)``, each side None or 0..3; ``align`` (``"top_left"`` or
+    ``"bottom_right"``; always when causal or a window meets ``Lq != Lk``); ``scale`` in ``[0.1, 2]``;
+    ``softcap`` in ``[0.5, 5]``; ``sinks`` broadcasting to ``(..., Hq)`` (some ``-inf``); ``dropout_p``
+    0.0 or 0.25 with a bool ``dropout_mask`` broadcasting to the scores; ``return_lse=True``.
+    ``empty_rows`` is always given.  Random masks make empty rows (every key masked) occur.
+
+    Parameters
+    ----------
+    for_gradcheck : bool, default False
+        True: ``empty_rows`` is ``"zero"`` or ``"uniform"`` only, not ``"nan"`` (whose NaN rows have no
+        derivative to check); False: any of the three.
+
+    Returns
+    -------
+    hypothesis.strategies.SearchStrategy of Case
+    """
     return _attention_case(with_v=True, for_gradcheck=for_gradcheck)
 
 
 def weights_cases(*, for_gradcheck=False):
-    """Cases for :func:`refattn.attention_weights` (sdpa's options without v and dropout)."""
+    """Cases for :func:`~refattn.attention.sdpa.attention_weights`: ``inputs = (q, k)`` and sdpa's
+    options without v's.
+
+    As :func:`sdpa_cases` draws them, without v, ``dropout_p``, ``dropout_mask`` and ``return_lse``.
+
+    Parameters
+    ----------
+    for_gradcheck : bool, default False
+        True: ``empty_rows`` is ``"zero"`` or ``"uniform"`` only, not ``"nan"`` (whose NaN rows have no
+        derivative to check); False: any of the three.
+
+    Returns
+    -------
+    hypothesis.strategies.SearchStrategy of Case
+    """
     return _attention_case(with_v=False, for_gradcheck=for_gradcheck)
 
 
 @st.composite
 def softmax_cases(draw, *, for_gradcheck=False):
-    """Cases for softmax / log_softmax / logsumexp: ``x (B?, m, n)``, axis -1 or -2, masks, -inf entries."""
+    """Cases for :func:`~refattn.softmax_family.softmax`, :func:`~refattn.softmax_family.log_softmax`
+    and :func:`~refattn.softmax_family.logsumexp`: ``inputs = (x,)``.
+
+    ``x (B?, m, n)`` (no batch dim or one of 2; m and n in 1..4), finite values in ``[-3, 3]``, sometimes
+    with ``-inf`` entries (weight 0).  Options: ``axis`` (-1 or -2) and ``empty_rows`` always; a bool
+    ``mask`` broadcasting to x (one or more trailing dims, each kept or 1) or not.
+
+    Parameters
+    ----------
+    for_gradcheck : bool, default False
+        True: ``empty_rows`` is ``"zero"`` or ``"uniform"`` only, not ``"nan"`` (whose NaN rows have no
+        derivative to check); False: any of the three.
+
+    Returns
+    -------
+    hypothesis.strategies.SearchStrategy of Case
+    """
     batch = draw(st.sampled_from([(), (2,)]))
     shape = batch + (draw(st.integers(1, 4)), draw(st.integers(1, 4)))
     x = _floats_array(draw, shape, 3.0)
@@ -256,7 +379,21 @@ def _seeded_noise(draw, shape, scale):
 
 @st.composite
 def relative_cases(draw, *, for_gradcheck=False):
-    """Cases for ``relative_attention``: an sdpa case plus ``rel_k``, ``rel_v`` and ``max_distance``."""
+    """Cases for :func:`~refattn.attention.relative.relative_attention`: an :func:`sdpa_cases` case
+    plus the relative-position tables.
+
+    ``inputs = (q, k, v, rel_k (2m + 1, D), rel_v (2m + 1, Dv))``, the tables' values finite in
+    ``[-2, 2]``; sdpa's options plus ``max_distance = m``, m in 0..3.
+
+    Parameters
+    ----------
+    for_gradcheck : bool, default False
+        Passed to :func:`sdpa_cases` (True: no ``"nan"`` empty-row policy).
+
+    Returns
+    -------
+    hypothesis.strategies.SearchStrategy of Case
+    """
     case = draw(sdpa_cases(for_gradcheck=for_gradcheck))
     q, k, v = case.inputs
     m = draw(st.integers(0, 3))
@@ -279,7 +416,22 @@ def _topk_gap(case, top_k):
 
 @st.composite
 def topk_cases(draw, *, for_gradcheck=False):
-    """Cases for ``topk_attention``; for gradients the k-th and (k+1)-th logits are ≥ 1e-3 apart."""
+    """Cases for :func:`~refattn.attention.sparse.topk_attention`: an :func:`sdpa_cases` case plus
+    ``top_k`` in 1..4.
+
+    q gets seeded Gaussian noise (σ = 0.1), which breaks the exact ties Hypothesis likes to draw.
+
+    Parameters
+    ----------
+    for_gradcheck : bool, default False
+        Passed to :func:`sdpa_cases` (True: no ``"nan"`` empty-row policy); True also keeps only cases
+        whose k-th and (k+1)-th largest logits (as sdpa computes them) are more than 1e-3 apart in every
+        row, so that no finite difference flips the selection (``top_k >= Lk`` always qualifies).
+
+    Returns
+    -------
+    hypothesis.strategies.SearchStrategy of Case
+    """
     case = draw(sdpa_cases(for_gradcheck=for_gradcheck))
     q, k, v = case.inputs
     q = q + _seeded_noise(draw, q.shape, 0.1)
@@ -293,7 +445,25 @@ def topk_cases(draw, *, for_gradcheck=False):
 
 @st.composite
 def linear_cases(draw, *, for_gradcheck=False):
-    """Cases for ``linear_attention`` (``"relu"`` only off the gradient check: its kink at 0)."""
+    """Cases for :func:`~refattn.attention.linear.linear_attention`: ``inputs = (q, k, v)``, causal or
+    not.
+
+    ``q (B?, Hq, Lq, D)``, ``k (B?, Hk, Lk, D)``, ``v (B?, Hk, Lk, Dv)``: batch dims ``()`` or ``(2,)``,
+    the same for all three; Hk in 1..2, ``Hq = Hk`` or ``2 · Hk``; Lq in 1..4, ``Lk = Lq`` when causal
+    (else 1..4); D and Dv in 1..3; finite values in ``[-2, 2]``.  Options: ``feature_map`` and
+    ``causal`` always, ``eps`` (0.0, 1e-3 or 0.5) or not.
+
+    Parameters
+    ----------
+    for_gradcheck : bool, default False
+        True: ``feature_map="elu+1"`` only (``"relu"`` has a kink at 0), ``eps=0.5`` when given, and q
+        and k get seeded noise (σ = 0.05) and keep every entry more than 1e-3 from 0 (elu+1 is C¹ but
+        not C² there).  False: ``"elu+1"`` or ``"relu"``.
+
+    Returns
+    -------
+    hypothesis.strategies.SearchStrategy of Case
+    """
     batch = draw(st.sampled_from([(), (2,)]))
     hk = draw(st.integers(1, 2))
     hq = hk * draw(st.integers(1, 2))
@@ -321,19 +491,57 @@ def linear_cases(draw, *, for_gradcheck=False):
 
 @st.composite
 def chunked_cases(draw, *, for_gradcheck=False):
+    """Cases for :func:`~refattn.attention.tiled.sdpa_chunked`: an :func:`sdpa_cases` case plus
+    ``chunk_size`` in 1..5.
+
+    Parameters
+    ----------
+    for_gradcheck : bool, default False
+        Passed to :func:`sdpa_cases` (True: no ``"nan"`` empty-row policy).
+
+    Returns
+    -------
+    hypothesis.strategies.SearchStrategy of Case
+    """
     case = draw(sdpa_cases(for_gradcheck=for_gradcheck))
     return Case(case.inputs, {**case.options, "chunk_size": draw(st.integers(1, 5))})
 
 
 @st.composite
 def online_cases(draw, *, for_gradcheck=False):
+    """Cases for :func:`~refattn.attention.tiled.sdpa_online`: an :func:`sdpa_cases` case plus
+    ``block_q`` and ``block_k``, each in 1..5.
+
+    Parameters
+    ----------
+    for_gradcheck : bool, default False
+        Passed to :func:`sdpa_cases` (True: no ``"nan"`` empty-row policy).
+
+    Returns
+    -------
+    hypothesis.strategies.SearchStrategy of Case
+    """
     case = draw(sdpa_cases(for_gradcheck=for_gradcheck))
     return Case(case.inputs, {**case.options, "block_q": draw(st.integers(1, 5)), "block_k": draw(st.integers(1, 5))})
 
 
 @st.composite
 def combine_cases(draw, *, for_gradcheck=False):
-    """Split-KV partials ``outs (S, H, Lq, Dv)`` and ``lses (S, H, Lq)`` with some ``-inf``."""
+    """Cases for :func:`~refattn.attention.tiled.combine_partials`: split-KV partial results
+    ``inputs = (outs, lses)``.
+
+    ``outs (S, H, Lq, Dv)`` (S splits in 1..3, H in 1..2, Lq in 1..4, Dv in 1..3) with finite values in
+    ``[-2, 2]``; ``lses (S, H, Lq)`` in ``[-3, 3]`` with some ``-inf`` (an empty split).  No options.
+
+    Parameters
+    ----------
+    for_gradcheck : bool, default False
+        Ignored: the same cases either way.
+
+    Returns
+    -------
+    hypothesis.strategies.SearchStrategy of Case
+    """
     s, h, lq, dv = draw(st.integers(1, 3)), draw(st.integers(1, 2)), draw(st.integers(1, 4)), draw(st.integers(1, 3))
     outs = _floats_array(draw, (s, h, lq, dv))
     lses = _with_neg_inf(draw, _floats_array(draw, (s, h, lq), 3.0))
@@ -342,7 +550,24 @@ def combine_cases(draw, *, for_gradcheck=False):
 
 @st.composite
 def decode_cases(draw, *, for_gradcheck=False):
-    """KV-cache decoding: ``q (B, Hq, Lq, D)``, caches ``(B, Hk, Lc, D)``, lengths in ``[Lq, Lc]``."""
+    """Cases for :func:`~refattn.attention.cache.decode`: KV-cache decoding.
+
+    ``inputs = (q (B, Hq, Lq, D), k_cache (B, Hk, Lc, D), v_cache (B, Hk, Lc, Dv))``: B and Hk in 1..2,
+    ``Hq = Hk`` or ``2 · Hk``, Lq in 1..3, Lc in 1..5, D and Dv in 1..3; finite values in ``[-2, 2]``.
+    Options: ``cache_lengths (B,)``, each in ``1..Lc``, ``causal`` (True or False) and ``empty_rows``
+    always; ``window`` (each side None or 0..3), ``softcap`` in ``[0.5, 5]`` and ``sinks (Hq,)``, each
+    or not.
+
+    Parameters
+    ----------
+    for_gradcheck : bool, default False
+        True: ``empty_rows`` is ``"zero"`` or ``"uniform"`` only, not ``"nan"`` (whose NaN rows have no
+        derivative to check); False: any of the three.
+
+    Returns
+    -------
+    hypothesis.strategies.SearchStrategy of Case
+    """
     b, hk = draw(st.integers(1, 2)), draw(st.integers(1, 2))
     hq = hk * draw(st.integers(1, 2))
     lq, lc = draw(st.integers(1, 3)), draw(st.integers(1, 5))
@@ -366,7 +591,22 @@ def decode_cases(draw, *, for_gradcheck=False):
 
 @st.composite
 def paged_cases(draw, *, for_gradcheck=False):
-    """Paged KV: ``pages (P, Hk, page, D)``, a block table of page ids (−1 unused), lengths."""
+    """Cases for :func:`~refattn.attention.cache.paged_gather`: a paged KV cache.
+
+    ``inputs = (pages,)``, ``pages (P, Hk, page, D)`` (P in 1..4 pages of ``page`` in 1..3 slots, Hk in
+    1..2, D in 1..3) with finite values in ``[-2, 2]``.  Options ``block_table (B, max_pages)`` (B in
+    1..2, max_pages in 1..3): page ids in ``-1..P-1`` (-1 unused; ids may repeat), and ``lengths (B,)``,
+    each within the pages its row lists before its first -1.
+
+    Parameters
+    ----------
+    for_gradcheck : bool, default False
+        Ignored: the same cases either way (the gather is linear in the pages).
+
+    Returns
+    -------
+    hypothesis.strategies.SearchStrategy of Case
+    """
     n_pages, hk, page, d = (
         draw(st.integers(1, 4)),
         draw(st.integers(1, 2)),
@@ -386,7 +626,23 @@ def paged_cases(draw, *, for_gradcheck=False):
 
 @st.composite
 def allocation_cases(draw, *, for_gradcheck=False):
-    """Gated attention: an sdpa case plus an ``AllocationGate`` with G hidden units."""
+    """Cases for :func:`~refattn.attention.allocation.allocation_attention`: an :func:`sdpa_cases`
+    case plus its gate.
+
+    ``inputs = (q, k, v, gate)``, ``gate`` an :class:`~refattn.attention.allocation.AllocationGate`
+    with G in 1..3 hidden units: ``w1 (D, G)`` (plus seeded noise, σ = 0.1), ``b1 (G,)`` (plus 0.05),
+    ``w2 (G,)`` and ``b2 ()``, finite values of about ``[-2, 2]``; sdpa's options.
+
+    Parameters
+    ----------
+    for_gradcheck : bool, default False
+        Passed to :func:`sdpa_cases` (True: no ``"nan"`` empty-row policy); True also keeps only gates
+        whose hidden pre-activations ``q w1 + b1`` are all more than 1e-3 from 0 (off relu's kink).
+
+    Returns
+    -------
+    hypothesis.strategies.SearchStrategy of Case
+    """
     from refattn.attention.allocation import AllocationGate
 
     case = draw(sdpa_cases(for_gradcheck=for_gradcheck))
@@ -406,7 +662,29 @@ def allocation_cases(draw, *, for_gradcheck=False):
 
 @st.composite
 def multihead_cases(draw, *, for_gradcheck=False):
-    """Multi-head attention: self or cross, GQA, optional biases, head gate, masks, causal."""
+    """Cases for :func:`~refattn.attention.multihead.multihead_attention`: self or cross attention,
+    GQA, optional biases, head gate, key mask, causal.
+
+    ``inputs = (x (B?, Lq, d_model), params)``: batch dims ``()`` or ``(2,)``, Lq and d_model in 1..3;
+    ``params`` an :class:`~refattn.attention.multihead.MHAParams` with ``w_q (d_model, Hq·dk)``,
+    ``w_k (d_kv, Hk·dk)``, ``w_v (d_kv, Hk·dv)``, ``w_o (Hq·dv, d_model)`` and each bias given or None
+    (Hk in 1..2, ``Hq = Hk`` or ``2 · Hk``, dk and dv in 1..2); finite values in ``[-2, 2]``.
+
+    Options: ``num_heads = Hq``, ``num_kv_heads = Hk`` and ``empty_rows`` always; cross attention (drawn
+    or not) adds ``kv (B?, Lk, d_kv)``, Lk and d_kv in 1..3 (self attention: ``Lk = Lq``,
+    ``d_kv = d_model``); then, each or not, ``head_mask (Hq,)``, a bool key ``mask (B?, 1, 1, Lk)`` and
+    ``causal=True`` (with an ``align`` when ``Lq != Lk``).
+
+    Parameters
+    ----------
+    for_gradcheck : bool, default False
+        True: ``empty_rows`` is ``"zero"`` or ``"uniform"`` only, not ``"nan"`` (whose NaN rows have no
+        derivative to check); False: any of the three.
+
+    Returns
+    -------
+    hypothesis.strategies.SearchStrategy of Case
+    """
     from refattn.attention.multihead import MHAParams
 
     batch = draw(st.sampled_from([(), (2,)]))
@@ -449,7 +727,23 @@ def multihead_cases(draw, *, for_gradcheck=False):
 
 @st.composite
 def rope_cases(draw, *, for_gradcheck=False):
-    """RoPE: ``x (B?, H?, L, D)`` (D even), positions, style, rotary_dim, base."""
+    """Cases for :func:`~refattn.attention.position.rope`: ``inputs = (x,)``, ``x (B?, H?, L, D)`` with
+    D even.
+
+    Leading dims ``()``, ``(2,)`` or ``(2, 2)``; L in 1..4; ``D = 2 · half``, half in 1..3; finite values
+    in ``[-2, 2]``.  Options: ``style`` (``"half"`` or ``"interleaved"``) always; ``positions (L,)``
+    (floats in ``[-50, 50]``), an even ``rotary_dim`` in ``0..D`` and ``base`` (10000, 500 or 1e6), each
+    or not.
+
+    Parameters
+    ----------
+    for_gradcheck : bool, default False
+        Ignored: the same cases either way (rope is linear in x).
+
+    Returns
+    -------
+    hypothesis.strategies.SearchStrategy of Case
+    """
     lead = draw(st.sampled_from([(), (2,), (2, 2)]))
     length, half = draw(st.integers(1, 4)), draw(st.integers(1, 3))
     x = _floats_array(draw, lead + (length, 2 * half))
@@ -479,7 +773,28 @@ def _maps(draw, shape):
 
 @st.composite
 def rollout_cases(draw, *, for_gradcheck=False):
-    """Stacked per-layer maps ``(L, H, n, n)`` and every rollout option (mask: real tokens ``(n,)``)."""
+    """Cases for :func:`~refattn.rollout_flow.rollout`: stacked per-layer maps and every option.
+
+    ``inputs = (attentions,)``, ``attentions (L, H, n, n)`` (L and H in 1..3, n in 1..4): strictly
+    positive, tie-free, row-stochastic maps (the softmax of noisy logits).  Options: ``head_fusion``
+    (``"mean"``, ``"max"`` or ``"min"``) always; ``residual`` (0, 0.3, 0.5 or 1), ``start_layer`` in
+    ``0..L-1``, ``discard_ratio`` (0.25 or 0.5), ``renormalize=False`` and ``return_all=True``, each or
+    not; and a real-token ``mask (n,)`` (token 0 real) or not, the maps' rows then summing to 1 over
+    the real tokens, as a model gives them.
+
+    Parameters
+    ----------
+    for_gradcheck : bool, default False
+        True: only cases whose selections no finite difference flips (with ``"max"`` or ``"min"``
+        fusion of several heads, the two largest and the two smallest heads of every entry more than
+        1e-3 apart; with a ``discard_ratio``, the fused real entries of every row more than 1e-3
+        apart), and ``check_probabilities=False`` (finite differences step off the probability
+        simplex).
+
+    Returns
+    -------
+    hypothesis.strategies.SearchStrategy of Case
+    """
     layers, heads, n = draw(st.integers(1, 3)), draw(st.integers(1, 3)), draw(st.integers(1, 4))
     opts = {"head_fusion": draw(st.sampled_from(["mean", "max", "min"]))}
     maps = _maps(draw, (layers, heads, n, n))
@@ -518,8 +833,31 @@ def rollout_cases(draw, *, for_gradcheck=False):
 
 @st.composite
 def map_cases(draw, *, for_gradcheck=False, square=False, extra=None, second_map=False):
-    """Maps ``(B?, H, Lq, Lk)`` (row-stochastic, positive), an optional key-padding mask, and the
-    metric's own arguments from ``extra(draw, shape)``."""
+    """Attention maps for the metrics: ``inputs = (P,)`` or, with ``second_map``, ``(P1, P2)``.
+
+    Each map ``(B?, H, Lq, Lk)`` (batch dims ``()`` or ``(2,)``, H in 1..3, Lq and Lk in 1..4) is strictly
+    positive, tie-free and row-stochastic (the softmax of logits in ``[-2, 2]`` plus seeded noise).
+    Options: the metric's own (``extra``) and a key-padding ``mask (B?, Lk)`` (bool, True = real; key 0
+    always real) or not; with a mask, the padded keys of every map weigh 0 and its rows sum to 1 over
+    the real keys, as a model gives them.
+
+    Parameters
+    ----------
+    for_gradcheck : bool, default False
+        Ignored here: :func:`metric_strategy` applies the gradient check's restrictions.
+    square : bool, default False
+        True: ``Lk = Lq`` (for the metrics that compare query and key positions).
+    extra : callable, optional
+        ``extra(draw, shape) -> dict``: the metric's own options, drawn (``draw``, Hypothesis's draw
+        function) for the maps' shape ``(B?, H, Lq, Lk)``.  Default None: none.
+    second_map : bool, default False
+        True: a second map of the same shape and mask (for the metrics of two maps, ``js_divergence``
+        and ``js_distance``).
+
+    Returns
+    -------
+    hypothesis.strategies.SearchStrategy of Case
+    """
     batch = draw(st.sampled_from([(), (2,)]))
     lq = draw(st.integers(1, 4))
     lk = lq if square else draw(st.integers(1, 4))
@@ -584,7 +922,34 @@ def _offset(draw, shape):
 
 
 def metric_strategy(name):
-    """The case strategy of the metric ``name``: a callable ``(for_gradcheck=False) -> strategy``."""
+    """The case strategy of the metric ``name`` (a function of :mod:`refattn.metrics`), as the
+    registry holds it.
+
+    Parameters
+    ----------
+    name : str
+        The metric.  :func:`map_cases` with ``Lq = Lk`` for ``previous_token_score``,
+        ``duplicate_token_score`` and ``induction_score``; with a second map for ``js_divergence`` and
+        ``js_distance``; and with the metric's own options: ``tokens`` (ids 0..2, ``(B?, Lk)``) for
+        ``duplicate_token_score`` and ``induction_score``; sorted distinct key indices, ``positions``
+        for ``attention_to`` and ``important`` for ``allocation_efficiency``; ``tokens``, Lk words
+        among "the", "cat", "of", "sat", "a", "mat", for ``function_word_ratio``; ``pairs``, 1..3
+        (query, key) index pairs, for ``pair_attention``; ``groups``, ``range(min(Lq, Lk))`` cut into
+        one or two contiguous groups, for ``group_attention``; ``pos_tags``, ``min(Lq, Lk)`` tags among
+        DET, ADJ, NOUN, VERB, for ``phrase_attention``; ``offset`` in -2..2 for ``offset_attention``.
+        Any other name: plain map cases.
+
+    Returns
+    -------
+    callable
+        ``cases(*, for_gradcheck=False) -> SearchStrategy of Case``.  With ``for_gradcheck=True`` its
+        cases carry ``check_probabilities=False`` (finite differences step off the probability simplex)
+        and, for the metrics with a kink, keep away from it: the largest and second-largest entries of
+        every row more than 1e-3 apart (``max_weight``, ``head_confidence``), every real row's expected
+        offset more than 1e-3 from 0 (``expected_offset``), the two maps' JS divergence above 1e-3 in
+        every row (``js_distance``), every real row's entropy more than 1e-3 from the default target
+        ``log(n / 4)``, n its real keys (``entropy_regularizer``).
+    """
     square = name in ("previous_token_score", "duplicate_token_score", "induction_score")
     extra = {
         "duplicate_token_score": _token_ids,
@@ -651,7 +1016,21 @@ _SMOOTHNESS = {
 
 @st.composite
 def logits_cases(draw, *, for_gradcheck=False):
-    """Logits ``(B?, H, Lq, Lk)`` with an optional key-padding mask (for ``entropy_from_logits``)."""
+    """Cases for :func:`~refattn.metrics.distribution.entropy_from_logits`: ``inputs = (s,)``, the log
+    of a :func:`map_cases` map.
+
+    ``s (B?, H, Lq, Lk)``: finite logits, ``-inf`` at the padded keys when the case has a key-padding
+    ``mask`` (kept as its option).
+
+    Parameters
+    ----------
+    for_gradcheck : bool, default False
+        Ignored: the same cases either way.
+
+    Returns
+    -------
+    hypothesis.strategies.SearchStrategy of Case
+    """
     case = draw(map_cases())
     with np.errstate(divide="ignore"):  # masked keys become -inf logits
         return Case((np.log(case.inputs[0]),), case.options)
@@ -659,7 +1038,23 @@ def logits_cases(draw, *, for_gradcheck=False):
 
 @st.composite
 def value_norm_cases(draw, *, for_gradcheck=False):
-    """``value_norms(P, x, w_v, b_v, w_o)``: maps, token states and per-head value/output weights."""
+    """Cases for :func:`~refattn.metrics.norms.value_norms`: ``inputs = (P, x, w_v, b_v, w_o)``.
+
+    ``P (B?, H, Lq, Lk)`` a :func:`map_cases` map (its padded keys, if any, weigh 0; the mask itself is
+    not passed); token states ``x (B?, Lk, d_model)`` (d_model in 1..3, plus seeded noise); per-head
+    value and output weights ``w_v (d_model, H·dv)`` and ``w_o (H·dv, d_model)`` (dv in 1..2, plus 0.1)
+    and a bias ``b_v (H·dv,)`` or None; finite values of about ``[-2, 2]``.
+
+    Parameters
+    ----------
+    for_gradcheck : bool, default False
+        True: only cases where every head's transformed value ``‖f(x_j)‖`` exceeds 1e-2 (away from the
+        norm's kink at 0), with the option ``check_probabilities=False``.  False: no options.
+
+    Returns
+    -------
+    hypothesis.strategies.SearchStrategy of Case
+    """
     case = draw(map_cases())
     p = case.inputs[0]
     h, lk = p.shape[-3], p.shape[-1]
@@ -681,12 +1076,25 @@ def value_norm_cases(draw, *, for_gradcheck=False):
 
 @st.composite
 def sdpa_twin_cases(draw, *, for_gradcheck=False):
-    """Cases for :func:`refattn.lowp.sdpa_twin`: an sdpa case (no ``backend``) in a drawn format and
+    """Cases for :func:`~refattn.lowp.sdpa_twin`: an sdpa case (no ``backend``) in a drawn format and
     accumulation, with the kernel's choices (``scale_at``, ``exp2``, ``block_k``, ``recompute_p``).
 
-    ``for_gradcheck`` draws ``dtype = accumulate = "float64"`` only: there the twin is sdpa and its
-    backward a derivative; in a low-precision format the forward is piecewise constant and the
-    backward is the kernel's rounded gradient, which no finite difference measures.
+    The :func:`sdpa_cases` case's inputs and options, plus ``dtype`` (a format of
+    ``refattn.lowp.FORMATS``, or ``"bf16"`` or ``"fp16"``) and ``accumulate`` (``"float32"`` or
+    ``"float64"``) always, and, each or not, ``scale_at`` (``"q"``, ``"k"`` or ``"scores"``),
+    ``exp2=True``, ``block_k`` in 1..3 and ``recompute_p=True``.
+
+    Parameters
+    ----------
+    for_gradcheck : bool, default False
+        Passed to :func:`sdpa_cases` (True: no ``"nan"`` empty-row policy); True also draws
+        ``dtype = accumulate = "float64"`` only: there the twin is sdpa and its backward a derivative;
+        in a low-precision format the forward is piecewise constant and the backward is the kernel's
+        rounded gradient, which no finite difference measures.
+
+    Returns
+    -------
+    hypothesis.strategies.SearchStrategy of Case
     """
     from refattn import lowp
 
@@ -710,8 +1118,23 @@ def sdpa_twin_cases(draw, *, for_gradcheck=False):
 
 @st.composite
 def round_to_cases(draw, *, for_gradcheck=False):
-    """``round_to(x, dtype)``: ``x (B?, n)`` of any real values — normal, subnormal in the target format,
-    past its largest finite value, ``±inf`` and NaN — and a format name or alias."""
+    """Cases for :func:`~refattn.lowp.round_to`: ``round_to(x, dtype)``, x of any real values.
+
+    ``inputs = (x,)`` with ``x (B?, n)`` (no batch dim or one of 2; n in 0..4): finite values in
+    ``[-1e6, 1e6]`` or special ones — ±0, 1e-42 and 3e-8 (subnormal in float32 and float16), 65520 and
+    1e39 (past float16's and float32's largest finite values), -1e300, ``±inf`` and NaN.  Option
+    ``dtype``: a format name of ``refattn.lowp.FORMATS`` or an alias (``"bf16"``, ``"fp8_e5m2"``,
+    ``"half"``).
+
+    Parameters
+    ----------
+    for_gradcheck : bool, default False
+        Ignored: round_to has no backward (accepted, as by every strategy here).
+
+    Returns
+    -------
+    hypothesis.strategies.SearchStrategy of Case
+    """
     from refattn import lowp
 
     batch = draw(st.sampled_from([(), (2,)]))
@@ -737,40 +1160,107 @@ def _side(draw):
 
 @st.composite
 def causal_mask_cases(draw, *, for_gradcheck=False):
-    """``masks.causal(lq, lk, align=...)``: lengths 0..5 (empty masks included)."""
+    """Cases for :func:`~refattn.masks.causal`: ``inputs = (lq, lk)``, each in 0..5 (empty masks
+    included); an ``align`` (``"top_left"`` or ``"bottom_right"``) always when ``lq != lk``, otherwise or
+    not.
+
+    Parameters
+    ----------
+    for_gradcheck : bool, default False
+        Ignored: masks.causal has no backward (accepted, as by every strategy here).
+
+    Returns
+    -------
+    hypothesis.strategies.SearchStrategy of Case
+    """
     lq, lk = draw(st.integers(0, 5)), draw(st.integers(0, 5))
     return Case((lq, lk), _align(draw, lq, lk))
 
 
 @st.composite
 def window_mask_cases(draw, *, for_gradcheck=False):
-    """``masks.window(lq, lk, left, right, align=...)``: sides 0..3 or None (unbounded)."""
+    """Cases for :func:`~refattn.masks.window`: ``inputs = (lq, lk, left, right)``, lq and lk in 0..5,
+    each side None (unbounded) or 0..3; an ``align`` as :func:`causal_mask_cases` draws it.
+
+    Parameters
+    ----------
+    for_gradcheck : bool, default False
+        Ignored: masks.window has no backward (accepted, as by every strategy here).
+
+    Returns
+    -------
+    hypothesis.strategies.SearchStrategy of Case
+    """
     lq, lk = draw(st.integers(0, 5)), draw(st.integers(0, 5))
     return Case((lq, lk, _side(draw), _side(draw)), _align(draw, lq, lk))
 
 
 @st.composite
 def local_mask_cases(draw, *, for_gradcheck=False):
-    """``masks.local(l, window_size)``: windows up to wider than the sequence."""
+    """Cases for :func:`~refattn.masks.local`: ``inputs = (l, window_size)``, l in 0..6 and
+    window_size in 0..14 (windows wider than the sequence included).
+
+    Parameters
+    ----------
+    for_gradcheck : bool, default False
+        Ignored: masks.local has no backward (accepted, as by every strategy here).
+
+    Returns
+    -------
+    hypothesis.strategies.SearchStrategy of Case
+    """
     return Case((draw(st.integers(0, 6)), draw(st.integers(0, 14))))
 
 
 @st.composite
 def strided_mask_cases(draw, *, for_gradcheck=False):
-    """``masks.strided(l, stride)``."""
+    """Cases for :func:`~refattn.masks.strided`: ``inputs = (l, stride)``, l in 0..6, stride in 1..4.
+
+    Parameters
+    ----------
+    for_gradcheck : bool, default False
+        Ignored: masks.strided has no backward (accepted, as by every strategy here).
+
+    Returns
+    -------
+    hypothesis.strategies.SearchStrategy of Case
+    """
     return Case((draw(st.integers(0, 6)), draw(st.integers(1, 4))))
 
 
 @st.composite
 def block_mask_cases(draw, *, for_gradcheck=False):
-    """``masks.block(l, block_size)``."""
+    """Cases for :func:`~refattn.masks.block`: ``inputs = (l, block_size)``, l in 0..6, block_size in
+    1..4.
+
+    Parameters
+    ----------
+    for_gradcheck : bool, default False
+        Ignored: masks.block has no backward (accepted, as by every strategy here).
+
+    Returns
+    -------
+    hypothesis.strategies.SearchStrategy of Case
+    """
     return Case((draw(st.integers(0, 6)), draw(st.integers(1, 4))))
 
 
 @st.composite
 def from_lengths_cases(draw, *, for_gradcheck=False):
-    """``masks.from_lengths(q_lengths, k_lengths, lq, lk)``: a batch of 1..3 lengths (0 included),
-    ``q_lengths`` None (every query kept) or drawn."""
+    """Cases for :func:`~refattn.masks.from_lengths`: ``inputs = (q_lengths, k_lengths, lq, lk)``.
+
+    lq and lk in 0..4; a batch of 1..3 int64 lengths, ``k_lengths`` each in ``0..lk`` and ``q_lengths``
+    either None (every query kept) or each in ``0..lq``.
+
+    Parameters
+    ----------
+    for_gradcheck : bool, default False
+        Ignored: masks.from_lengths has no backward (accepted, as by every strategy here).
+
+    Returns
+    -------
+    hypothesis.strategies.SearchStrategy of Case
+    """
     b, lq, lk = draw(st.integers(1, 3)), draw(st.integers(0, 4)), draw(st.integers(0, 4))
     k_lengths = np.array([draw(st.integers(0, lk)) for _ in range(b)], dtype=np.int64)
     q_lengths = None
@@ -781,8 +1271,22 @@ def from_lengths_cases(draw, *, for_gradcheck=False):
 
 @st.composite
 def varlen_cases(draw, *, for_gradcheck=False):
-    """``masks.varlen(cu_seqlens_q, cu_seqlens_k, ...)``: 1..3 packed sequences of 0..3 tokens each,
-    causal/window within each (its own alignment, required where lengths differ)."""
+    """Cases for :func:`~refattn.masks.varlen`: ``inputs = (cu_seqlens_q, cu_seqlens_k)``, 1..3 packed
+    sequences of 0..3 tokens each.
+
+    The cumulative lengths are int64, ``(S + 1,)``, starting at 0.  Options, each or not: ``causal=True``
+    and ``window`` (each side None or 0..3), applied within each sequence; ``align`` (``"top_left"`` or
+    ``"bottom_right"``), always when causal or a window meets query and key lengths that differ.
+
+    Parameters
+    ----------
+    for_gradcheck : bool, default False
+        Ignored: masks.varlen has no backward (accepted, as by every strategy here).
+
+    Returns
+    -------
+    hypothesis.strategies.SearchStrategy of Case
+    """
     s = draw(st.integers(1, 3))
     lq = [draw(st.integers(0, 3)) for _ in range(s)]
     lk = [draw(st.integers(0, 3)) for _ in range(s)]
@@ -799,7 +1303,20 @@ def varlen_cases(draw, *, for_gradcheck=False):
 
 @st.composite
 def dropout_mask_cases(draw, *, for_gradcheck=False):
-    """``masks.dropout_mask(shape, p, seed)``: shapes of 0..3 dims, any 64-bit seed."""
+    """Cases for :func:`~refattn.masks.dropout_mask`: ``inputs = (shape, p, seed)``.
+
+    ``shape`` a tuple of 0..3 dims, each in 0..4; ``p`` 0.0, 0.1, 0.5 or 0.9; ``seed`` any 64-bit
+    unsigned integer.
+
+    Parameters
+    ----------
+    for_gradcheck : bool, default False
+        Ignored: masks.dropout_mask has no backward (accepted, as by every strategy here).
+
+    Returns
+    -------
+    hypothesis.strategies.SearchStrategy of Case
+    """
     shape = tuple(draw(st.lists(st.integers(0, 4), max_size=3)))
     p = draw(st.sampled_from([0.0, 0.1, 0.5, 0.9]))
     return Case((shape, p, draw(st.integers(0, 2**64 - 1))))
@@ -807,13 +1324,38 @@ def dropout_mask_cases(draw, *, for_gradcheck=False):
 
 @st.composite
 def alibi_slopes_cases(draw, *, for_gradcheck=False):
-    """``alibi_slopes(num_heads)``: powers of two and not."""
+    """Cases for :func:`~refattn.attention.position.alibi_slopes`: ``inputs = (num_heads,)``, 1..20
+    (powers of two and not).
+
+    Parameters
+    ----------
+    for_gradcheck : bool, default False
+        Ignored: alibi_slopes has no backward (accepted, as by every strategy here).
+
+    Returns
+    -------
+    hypothesis.strategies.SearchStrategy of Case
+    """
     return Case((draw(st.integers(1, 20)),))
 
 
 @st.composite
 def alibi_bias_cases(draw, *, for_gradcheck=False):
-    """``alibi_bias(slopes (B?, H), lq, lk, style=..., align=...)``."""
+    """Cases for :func:`~refattn.attention.position.alibi_bias`: ``inputs = (slopes, lq, lk)``.
+
+    ``slopes (B?, H)`` (no batch dim or one of 2, H in 1..3) with finite values in ``[-2, 2]``; lq and lk
+    in 0..4.  Options: ``style`` (``"abs"`` or ``"signed"``) always; an ``align`` always when
+    ``lq != lk``, otherwise or not.
+
+    Parameters
+    ----------
+    for_gradcheck : bool, default False
+        Ignored: alibi_bias has no backward (accepted, as by every strategy here).
+
+    Returns
+    -------
+    hypothesis.strategies.SearchStrategy of Case
+    """
     batch = draw(st.sampled_from([(), (2,)]))
     slopes = _floats_array(draw, batch + (draw(st.integers(1, 3)),))
     lq, lk = draw(st.integers(0, 4)), draw(st.integers(0, 4))
@@ -823,14 +1365,38 @@ def alibi_bias_cases(draw, *, for_gradcheck=False):
 
 @st.composite
 def sinusoidal_cases(draw, *, for_gradcheck=False):
-    """``sinusoidal_positions(length, dim, base=...)``: odd dims included."""
+    """Cases for :func:`~refattn.attention.position.sinusoidal_positions`: ``inputs = (length, dim)``,
+    length in 0..6 and dim in 1..7 (odd dims included); option ``base`` (10000, 500 or 1e6) or not.
+
+    Parameters
+    ----------
+    for_gradcheck : bool, default False
+        Ignored: sinusoidal_positions has no backward (accepted, as by every strategy here).
+
+    Returns
+    -------
+    hypothesis.strategies.SearchStrategy of Case
+    """
     opts = {"base": draw(st.sampled_from([10000.0, 500.0, 1e6]))} if draw(st.booleans()) else {}
     return Case((draw(st.integers(0, 6)), draw(st.integers(1, 7))), opts)
 
 
 @st.composite
 def topk_mask_cases(draw, *, for_gradcheck=False):
-    """``topk_mask(logits (B?, Lq, Lk), top_k=...)``: logits with ``-inf`` (masked) entries and ties."""
+    """Cases for :func:`~refattn.attention.sparse.topk_mask`: ``inputs = (logits,)`` and ``top_k``.
+
+    ``logits (B?, Lq, Lk)`` (no batch dim or one of 2, Lq in 1..3, Lk in 1..4), entries among -1, 0, 0.5
+    and 2 (ties) with some ``-inf`` (masked); option ``top_k`` in 1..5 (it may exceed Lk).
+
+    Parameters
+    ----------
+    for_gradcheck : bool, default False
+        Ignored: topk_mask has no backward (accepted, as by every strategy here).
+
+    Returns
+    -------
+    hypothesis.strategies.SearchStrategy of Case
+    """
     batch = draw(st.sampled_from([(), (2,)]))
     shape = batch + (draw(st.integers(1, 3)), draw(st.integers(1, 4)))
     logits = _with_neg_inf(draw, draw(hnp.arrays(np.float64, shape, elements=st.sampled_from([-1.0, 0.0, 0.5, 2.0]))))
@@ -839,8 +1405,24 @@ def topk_mask_cases(draw, *, for_gradcheck=False):
 
 @st.composite
 def flow_cases(draw, *, for_gradcheck=False):
-    """``attention_flow(attentions (L, H, n, n))``: small (each entry of the result is a linear program),
-    every option, a real-token ``mask (n,)``."""
+    """Cases for :func:`~refattn.rollout_flow.attention_flow`: small, since each entry of the result
+    is a linear program.
+
+    ``inputs = (attentions,)``, ``attentions (L, H, n, n)`` (L and H in 1..2, n in 1..3), row-stochastic
+    maps as :func:`rollout_cases` draws them.  Options: ``head_fusion`` (``"mean"``, ``"max"`` or
+    ``"min"``) always; ``residual`` (0, 0.5 or 1), ``output_layer`` in ``1..L``, ``normalize=False``
+    and a real-token ``mask (n,)`` (token 0 real; the rows then sum to 1 over the real tokens), each or
+    not.
+
+    Parameters
+    ----------
+    for_gradcheck : bool, default False
+        Ignored: attention_flow has no backward (accepted, as by every strategy here).
+
+    Returns
+    -------
+    hypothesis.strategies.SearchStrategy of Case
+    """
     layers, heads, n = draw(st.integers(1, 2)), draw(st.integers(1, 2)), draw(st.integers(1, 3))
     maps = _maps(draw, (layers, heads, n, n))
     opts = {"head_fusion": draw(st.sampled_from(["mean", "max", "min"]))}
@@ -865,12 +1447,34 @@ def _map_options(strategy, **draws):
 
 
 def detect_collapse_cases(*, for_gradcheck=False):
-    """``detect_collapse(P, threshold=..., fraction=...)`` on map cases."""
+    """Cases for :func:`~refattn.metrics.distribution.detect_collapse`: :func:`map_cases` plus
+    ``threshold`` (0.3, 0.5 or 0.8) and ``fraction`` (0.25 or 1.0).
+
+    Parameters
+    ----------
+    for_gradcheck : bool, default False
+        Ignored: detect_collapse has no backward (accepted, as by every strategy here).
+
+    Returns
+    -------
+    hypothesis.strategies.SearchStrategy of Case
+    """
     return _map_options(map_cases(), threshold=st.sampled_from([0.3, 0.5, 0.8]), fraction=st.sampled_from([0.25, 1.0]))
 
 
 def detect_uniform_cases(*, for_gradcheck=False):
-    """``detect_uniform(P, tolerance=...)`` on map cases."""
+    """Cases for :func:`~refattn.metrics.distribution.detect_uniform`: :func:`map_cases` plus
+    ``tolerance`` (0.02, 0.2 or 1.0).
+
+    Parameters
+    ----------
+    for_gradcheck : bool, default False
+        Ignored: detect_uniform has no backward (accepted, as by every strategy here).
+
+    Returns
+    -------
+    hypothesis.strategies.SearchStrategy of Case
+    """
     return _map_options(map_cases(), tolerance=st.sampled_from([0.02, 0.2, 1.0]))
 
 
@@ -879,21 +1483,58 @@ def _special_positions(draw, shape):
 
 
 def special_token_cases(*, for_gradcheck=False):
-    """``special_token_bias(P, special_positions, factor=...)``."""
+    """Cases for :func:`~refattn.metrics.tokens.special_token_bias`: :func:`map_cases` plus
+    ``special_positions`` (sorted distinct key indices, at least one; given as a keyword) and ``factor``
+    (0.5, 1.0 or 2.0).
+
+    Parameters
+    ----------
+    for_gradcheck : bool, default False
+        Ignored: special_token_bias has no backward (accepted, as by every strategy here).
+
+    Returns
+    -------
+    hypothesis.strategies.SearchStrategy of Case
+    """
     return _map_options(map_cases(extra=_special_positions), factor=st.sampled_from([0.5, 1.0, 2.0]))
 
 
 @st.composite
 def top_tokens_cases(draw, *, for_gradcheck=False):
-    """``top_tokens(P, k)``, ``k`` in ``1..Lk``."""
+    """Cases for :func:`~refattn.metrics.tokens.top_tokens`: :func:`map_cases` plus ``k`` in ``1..Lk``.
+
+    Parameters
+    ----------
+    for_gradcheck : bool, default False
+        Ignored: top_tokens has no backward (accepted, as by every strategy here).
+
+    Returns
+    -------
+    hypothesis.strategies.SearchStrategy of Case
+    """
     case = draw(map_cases())
     return Case(case.inputs, {**case.options, "k": draw(st.integers(1, case.inputs[0].shape[-1]))})
 
 
 @st.composite
 def summarize_cases(draw, *, for_gradcheck=False):
-    """``summarize(attentions, tokens=..., mask=...)``: 1..2 layers of square maps, token ids shared or
-    per example."""
+    """Cases for :func:`~refattn.metrics.summary.summarize`: ``inputs = (attentions,)``, a list of 1 or
+    2 layers of square maps of one shape.
+
+    The layers ``(B?, H, n, n)``: a square :func:`map_cases` map and, drawn or not, a second map of
+    its shape (its rows then renormalised over the real keys when there is a mask).  Options: the
+    map case's key-padding ``mask``, if any, and ``tokens`` (ids 0..2, ``(n,)`` shared by the batch
+    or ``(B?, n)`` per example) or not.
+
+    Parameters
+    ----------
+    for_gradcheck : bool, default False
+        Ignored: summarize has no backward (accepted, as by every strategy here).
+
+    Returns
+    -------
+    hypothesis.strategies.SearchStrategy of Case
+    """
     case = draw(map_cases(square=True))
     (p,) = case.inputs
     layers = [p] + ([_maps(draw, p.shape)] if draw(st.booleans()) else [])
@@ -909,7 +1550,21 @@ def summarize_cases(draw, *, for_gradcheck=False):
 
 @st.composite
 def token_pattern_cases(draw, *, for_gradcheck=False):
-    """``duplicate_token_pattern`` / ``induction_pattern(tokens (B?, L), real=...)``: ids or strings."""
+    """Cases for :func:`~refattn.metrics.detectors.duplicate_token_pattern` and
+    :func:`~refattn.metrics.detectors.induction_pattern`: ``inputs = (tokens,)``.
+
+    ``tokens (B?, L)`` (no batch dim or one of 2, L in 1..5): int64 ids 0..2, or the strings "a", "b",
+    "c"; option ``real`` (bool, of tokens' shape) or not.
+
+    Parameters
+    ----------
+    for_gradcheck : bool, default False
+        Ignored: the token patterns have no backward (accepted, as by every strategy here).
+
+    Returns
+    -------
+    hypothesis.strategies.SearchStrategy of Case
+    """
     shape = draw(st.sampled_from([(), (2,)])) + (draw(st.integers(1, 5)),)
     ids = draw(hnp.arrays(np.int64, shape, elements=st.integers(0, 2)))
     tokens = np.array(["a", "b", "c"])[ids] if draw(st.booleans()) else ids
@@ -919,7 +1574,22 @@ def token_pattern_cases(draw, *, for_gradcheck=False):
 
 @st.composite
 def head_importance_cases(draw, *, for_gradcheck=False):
-    """``head_importance(grads (N, L, H) or (N, T, L, H), per=..., normalize=...)``."""
+    """Cases for :func:`~refattn.metrics.importance.head_importance`:
+    ``inputs = (grads_of_head_mask,)``.
+
+    Head-gate gradients ``(N, L, H)`` or, per token, ``(N, T, L, H)`` (N, T, L and H in 1..3), finite
+    values in ``[-2, 2]``.  Options: ``per`` (``"example"`` or ``"token"``; the token axis T always with
+    ``"token"``, drawn or not with ``"example"``) and ``normalize`` (``"layer"`` or None).
+
+    Parameters
+    ----------
+    for_gradcheck : bool, default False
+        Ignored: head_importance has no backward (accepted, as by every strategy here).
+
+    Returns
+    -------
+    hypothesis.strategies.SearchStrategy of Case
+    """
     per = draw(st.sampled_from(["example", "token"]))
     tokens = (draw(st.integers(1, 3)),) if per == "token" or draw(st.booleans()) else ()
     shape = (draw(st.integers(1, 3)),) + tokens + (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
@@ -929,7 +1599,21 @@ def head_importance_cases(draw, *, for_gradcheck=False):
 
 @st.composite
 def weight_norm_cases(draw, *, for_gradcheck=False):
-    """``weight_norm_importance(params, num_heads=...)``: one ``MHAParams`` or one per layer, GQA."""
+    """Cases for :func:`~refattn.metrics.importance.weight_norm_importance`: ``inputs = (params,)``.
+
+    ``params``: the :class:`~refattn.attention.multihead.MHAParams` of a :func:`multihead_cases` case
+    (GQA included), or a list of two layers (the second with ``w_q`` negated); option
+    ``num_heads``, its query heads.
+
+    Parameters
+    ----------
+    for_gradcheck : bool, default False
+        Ignored: weight_norm_importance has no backward (accepted, as by every strategy here).
+
+    Returns
+    -------
+    hypothesis.strategies.SearchStrategy of Case
+    """
     case = draw(multihead_cases())
     params = case.inputs[1]
     if draw(st.booleans()):
