@@ -34,6 +34,33 @@ def _kernel_backends():
     return ["numba"] if importlib.util.find_spec("numba") is not None else []
 
 
+def cpu_description():
+    """The CPU this run measures, e.g. ``"Intel(R) Xeon(R) Processor (x86_64, AVX-512)"``: timings and
+    ratios change with it (AVX2 and AVX-512 machines of the same kind have been seen).
+
+    Returns
+    -------
+    str
+        The model name from ``/proc/cpuinfo`` (or :func:`platform.processor`), the architecture and
+        the widest x86 vector extension the CPU reports (AVX-512, AVX2 or neither).
+    """
+    model, flags = platform.processor() or "unknown CPU", set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and value.strip():
+                    model = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                if model != "unknown CPU" and flags:
+                    break
+    except OSError:
+        pass
+    simd = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    return f"{model} ({platform.machine()}, {simd})"
+
+
 def _median_times(methods, repeats):
     times = {name: [] for name in methods}
     for _ in range(repeats):
@@ -414,7 +441,7 @@ def main(argv=None, prog=None):
     lines = [
         "# refattn benchmark results",
         "",
-        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
+        f"Machine: {cpu_description()}, {os.cpu_count()} CPUs; "
         f"Python {platform.python_version()}, numpy {np.__version__}, "
         + (f"numba {numba_version}" if numba_version else "no numba (NumPy and PyTorch rows only)")
         + (f", torch {__import__('torch').__version__}" if importlib.util.find_spec("torch") else "")
