@@ -610,8 +610,8 @@ for _name, _args, _strategy, _rejects in (
         below("lq", 0) + below("left", 0, match="window") + not_integer("lk"),
     ),
     ("local", ("l", "window_size"), _st.local_mask_cases, below("l", 0) + below("window_size", 0) + not_integer("l")),
-    ("strided", ("l", "stride"), _st.strided_mask_cases, below("stride", 1) + not_integer("stride")),
-    ("block", ("l", "block_size"), _st.block_mask_cases, below("block_size", 1) + not_integer("block_size")),
+    ("strided", ("l", "stride"), _st.length_and_period_cases, below("stride", 1) + not_integer("stride")),
+    ("block", ("l", "block_size"), _st.length_and_period_cases, below("block_size", 1) + not_integer("block_size")),
 ):
     register(
         Op(

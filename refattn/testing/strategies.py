@@ -33,7 +33,6 @@ __all__ = [
     "alibi_slopes_cases",
     "allocation_cases",
     "attention_inputs",
-    "block_mask_cases",
     "Case",
     "causal_mask_cases",
     "chunked_cases",
@@ -46,6 +45,7 @@ __all__ = [
     "flow_cases",
     "from_lengths_cases",
     "head_importance_cases",
+    "length_and_period_cases",
     "linear_cases",
     "local_mask_cases",
     "logits_cases",
@@ -63,7 +63,6 @@ __all__ = [
     "sinusoidal_cases",
     "softmax_cases",
     "special_token_cases",
-    "strided_mask_cases",
     "summarize_cases",
     "token_pattern_cases",
     "top_tokens_cases",
@@ -1213,30 +1212,14 @@ def local_mask_cases(draw, *, for_gradcheck=False):
 
 
 @st.composite
-def strided_mask_cases(draw, *, for_gradcheck=False):
-    """Cases for :func:`~refattn.masks.strided`: ``inputs = (l, stride)``, l in 0..6, stride in 1..4.
+def length_and_period_cases(draw, *, for_gradcheck=False):
+    """Cases for :func:`~refattn.masks.strided` and :func:`~refattn.masks.block`, which take the same
+    inputs: ``inputs = (l, n)``, a length l in 0..6 and a stride or block size n in 1..4.
 
     Parameters
     ----------
     for_gradcheck : bool, default False
-        Ignored: masks.strided has no backward (accepted, as by every strategy here).
-
-    Returns
-    -------
-    hypothesis.strategies.SearchStrategy of Case
-    """
-    return Case((draw(st.integers(0, 6)), draw(st.integers(1, 4))))
-
-
-@st.composite
-def block_mask_cases(draw, *, for_gradcheck=False):
-    """Cases for :func:`~refattn.masks.block`: ``inputs = (l, block_size)``, l in 0..6, block_size in
-    1..4.
-
-    Parameters
-    ----------
-    for_gradcheck : bool, default False
-        Ignored: masks.block has no backward (accepted, as by every strategy here).
+        Ignored: the masks have no backward (accepted, as by every strategy here).
 
     Returns
     -------
