@@ -3,7 +3,8 @@
 The public API, re-exports only (each name is documented where it is defined; see README.md and
 ``specs/``): :func:`~refattn.attention.sdpa.sdpa`, scaled dot-product attention with every kernel
 option (masks, bias, causal and sliding windows with either alignment, softcap, sinks, dropout, GQA,
-an empty-row policy), :func:`~refattn.attention.sdpa.attention_weights` (its probabilities P), and
+an empty-row policy), :func:`~refattn.attention.sdpa.attention_weights` (its probabilities P),
+:func:`~refattn.attention.sdpa.attention_logits` (its scores after each step), and
 its variants — :func:`~refattn.attention.multihead.multihead_attention`,
 :func:`~refattn.attention.relative.relative_attention`,
 :func:`~refattn.attention.sparse.topk_attention`,
@@ -61,8 +62,11 @@ from refattn.attention.position import (
 )
 from refattn.attention.relative import RelativeAttentionGrads, relative_attention, relative_attention_backward
 from refattn.attention.sdpa import (
+    AttentionLogitsGrads,
     AttentionWeightsGrads,
     SDPAGrads,
+    attention_logits,
+    attention_logits_backward,
     attention_weights,
     attention_weights_backward,
     sdpa,
@@ -120,6 +124,9 @@ __all__ = [
     "attention_weights",
     "attention",
     "attention_flow",
+    "attention_logits",
+    "attention_logits_backward",
+    "AttentionLogitsGrads",
     "attention_weights_backward",
     "log_softmax",
     "log_softmax_backward",

@@ -13,9 +13,11 @@ See ``specs/masks.md``.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
-from refattn._validate import RefAttnError, as_choice, as_flag, as_int, as_real, check_keywords_of
+from refattn._validate import RefAttnError, RefAttnTypeError, as_choice, as_flag, as_int, as_real, check_keywords_of
 
 __all__ = ["ALIGNMENTS", "block", "causal", "dropout_mask", "from_lengths", "local", "strided", "varlen", "window"]
 
@@ -23,31 +25,51 @@ ALIGNMENTS = ("top_left", "bottom_right")
 
 
 def alignment_offset(lq, lk, align, *, what="causal/window"):
-    """Offset ``o`` added to the query index (0 top-left, ``lk - lq`` bottom-right)."""
+    """Offset ``o`` added to the query index: 0 top-left, ``lk - lq`` bottom-right, or the int ``align``."""
     if align is None:
         if lq != lk:
             raise RefAttnError(
                 f"align: {what} masking with lq={lq} != lk={lk} is ambiguous; pass "
-                "align='top_left' (PyTorch, JAX) or align='bottom_right' (flash-attn)"
+                "align='top_left' (PyTorch, JAX), align='bottom_right' (flash-attn) or an int offset"
             )
         return 0
-    as_choice(align, "align", ALIGNMENTS)
-    return 0 if align == "top_left" else lk - lq
+    if isinstance(align, str):
+        as_choice(align, "align", ALIGNMENTS)
+        return 0 if align == "top_left" else lk - lq
+    return check_offset(align)
+
+
+#: The largest ``|o|`` an integer ``align`` may have (larger offsets put every key on one side).
+MAX_OFFSET = 2**40
+
+
+def check_offset(align, name="align"):
+    """An integer alignment offset ``o`` (query i sits at key position ``i + o``), ``|o| <= 2**40``."""
+    o = as_int(align, name)
+    if abs(o) > MAX_OFFSET:
+        raise RefAttnError(f"{name}: expected an int offset with |o| <= 2**40, got {o}")
+    return o
 
 
 def check_window(window, name="window"):
-    """Validate ``(left, right)``; each an int >= 0 (of any size: see :func:`clip_window`) or None.
-    Returns a tuple."""
+    """Validate a window: an int ``w`` (``(w, w)``) or a pair ``(left, right)``, each side an int (of
+    any sign and size: a negative side moves the band's edge past the diagonal; see
+    :func:`clip_window`) or None (unbounded).  Returns a tuple."""
+    if isinstance(window, (int, np.integer)) and not isinstance(window, (bool, np.bool_)):
+        window = (window, window)
     if not isinstance(window, (tuple, list)) or len(window) != 2:
-        raise RefAttnError(f"{name}: expected a pair (left, right) of ints >= 0 or None, got {window!r}")
-    return tuple(None if w is None else as_int(w, f"{name}[{i}]", minimum=0) for i, w in enumerate(window))
+        raise RefAttnError(f"{name}: expected an int w or a pair (left, right) of ints or None, got {window!r}")
+    return tuple(None if w is None else as_int(w, f"{name}[{i}]") for i, w in enumerate(window))
 
 
-def clip_window(window, lq, lk):
-    """``(left, right)`` with each int side clipped to ``lq + lk``: the offsets ``j - (i + o)`` of
-    either alignment lie strictly inside ``±max(lq, lk)``, so a wider side excludes nothing (the same
-    mask as ``None``), and index arithmetic on the clipped sides cannot overflow int64."""
-    return tuple(None if w is None else min(w, lq + lk) for w in window)
+def clip_window(window, lq, lk, offset_bound=0):
+    """``(left, right)`` with each int side clipped to ``±(lq + lk + offset_bound)``: the offsets
+    ``j − (i + o)`` lie strictly inside ``±(max(lq, lk) + |o|)``, so a wider side excludes nothing
+    (the same mask as ``None``) and a more negative one excludes everything, as the clipped side
+    does; index arithmetic on the clipped sides cannot overflow int64.  ``offset_bound`` bounds
+    ``|o|``."""
+    c = lq + lk + offset_bound
+    return tuple(None if w is None else max(-c, min(w, c)) for w in window)
 
 
 def band(lq, lk, offset, left, right):
@@ -137,6 +159,114 @@ def causal_window_band(lq, lk, causal, window, offset):
     return band(lq, lk, offset, left, right)
 
 
+class Sequences(NamedTuple):
+    """The sequences of a padded batch as sdpa sees them: int64 arrays of the batch shape ``B...``.
+
+    Sequence ``b`` has real queries ``0 <= i < q_lengths[b]`` and real keys ``k_starts[b] <= j <
+    k_starts[b] + k_lengths[b]``; key positions count from its start, ``j' = j − k_starts[b]``, and
+    query ``i`` sits at key position ``i + offsets[b]`` (the diagonal of causal, window and chunk).
+    ``padded``: whether some query or key may be padding (lengths or starts were given).
+    """
+
+    q_lengths: np.ndarray
+    k_starts: np.ndarray
+    k_lengths: np.ndarray
+    offsets: np.ndarray
+    padded: bool
+
+
+def _per_sequence(x, name, batch, low, high):
+    """An integer option broadcast to the batch shape, each entry in ``[low, high]`` (``high`` may be
+    an array of the batch shape)."""
+    a = np.asarray(x)
+    if a.dtype.kind not in "iu" or a.dtype == np.bool_:
+        raise RefAttnTypeError(f"{name}: expected integers (one per sequence), got dtype {a.dtype}")
+    try:
+        a = np.broadcast_to(a.astype(np.int64), batch)
+    except ValueError:
+        raise RefAttnError(
+            f"{name}: expected integers broadcastable to the batch shape {batch} (one per sequence), "
+            f"got shape {a.shape}"
+        ) from None
+    bad = (a < low) | (a > high)
+    if bad.any():
+        at = tuple(int(i) for i in np.argwhere(bad)[0])
+        hi = int(np.broadcast_to(high, batch)[at])
+        raise RefAttnError(f"{name}: expected values in [{low}, {hi}], got {int(a[at])} at batch index {at}")
+    return a
+
+
+def sequences(batch, lq, lk, *, q_lengths=None, k_lengths=None, k_starts=None, align=None, what=None):
+    """Validate sdpa's per-sequence options into :class:`Sequences` over the batch shape ``batch``.
+
+    ``q_lengths`` in ``[0, lq]`` (default ``lq``), ``k_starts`` in ``[0, lk]`` (default 0),
+    ``k_lengths`` in ``[0, lk − k_start]`` (default ``lk − k_start``), each broadcastable to
+    ``batch``.  ``align``: ``"top_left"`` (o = 0), ``"bottom_right"`` (``o = k_length −
+    q_length`` per sequence) or an int o.  ``what``: the structural options in force (e.g.
+    ``"causal"``), or None when there are none (then the offset is not used and ``align`` may be
+    left out); with ``align=None`` they need ``q_length == k_length`` in every sequence.
+    """
+    batch = tuple(batch)
+    padded = not (q_lengths is None and k_lengths is None and k_starts is None)
+    ql = np.full(batch, lq, np.int64) if q_lengths is None else _per_sequence(q_lengths, "q_lengths", batch, 0, lq)
+    ks = np.zeros(batch, np.int64) if k_starts is None else _per_sequence(k_starts, "k_starts", batch, 0, lk)
+    kl = lk - ks if k_lengths is None else _per_sequence(k_lengths, "k_lengths", batch, 0, lk - ks)
+    if align is None:
+        if what is not None and np.any(ql != kl):
+            at = tuple(int(i) for i in np.argwhere(ql != kl)[0])
+            got = f"lq={lq} != lk={lk}" if not padded else f"q_length {ql[at]} != k_length {kl[at]} at batch {at}"
+            raise RefAttnError(
+                f"align: {what} with {got} is ambiguous; pass align='top_left' (PyTorch, JAX), "
+                "align='bottom_right' (flash-attn) or an int offset (query i at key position i + o)"
+            )
+        offsets = np.zeros(batch, np.int64)
+    elif isinstance(align, str):
+        as_choice(align, "align", ALIGNMENTS)
+        offsets = np.zeros(batch, np.int64) if align == "top_left" else kl - ql
+    else:
+        offsets = np.full(batch, check_offset(align), np.int64)
+    return Sequences(ql, ks, kl, offsets, padded)
+
+
+def allowed_positions(lq, lk, seqs, *, causal=False, window=(None, None), chunk=None, sink_tokens=0):
+    """Which keys each query may attend, sequence by sequence: bool ``(B..., 1, lq, lk)``, or None
+    when nothing is disallowed.  The definition the kernels and twins follow (``specs/sdpa.md``).
+
+    With ``j' = j − k_start``, ``o`` the sequence's offset and ``d = j' − (i + o)``, key j is allowed
+    for query i iff: ``i < q_length`` and ``0 <= j' < k_length`` (real), ``d <= 0`` under causal,
+    ``−left <= d <= right`` for the window's int sides (a key with ``j' < sink_tokens`` is exempt
+    from the left side: StreamingLLM's attention sinks), and ``(i + o) // chunk == j' // chunk``
+    (floor division) with a chunk.
+    """
+    left, right = window
+    if not (seqs.padded or causal or left is not None or right is not None or chunk):
+        return None
+    nb = seqs.offsets.ndim
+    per = (..., None, None, None)  # (B..., 1, 1, 1)
+    i = np.arange(lq).reshape((1,) * nb + (1, lq, 1))
+    jr = np.arange(lk).reshape((1,) * nb + (1, 1, lk)) - seqs.k_starts[per]  # j' = j - k_start
+    pos = i + seqs.offsets[per]  # i + o
+    keep = (i < seqs.q_lengths[per]) & (jr >= 0) & (jr < seqs.k_lengths[per])
+    d = jr - pos
+    if causal:
+        keep = keep & (d <= 0)
+    if right is not None:
+        keep = keep & (d <= right)
+    if left is not None:
+        keep = keep & ((d >= -left) | (jr < sink_tokens))
+    if chunk:
+        keep = keep & (np.floor_divide(pos, chunk) == np.floor_divide(jr, chunk))
+    return keep
+
+
+def padded_queries(lq, seqs):
+    """bool ``(B..., 1, lq)``: True where query row i is padding (``i >= q_length``), or None when no
+    row is."""
+    if not np.any(seqs.q_lengths < lq):
+        return None
+    return np.arange(lq) >= seqs.q_lengths[..., None, None]
+
+
 def local(l, window_size):
     """A symmetric sliding window of size ``w``: query i may attend key j iff
     ``i − w//2 <= j <= i + w//2`` (Longformer-style local attention; ``w + 1`` keys for an even w).
@@ -214,15 +344,17 @@ def from_lengths(q_lengths, k_lengths, lq, lk):
     ``j < k_lengths[b]`` (sequences padded at the end).
 
     Axes: ``B`` batch items, ``lq`` queries (i), ``lk`` keys (j).  Padded query rows have no key:
-    they are empty rows, whose result :func:`refattn.sdpa`'s ``empty_rows`` chooses.  For the
-    heads axis of sdpa's scores insert it: ``from_lengths(...)[:, None]`` is ``(B, 1, lq, lk)``.
+    they are empty rows, whose result :func:`refattn.sdpa`'s ``empty_rows`` chooses (sdpa's own
+    ``q_lengths=``/``k_lengths=`` options zero padded query rows instead).  For the heads axis of
+    sdpa's scores insert it: ``from_lengths(...)[:, None]`` is ``(B, 1, lq, lk)``.
 
     Parameters
     ----------
     q_lengths : array_like of int, shape (B,), or None
         Real queries per item, each in ``[0, lq]``; None: every query is real.
-    k_lengths : array_like of int, shape (B,)
-        Real keys per item, each in ``[0, lk]``.
+    k_lengths : array_like of int, shape (B,), or None
+        Real keys per item, each in ``[0, lk]``; None: every key is real.  At least one of the two
+        is given (it sets B).
     lq, lk : int
         Padded query and key lengths, >= 0.
 
@@ -232,8 +364,12 @@ def from_lengths(q_lengths, k_lengths, lq, lk):
         True = a real query may attend a real key.
     """
     lq, lk = _check_lengths(lq, lk)
-    kl = _as_lengths(k_lengths, "k_lengths", lk)
-    ql = np.full(kl.shape, lq, dtype=np.int64) if q_lengths is None else _as_lengths(q_lengths, "q_lengths", lq)
+    if q_lengths is None and k_lengths is None:
+        raise RefAttnError("q_lengths, k_lengths: expected at least one (it sets the batch size B), got two Nones")
+    ql = None if q_lengths is None else _as_lengths(q_lengths, "q_lengths", lq)
+    kl = None if k_lengths is None else _as_lengths(k_lengths, "k_lengths", lk)
+    ql = np.full(kl.shape, lq, dtype=np.int64) if ql is None else ql
+    kl = np.full(ql.shape, lk, dtype=np.int64) if kl is None else kl
     if ql.shape != kl.shape:
         raise RefAttnError(f"q_lengths: expected shape {kl.shape} (as k_lengths), got {ql.shape}")
     qi = np.arange(lq)[None, :, None] < ql[:, None, None]  # (B, lq, 1)

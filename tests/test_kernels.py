@@ -181,6 +181,61 @@ TILE_CASES = [
         "dropout and sinks", 200, 300, heads=(4, 2), options=lambda r, s: {**_dropout(s), "sinks": r.standard_normal(4)}
     ),
     TileCase(
+        "per-sequence lengths and starts, causal bottom_right, nan",
+        300,
+        400,
+        ((3,),) * 3,
+        options=lambda r, s: {
+            "q_lengths": np.array([300, 129, 0]),
+            "k_starts": np.array([0, 37, 200]),
+            "k_lengths": np.array([400, 150, 131]),
+            "causal": True,
+            "align": "bottom_right",
+            "empty_rows": "nan",
+        },
+        empty=True,
+    ),
+    TileCase(
+        "q_lengths with sinks and uniform: padded rows stay 0",
+        200,
+        300,
+        ((2,),) * 3,
+        options=lambda r, s: {
+            "q_lengths": np.array([130, 7]),
+            "k_lengths": np.array([300, 0]),
+            "sinks": r.standard_normal(2),
+            "empty_rows": "uniform",
+        },
+        empty=True,
+    ),
+    TileCase(
+        "negative window (-3, 40), int offset -50",
+        300,
+        300,
+        options=lambda r, s: {"window": (-3, 40), "align": -50},
+        empty=True,
+    ),
+    TileCase(
+        "chunk 100, causal, int offset 37",
+        300,
+        400,
+        options=lambda r, s: {"chunk": 100, "causal": True, "align": 37},
+    ),
+    TileCase(
+        "window (64, 0), 4 sink tokens, k_starts (left padding), bias",
+        257,
+        300,
+        ((2,),) * 3,
+        options=lambda r, s: {
+            "window": (64, 0),
+            "sink_tokens": 4,
+            "k_starts": np.array([0, 43]),
+            "align": "bottom_right",
+            "bias": r.standard_normal(s[-1]),
+        },
+    ),
+    TileCase("int window 5", 200, 200, options=lambda r, s: {"window": 5, "chunk": 130}),
+    TileCase(
         "sinks keep masked rows non-empty",
         300,
         129,
@@ -274,19 +329,19 @@ def test_tile_cases_cross_tiles_and_have_the_empty_rows_they_claim():
 
 def _first_row_ranges(real):
     """Mutant: each query block's key range is its first row's, so the block's later rows lose keys."""
-    return lambda lq, lk, causal, window, offset, block: np.ascontiguousarray(
-        real(lq, lk, causal, window, offset, 1)[::block]
+    return lambda lq, lk, seq, causal, window, chunk, sinks, block: np.ascontiguousarray(
+        real(lq, lk, seq, causal, window, chunk, sinks, 1)[:, ::block]
     )
 
 
 def _partial_tile_dropped(real):
     """Mutant: a key range longer than one tile loses its last, partial tile."""
 
-    def ranges(lq, lk, causal, window, offset, block):
-        r = real(lq, lk, causal, window, offset, block)
-        lo, hi = r[:, 0], r[:, 1]
+    def ranges(lq, lk, seq, causal, window, chunk, sinks, block):
+        r = real(lq, lk, seq, causal, window, chunk, sinks, block)
+        lo, hi = r[..., 0], r[..., 1]
         cut = (hi - lo > block) & ((hi - lo) % block > 0)
-        return np.stack([lo, np.where(cut, hi - (hi - lo) % block, hi)], axis=1)
+        return np.ascontiguousarray(np.stack([lo, np.where(cut, hi - (hi - lo) % block, hi)], axis=-1))
 
     return ranges
 
@@ -301,18 +356,43 @@ def test_tile_test_catches_a_wrong_key_range(mutant, monkeypatch):
 
 
 def test_key_ranges_are_the_keys_the_band_allows():
+    """Each (sequence, query block) range is exactly the span of keys the structure allows some of its
+    rows (``refattn.masks.allowed_positions``), with lengths, starts, offsets of any sign, negative
+    window sides, chunks and sink tokens."""
     rng = np.random.default_rng(8)
-    for _ in range(200):
+    for _ in range(300):
         lq, lk, block = (int(x) for x in rng.integers(1, 40, size=3))
         causal = bool(rng.integers(2))
-        window = tuple(None if rng.integers(3) == 0 else int(rng.integers(0, 50)) for _ in range(2))
-        offset = int(rng.choice([0, lk - lq]))
-        band = refattn.masks.causal_window_band(lq, lk, causal, window, offset)
-        band = np.ones((lq, lk), dtype=bool) if band is None else band
-        for b, (lo, hi) in enumerate(kernels.key_ranges(lq, lk, causal, window, offset, block)):
-            keys = np.flatnonzero(band[b * block : (b + 1) * block].any(axis=0))
-            expected = (int(keys[0]), int(keys[-1]) + 1) if keys.size else (lo, lo)
-            assert (int(lo), int(hi)) == expected, (lq, lk, block, causal, window, offset, b)
+        window = tuple(None if rng.integers(3) == 0 else int(rng.integers(-10, 50)) for _ in range(2))
+        chunk = None if rng.integers(2) else int(rng.integers(1, 12))
+        sinks = int(rng.integers(0, 4)) if rng.integers(2) else 0
+        starts = rng.integers(0, lk + 1, size=3)
+        lengths = {
+            "q_lengths": rng.integers(0, lq + 1, size=3),
+            "k_starts": starts,
+            "k_lengths": np.array([rng.integers(0, lk - s + 1) for s in starts]),
+        }
+        align = rng.choice(["top_left", "bottom_right", int(rng.integers(-20, 20))])
+        align = int(align) if align not in ("top_left", "bottom_right") else str(align)
+        seqs = refattn.masks.sequences((3,), lq, lk, **lengths, align=align)
+        allowed = refattn.masks.allowed_positions(
+            lq, lk, seqs, causal=causal, window=window, chunk=chunk, sink_tokens=sinks
+        )[:, 0]
+        seq = np.stack([seqs.q_lengths, seqs.k_starts, seqs.k_lengths, seqs.offsets], axis=1)
+        ranges = kernels.key_ranges(lq, lk, seq, causal, window, chunk, sinks, block)
+        left, right = window
+        right = (0 if right is None else min(right, 0)) if causal else right
+        # every row's band non-empty and no sink exemption or chunk: the span is exact
+        exact = not sinks and chunk is None and (left is None or right is None or left + right >= 0)
+        for n in range(3):
+            for b, (lo, hi) in enumerate(ranges[n]):
+                keys = np.flatnonzero(allowed[n, b * block : (b + 1) * block].any(axis=0))
+                case = (lq, lk, block, causal, window, chunk, sinks, align, n, b)
+                if keys.size:  # the range covers every allowed key
+                    assert lo <= keys[0] and hi >= keys[-1] + 1, case
+                if exact:
+                    span = (int(keys[0]), int(keys[-1]) + 1) if keys.size else (int(lo), int(lo))
+                    assert (int(lo), int(hi)) == span, case
 
 
 @needs_numba
@@ -564,7 +644,7 @@ def test_kernel_catches_a_wrong_alignment(monkeypatch):
 
     def shifted(self, a):
         real(self, a)
-        self.geometry = self.geometry._replace(offset=self.geometry.offset + 1)
+        self.seq = self.seq + np.array([0, 0, 0, 1])  # every sequence's offset, one too far
 
     monkeypatch.setattr(kernels._Flat, "__init__", shifted)
     rng = np.random.default_rng(2)
@@ -578,10 +658,10 @@ def test_kernel_catches_a_wrong_alignment(monkeypatch):
 # attention kernels is a field of ``geometry`` (Geometry) or ``scaling`` (Scaling), except the dbias flag.
 KERNEL_PARAMETERS = {
     "sdpa_kernels": {
-        "forward": "q k v bias mask keep maps sink geometry scaling ranges out lse",
-        "backward_dq": "q k v bias mask keep maps geometry scaling ranges pairs starts lse d_o delta dl"
+        "forward": "q k v bias mask keep maps seq sink geometry scaling ranges out lse",
+        "backward_dq": "q k v bias mask keep maps seq geometry scaling ranges pairs starts lse d_o delta dl"
         " dq dbias want_dbias",
-        "backward_dkv": "q k v bias mask keep maps geometry scaling ranges pairs starts lse d_o delta dl"
+        "backward_dkv": "q k v bias mask keep maps seq geometry scaling ranges pairs starts lse d_o delta dl"
         " dk dv dbias want_dbias",
     },
     "rollout_kernels": {
@@ -603,9 +683,12 @@ def test_geometry_and_scaling_fields_and_types():
 
     assert Geometry._fields == (
         "causal",
+        "has_left",
         "left",
+        "has_right",
         "right",
-        "offset",
+        "chunk",
+        "sink_tokens",
         "empty_policy",
         "has_bias",
         "has_mask",
@@ -628,16 +711,40 @@ def test_geometry_is_built_by_name_from_the_validated_arguments():
     )
     g, sc = Geometry.of(a), Scaling.of(a)
     assert g == Geometry(
-        causal=True, left=2, right=-1, offset=2, empty_policy=1, has_bias=True, has_mask=False, has_keep=False
+        causal=True,
+        has_left=True,
+        left=2,
+        has_right=False,
+        right=0,
+        chunk=0,
+        sink_tokens=0,
+        empty_policy=1,
+        has_bias=True,
+        has_mask=False,
+        has_keep=False,
     )
+    np.testing.assert_array_equal(kernels._Flat(a).seq, [[4, 0, 6, 2]])  # q_length, k_start, k_length, offset
     assert sc == Scaling(scale=float(a.scale), softcap=4.0)
     for named in (g, sc):  # the exact Python types: numba.typeof of the tuple is the compiled type
         assert [type(x) for x in named] == list(type(named).__annotations__.values()), named
     m = rng.random((4, 6)) < 0.5
     a = validate(q, k, v, mask=m, dropout_p=0.5, dropout_mask=m, window=(None, 1), align="top_left")
     assert Geometry.of(a) == Geometry(
-        causal=False, left=-1, right=1, offset=0, empty_policy=0, has_bias=False, has_mask=True, has_keep=True
+        causal=False,
+        has_left=False,
+        left=0,
+        has_right=True,
+        right=1,
+        chunk=0,
+        sink_tokens=0,
+        empty_policy=0,
+        has_bias=False,
+        has_mask=True,
+        has_keep=True,
     )
+    a = validate(q, k, v, window=(-2, 3), chunk=2, sink_tokens=1, align=-1, q_lengths=[3], k_starts=1)
+    assert Geometry.of(a)[:7] == (False, True, -2, True, 3, 2, 1)
+    np.testing.assert_array_equal(kernels._Flat(a).seq, [[3, 1, 5, -1]])
     assert Scaling.of(a).softcap == 0.0
 
 
@@ -669,7 +776,9 @@ def test_kernel_parameters_match_their_documented_names_and_signatures(module):
                 assert sig["geometry"] == numba_type(Geometry, types)
                 assert sig["scaling"] == numba_type(Scaling, types)
                 assert sig["geometry"].instance_class is Geometry and sig["scaling"].instance_class is Scaling
-                assert [str(t) for t in sig["geometry"].types] == ["bool"] + ["int64"] * 4 + ["bool"] * 3
+                assert [str(t) for t in sig["geometry"].types] == (
+                    ["bool", "bool", "int64", "bool"] + ["int64"] * 4 + ["bool"] * 3
+                )
                 assert [str(t) for t in sig["scaling"].types] == ["float64", "float64"]
     loose = set(Geometry._fields) | set(Scaling._fields) | {"off"}
     for fn_name, fn in vars(kern).items():
@@ -704,7 +813,7 @@ def test_swapped_named_scalars_do_not_match_the_kernel():
     with pytest.raises(TypeError):
         kern["forward"](**{**call, "geometry": f.scaling, "scaling": f.geometry})
     with pytest.raises(TypeError):
-        kern["forward"](**{**call, "geometry": f.geometry._replace(offset=1.0)})
+        kern["forward"](**{**call, "geometry": f.geometry._replace(chunk=1.0)})
 
 
 def _exp_ulp_errors(exp_fn, x):

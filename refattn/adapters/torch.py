@@ -123,7 +123,8 @@ def translate_options(q, k, v, **options):
     if a.groups > 1:
         kw["enable_gqa"] = True
     lq, lk = a.score_shape[-2:]
-    plain_causal = a.causal and a.window == (None, None) and a.offset == 0 and a.user_mask is None
+    only_causal = a.window == (None, None) and a.chunk is None and not a.seqs.padded and a.user_mask is None
+    plain_causal = a.causal and only_causal and not np.any(a.seqs.offsets)
     if plain_causal and a.bias is None:
         kw["is_causal"] = True  # top-left alignment: torch's is_causal
     elif a.bias is not None:

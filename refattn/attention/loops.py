@@ -14,28 +14,31 @@ import math
 
 import numpy as np
 
-from refattn._validate import RefAttnError, as_flag, check_keywords_of
+from refattn._validate import as_flag, check_keywords_of
 from refattn.attention.options import takes_sdpa_options
 from refattn.attention.sdpa import validate
 
 __all__ = ["multihead_attention", "sdpa"]
 
 
-def _allowed(i, j, lq, lk, causal, window, align):
-    """Whether query i may attend key j under causal/window (scalar rule)."""
-    if not causal and window is None:
-        return True
-    if lq != lk and align is None:
-        raise RefAttnError("align: ambiguous alignment with lq != lk")
-    o = lk - lq if align == "bottom_right" else 0
-    if causal and j > i + o:
+def _allowed(i, j, a, b):
+    """Whether query i of batch item ``b`` may attend key j under the structure of validated args ``a``
+    (padding, causal, window, sink tokens, chunk), one scalar rule per option."""
+    seqs = a.seqs
+    ks, kl = int(seqs.k_starts[b]), int(seqs.k_lengths[b])
+    jr = j - ks  # the key's position in its sequence
+    if jr < 0 or jr >= kl:
+        return False  # a padding key
+    pos = i + int(seqs.offsets[b])  # the query's position on the key axis
+    left, right = a.window
+    if a.causal and jr > pos:
         return False
-    if window is not None:
-        left, right = window
-        if left is not None and j < i + o - left:
-            return False
-        if right is not None and j > i + o + right:
-            return False
+    if right is not None and jr > pos + right:
+        return False
+    if left is not None and jr < pos - left and jr >= a.sink_tokens:
+        return False
+    if a.chunk is not None and pos // a.chunk != jr // a.chunk:  # Python ints: floor division
+        return False
     return True
 
 
@@ -53,6 +56,11 @@ def sdpa(
     causal=False,
     window=None,
     align=None,
+    chunk=None,
+    sink_tokens=0,
+    q_lengths=None,
+    k_lengths=None,
+    k_starts=None,
     scale=None,
     softcap=None,
     sinks=None,
@@ -85,11 +93,20 @@ def sdpa(
         Added to the logits after the softcap; may hold ``-inf``.  Default None.
     causal : bool, default False
         Query i attends keys ``j <= i + o`` (``o`` set by ``align``).
-    window : (int or None, int or None), optional
-        ``(left, right)``: keys ``i + o − left <= j <= i + o + right``; None = an unbounded side.
-        Default None.
-    align : {"top_left", "bottom_right"}, optional
-        ``o = 0`` or ``o = Lk − Lq``; needed by causal and window when ``Lq != Lk``.  Default None.
+    window : int or (int or None, int or None), optional
+        ``(left, right)``: keys ``i + o − left <= j' <= i + o + right`` (sides of any sign); None =
+        an unbounded side; an int ``w`` is ``(w, w)``.  Default None.
+    align : {"top_left", "bottom_right"} or int, optional
+        ``o = 0``, ``o = k_length − q_length`` per sequence, or the int ``o``; needed by causal,
+        window and chunk when some ``q_length != k_length``.  Default None.
+    chunk : int, optional
+        ``c >= 1``: keys of the query's chunk only, ``(i + o) // c == j' // c``.  Default None.
+    sink_tokens : int, default 0
+        Keys ``j' < n`` exempt from the window's left side.
+    q_lengths, k_lengths, k_starts : array_like of int, broadcastable to the batch dims, optional
+        Each sequence's real queries ``i < q_length`` and keys ``k_start <= j < k_start +
+        k_length`` (``j' = j − k_start``); padded query rows give 0 and lse ``-inf``.  Default
+        None: every query and key is real.
     scale : float, optional
         Multiplies ``q kᵀ``.  Default None: ``1 / sqrt(D)``.
     softcap : float, optional
@@ -122,6 +139,11 @@ def sdpa(
         causal=causal,
         window=window,
         align=align,
+        chunk=chunk,
+        sink_tokens=sink_tokens,
+        q_lengths=q_lengths,
+        k_lengths=k_lengths,
+        k_starts=k_starts,
         scale=scale,
         softcap=softcap,
         sinks=sinks,
@@ -146,6 +168,9 @@ def sdpa(
         for h in range(hq):
             kvh = h // group
             for i in range(lq):
+                if i >= a.seqs.q_lengths[b]:  # a padded query row: 0, lse -inf, whatever empty_rows says
+                    lse[b + (h, i)] = -math.inf
+                    continue
                 scores = []
                 for j in range(lk):
                     s = 0.0
@@ -156,7 +181,7 @@ def sdpa(
                         s = a.softcap * math.tanh(s / a.softcap)
                     if bias_b is not None:
                         s += bias_b[b + (h, i, j)]
-                    ok = _allowed(i, j, lq, lk, causal, window, align)
+                    ok = _allowed(i, j, a, b)
                     if user_mask is not None and not user_mask[b + (h, i, j)]:
                         ok = False
                     scores.append(s if ok else -math.inf)

@@ -51,9 +51,24 @@ class Option(NamedTuple):
 SDPA_OPTIONS = (
     Option("mask", None, "bool, broadcastable to (..., Hq, Lq, Lk); True = may attend"),
     Option("bias", None, "float, broadcastable to (..., Hq, Lq, Lk), added to the logits; may hold -inf"),
-    Option("causal", False, "query i attends keys j <= i + o (o set by align)"),
-    Option("window", None, "(left, right): keys i + o - left <= j <= i + o + right; None = unbounded side"),
-    Option("align", None, '"top_left" (o = 0) or "bottom_right" (o = Lk - Lq); needed by causal/window if Lq != Lk'),
+    Option("causal", False, "query i attends keys j' <= i + o (o set by align; j' = j - k_start)"),
+    Option(
+        "window",
+        None,
+        "(left, right) or an int w = (w, w): keys i + o - left <= j' <= i + o + right; None = unbounded side; "
+        "sides may be negative",
+    ),
+    Option(
+        "align",
+        None,
+        '"top_left" (o = 0), "bottom_right" (o = k_length - q_length) or an int o; needed by causal/window/chunk '
+        "if some q_length != k_length",
+    ),
+    Option("chunk", None, "c >= 1: query and key in the same chunk of c positions, (i + o) // c == j' // c"),
+    Option("sink_tokens", 0, "n >= 0: keys j' < n are exempt from the window's left side (StreamingLLM)"),
+    Option("q_lengths", None, "int, broadcastable to the batch dims: real queries i < q_length; padded rows give 0"),
+    Option("k_lengths", None, "int, broadcastable to the batch dims: real keys k_start <= j < k_start + k_length"),
+    Option("k_starts", None, "int, broadcastable to the batch dims: each sequence's first real key (left padding)"),
     Option("scale", None, "logit scale; None = 1/sqrt(D)"),
     Option("softcap", None, "c > 0: logits c·tanh(s/c), before bias and masks; None = off"),
     Option("sinks", None, "float, broadcastable to (..., Hq): a logit per head in the softmax denominator"),

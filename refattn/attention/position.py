@@ -166,13 +166,16 @@ def alibi_slopes(num_heads):
 ALIBI_STYLES = ("abs", "signed")
 
 
-def alibi_bias(slopes, lq, lk, *, style="abs", align=None):
+def alibi_bias(slopes, lq, lk, *, style="abs", align=None, q_lengths=None, k_lengths=None, k_starts=None):
     """The ALiBi bias: a penalty linear in the query-key distance, one slope per head.
 
-    ``bias[..., h, i, j] = −slope_h · |i + o − j|`` (``style="abs"``, flash-attn's
-    ``alibi_slopes``) or ``slope_h · (j − i − o)`` (``"signed"``, cuDNN; the two agree on causal
-    keys ``j <= i + o``).  Axes: ``...`` batch, ``H`` heads, ``lq`` queries (i), ``lk`` keys (j);
-    ``o`` the alignment offset.  Pass it as ``bias=`` of :func:`refattn.sdpa`.
+    ``bias[..., h, i, j] = −slope_h · |i + o − j'|`` (``style="abs"``, flash-attn's
+    ``alibi_slopes``) or ``slope_h · (j' − i − o)`` (``"signed"``, cuDNN; the two agree on causal
+    keys ``j' <= i + o``), with ``j' = j − k_start`` and ``o`` the alignment offset of each
+    sequence, as :func:`refattn.sdpa` aligns causal and windows.  Axes: ``...`` batch, ``H`` heads,
+    ``lq`` queries (i), ``lk`` keys (j).  Pass it as ``bias=`` of :func:`refattn.sdpa` with the same
+    ``align``, lengths and starts: on a padded batch flash-attn's ``attn_bias_from_alibi_slopes``
+    measures the distance with each sequence's real lengths (``sk − sq``) and its ``key_leftpad``.
 
     Parameters
     ----------
@@ -182,9 +185,14 @@ def alibi_bias(slopes, lq, lk, *, style="abs", align=None):
         Query and key lengths, >= 0.
     style : {"abs", "signed"}, default "abs"
         The distance: absolute (symmetric) or signed.
-    align : {"top_left", "bottom_right"}, optional
-        ``o = 0`` or ``o = lk − lq``, as :func:`refattn.masks.causal`.  Default None: allowed
-        only when ``lq == lk``.
+    align : {"top_left", "bottom_right"} or int, optional
+        ``o = 0``, ``o = k_length − q_length`` per sequence, or the int ``o``, as :func:`refattn.sdpa`.
+        Default None: allowed only when every sequence has ``q_length == k_length``.
+    q_lengths, k_lengths, k_starts : array_like of int, optional
+        Per-sequence real lengths and key starts, broadcastable to the batch dims ``...`` of
+        ``slopes``, as :func:`refattn.sdpa` takes them (they set ``o`` under ``"bottom_right"`` and
+        ``j'``; padding is not masked here: pass the same options to sdpa).  Default None: ``lq``,
+        ``lk − k_start`` and 0.
 
     Returns
     -------
@@ -193,8 +201,11 @@ def alibi_bias(slopes, lq, lk, *, style="abs", align=None):
     slopes = as_float(slopes, "slopes", ndim_min=1)
     lq, lk = as_int(lq, "lq", minimum=0), as_int(lk, "lk", minimum=0)
     as_choice(style, "style", ALIBI_STYLES)
-    o = _masks.alignment_offset(lq, lk, align, what="ALiBi")
-    rel = np.arange(lk)[None, :] - (np.arange(lq)[:, None] + o)  # (lq, lk): j - i - o
+    lengths = {"q_lengths": q_lengths, "k_lengths": k_lengths, "k_starts": k_starts}
+    seqs = _masks.sequences(slopes.shape[:-1], lq, lk, **lengths, align=align, what="ALiBi")
+    per = (..., None, None, None)  # (..., 1, 1, 1)
+    jr = np.arange(lk) - seqs.k_starts[per]  # (..., 1, 1, lk): j' = j - k_start
+    rel = jr - (np.arange(lq)[:, None] + seqs.offsets[per])  # (..., 1, lq, lk): j' - i - o
     dist = -np.abs(rel) if style == "abs" else rel
     return slopes[..., None, None] * dist
 

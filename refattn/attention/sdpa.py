@@ -37,6 +37,7 @@ from refattn._validate import (
     as_cotangent,
     as_flag,
     as_float,
+    as_int,
     as_real,
     check_broadcast_to,
     check_keywords_of,
@@ -45,8 +46,12 @@ from refattn._validate import (
 from refattn.softmax_family import EMPTY_ROW_POLICIES, normalize_last_axis
 
 __all__ = [
+    "LOGIT_STAGES",
+    "AttentionLogitsGrads",
     "AttentionWeightsGrads",
     "SDPAGrads",
+    "attention_logits",
+    "attention_logits_backward",
     "attention_weights",
     "attention_weights_backward",
     "sdpa",
@@ -96,6 +101,27 @@ class AttentionWeightsGrads(NamedTuple):
     dsinks: np.ndarray | None
 
 
+class AttentionLogitsGrads(NamedTuple):
+    """Gradients of :func:`attention_logits` (returned by :func:`attention_logits_backward`), each
+    float64 and of its input's shape.
+
+    Fields
+    ------
+    dq : ndarray, shape of ``q`` (..., Hq, Lq, D)
+    dk : ndarray, shape of ``k`` (..., Hk, Lk, D)
+    dbias : ndarray or None
+        Shape of ``bias`` (zeros when ``stage`` comes before the bias); None when no bias was given.
+    """
+
+    dq: np.ndarray
+    dk: np.ndarray
+    dbias: np.ndarray | None
+
+
+#: The stages of :func:`attention_logits`, in sdpa's order of operations.
+LOGIT_STAGES = ("scaled", "softcapped", "biased", "masked")
+
+
 @dataclass(frozen=True)
 class Args:
     """Validated float64 arguments of one sdpa call."""
@@ -108,8 +134,10 @@ class Args:
     bias: np.ndarray | None  # broadcastable to scores
     user_mask: np.ndarray | None  # bool, broadcastable to scores (the ``mask`` argument)
     causal: bool
-    window: tuple  # (left, right), None = unbounded side
-    offset: int  # alignment offset o (0 top-left, Lk - Lq bottom-right)
+    window: tuple  # (left, right), None = unbounded side, ints of any sign (clipped)
+    chunk: int | None  # (i + o) // chunk == j' // chunk
+    sink_tokens: int  # keys j' < sink_tokens exempt from the window's left side
+    seqs: _masks.Sequences  # per-sequence lengths, starts and alignment offsets (batch-shaped)
     sinks: np.ndarray | None  # broadcastable to (..., Hq)
     keep_scale: np.ndarray | None  # keep / (1 - p), broadcastable to scores
     empty_rows: str
@@ -120,18 +148,31 @@ class Args:
         return self.q.shape[-3] // self.k.shape[-3]
 
     @property
+    def structured(self):
+        """Whether causal, a window, a chunk or padding restrict the keys (computed per sequence)."""
+        return self.seqs.padded or self.causal or self.window != (None, None) or self.chunk is not None
+
+    @property
     def masked(self):
-        """Whether ``mask``, causal or a window may disallow scores (``allowed`` is not None); builds nothing."""
-        return self.user_mask is not None or self.causal or self.window != (None, None)
+        """Whether ``mask``, causal, window, chunk or padding may disallow scores (``allowed`` is not
+        None); builds nothing."""
+        return self.user_mask is not None or self.structured
 
     @cached_property
     def allowed(self):
-        """bool mask broadcastable to the scores (mask ∧ causal ∧ window), or None when all allowed."""
+        """bool mask broadcastable to the scores (mask ∧ structure), or None when all allowed."""
         lq, lk = self.score_shape[-2:]
-        band = _masks.causal_window_band(lq, lk, self.causal, self.window, self.offset)
+        band = _masks.allowed_positions(
+            lq, lk, self.seqs, causal=self.causal, window=self.window, chunk=self.chunk, sink_tokens=self.sink_tokens
+        )
         if band is None:
             return self.user_mask
         return band if self.user_mask is None else self.user_mask & band
+
+    @cached_property
+    def padded_rows(self):
+        """bool ``(B..., 1, Lq)``: the padded query rows (``i >= q_length``), or None when there are none."""
+        return _masks.padded_queries(self.score_shape[-2], self.seqs)
 
 
 def validate(
@@ -144,6 +185,11 @@ def validate(
     causal=False,
     window=None,
     align=None,
+    chunk=None,
+    sink_tokens=0,
+    q_lengths=None,
+    k_lengths=None,
+    k_starts=None,
     scale=None,
     softcap=None,
     sinks=None,
@@ -199,13 +245,14 @@ def validate(
         check_broadcast_to(user_mask, score_shape, "mask", "the scores (..., Hq, Lq, Lk)")
     causal = as_flag(causal, "causal")
     window = (None, None) if window is None else _masks.check_window(window)
-    if align is not None:
-        as_choice(align, "align", _masks.ALIGNMENTS)
-    offset = 0
-    if causal or window != (None, None):
-        what = " and ".join(w for w, on in (("causal", causal), ("window", window != (None, None))) if on)
-        offset = _masks.alignment_offset(lq, lk, align, what=what)
-    window = _masks.clip_window(window, lq, lk)
+    chunk = None if chunk is None else as_int(chunk, "chunk", minimum=1)
+    sink_tokens = as_int(sink_tokens, "sink_tokens", minimum=0)
+    on = (("causal", causal), ("window", window != (None, None)), ("chunk", chunk is not None))
+    what = " and ".join(w for w, used in on if used) or None
+    seqs = _masks.sequences(
+        tuple(batch), lq, lk, q_lengths=q_lengths, k_lengths=k_lengths, k_starts=k_starts, align=align, what=what
+    )
+    window = _masks.clip_window(window, lq, lk, int(np.max(np.abs(seqs.offsets), initial=0)))
 
     if bias is not None:
         bias = as_float(bias, "bias", allow_neg_inf=True)
@@ -229,7 +276,22 @@ def validate(
             "deterministic); build one with refattn.masks.dropout_mask(shape, p, seed)"
         )
     return Args(
-        q, k, v, scale, softcap, bias, user_mask, causal, window, offset, sinks, keep_scale, empty_rows, score_shape
+        q,
+        k,
+        v,
+        scale,
+        softcap,
+        bias,
+        user_mask,
+        causal,
+        window,
+        chunk,
+        sink_tokens,
+        seqs,
+        sinks,
+        keep_scale,
+        empty_rows,
+        score_shape,
     )
 
 
@@ -331,7 +393,14 @@ def forward_scores(a: Args, s0=None, ke=None) -> Forward:
     s = np.broadcast_to(s, a.score_shape)
     sink = None if a.sinks is None else np.broadcast_to(a.sinks[..., None], a.score_shape[:-1])  # (..., Hq, Lq)
     nz = normalize_last_axis(s, a.empty_rows, sink)
-    return Forward(ke, t, nz.p, nz.lse, nz.empty, nz.p_sink, s)
+    p, lse, empty, p_sink = nz.p, nz.lse, nz.empty, nz.p_sink
+    pad = a.padded_rows  # (B..., 1, Lq): padded query rows give 0 and lse -inf under every policy
+    if pad is not None:
+        p = np.where(pad[..., None], 0.0, p)
+        lse = np.where(pad, -np.inf, lse)
+        empty = empty | pad
+        p_sink = None if p_sink is None else np.where(pad, 0.0, p_sink)
+    return Forward(ke, t, p, lse, empty, p_sink, s)
 
 
 def sdpa(
@@ -344,6 +413,11 @@ def sdpa(
     causal=False,
     window=None,
     align=None,
+    chunk=None,
+    sink_tokens=0,
+    q_lengths=None,
+    k_lengths=None,
+    k_starts=None,
     scale=None,
     softcap=None,
     sinks=None,
@@ -371,9 +445,15 @@ def sdpa(
         6. P̃ = P · keep / (1 − dropout_p)       if dropout_mask = keep
         7. out = P̃ ṽ
 
-    With ``o`` the alignment offset (0 for ``align="top_left"``, ``Lk − Lq`` for
-    ``"bottom_right"``), ``causal`` allows ``j <= i + o`` and ``window=(left, right)`` allows
-    ``i + o − left <= j <= i + o + right``.
+    Each batch item is a sequence with ``q_length`` real queries and ``k_length`` real keys
+    starting at key ``k_start`` (defaults: all of them); key positions count from that start,
+    ``j' = j − k_start``, and query ``i`` sits at key position ``i + o``, ``o`` the alignment
+    offset (0 for ``align="top_left"``, ``k_length − q_length`` for ``"bottom_right"``, or an int).
+    With ``d = j' − (i + o)``: ``causal`` allows ``d <= 0``, ``window=(left, right)`` allows
+    ``−left <= d <= right`` (keys ``j' < sink_tokens`` exempt from the left side), ``chunk=c``
+    allows ``(i + o) // c == j' // c``; padding keys are never allowed, and padded query rows
+    (``i >= q_length``) give ``out = 0``, ``lse = −inf`` and no gradient under every
+    ``empty_rows`` policy (``specs/sdpa.md``, "Sequences, alignment and structure").
 
     Parameters
     ----------
@@ -392,16 +472,38 @@ def sdpa(
         hold ``-inf`` (disallowed), not NaN or ``+inf``, entries at most 2**1022.  Differentiable
         (``dbias``).  Default None.
     causal : bool, default False
-        Query i attends keys ``j <= i + o``.
-    window : (int or None, int or None), optional
-        ``(left, right)``: query i attends keys ``i + o − left <= j <= i + o + right``; each side
-        an int >= 0 (any size) or None (unbounded).  Intersected with ``causal`` and ``mask``.
-        Default None: no window.
-    align : {"top_left", "bottom_right"}, optional
-        Where the diagonal of ``causal`` and ``window`` lies when ``Lq != Lk``: ``"top_left"``,
-        ``o = 0`` (PyTorch, JAX); ``"bottom_right"``, ``o = Lk − Lq`` (flash-attn, decoding).
-        Default None: ``o = 0`` when ``Lq == Lk``; with ``Lq != Lk``, causal or window without it
-        is a RefAttnError (never guessed).  Without causal and window it has no effect.
+        Query i attends keys ``j' <= i + o``.
+    window : int or (int or None, int or None), optional
+        ``(left, right)``: query i attends keys ``i + o − left <= j' <= i + o + right``; each side
+        an int of any sign and size (a negative side moves that edge past the diagonal: ``(-1,
+        2)`` allows ``i + o + 1 <= j' <= i + o + 2``) or None (unbounded); an int ``w`` is ``(w,
+        w)``.  Intersected with ``causal``, ``chunk`` and ``mask``.  Default None: no window.
+        (flash-attn's ``window_size=(l, r)``, -1 unbounded, is ``(None if l < 0 else l, None if r
+        < 0 else r)``.)
+    align : {"top_left", "bottom_right"} or int, optional
+        Where the diagonal of ``causal``, ``window`` and ``chunk`` lies: ``"top_left"``, ``o = 0``
+        (PyTorch, JAX); ``"bottom_right"``, ``o = k_length − q_length`` per sequence
+        (flash-attn, decoding); an int ``o`` with ``|o| <= 2**40`` (ONNX's past length, cuDNN).
+        Default None: ``o = 0`` when every sequence has ``q_length == k_length``; otherwise causal,
+        window or chunk without it is a RefAttnError (never guessed).  Without them it has no
+        effect.
+    chunk : int, optional
+        ``c >= 1`` (FA3's ``attention_chunk``): query i attends only keys of its own chunk of c
+        positions, ``(i + o) // c == j' // c`` (floor division), intersected with causal and
+        window.  Default None: no chunks.
+    sink_tokens : int, default 0
+        ``n >= 0`` (FA3's ``sink_token_length``, StreamingLLM): keys ``j' < n`` are exempt from the
+        window's left side (the window slides, the sink tokens stay); causal, the right side and
+        chunks still apply.  No effect without a left window side.
+    q_lengths : array_like of int, broadcastable to the batch dims ``...``, optional
+        Real queries per sequence, each in ``[0, Lq]``: rows ``i >= q_length`` are padding (out 0,
+        lse ``-inf``, no gradient, whatever ``empty_rows`` says).  Default None: ``Lq``.
+    k_lengths : array_like of int, broadcastable to the batch dims ``...``, optional
+        Real keys per sequence, each in ``[0, Lk − k_start]``: keys outside ``[k_start, k_start +
+        k_length)`` are padding.  Default None: ``Lk − k_start``.
+    k_starts : array_like of int, broadcastable to the batch dims ``...``, optional
+        Each sequence's first real key, in ``[0, Lk]`` (flash-attn's ``key_leftpad``, xformers'
+        gappy keys).  Default None: 0.
     scale : float, optional
         Multiplies ``q kᵀ``: any finite real (a 0-d array too).  Default None: ``1 / sqrt(D)``.
     softcap : float, optional
@@ -458,6 +560,11 @@ def sdpa(
         causal=causal,
         window=window,
         align=align,
+        chunk=chunk,
+        sink_tokens=sink_tokens,
+        q_lengths=q_lengths,
+        k_lengths=k_lengths,
+        k_starts=k_starts,
         scale=scale,
         softcap=softcap,
         sinks=sinks,
@@ -584,6 +691,11 @@ def sdpa_backward(
     causal=False,
     window=None,
     align=None,
+    chunk=None,
+    sink_tokens=0,
+    q_lengths=None,
+    k_lengths=None,
+    k_starts=None,
     scale=None,
     softcap=None,
     sinks=None,
@@ -610,9 +722,11 @@ def sdpa_backward(
     d_lse : array_like, shape (..., Hq, Lq), optional
         Cotangent of ``lse`` (when the forward returned it); ignored on empty rows.  Default
         None: no lse term.
-    mask, bias, causal, window, align, scale, softcap, sinks, dropout_p, dropout_mask, empty_rows
+    mask, bias, causal, window, align, chunk, sink_tokens
         The forward's options, as :func:`sdpa` (same defaults): pass exactly those of the
         forward call.
+    q_lengths, k_lengths, k_starts, scale, softcap, sinks, dropout_p, dropout_mask, empty_rows
+        Likewise.
     backend : {"auto", "numpy", "numba"}, default "auto"
         As :func:`sdpa`; the kernel recomputes P from lse, FlashAttention-2 style.
     saved : (out, lse), optional
@@ -638,6 +752,11 @@ def sdpa_backward(
         causal=causal,
         window=window,
         align=align,
+        chunk=chunk,
+        sink_tokens=sink_tokens,
+        q_lengths=q_lengths,
+        k_lengths=k_lengths,
+        k_starts=k_starts,
         scale=scale,
         softcap=softcap,
         sinks=sinks,
@@ -684,6 +803,11 @@ def attention_weights(
     causal=False,
     window=None,
     align=None,
+    chunk=None,
+    sink_tokens=0,
+    q_lengths=None,
+    k_lengths=None,
+    k_starts=None,
     scale=None,
     softcap=None,
     sinks=None,
@@ -703,10 +827,13 @@ def attention_weights(
         Queries (float64 after conversion; finite).
     k : array_like, shape (..., Hk, Lk, D)
         Keys.
-    mask, bias, causal, window, align, scale, softcap, sinks, empty_rows
+    q_lengths, k_lengths, k_starts
+        As :func:`sdpa`: the sequences of a padded batch (a padded query row of P is 0).
+    mask, bias, causal, window, align, chunk, sink_tokens, scale, softcap, sinks, empty_rows
         As :func:`sdpa` (same meaning and defaults): ``mask`` bool broadcastable to
         ``(..., Hq, Lq, Lk)`` (True = may attend), ``bias`` float of that shape, ``causal`` /
-        ``window`` / ``align`` the structural masks, ``scale`` (default ``1/sqrt(D)``),
+        ``window`` / ``align`` / ``chunk`` / ``sink_tokens`` the structural masks, ``scale``
+        (default ``1/sqrt(D)``),
         ``softcap``, ``sinks`` ``(..., Hq)``, ``empty_rows`` ``"zero"``, ``"nan"`` or
         ``"uniform"`` (the row of P: 0, NaN or ``1/Lk``).
 
@@ -725,6 +852,11 @@ def attention_weights(
         causal=causal,
         window=window,
         align=align,
+        chunk=chunk,
+        sink_tokens=sink_tokens,
+        q_lengths=q_lengths,
+        k_lengths=k_lengths,
+        k_starts=k_starts,
         scale=scale,
         softcap=softcap,
         sinks=sinks,
@@ -744,6 +876,11 @@ def attention_weights_backward(
     causal=False,
     window=None,
     align=None,
+    chunk=None,
+    sink_tokens=0,
+    q_lengths=None,
+    k_lengths=None,
+    k_starts=None,
     scale=None,
     softcap=None,
     sinks=None,
@@ -760,8 +897,10 @@ def attention_weights_backward(
         Cotangent of ``P``: exactly its shape, finite.
     q, k : array_like
         As :func:`attention_weights`: ``(..., Hq, Lq, D)`` and ``(..., Hk, Lk, D)``.
-    mask, bias, causal, window, align, scale, softcap, sinks, empty_rows
+    mask, bias, causal, window, align, chunk, sink_tokens
         The forward's options, as :func:`sdpa` (same defaults).
+    q_lengths, k_lengths, k_starts, scale, softcap, sinks, empty_rows
+        Likewise.
 
     Returns
     -------
@@ -778,6 +917,11 @@ def attention_weights_backward(
         causal=causal,
         window=window,
         align=align,
+        chunk=chunk,
+        sink_tokens=sink_tokens,
+        q_lengths=q_lengths,
+        k_lengths=k_lengths,
+        k_starts=k_starts,
         scale=scale,
         softcap=softcap,
         sinks=sinks,
@@ -787,6 +931,178 @@ def attention_weights_backward(
     f = forward_scores(a)
     dp = as_cotangent(d_weights, a.score_shape, "d_weights")
     return AttentionWeightsGrads(*backward_scores(a, f, dp, None))
+
+
+def _logits_args(q, k, stage, options):
+    as_choice(stage, "stage", LOGIT_STAGES)
+    a = validate(q, k, None, **options)
+    _check_weights_size(a, "attention_logits")
+    return a, LOGIT_STAGES.index(stage)
+
+
+def _logits(a: Args, upto):
+    """The scores after stage ``LOGIT_STAGES[upto]``, broadcast to the score shape (a new array), the
+    expanded keys and ``tanh(s0/c)`` (None without a softcap)."""
+    s, ke = qk_scores(a)  # (..., Hq, Lq, Lk)
+    t = None
+    if upto >= 1 and a.softcap is not None:
+        t = np.tanh(s / a.softcap)
+        s = a.softcap * t
+    if upto >= 2 and a.bias is not None:
+        s = s + a.bias
+    if upto >= 3 and a.allowed is not None:
+        s = np.where(a.allowed, s, -np.inf)
+    return np.array(np.broadcast_to(s, a.score_shape)), ke, t
+
+
+def attention_logits(
+    q,
+    k,
+    *,
+    stage="masked",
+    mask=None,
+    bias=None,
+    causal=False,
+    window=None,
+    align=None,
+    chunk=None,
+    sink_tokens=0,
+    q_lengths=None,
+    k_lengths=None,
+    k_starts=None,
+    scale=None,
+    softcap=None,
+):
+    """The attention scores after a stage of :func:`sdpa`'s order of operations: what a kernel's
+    intermediate score output (ONNX's ``qk_matmul_output``, a debug dump) must equal.
+
+    Steps 1 to 4 of :func:`sdpa`, stopped after ``stage``::
+
+        "scaled"      s = scale · q k̃ᵀ
+        "softcapped"  s = c · tanh(s / c)          (= "scaled" without softcap)
+        "biased"      s = s + bias                 (= the previous stage without bias)
+        "masked"      s = -inf where mask, causal, window, chunk or padding disallow
+
+    Axes: ``...`` batch, ``Hq``/``Hk`` query/kv heads (``Hq % Hk == 0``), ``Lq``/``Lk`` query/key
+    lengths, ``D`` head dim.  No kernel (the output is score-sized): over the NumPy memory limit it
+    raises.  ``specs/sdpa.md`` maps ONNX's ``qk_matmul_output_mode`` and other peers' outputs to
+    stages (``specs/coverage.md``).
+
+    Parameters
+    ----------
+    q : array_like, shape (..., Hq, Lq, D)
+        Queries (float64 after conversion; finite).
+    k : array_like, shape (..., Hk, Lk, D)
+        Keys.
+    stage : {"scaled", "softcapped", "biased", "masked"}, default "masked"
+        The last step applied (the softmax input, for "masked").
+    mask, bias, causal, window, align, chunk, sink_tokens
+        As :func:`sdpa` (same meaning and defaults).
+    q_lengths, k_lengths, k_starts, scale, softcap
+        As :func:`sdpa` (same meaning and defaults); a padded query row is ``-inf`` throughout at
+        the "masked" stage.  The options of the softmax and after it (``sinks``, dropout,
+        ``empty_rows``) do not change the logits and are not taken.
+
+    Returns
+    -------
+    logits : ndarray of float64, shape (..., Hq, Lq, Lk)
+        The scores after ``stage``; ``-inf`` where disallowed (stage "masked") or where the bias is
+        ``-inf`` (stages "biased" and "masked").
+    """
+    a, upto = _logits_args(
+        q,
+        k,
+        stage,
+        dict(
+            mask=mask,
+            bias=bias,
+            causal=causal,
+            window=window,
+            align=align,
+            chunk=chunk,
+            sink_tokens=sink_tokens,
+            q_lengths=q_lengths,
+            k_lengths=k_lengths,
+            k_starts=k_starts,
+            scale=scale,
+            softcap=softcap,
+        ),
+    )
+    return _logits(a, upto)[0]
+
+
+def attention_logits_backward(
+    d_logits,
+    q,
+    k,
+    *,
+    stage="masked",
+    mask=None,
+    bias=None,
+    causal=False,
+    window=None,
+    align=None,
+    chunk=None,
+    sink_tokens=0,
+    q_lengths=None,
+    k_lengths=None,
+    k_starts=None,
+    scale=None,
+    softcap=None,
+):
+    """Gradients of :func:`attention_logits`: ``dq, dk, dbias = ∂/∂(q, k, bias) of Σ d_logits · s``
+    over the finite entries of ``s`` (a disallowed or ``-inf``-biased score is a constant).
+
+    ``ds = d_logits`` where the score is finite (0 elsewhere), then ``dbias = Σ_broadcast ds`` (at
+    stages "biased" and "masked"), through the softcap ``ds · (1 − tanh²(s0/c))`` (from stage
+    "softcapped" on), and ``dq = scale · ds k̃``, ``dk = scale · dsᵀ q`` summed over GQA groups
+    (``specs/sdpa.md``).
+
+    Parameters
+    ----------
+    d_logits : array_like, shape (..., Hq, Lq, Lk)
+        Cotangent of the logits: exactly their shape; finite (its entries at ``-inf`` logits are
+        ignored).
+    q, k : array_like
+        As :func:`attention_logits`: ``(..., Hq, Lq, D)`` and ``(..., Hk, Lk, D)``.
+    stage, mask, bias, causal, window, align, chunk, sink_tokens
+        The forward's arguments (same defaults).
+    q_lengths, k_lengths, k_starts, scale, softcap
+        Likewise.
+
+    Returns
+    -------
+    AttentionLogitsGrads
+        ``(dq, dk, dbias)``, float64, each of its input's shape; ``dbias`` None without a bias.
+    """
+    a, upto = _logits_args(
+        q,
+        k,
+        stage,
+        dict(
+            mask=mask,
+            bias=bias,
+            causal=causal,
+            window=window,
+            align=align,
+            chunk=chunk,
+            sink_tokens=sink_tokens,
+            q_lengths=q_lengths,
+            k_lengths=k_lengths,
+            k_starts=k_starts,
+            scale=scale,
+            softcap=softcap,
+        ),
+    )
+    s, ke, t = _logits(a, upto)
+    ds = np.where(np.isfinite(s), as_cotangent(d_logits, a.score_shape, "d_logits"), 0.0)  # (..., Hq, Lq, Lk)
+    dbias = None
+    if a.bias is not None:
+        dbias = unbroadcast(ds, a.bias.shape) if upto >= 2 else np.zeros(a.bias.shape)
+    if t is not None:
+        ds = ds * (1.0 - t**2)
+    dq, dk = backward_qk(a, ke, ds)
+    return AttentionLogitsGrads(dq, dk, dbias)
 
 
 check_keywords_of(globals())  # a typo in a keyword raises RefAttnError with a suggestion

@@ -59,12 +59,28 @@ def _blocks(n, size):
 # ---- query chunks ---------------------------------------------------------------------------
 
 
+_PER_SCORE_OR_STRUCTURE = (
+    "mask",
+    "bias",
+    "dropout_mask",
+    "causal",
+    "window",
+    "align",
+    "chunk",
+    "sink_tokens",
+    "q_lengths",
+    "k_lengths",
+    "k_starts",
+)
+
+
 def _chunk_options(a, options, i0, i1):
-    """sdpa options for query rows ``i0:i1``: structure as an explicit mask, arrays sliced."""
-    sliced = {
-        k: v for k, v in options.items() if k not in ("mask", "bias", "dropout_mask", "causal", "window", "align")
-    }
+    """sdpa options for query rows ``i0:i1``: structure as an explicit mask, arrays sliced, padded
+    query rows as the chunk's own ``q_lengths``."""
+    sliced = {k: v for k, v in options.items() if k not in _PER_SCORE_OR_STRUCTURE}
     rows = (Ellipsis, slice(i0, i1), slice(None))
+    if a.padded_rows is not None:
+        sliced["q_lengths"] = np.clip(a.seqs.q_lengths - i0, 0, i1 - i0)
     if a.allowed is not None:
         sliced["mask"] = np.broadcast_to(a.allowed, a.score_shape)[rows]
     if a.bias is not None:
@@ -186,6 +202,8 @@ class _Tiles:
         self.bias = None if a.bias is None else np.broadcast_to(a.bias, a.score_shape)
         self.keep = None if a.keep_scale is None else np.broadcast_to(a.keep_scale, a.score_shape)
         self.sink = None if a.sinks is None else np.broadcast_to(a.sinks[..., None], a.score_shape[:-1])
+        pad = a.padded_rows  # (B..., 1, Lq) or None: padded query rows are 0 under every policy
+        self.pad = None if pad is None else np.broadcast_to(pad, a.score_shape[:-1])
 
     def scores(self, i0, i1, j0, j1):
         """Tile logits ``(..., Hq, bq, bk)`` (−inf where disallowed) and ``tanh(s0/c)`` or None."""
@@ -278,6 +296,9 @@ def sdpa_online(q, k, v, *, block_q, block_k, return_lse=False, **options):
         if empty.any() and a.empty_rows != "zero":
             fill = np.nan if a.empty_rows == "nan" else tiles.uniform_rows(i0, i1)
             out[..., i0:i1, :] = np.where(empty[..., None], fill, out[..., i0:i1, :])
+    if tiles.pad is not None:
+        out = np.where(tiles.pad[..., None], 0.0, out)
+        lse = np.where(tiles.pad, -np.inf, lse)
     return (out, lse) if return_lse else out
 
 
@@ -331,6 +352,8 @@ def sdpa_online_backward(d_out, q, k, v, *, block_q, block_k, d_lse=None, **opti
             p = np.exp(s - lse_safe[rows][..., None])  # (..., Hq, bq, bk)
             e = empty[rows][..., None]
             p = np.where(e, fill, p)
+            if tiles.pad is not None:
+                p = np.where(tiles.pad[rows][..., None], 0.0, p)
             # out = P̃ ṽ
             dve[..., j0:j1, :] += np.swapaxes(tiles.keep_tile(p, i0, i1, j0, j1), -1, -2) @ d_o[rows + (slice(None),)]
             dp = tiles.keep_tile(

@@ -223,9 +223,10 @@ def _sdpa_signatures(t):
         "mask": t.Array(b1, 4, "A", readonly=True),
         "keep": t.Array(f8, 4, "A", readonly=True),
         "maps": idx2,  # (3, N): the bias, mask, keep batch element of each score batch element
+        "seq": idx2,  # (N, 4): q_length, k_start, k_length, offset of each sequence
         "geometry": numba_type(Geometry, t),
         "scaling": numba_type(Scaling, t),
-        "ranges": idx2,  # key range per query block
+        "ranges": t.Array(i8, 3, "C"),  # (N, query blocks, 2): key range per query block of each sequence
     }
     backward = {
         **common,
@@ -571,43 +572,63 @@ def _per_score(x, score_shape, dtype):
     return view, _own_batch(own, batch)
 
 
-def key_ranges(lq, lk, causal, window, offset, block):
-    """For each block of query rows, the keys ``[lo, hi)`` that causal/window let some row of it attend.
+def key_ranges(lq, lk, seq, causal, window, chunk, sink_tokens, block):
+    """For each sequence and block of query rows, the keys ``[lo, hi)`` that the structure lets some
+    real row of it attend.
 
-    The kernels skip every key tile outside the range.  For the block of rows ``[i0, i1)``:
-    ``lo = i0 + offset − left`` and ``hi = i1 + offset + right`` (``right ≤ 0`` under causal), each
-    clipped to ``[0, lk]`` and ``hi >= lo``; an unbounded side gives ``lo = 0`` / ``hi = lk``.  Exactly
-    the keys the band allows (tested): keys a mask disallows are not removed.
+    The kernels skip every key tile outside the range.  For the real rows ``[i0, i1)`` of a block
+    (``i1 <= q_length``), in key positions ``j' = j − k_start`` of the sequence, with ``p = i +
+    offset``: ``lo' = p(i0) − left`` (0 when sink tokens are exempt from the left side) and ``hi' =
+    p(i1 − 1) + right + 1`` (``right ≤ 0`` under causal), narrowed to the chunks of ``p(i0)`` ..
+    ``p(i1 − 1)`` and clipped to ``[0, k_length]``; an unbounded side gives ``0`` / ``k_length``.
+    A block without real rows gets an empty range.  Exactly the keys the structure allows (tested):
+    keys a mask disallows are not removed.
 
     Parameters
     ----------
     lq, lk : int
         Query and key lengths ``Lq``, ``Lk``.
+    seq : ndarray of int64, shape (N, 4)
+        Per sequence: q_length, k_start, k_length, offset (the kernels' ``seq``).
     causal : bool
-        Whether row i may attend only keys ``j <= i + offset``.
+        Whether row i may attend only keys ``j' <= i + offset``.
     window : (int or None, int or None)
-        ``(left, right)`` window sides, ints >= 0 (as validation clips them) or None (unbounded);
-        ``(None, None)``: no window.
-    offset : int
-        The alignment offset ``o``: row i's diagonal is key ``i + o`` (0 top-left, ``Lk − Lq``
-        bottom-right).
+        ``(left, right)`` window sides, ints of any sign (as validation clips them) or None
+        (unbounded); ``(None, None)``: no window.
+    chunk : int or None
+        The chunk size c, or None.
+    sink_tokens : int
+        Keys ``j' < sink_tokens`` exempt from the left side.
     block : int
         Query rows per block (the kernels' ``BLOCK_Q``).
 
     Returns
     -------
-    ndarray of int64, shape (⌈lq / block⌉, 2)
-        Row ``b`` is ``[lo, hi)`` for query rows ``[b·block, min((b + 1)·block, lq))``; an empty
-        range has ``lo == hi``.
+    ndarray of int64, shape (N, ⌈lq / block⌉, 2)
+        ``[n, b]`` is ``[lo, hi)`` (absolute key indices) for query rows ``[b·block, min((b + 1)·block,
+        lq))`` of sequence n; an empty range has ``lo == hi``.
     """
     left, right = window
     if causal:
         right = 0 if right is None else min(right, 0)
-    i0 = np.arange(0, lq, block, dtype=np.int64)  # first rows
-    i1 = np.minimum(i0 + block, lq)  # one past the last rows
-    lo = np.zeros_like(i0) if left is None else np.clip(i0 + offset - left, 0, lk)  # first row's first key
-    hi = np.full_like(i0, lk) if right is None else np.clip(i1 + offset + right, 0, lk)  # last row's last + 1
-    return np.stack([lo, np.maximum(lo, hi)], axis=1)
+    ql, ks, kl, off = (seq[:, c : c + 1] for c in range(4))  # (N, 1) each
+    i0 = np.arange(0, lq, block, dtype=np.int64)[None, :]  # (1, blocks): first rows
+    i1 = np.minimum(np.minimum(i0 + block, lq), ql)  # (N, blocks): one past the last real rows
+    p0, p1 = i0 + off, i1 - 1 + off  # the first and last real rows' positions
+    lo = np.zeros(np.broadcast_shapes(p0.shape, i1.shape), dtype=np.int64)
+    hi = np.broadcast_to(kl, lo.shape).copy()
+    if left is not None and sink_tokens == 0:
+        lo = np.maximum(lo, p0 - left)
+    if right is not None:
+        hi = np.minimum(hi, p1 + right + 1)
+    if chunk:
+        lo = np.maximum(lo, np.floor_divide(p0, chunk) * chunk)
+        hi = np.minimum(hi, (np.floor_divide(p1, chunk) + 1) * chunk)
+    lo = np.clip(lo, 0, kl)
+    hi = np.clip(hi, lo, kl)
+    real = i1 > i0
+    lo, hi = np.where(real, lo + ks, 0), np.where(real, hi + ks, 0)
+    return np.ascontiguousarray(np.stack([lo, hi], axis=-1))
 
 
 def _task_groups(key, heads):
@@ -637,6 +658,9 @@ class _Flat:
         hq, lq, lk = a.score_shape[-3:]
         sink = np.full(self.batch + (hq,), -np.inf) if a.sinks is None else np.broadcast_to(a.sinks, self.batch + (hq,))
         self.sink = np.asarray(sink, dtype=np.float64).reshape(self.n, hq)
+        seqs = a.seqs
+        per = [np.broadcast_to(x, self.batch).reshape(-1) for x in (seqs.q_lengths, seqs.k_starts, seqs.k_lengths)]
+        self.seq = np.ascontiguousarray(np.stack(per + [np.broadcast_to(seqs.offsets, self.batch).reshape(-1)], 1))
         self.geometry = Geometry.of(a)
         self.scaling = Scaling.of(a)
 
@@ -650,18 +674,21 @@ class _Flat:
             "mask": self.mask,
             "keep": self.keep,
             "maps": self.maps,
+            "seq": self.seq,
             "geometry": self.geometry,
             "scaling": self.scaling,
         }
 
     def key_ranges(self, every_key=False):
-        """The key range of each query block (``key_ranges``); ``every_key``: all of ``[0, Lk)``."""
+        """The key range of each query block of each sequence (``key_ranges``); ``every_key``: all of
+        ``[0, Lk)``."""
         from refattn.kernels.sdpa_kernels import BLOCK_Q
 
-        lq, lk = self.a.score_shape[-2:]
+        a = self.a
+        lq, lk = a.score_shape[-2:]
         if every_key:
-            return np.tile(np.array([0, lk], dtype=np.int64), (-(-lq // BLOCK_Q), 1))
-        return key_ranges(lq, lk, self.a.causal, self.a.window, self.a.offset, BLOCK_Q)
+            return np.tile(np.array([0, lk], dtype=np.int64), (self.n, -(-lq // BLOCK_Q), 1))
+        return key_ranges(lq, lk, self.seq, a.causal, a.window, a.chunk, a.sink_tokens, BLOCK_Q)
 
 
 def sdpa_forward(a):

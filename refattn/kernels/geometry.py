@@ -20,30 +20,38 @@ EMPTY_POLICY = {"zero": 0, "nan": 1, "uniform": 2}
 class Geometry(NamedTuple):
     """Which scores exist and how empty rows are filled, for one sdpa call (``specs/kernels.md``,
     Parameters).  Built by :meth:`of`; every field a Python ``bool`` or ``int``, so its numba type is
-    ``numba_type(Geometry, types)``.
+    ``numba_type(Geometry, types)``.  The per-sequence lengths, starts and offsets are an array beside
+    it (``seq (N, 4)``: q_length, k_start, k_length, offset); with ``j' = j − k_start`` and ``d = j' −
+    (i + offset)`` the rules are those of :func:`refattn.masks.allowed_positions`.
 
     Fields
     ------
     causal : bool
-        Key ``j`` is disallowed for row ``i`` when ``j > i + offset``.
-    left : int
-        Window side before the diagonal: ``j < i + offset − left`` disallowed; ``−1``: no limit.
-    right : int
-        Window side after it: ``j > i + offset + right`` disallowed; ``−1``: no limit.
-    offset : int
-        The diagonal of row ``i`` is key ``i + offset`` (0 top-left, ``Lk − Lq`` bottom-right).
+        Key ``j`` is disallowed for row ``i`` when ``d > 0``.
+    has_left, left : bool, int
+        Whether the window has a left side, and it: ``d < −left`` disallowed (unless ``j' <
+        sink_tokens``); any sign.
+    has_right, right : bool, int
+        Whether the window has a right side, and it: ``d > right`` disallowed; any sign.
+    chunk : int
+        ``c >= 1``: keys with ``(i + offset) // c != j' // c`` disallowed; 0: no chunks.
+    sink_tokens : int
+        Keys ``j' < sink_tokens`` are exempt from the window's left side.
     empty_policy : int
         Rows with every key disallowed and no finite sink: 0 ``"zero"``, 1 ``"nan"``, 2 ``"uniform"``
-        (:data:`EMPTY_POLICY`).
+        (:data:`EMPTY_POLICY`); padded query rows (``i >= q_length``) are 0 under every policy.
     has_bias, has_mask, has_keep : bool
         Whether the kernel's ``bias``, ``mask`` and ``keep`` (dropout keep-scale) arrays are real,
         else 1-element placeholders that are never read.
     """
 
-    causal: bool  # key j is disallowed for row i when j > i + offset
-    left: int  # window side before the diagonal: j < i + offset − left disallowed; −1: no limit
-    right: int  # window side after it: j > i + offset + right disallowed; −1: no limit
-    offset: int  # the diagonal of row i is key i + offset (0 top-left, Lk − Lq bottom-right)
+    causal: bool  # key j is disallowed for row i when d = j' - (i + offset) > 0
+    has_left: bool  # whether the window has a left side
+    left: int  # d < -left disallowed (unless j' < sink_tokens); any sign
+    has_right: bool  # whether the window has a right side
+    right: int  # d > right disallowed; any sign
+    chunk: int  # c >= 1: (i + offset) // c != j' // c disallowed; 0: none
+    sink_tokens: int  # keys j' < sink_tokens exempt from the left side
     empty_policy: int  # rows with every key disallowed: 0 zero, 1 nan, 2 uniform (EMPTY_POLICY)
     has_bias: bool  # whether the ``bias`` array is real (else a 1-element placeholder)
     has_mask: bool  # whether the ``mask`` array is real
@@ -57,19 +65,23 @@ class Geometry(NamedTuple):
         ----------
         a : refattn.attention.sdpa.Args
             Validated sdpa arguments (``refattn.attention.sdpa.validate``); its window sides arrive
-            clipped to ``Lq + Lk``, so the kernels' int64 index arithmetic cannot overflow.
+            clipped (``refattn.masks.clip_window``), so the kernels' int64 index arithmetic cannot
+            overflow.
 
         Returns
         -------
         Geometry
-            Fields by keyword, as Python ``bool`` / ``int``; a None window side becomes ``−1``.
+            Fields by keyword, as Python ``bool`` / ``int``; a None window side has ``has_* = False``.
         """
-        left, right = (-1 if side is None else int(side) for side in a.window)
+        left, right = a.window
         return cls(
             causal=bool(a.causal),
-            left=left,
-            right=right,
-            offset=int(a.offset),
+            has_left=left is not None,
+            left=int(left or 0),
+            has_right=right is not None,
+            right=int(right or 0),
+            chunk=int(a.chunk or 0),
+            sink_tokens=int(a.sink_tokens),
             empty_policy=EMPTY_POLICY[a.empty_rows],
             has_bias=a.bias is not None,
             has_mask=a.user_mask is not None,

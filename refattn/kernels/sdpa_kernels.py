@@ -8,7 +8,7 @@ own ``Nx`` batch elements, zero strides where it broadcasts, and ``maps[0|1|2, n
 that score batch ``n`` reads (bias, mask, keep).  Only ``BLOCK_Q × BLOCK_K`` tiles are allocated,
 per task.  Which keys a query block visits comes from the caller (``ranges[query block] = [lo, hi)``,
 ``refattn.kernels.key_ranges``).  The scalars come as two NamedTuples
-(``refattn.kernels.geometry``): ``geometry`` (causal, window sides, offset, empty-row policy, which
+(``refattn.kernels.geometry``): ``geometry`` (causal, window sides, chunk, sink tokens, empty-row policy, which
 per-score arrays are real) and ``scaling`` (scale, softcap); the helpers get a tile's coordinates
 as a ``Tile``, built by keyword.
 
@@ -39,35 +39,57 @@ _NOT_ALLOWED = -np.inf
 
 
 @nb.njit(inline="always", cache=True)
-def _allowed(i, j, g):
-    """Whether causal/window (``g``: Geometry) let row i attend key j."""
-    d = j - (i + g.offset)
+def _allowed(i, j, g, seq, n):
+    """Whether row i of sequence ``n`` may attend key j (``g``: Geometry, ``seq[n]``: q_length, k_start,
+    k_length, offset): a real key of its sequence, then causal, window (sink tokens exempt from its
+    left side) and chunk on ``d = j' − (i + offset)``, ``j' = j − k_start``."""
+    jr = j - seq[n, 1]
+    if jr < 0 or jr >= seq[n, 2] or i >= seq[n, 0]:
+        return False
+    pos = i + seq[n, 3]
+    d = jr - pos
     if g.causal and d > 0:
         return False
-    if g.right >= 0 and d > g.right:
+    if g.has_right and d > g.right:
         return False
-    if g.left >= 0 and d < -g.left:
+    if g.has_left and d < -g.left and jr >= g.sink_tokens:
+        return False
+    if g.chunk > 0 and pos // g.chunk != jr // g.chunk:  # int floor division, as Python's
         return False
     return True
 
 
 @nb.njit(inline="always", cache=True)
-def _tile_inside(t, g):
-    """Whether causal/window allow every (row, key) of tile ``t``: the offsets j − i − offset span
-    [j0 − (i0 + bq − 1) − offset, j0 + bk − 1 − i0 − offset]."""
-    d_min = t.j0 - (t.i0 + t.bq - 1) - g.offset
-    d_max = t.j0 + t.bk - 1 - t.i0 - g.offset
+def _tile_inside(t, g, seq):
+    """Whether every (row, key) of tile ``t`` is allowed by the structure: real rows and keys, and the
+    offsets ``d`` spanning ``[j0' − (i0 + bq − 1 + o), j0' + bk − 1 − (i0 + o)]`` inside the window
+    (sink tokens not counted: a conservative False), all in one chunk."""
+    n = t.n
+    if t.i0 + t.bq > seq[n, 0]:
+        return False
+    jr0 = t.j0 - seq[n, 1]
+    jr1 = jr0 + t.bk - 1
+    if jr0 < 0 or jr1 >= seq[n, 2]:
+        return False
+    p0 = t.i0 + seq[n, 3]
+    p1 = p0 + t.bq - 1
+    d_min = jr0 - p1
+    d_max = jr1 - p0
     if g.causal and d_max > 0:
         return False
-    if g.right >= 0 and d_max > g.right:
+    if g.has_right and d_max > g.right:
         return False
-    if g.left >= 0 and d_min < -g.left:
+    if g.has_left and d_min < -g.left:
         return False
+    if g.chunk > 0:
+        c = p0 // g.chunk
+        if p1 // g.chunk != c or jr0 // g.chunk != c or jr1 // g.chunk != c:
+            return False
     return True
 
 
 @nb.njit(inline="always", cache=True)
-def _tile_logits(q, k, bias, mask, t, g, sc, tanh_t, s_buf):
+def _tile_logits(q, k, bias, mask, seq, t, g, sc, tanh_t, s_buf):
     """Logits ``(bq, bk)`` of tile ``t`` (−inf where disallowed), a view of the task's buffer
     ``s_buf``; the product by BLAS.  ``g``: Geometry, ``sc``: Scaling; ``tanh_t`` receives
     tanh(s0/c) when softcap > 0."""
@@ -75,7 +97,7 @@ def _tile_logits(q, k, bias, mask, t, g, sc, tanh_t, s_buf):
     scale, softcap = sc.scale, sc.softcap
     s = s_buf[: bq * bk].reshape((bq, bk))
     np.dot(q[t.n, h][i0 : i0 + bq], k[t.n, t.kvh][j0 : j0 + bk].T, s)
-    if softcap == 0.0 and not g.has_mask and _tile_inside(t, g):
+    if softcap == 0.0 and not g.has_mask and _tile_inside(t, g, seq):
         for r in range(bq):  # every key allowed: a plain scaled copy the compiler vectorises
             if g.has_bias:
                 for jj in range(bk):
@@ -95,7 +117,7 @@ def _tile_logits(q, k, bias, mask, t, g, sc, tanh_t, s_buf):
                 x = softcap * th
             if g.has_bias:
                 x += bias[t.bn, h, i, j]
-            if not _allowed(i, j, g) or (g.has_mask and not mask[t.mn, h, i, j]):
+            if not _allowed(i, j, g, seq, t.n) or (g.has_mask and not mask[t.mn, h, i, j]):
                 x = _NOT_ALLOWED
             s[r, jj] = x
     return s
@@ -132,7 +154,7 @@ def _row_sum(s, r, bk):
 
 
 @nb.njit(parallel=True, cache=True, fastmath={"contract"})
-def forward(q, k, v, bias, mask, keep, maps, sink, geometry, scaling, ranges, out, lse):
+def forward(q, k, v, bias, mask, keep, maps, seq, sink, geometry, scaling, ranges, out, lse):
     """sdpa's forward: ``out`` and ``lse`` by tiles, with an online softmax.
 
     Tasks own (n, query head, query block of ``BLOCK_Q``); over the key tiles of the block's range:
@@ -161,15 +183,19 @@ def forward(q, k, v, bias, mask, keep, maps, sink, geometry, scaling, ranges, ou
     maps : ndarray of int64, shape (3, N)
         ``maps[0 | 1 | 2, n]``: the bias, mask and keep batch element that score batch element ``n``
         reads.
+    seq : ndarray of int64, shape (N, 4)
+        Per sequence: ``q_length`` (rows past it are padding), ``k_start``, ``k_length`` (its real
+        keys) and the alignment ``offset`` (row i's diagonal is key ``k_start + i + offset``).
     sink : ndarray, shape (N, Hq)
         Each head's sink logit, float64, read only, any strides; ``-inf``: no sink.
     geometry : refattn.kernels.geometry.Geometry
-        Causal, window sides, alignment offset, empty-row policy and which per-score arrays are real.
+        Causal, window sides, chunk, sink tokens, empty-row policy and which per-score arrays are real.
     scaling : refattn.kernels.geometry.Scaling
         ``scale`` and ``softcap`` (0: none).
-    ranges : ndarray of int64, shape (⌈Lq / BLOCK_Q⌉, 2)
-        The keys ``[lo, hi)`` each query block visits (:func:`refattn.kernels.key_ranges`; the
-        backward passes every key, ``[0, Lk)``, under ``empty_rows`` ``"nan"`` / ``"uniform"``).
+    ranges : ndarray of int64, shape (N, ⌈Lq / BLOCK_Q⌉, 2)
+        The keys ``[lo, hi)`` each query block of each sequence visits
+        (:func:`refattn.kernels.key_ranges`; the backward passes every key, ``[0, Lk)``, under
+        ``empty_rows`` ``"nan"`` / ``"uniform"``).
     out : ndarray, shape (N, Hq, Lq, Dv)
         float64, C-contiguous; receives the output.
     lse : ndarray, shape (N, Hq, Lq)
@@ -203,11 +229,11 @@ def forward(q, k, v, bias, mask, keep, maps, sink, geometry, scaling, ranges, ou
         for r in range(bq):
             m[r] = sink[n, h]
             l_sum[r] = 1.0 if sink[n, h] > -np.inf else 0.0
-        lo, hi = ranges[qb, 0], ranges[qb, 1]
+        lo, hi = ranges[n, qb, 0], ranges[n, qb, 1]
         for j0 in range(lo, hi, BLOCK_K):
             bk = min(j0 + BLOCK_K, hi) - j0
             t = Tile(n=n, h=h, kvh=kvh, bn=bn, mn=mn, kn=kn, i0=i0, bq=bq, j0=j0, bk=bk)
-            s = _tile_logits(q, k, bias, mask, t, g, scaling, tanh_t, s_buf)
+            s = _tile_logits(q, k, bias, mask, seq, t, g, scaling, tanh_t, s_buf)
             for r in range(bq):  # online softmax: s becomes exp(s − m_new), the acc rescaled by alpha
                 row_max = _row_max(s, r, bk)
                 m_new = max(m[r], row_max)
@@ -231,6 +257,11 @@ def forward(q, k, v, bias, mask, keep, maps, sink, geometry, scaling, ranges, ou
             acc += pv
         for r in range(bq):
             i = i0 + r
+            if i >= seq[n, 0]:  # a padded query row: 0 and lse -inf under every policy
+                lse[n, h, i] = -np.inf
+                for c in range(dv):
+                    out[n, h, i, c] = 0.0
+                continue
             if l_sum[r] > 0.0:
                 inv = 1.0 / l_sum[r]
                 for c in range(dv):
@@ -253,12 +284,15 @@ def forward(q, k, v, bias, mask, keep, maps, sink, geometry, scaling, ranges, ou
 
 
 @nb.njit(inline="always", cache=True)
-def _tile_probabilities(s, t, lse, lk, g):
-    """P = exp(s − lse) in place for tile ``t``; rows with lse = −inf get the empty-row fill."""
+def _tile_probabilities(s, t, lse, lk, g, seq):
+    """P = exp(s − lse) in place for tile ``t``; rows with lse = −inf get the empty-row fill (0 on
+    padded query rows)."""
     for r in range(t.bq):
         row_lse = lse[t.n, t.h, t.i0 + r]
         if row_lse == -np.inf:
             fill = 0.0 if g.empty_policy == 0 else (np.nan if g.empty_policy == 1 else 1.0 / lk)
+            if t.i0 + r >= seq[t.n, 0]:
+                fill = 0.0
             for jj in range(t.bk):
                 s[r, jj] = fill
         else:
@@ -312,6 +346,7 @@ def backward_dq(
     mask,
     keep,
     maps,
+    seq,
     geometry,
     scaling,
     ranges,
@@ -351,13 +386,17 @@ def backward_dq(
     maps : ndarray of int64, shape (3, N)
         ``maps[0 | 1 | 2, n]``: the bias, mask and keep batch element that score batch element ``n``
         reads.
+    seq : ndarray of int64, shape (N, 4)
+        Per sequence: ``q_length`` (rows past it are padding), ``k_start``, ``k_length`` (its real
+        keys) and the alignment ``offset`` (row i's diagonal is key ``k_start + i + offset``).
     geometry : refattn.kernels.geometry.Geometry
-        Causal, window sides, alignment offset, empty-row policy and which per-score arrays are real.
+        Causal, window sides, chunk, sink tokens, empty-row policy and which per-score arrays are real.
     scaling : refattn.kernels.geometry.Scaling
         ``scale`` and ``softcap`` (0: none).
-    ranges : ndarray of int64, shape (⌈Lq / BLOCK_Q⌉, 2)
-        The keys ``[lo, hi)`` each query block visits (:func:`refattn.kernels.key_ranges`; the
-        backward passes every key, ``[0, Lk)``, under ``empty_rows`` ``"nan"`` / ``"uniform"``).
+    ranges : ndarray of int64, shape (N, ⌈Lq / BLOCK_Q⌉, 2)
+        The keys ``[lo, hi)`` each query block of each sequence visits
+        (:func:`refattn.kernels.key_ranges`; the backward passes every key, ``[0, Lk)``, under
+        ``empty_rows`` ``"nan"`` / ``"uniform"``).
     pairs : ndarray of int64, shape (M, 2)
         The task groups' pairs, group by group: ``(n, h)``, batch element and query head.
     starts : ndarray of int64, shape (G + 1,)
@@ -400,17 +439,17 @@ def backward_dq(
         s_buf, ds_buf = np.empty(BLOCK_Q * BLOCK_K), np.empty(BLOCK_Q * BLOCK_K)
         dq_part = np.empty((bq, d_dim))
         dq_blk = np.empty((bq, d_dim))
-        lo, hi = ranges[qb, 0], ranges[qb, 1]
         for pair in range(starts[grp], starts[grp + 1]):
             n, h = pairs[pair, 0], pairs[pair, 1]
+            lo, hi = ranges[n, qb, 0], ranges[n, qb, 1]
             kvh = h // group
             bn, mn, kn = maps[0, n], maps[1, n], maps[2, n]
             dq_blk[:, :] = 0.0
             for j0 in range(lo, hi, BLOCK_K):
                 bk = min(j0 + BLOCK_K, hi) - j0
                 t = Tile(n=n, h=h, kvh=kvh, bn=bn, mn=mn, kn=kn, i0=i0, bq=bq, j0=j0, bk=bk)
-                s = _tile_logits(q, k, bias, mask, t, g, scaling, tanh_t, s_buf)
-                _tile_probabilities(s, t, lse, lk, g)
+                s = _tile_logits(q, k, bias, mask, seq, t, g, scaling, tanh_t, s_buf)
+                _tile_probabilities(s, t, lse, lk, g, seq)
                 ds = ds_buf[: bq * bk].reshape((bq, bk))
                 np.dot(d_o[n, h][i0:i1], v[n, kvh][j0 : j0 + bk].T, ds)
                 _tile_ds(s, ds, keep, t, g, scaling, delta, dl, lse, tanh_t, dbias, 0, want_dbias)
@@ -430,6 +469,7 @@ def backward_dkv(
     mask,
     keep,
     maps,
+    seq,
     geometry,
     scaling,
     ranges,
@@ -470,13 +510,17 @@ def backward_dkv(
     maps : ndarray of int64, shape (3, N)
         ``maps[0 | 1 | 2, n]``: the bias, mask and keep batch element that score batch element ``n``
         reads.
+    seq : ndarray of int64, shape (N, 4)
+        Per sequence: ``q_length`` (rows past it are padding), ``k_start``, ``k_length`` (its real
+        keys) and the alignment ``offset`` (row i's diagonal is key ``k_start + i + offset``).
     geometry : refattn.kernels.geometry.Geometry
-        Causal, window sides, alignment offset, empty-row policy and which per-score arrays are real.
+        Causal, window sides, chunk, sink tokens, empty-row policy and which per-score arrays are real.
     scaling : refattn.kernels.geometry.Scaling
         ``scale`` and ``softcap`` (0: none).
-    ranges : ndarray of int64, shape (⌈Lq / BLOCK_Q⌉, 2)
-        The keys ``[lo, hi)`` each query block visits (:func:`refattn.kernels.key_ranges`; the
-        backward passes every key, ``[0, Lk)``, under ``empty_rows`` ``"nan"`` / ``"uniform"``).
+    ranges : ndarray of int64, shape (N, ⌈Lq / BLOCK_Q⌉, 2)
+        The keys ``[lo, hi)`` each query block of each sequence visits
+        (:func:`refattn.kernels.key_ranges`; the backward passes every key, ``[0, Lk)``, under
+        ``empty_rows`` ``"nan"`` / ``"uniform"``).
     pairs : ndarray of int64, shape (M, 2)
         The task groups' pairs, group by group: ``(n, kvh)``, batch element and key/value head.
     starts : ndarray of int64, shape (G + 1,)
@@ -534,11 +578,11 @@ def backward_dkv(
                     i0 = qb * BLOCK_Q
                     i1 = min(i0 + BLOCK_Q, lq)
                     bq = i1 - i0
-                    if j0 >= ranges[qb, 1] or j0 + bk <= ranges[qb, 0]:
+                    if j0 >= ranges[n, qb, 1] or j0 + bk <= ranges[n, qb, 0]:
                         continue
                     t = Tile(n=n, h=h, kvh=kvh, bn=bn, mn=mn, kn=kn, i0=i0, bq=bq, j0=j0, bk=bk)
-                    s = _tile_logits(q, k, bias, mask, t, g, scaling, tanh_t, s_buf)
-                    _tile_probabilities(s, t, lse, lk, g)
+                    s = _tile_logits(q, k, bias, mask, seq, t, g, scaling, tanh_t, s_buf)
+                    _tile_probabilities(s, t, lse, lk, g, seq)
                     ds = ds_buf[: bq * bk].reshape((bq, bk))
                     np.dot(d_o[n, h][i0:i1], v[n, kvh][j0 : j0 + bk].T, ds)
                     if g.has_keep:  # dv += P̃ᵀ dO

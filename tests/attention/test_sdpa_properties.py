@@ -10,6 +10,7 @@ import refattn
 from refattn import masks as masks_mod
 from refattn.attention import loops
 from refattn.attention import sdpa as sdpa_mod
+from refattn.testing.strategies import STRUCTURAL_OPTIONS as STRUCTURE
 from refattn.testing.strategies import Case, sdpa_cases, weights_cases
 from tests.mutation import property_table
 
@@ -28,27 +29,52 @@ def _sdpa(case, **more):
     return refattn.sdpa(*case.inputs, **{**_opts(case, "return_lse"), **more})
 
 
+def _sequence(o, batch, name, default):
+    x = o.get(name)
+    return np.broadcast_to(default if x is None else np.asarray(x), batch)
+
+
 def disallowed(case):
-    """Independent index arithmetic: bool (..., Hq, Lq, Lk), True where a key must get weight 0."""
+    """Independent index arithmetic: bool (..., Hq, Lq, Lk), True where a key must get weight 0
+    (padding, causal, window with sink tokens, chunk, mask, a -inf bias), per sequence."""
     q, k = case.inputs[:2]
     o = case.options
     lq, lk = q.shape[-2], k.shape[-2]
-    off = lk - lq if o.get("align") == "bottom_right" else 0
-    i = np.arange(lq)[:, None] + off
-    j = np.arange(lk)[None, :]
-    bad = np.zeros((lq, lk), dtype=bool)
+    batch = np.broadcast_shapes(q.shape[:-3], k.shape[:-3])
+    ql = _sequence(o, batch, "q_lengths", lq)
+    ks = _sequence(o, batch, "k_starts", 0)
+    kl = _sequence(o, batch, "k_lengths", lk - ks)
+    ql, ks, kl = (x[..., None, None, None] for x in (ql, ks, kl))  # (..., 1, 1, 1): heads, rows, keys
+    align = o.get("align")
+    off = kl - ql if align == "bottom_right" else (align if isinstance(align, (int, np.integer)) else 0)
+    i = np.arange(lq)[:, None]
+    pos = i + off  # the query's key position
+    jr = np.arange(lk)[None, :] - ks  # the key's position in its sequence
+    bad = (i >= ql) | (jr < 0) | (jr >= kl)
     if o.get("causal"):
-        bad |= j > i
-    left, right = o.get("window") or (None, None)
+        bad = bad | (jr > pos)
+    window = o.get("window")
+    left, right = (window, window) if isinstance(window, int) else (window or (None, None))
     if left is not None:
-        bad |= j < i - left
+        bad = bad | ((jr < pos - left) & (jr >= o.get("sink_tokens", 0)))
     if right is not None:
-        bad |= j > i + right
+        bad = bad | (jr > pos + right)
+    if o.get("chunk"):
+        bad = bad | (np.floor_divide(pos, o["chunk"]) != np.floor_divide(jr, o["chunk"]))
     if "mask" in o:
         bad = bad | ~o["mask"]
     if "bias" in o:
         bad = bad | np.isneginf(o["bias"])
     return bad
+
+
+def padded_rows(case):
+    """bool (..., 1, Lq) or a scalar False: the query rows past each sequence's q_length."""
+    o = case.options
+    if o.get("q_lengths") is None:
+        return False
+    lq = case.inputs[0].shape[-2]
+    return np.arange(lq) >= np.asarray(o["q_lengths"])[..., None, None]
 
 
 # ---- the properties -----------------------------------------------------------------------------
@@ -63,6 +89,7 @@ def check_rows_sum_to_one(case):
     empty = np.isneginf(lse)
     policy = case.options["empty_rows"]
     expected = np.where(empty, {"zero": 0.0, "uniform": 1.0, "nan": np.nan}[policy], 1.0)
+    expected = np.where(padded_rows(case), 0.0, expected)  # padded query rows are 0 under every policy
     np.testing.assert_allclose(total, expected, **CLOSE)
     assert (p[~np.isnan(p)] >= 0).all()
 
@@ -165,6 +192,7 @@ def check_lse_is_log_sum_exp_of_scores(case):
         s = np.concatenate([s, sinks], axis=-1)
     with np.errstate(divide="ignore"):
         expected = scipy_logsumexp(s, axis=-1)
+    expected = np.where(padded_rows(case), -np.inf, expected)  # a padded row's lse is -inf, sink or not
     lse = _sdpa(case, return_lse=True)[1]
     np.testing.assert_allclose(lse, expected, **CLOSE)
 
@@ -175,7 +203,7 @@ square = sdpa_cases().filter(lambda c: c.inputs[0].shape[-2] == c.inputs[1].shap
 no_sinks = sdpa_cases().map(lambda c: Case(c.inputs, _opts(c, "sinks")))
 with_softcap = no_sinks.map(lambda c: Case(c.inputs, {**c.options, "softcap": c.options.get("softcap", 1.0)}))
 gqa = sdpa_cases().filter(lambda c: c.inputs[0].shape[-3] > c.inputs[1].shape[-3] > 1)
-no_structure = sdpa_cases().map(lambda c: Case(c.inputs, _opts(c, "causal", "window", "align")))
+no_structure = sdpa_cases().map(lambda c: Case(c.inputs, _opts(c, *STRUCTURE)))
 finite_rows = sdpa_cases().map(lambda c: Case(c.inputs, {**c.options, "empty_rows": "zero"}))
 
 PROPERTIES = [
@@ -194,6 +222,28 @@ PROPERTIES = [
 
 
 # ---- the broken variants ------------------------------------------------------------------------
+
+
+def _causal_off_by_one(real):
+    """Mutant: causal lets each query see one key past its diagonal."""
+
+    def allowed(lq, lk, seqs, *, causal=False, window=(None, None), chunk=None, sink_tokens=0):
+        if causal:
+            left, right = window
+            window, causal = (left, (0 if right is None else min(right, 0)) + 1), False
+        return real(lq, lk, seqs, causal=causal, window=window, chunk=chunk, sink_tokens=sink_tokens)
+
+    return allowed
+
+
+def _bottom_right_off_by_one(real):
+    """Mutant: the bottom-right offset is k_length - q_length + 1."""
+
+    def sequences(batch, lq, lk, *, align=None, **lengths):
+        seqs = real(batch, lq, lk, align=align, **lengths)
+        return seqs._replace(offsets=seqs.offsets + 1) if align == "bottom_right" else seqs
+
+    return sequences
 
 
 def _patch_normalize(monkeypatch, change):
@@ -233,21 +283,15 @@ MUTANTS = {
         sdpa_mod, "expand_kv", lambda x, g: x if g == 1 else np.tile(x, (1,) * (x.ndim - 3) + (g, 1, 1))
     ),
     "causal_off_by_one": lambda mp: mp.setattr(
-        masks_mod,
-        "band",
-        (lambda real: lambda lq, lk, o, left, right: real(lq, lk, o, left, None if right is None else right + 1))(
-            masks_mod.band
-        ),
+        masks_mod, "allowed_positions", _causal_off_by_one(masks_mod.allowed_positions)
     ),
     "bottom_right_off_by_one": lambda mp: mp.setattr(
-        masks_mod,
-        "alignment_offset",
-        (lambda real: lambda lq, lk, align, what="": real(lq, lk, align, what=what) + (align == "bottom_right"))(
-            masks_mod.alignment_offset
-        ),
+        masks_mod, "sequences", _bottom_right_off_by_one(masks_mod.sequences)
     ),
     "window_none_as_zero": lambda mp: mp.setattr(
-        masks_mod, "check_window", lambda w, name="window": tuple(0 if x is None else x for x in w)
+        masks_mod,
+        "check_window",
+        lambda w, name="window": tuple(0 if x is None else x for x in ((w, w) if isinstance(w, int) else w)),
     ),
 }
 

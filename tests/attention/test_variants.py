@@ -10,6 +10,9 @@ from refattn.attention import linear as linear_mod
 from refattn.attention import multihead as mh_mod
 from refattn.attention import position as position_mod
 from refattn.testing.strategies import (
+    STRUCTURAL_OPTIONS as STRUCTURE,
+)
+from refattn.testing.strategies import (
     Case,
     chunked_cases,
     decode_cases,
@@ -113,7 +116,7 @@ def check_chunked_equals_sdpa(case):
 
 def check_combined_halves_equal_full(case):
     q, k, v = case.inputs
-    o = _drop(case.options, "return_lse", "dropout_p", "dropout_mask", "sinks", "causal", "window", "align")
+    o = _drop(case.options, "return_lse", "dropout_p", "dropout_mask", "sinks", *STRUCTURE)
     lk = k.shape[-2]
     split = lk // 2
     score = refattn.attention_weights(q, k, **_drop(o, "empty_rows")).shape
@@ -371,7 +374,7 @@ def _chunks_aligned_locally(mp):
 
     def mutant(a, o, i0, i1):
         structure = {k: o[k] for k in ("causal", "window") if k in o}
-        plain_opts = _drop(o, "causal", "window", "align", "chunk_size")
+        plain_opts = _drop(o, *STRUCTURE, "chunk_size")
         plain = tiled._sdpa.validate(a.q, a.k, a.v, **plain_opts)
         return {**real(plain, plain_opts, i0, i1), **structure, "align": o.get("align") or "top_left"}
 
