@@ -4,7 +4,9 @@ Maps are per layer, first layer first: ``(..., H, n, n)`` (or ``(..., n, n)`` wi
 ``head_fusion=None``), rows = queries.  Per layer::
 
     Ā = fuse_heads(A)                       mean | max | min over H (None: already fused)
-    Ā = Ā with the ⌊discard_ratio·n⌋ smallest entries of each row set to 0 (n real tokens; ties: lower index)
+    Ā = Ā with its smallest entries set to 0  ⌊discard_ratio·n⌋ of each row (discard_scope="row"), or
+                                            ⌊discard_ratio·n²⌋ of the whole map ("map", vit-explain's),
+                                            the protected entries spared (n real tokens; ties: lower index)
     Â = residual·I + (1 − residual)·Ā       restricted to real tokens when a mask is given
     Â = Â / rowsum(Â)                       when renormalize
 
@@ -18,7 +20,6 @@ original code).  Flow is a max-flow on the layered graph with capacities ``Â``.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Iterator
 from typing import NamedTuple
 
@@ -39,10 +40,12 @@ from refattn._validate import (
 )
 from refattn.metrics._maps import check_probability_rows
 
-__all__ = ["HEAD_FUSIONS", "RolloutGrads", "attention_flow", "rollout", "rollout_backward"]
+__all__ = ["DISCARD_SCOPES", "HEAD_FUSIONS", "RolloutGrads", "attention_flow", "rollout", "rollout_backward"]
 
 #: The values of ``head_fusion`` (None for maps already fused).
 HEAD_FUSIONS = ("mean", "max", "min", None)
+#: The values of ``discard_scope``: the smallest entries of each row, or of the whole map (vit-explain).
+DISCARD_SCOPES = ("row", "map")
 
 
 class RolloutGrads(NamedTuple):
@@ -65,9 +68,32 @@ class _Options(NamedTuple):
     discard_ratio: float
     renormalize: bool
     check_probabilities: bool = True
+    discard_scope: str = "row"
+    protect: tuple | None = None  # ((query, key), ...) spared by the discard; None: the scope's default
 
 
-def _options(residual, head_fusion, start_layer, discard_ratio, renormalize, check_probabilities=True):
+def _protect(protect):
+    """``protect`` as a tuple of ``(query, key)`` int pairs (ranges are checked against n in :func:`_spared`)."""
+    if protect is None:
+        return None
+    pairs = to_numpy(protect, "protect")
+    if pairs.size == 0:
+        return ()
+    if pairs.dtype == bool or pairs.dtype.kind not in "iu" or pairs.ndim != 2 or pairs.shape[-1] != 2:
+        raise RefAttnError(f"protect: expected (query, key) position pairs such as [(0, 0)], got {protect!r}")
+    return tuple((int(i), int(j)) for i, j in pairs)
+
+
+def _options(
+    residual,
+    head_fusion,
+    start_layer,
+    discard_ratio,
+    renormalize,
+    check_probabilities=True,
+    discard_scope="row",
+    protect=None,
+):
     residual = as_real(residual, "residual", allow_none=False)
     if not 0.0 <= residual <= 1.0:
         raise RefAttnError(f"residual: expected a weight in [0, 1], got {residual}")
@@ -83,6 +109,8 @@ def _options(residual, head_fusion, start_layer, discard_ratio, renormalize, che
         discard_ratio,
         as_flag(renormalize, "renormalize"),
         as_flag(check_probabilities, "check_probabilities"),
+        as_choice(discard_scope, "discard_scope", DISCARD_SCOPES),
+        _protect(protect),
     )
 
 
@@ -160,13 +188,24 @@ def _fuse(a, opts, valid, name="attentions"):
         f = np.where(pair, f, 0.0)
     keep = None
     n_real = np.full(f.shape[:-2], n) if valid is None else valid.sum(axis=-1)  # (...,) real tokens per map
-    drop = np.floor(opts.discard_ratio * n_real).astype(np.int64)
+    drop = _discarded(opts, n_real)  # (...,) entries discarded per row or per map
     if drop.any():
-        ranked = f if valid is None else np.where(valid[..., None, :], f, np.inf)  # padded keys never ranked low
-        order = np.argsort(ranked, axis=-1, kind="stable")  # ascending; ties: lower index first
-        rank = np.empty_like(order)
-        np.put_along_axis(rank, order, np.arange(n), axis=-1)
-        keep = rank >= drop[..., None, None]
+        if opts.discard_scope == "row":
+            ranked = f if valid is None else np.where(valid[..., None, :], f, np.inf)  # padded keys never low
+            order = np.argsort(ranked, axis=-1, kind="stable")  # (..., n, n) ascending; ties: lower index
+            rank = np.empty_like(order)
+            np.put_along_axis(rank, order, np.arange(n), axis=-1)
+            keep = rank >= drop[..., None, None]
+        else:  # the whole map, flattened row-major (vit-explain's flat.topk(k, largest=False))
+            ranked = f if pair is None else np.where(pair, f, np.inf)  # padded entries never ranked low
+            flat = ranked.reshape(f.shape[:-2] + (n * n,))  # (..., n²)
+            order = np.argsort(flat, axis=-1, kind="stable")  # ascending; ties: lower flat index
+            rank = np.empty_like(order)
+            np.put_along_axis(rank, order, np.arange(n * n), axis=-1)
+            keep = (rank >= drop[..., None]).reshape(f.shape)  # (..., n, n)
+        spared = _spared(opts, valid, f.shape)
+        if spared is not None:  # chosen among the smallest, but kept: fewer may be discarded
+            keep = keep | spared
         f = f * keep
     eye = np.eye(n) if pair is None else np.eye(n) * valid[..., None, :]
     m = opts.residual * eye + (1.0 - opts.residual) * f
@@ -180,9 +219,45 @@ def _fuse(a, opts, valid, name="attentions"):
     return _Fused(m_hat, choice, keep, m, rowsum, pair)
 
 
+def _discarded(opts, n_real):
+    """How many entries the discard sets to 0: ``⌊ratio · n⌋`` per row, ``⌊ratio · n²⌋`` per map (``n_real``
+    real tokens, an int or an array per map)."""
+    count = np.asarray(n_real) ** 2 if opts.discard_scope == "map" else np.asarray(n_real)
+    return np.floor(opts.discard_ratio * count).astype(np.int64)
+
+
+def _spared(opts, valid, shape):
+    """The entries the discard never removes, bool ``(..., n, n)`` (or broadcastable), or None.
+
+    ``protect=None``: under ``"map"`` the [CLS] entry, the first real token's attention to itself
+    (``(0, 0)`` without a mask: vit-explain's ``indices[indices != 0]``); under ``"row"`` nothing.
+    Otherwise the given ``(query, key)`` pairs, in the maps' (padded) coordinates.
+    """
+    n = shape[-1]
+    if opts.protect is None:
+        if opts.discard_scope == "row":
+            return None
+        first = np.zeros(shape[:-2], dtype=np.int64) if valid is None else np.argmax(valid, axis=-1)  # (...,)
+        eye = np.arange(n)
+        return (eye[:, None] == first[..., None, None]) & (eye[None, :] == first[..., None, None])
+    if not opts.protect:
+        return None
+    out = np.zeros((n, n), dtype=bool)
+    for i, j in opts.protect:
+        out[i, j] = True
+    return out
+
+
+def _check_protect(opts, n):
+    """Every ``protect`` pair inside maps of n tokens (checked once, at the first layer)."""
+    for i, j in opts.protect or ():
+        if not (-n <= i < n and -n <= j < n):
+            raise RefAttnError(f"protect: expected (query, key) positions in [-{n}, {n}), got {(i, j)}")
+
+
 def _kernel_applies(a, opts, valid, backend):
     """Whether the rollout kernel computes this layer: mean fusion, no mask, nothing discarded."""
-    simple = opts.head_fusion == "mean" and valid is None and math.floor(opts.discard_ratio * a.shape[-1]) == 0
+    simple = opts.head_fusion == "mean" and valid is None and not _discarded(opts, a.shape[-1]).any()
     return simple and _kernels.resolve_backend(backend, a.size) == "numba"
 
 
@@ -214,6 +289,7 @@ def _layers(attentions, opts, mask, *, keep_maps=False, backend=None):
             shape = a.shape
             fused_shape = a.shape[:-3] + a.shape[-2:] if opts.head_fusion else a.shape
             valid = _valid(mask, fused_shape)
+            _check_protect(opts, a.shape[-1])
         name = f"attentions[{index}]"
         _check_layer(a, valid, opts, name)
         if index < opts.start_layer and not np.isfinite(a).all():  # skipped, but still an input
@@ -239,6 +315,8 @@ def rollout(
     head_fusion="mean",
     start_layer=0,
     discard_ratio=0.0,
+    discard_scope="row",
+    protect=None,
     renormalize=True,
     mask=None,
     return_all=False,
@@ -252,8 +330,10 @@ def rollout(
 
         1. Ā = fuse_heads(A)                  mean | max | min over H (None: already fused)
         2. Ā = Ā · [both tokens real]         with a mask
-        3. Ā = Ā with the ⌊discard_ratio · n⌋ smallest entries of each row set to 0
-                                              (n real tokens; real keys ranked, ties: lower index)
+        3. Ā = Ā with its smallest entries set to 0: the ⌊discard_ratio · n⌋ smallest of each row
+           (discard_scope="row") or the ⌊discard_ratio · n²⌋ smallest of the whole map ("map",
+           vit-explain's), the protected entries among them spared (n real tokens; real entries
+           ranked, ties: lower index, row-major over the map)
         4. M = residual · I + (1 − residual) · Ā    (I on real tokens only)
         5. Â = M / rowsum(M)                  when renormalize (zero rows stay 0)
 
@@ -280,8 +360,19 @@ def rollout(
         The first layer taken into the product (>= 0, fewer than the layers); earlier layers are
         still checked.
     discard_ratio : float, default 0.0
-        In [0, 1): the ``⌊discard_ratio · n_real⌋`` smallest entries of each row of ``Ā`` are set to 0
-        before the residual (per row; vit-explain drops them over the whole map).
+        In [0, 1): the fraction of ``Ā``'s smallest entries set to 0 before the residual (step 3).
+    discard_scope : {"row", "map"}, default "row"
+        ``"row"``: the ``⌊discard_ratio · n_real⌋`` smallest entries of each row; ``"map"``: the
+        ``⌊discard_ratio · n_real²⌋`` smallest of each whole map (flattened, per example), as
+        jacobgil/vit-explain's ``vit_rollout.py`` does.  Real entries only are ranked; ties go to the
+        lower (flat) index.
+    protect : sequence of (int, int), optional
+        Entries the discard never removes, as ``(query, key)`` positions in the maps' (padded)
+        coordinates, e.g. ``[(0, 0)]``: they are ranked with the others, and when among the
+        smallest they are kept, so fewer are discarded (vit-explain's ``indices[indices != 0]``).
+        ``()``: none.  Default None: under ``"map"`` the [CLS] entry — the first real token's
+        attention to itself, ``(0, 0)`` without a mask (vit-explain's flat index 0) —, under
+        ``"row"`` none (refattn's earlier behaviour).
     renormalize : bool, default True
         Divide each row of M by its sum.
     mask : array_like of bool, broadcastable to (..., n), optional
@@ -317,10 +408,12 @@ def rollout(
     ------
     RefAttnError
         No layer, layers of different or non-square shapes, ``start_layer`` past the last layer, an
-        option out of range, non-finite maps or rows that are not probabilities (``RefAttnTypeError``
-        for a non-real dtype or a non-bool mask).
+        option out of range (``protect`` pairs outside the maps among them), non-finite maps or rows
+        that are not probabilities (``RefAttnTypeError`` for a non-real dtype or a non-bool mask).
     """
-    opts = _options(residual, head_fusion, start_layer, discard_ratio, renormalize, check_probabilities)
+    opts = _options(
+        residual, head_fusion, start_layer, discard_ratio, renormalize, check_probabilities, discard_scope, protect
+    )
     return_all = as_flag(return_all, "return_all")
     _kernels.resolve_backend(backend, 0)  # validates the choice
     if rows is not None:
@@ -362,6 +455,7 @@ def _rollout_rows(attentions, opts, mask, rows, backend):
             shape = a.shape
             fused_shape = a.shape[:-3] + a.shape[-2:] if opts.head_fusion else a.shape
             valid = _valid(mask, fused_shape)
+            _check_protect(opts, a.shape[-1])
             idx = _rows_index(rows, a.shape[-1])
         _check_layer(a, valid, opts, f"attentions[{index}]")
         if index < opts.start_layer:
@@ -390,6 +484,8 @@ def rollout_backward(
     head_fusion="mean",
     start_layer=0,
     discard_ratio=0.0,
+    discard_scope="row",
+    protect=None,
     renormalize=True,
     mask=None,
     return_all=False,
@@ -400,10 +496,10 @@ def rollout_backward(
 
     Going from the last layer down with the prefixes ``P_k = Â_k ⋯ Â_{s+1}``: ``G_k = dR_k + Â_{k+1}ᵀ
     G_{k+1}``, ``dÂ_k = G_k P_{k−1}ᵀ``, then back through each layer's steps (``specs/rollout.md``):
-    the renormalisation, the residual, the discard (its selection held fixed), the padding and the
-    fusion (mean: ``dĀ / H`` to every head; max/min: the subgradient, all to the selected head, lower
-    head index on ties).  The result is the same whether ``attentions`` is an array, a sequence or an
-    iterator.
+    the renormalisation, the residual, the discard (its selection held fixed, per row or per map), the
+    padding and the fusion (mean: ``dĀ / H`` to every head; max/min: the subgradient, all to the
+    selected head, lower head index on ties).  The result is the same whether ``attentions`` is an
+    array, a sequence or an iterator.
 
     Parameters
     ----------
@@ -412,7 +508,8 @@ def rollout_backward(
         ``return_all``; the shape of those rows with ``rows`` (scattered into R's full shape).
     attentions : sequence, array or iterator of array_like
         As :func:`rollout`.
-    residual, head_fusion, start_layer, discard_ratio, renormalize, mask, return_all, rows, check_probabilities
+    residual, head_fusion, start_layer, discard_ratio, discard_scope, protect, renormalize
+    mask, return_all, rows, check_probabilities
         The forward's options, as :func:`rollout` (same defaults; ``mask``: True = real token).
         The backward runs NumPy: it takes no ``backend``.
 
@@ -421,7 +518,9 @@ def rollout_backward(
     RolloutGrads
         ``(dattentions,)``: float64, ``(L, ..., H, n, n)``, 0 for the layers before ``start_layer``.
     """
-    opts = _options(residual, head_fusion, start_layer, discard_ratio, renormalize, check_probabilities)
+    opts = _options(
+        residual, head_fusion, start_layer, discard_ratio, renormalize, check_probabilities, discard_scope, protect
+    )
     return_all = as_flag(return_all, "return_all")
     if rows is not None:
         if return_all:
@@ -442,6 +541,8 @@ def rollout_backward(
             head_fusion=head_fusion,
             start_layer=start_layer,
             discard_ratio=discard_ratio,
+            discard_scope=discard_scope,
+            protect=protect,
             renormalize=renormalize,
             mask=mask,
             check_probabilities=check_probabilities,

@@ -7,7 +7,7 @@ import pytest
 
 import refattn
 from refattn import rollout_flow as rollout_mod
-from refattn.testing.strategies import Case, rollout_cases
+from refattn.testing.strategies import Case, rollout_cases, rollout_discard_cases
 from tests.mutation import property_table
 
 CLOSE = dict(rtol=1e-12, atol=1e-13)
@@ -157,6 +157,124 @@ def test_bad_arguments_are_named():
         refattn.rollout(np.ones((1, 1, 2, 3)))
 
 
+# ---- the discard over the whole map (vit-explain) and protected entries ----------------------------
+
+
+def vit_explain_rollout(attentions, discard_ratio, head_fusion):
+    """jacobgil/vit-explain ``vit_rollout.py: rollout`` transcribed in NumPy (batch of one), line by line,
+    with ``keepdim=True`` in the row normalisation (its issue #16: ``a / a.sum(dim=-1)`` divides columns)
+    and its ``mask = result[0, 0, 1:]`` post-processing left out: the rollout matrix itself."""
+    result = np.eye(attentions[0].shape[-1])
+    for attention in attentions:
+        if head_fusion == "mean":
+            attention_heads_fused = attention.mean(axis=1)
+        elif head_fusion == "max":
+            attention_heads_fused = attention.max(axis=1)
+        else:
+            attention_heads_fused = attention.min(axis=1)
+        # Drop the lowest attentions, but don't drop the class token
+        flat = attention_heads_fused.reshape(attention_heads_fused.shape[0], -1)  # a view, as torch's .view
+        k = int(flat.shape[-1] * discard_ratio)
+        indices = np.argsort(flat, axis=-1, kind="stable")[:, :k]  # flat.topk(k, -1, largest=False)
+        indices = indices[indices != 0]
+        flat[0, indices] = 0
+        eye = np.eye(attention_heads_fused.shape[-1])
+        a = (attention_heads_fused + 1.0 * eye) / 2
+        a = a / a.sum(axis=-1, keepdims=True)
+        result = a @ result
+    return result
+
+
+@pytest.mark.parametrize("head_fusion", ["mean", "max", "min"])
+@pytest.mark.parametrize("discard_ratio", [0.0, 0.1, 0.5, 0.9])
+def test_map_scope_equals_vit_explain(head_fusion, discard_ratio):
+    rng = np.random.default_rng(int(discard_ratio * 10) + len(head_fusion))
+    maps = _softmax(rng.standard_normal((4, 1, 3, 7, 7)) * 2)  # (L, B = 1, H, n, n), tie-free
+    want = vit_explain_rollout(list(maps.copy()), discard_ratio, head_fusion)
+    got = refattn.rollout(maps, head_fusion=head_fusion, discard_ratio=discard_ratio, discard_scope="map")
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    if discard_ratio >= 0.5:  # a real difference, not a relabelling: the per-row discard differs
+        per_row = refattn.rollout(maps, head_fusion=head_fusion, discard_ratio=discard_ratio)
+        assert np.abs(per_row - want).max() > 1e-3
+
+
+def _one_layer_fused(case):
+    """One layer, its fused map returned as it is: residual 0, no renormalisation."""
+    (maps,) = case.inputs
+    o = {k: v for k, v in case.options.items() if k in ("head_fusion", "mask", "discard_scope", "protect")}
+    return Case((maps[:1],), {**o, "discard_ratio": case.options.get("discard_ratio", 0.5)})
+
+
+def check_discard_removes_the_smallest_real_entries(case):
+    """Exactly the ⌊r·count⌋ smallest real entries of each row ("row") or of the map ("map") are 0,
+    minus the protected ones among them ([CLS] by default under "map")."""
+    (maps,) = case.inputs
+    o = case.options
+    scope, r = o.get("discard_scope", "row"), o["discard_ratio"]
+    fused = {"mean": np.mean, "max": np.max, "min": np.min}[o["head_fusion"]](maps[0], axis=0)  # (n, n)
+    n = fused.shape[-1]
+    real = o.get("mask", np.ones(n, dtype=bool))
+    got = refattn.rollout(maps, residual=0.0, renormalize=False, **o)
+    protect = o.get("protect")
+    if protect is None:
+        protect = [(int(np.argmax(real)),) * 2] if scope == "map" else []
+    spared = np.zeros((n, n), dtype=bool)
+    for i, j in protect:
+        spared[i, j] = True
+    pair = real[:, None] & real[None, :]
+    want = np.where(pair, fused, 0.0)
+    groups = [(i, real) for i in np.flatnonzero(real)] if scope == "row" else [(None, None)]
+    for row, _ in groups:
+        entries = [(row, j) for j in np.flatnonzero(real)] if scope == "row" else list(zip(*np.nonzero(pair)))
+        values = np.array([fused[e] for e in entries])
+        k = int(np.floor(r * (real.sum() if scope == "row" else real.sum() ** 2)))
+        for e in np.array(entries)[np.argsort(values, kind="stable")[:k]]:
+            if not spared[tuple(e)]:
+                want[tuple(e)] = 0.0
+    np.testing.assert_array_equal(got, want)
+
+
+def check_map_discard_gradient_holds_the_selection(case):
+    """rollout_backward through a map-wide discard: a random direction against central differences
+    (the strategy keeps every selection away from a tie)."""
+    from refattn.testing import check_vjp
+
+    o = {**case.options, "discard_scope": "map", "discard_ratio": case.options.get("discard_ratio", 0.25)}
+    assert check_vjp(refattn.rollout, refattn.rollout_backward, case.inputs, options=o, rtol=1e-8).passed
+
+
+def test_protect_works_in_either_scope_and_is_checked():
+    a = np.array([[[[0.1, 0.1, 0.3, 0.5], [0.4, 0.3, 0.2, 0.1], [0.25, 0.25, 0.25, 0.25], [0.7, 0.1, 0.1, 0.1]]]])
+    o = dict(discard_ratio=0.5, residual=0.0, renormalize=False)
+    r = refattn.rollout(a, protect=[(0, 0), (1, 3)], **o)
+    assert r[0].tolist() == [0.1, 0.0, 0.3, 0.5]  # (0, 0) spared: only (0, 1) goes
+    assert r[1].tolist() == [0.4, 0.3, 0.0, 0.1]
+    # the whole map: its 8 smallest of 16 entries (six 0.1, the 0.2, the first 0.25: ties go to the lower
+    # flat index), [CLS]→[CLS] spared by default, so 7 go
+    m = refattn.rollout(a, discard_scope="map", **o)
+    assert m.tolist() == [[0.1, 0.0, 0.3, 0.5], [0.4, 0.3, 0.0, 0.0], [0.0, 0.25, 0.25, 0.25], [0.7, 0.0, 0.0, 0.0]]
+    nothing = refattn.rollout(a, discard_scope="map", protect=(), **o)
+    assert nothing[0].tolist() == [0.0, 0.0, 0.3, 0.5]
+    with pytest.raises(refattn.RefAttnError, match="discard_scope"):
+        refattn.rollout(a, discard_scope="column")
+    with pytest.raises(refattn.RefAttnError, match="protect"):
+        refattn.rollout(a, protect=[(4, 0)])
+    with pytest.raises(refattn.RefAttnError, match="protect"):
+        refattn.rollout(a, protect=[0, 1, 2])
+
+
+def test_the_kernel_takes_only_layers_without_a_discard():
+    opts = rollout_mod._options(0.5, "mean", 0, 0.2, True, discard_scope="map")  # ⌊0.2·3⌋ = 0, ⌊0.2·9⌋ = 1
+    a = np.ones((2, 3, 3)) / 3
+    assert not rollout_mod._kernel_applies(a, opts, None, "numba")
+    assert rollout_mod._discarded(opts._replace(discard_scope="row"), 3) == 0
+    maps = _softmax(np.random.default_rng(8).standard_normal((2, 1, 2, 3, 3)))
+    for backend in ("numpy", "numba"):
+        pytest.importorskip("numba") if backend == "numba" else None
+        got = refattn.rollout(maps, discard_ratio=0.2, discard_scope="map", backend=backend)
+        np.testing.assert_array_equal(got, vit_explain_rollout(list(maps.copy()), 0.2, "mean"))
+
+
 # ---- flow ---------------------------------------------------------------------------------------
 
 
@@ -211,6 +329,16 @@ PROPERTIES = [
     (check_mean_fusion_invariant_to_head_permutation, rollout_cases(), "first_head_only"),
     (check_padding_equals_cropping, rollout_cases(), "padding_not_removed"),
     (check_rows_path_equals_rows_of_the_full_rollout, rollout_cases(), "rows_chained_first_layer_first"),
+    (
+        check_discard_removes_the_smallest_real_entries,
+        rollout_discard_cases().map(_one_layer_fused),
+        ("map_discard_counts_a_row", "cls_not_protected"),
+    ),
+    (
+        check_map_discard_gradient_holds_the_selection,
+        rollout_discard_cases(for_gradcheck=True).filter(lambda c: c.options.get("discard_scope") == "map"),
+        "map_discard_gradient_not_masked",
+    ),
 ]
 
 
@@ -239,6 +367,11 @@ def _earlier_layers_on_the_left(mp):
     mp.setattr(refattn, "rollout", mutant)
 
 
+def _only_given_pairs(real):
+    """vit-explain without ``indices[indices != 0]``: the default protects nothing."""
+    return lambda opts, valid, shape: None if opts.protect is None else real(opts, valid, shape)
+
+
 MUTANTS = {
     # vit-explain issue #16: dividing by a row sum without keepdims divides columns instead of rows
     "renormalisation_without_keepdims": _fuse_mutant(
@@ -254,6 +387,14 @@ MUTANTS = {
     ),
     "first_head_only": _fuse_mutant(lambda real, a, o, v: real(a[..., :1, :, :], o, v)),
     "padding_not_removed": _fuse_mutant(lambda real, a, o, v: real(a, o, None)),
+    "map_discard_counts_a_row": lambda mp: mp.setattr(
+        rollout_mod, "_discarded", lambda opts, n_real: np.floor(opts.discard_ratio * np.asarray(n_real)).astype(int)
+    ),
+    "cls_not_protected": lambda mp: mp.setattr(rollout_mod, "_spared", _only_given_pairs(rollout_mod._spared)),
+    # the backward forgetting that a discarded entry has no gradient
+    "map_discard_gradient_not_masked": _fuse_mutant(
+        lambda real, a, o, v: (lambda f: f._replace(keep=None))(real(a, o, v))
+    ),
 }
 
 

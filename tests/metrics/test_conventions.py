@@ -46,6 +46,7 @@ DATA = {
     "previous_token_score": ("P",),
     "duplicate_token_score": ("P", "tokens"),
     "induction_score": ("P", "tokens"),
+    "pattern_score": ("P", "pattern"),
     # distribution
     "entropy": ("P",),
     "entropy_from_logits": ("s",),
@@ -102,6 +103,7 @@ OUTPUT = {
     "previous_token_score": "score",
     "duplicate_token_score": "score",
     "induction_score": "score",
+    "pattern_score": "score",
     "entropy": "entropy",
     "entropy_from_logits": "entropy",
     "max_weight": "max_weight",
@@ -236,6 +238,7 @@ EXAMPLES = {  # name -> (positional data, options)
     "previous_token_score": ((_P,), {}),
     "duplicate_token_score": ((_P, _TOKENS), {}),
     "induction_score": ((_P, _TOKENS), {}),
+    "pattern_score": ((_P, np.eye(_P.shape[-1], k=-1)), {}),
     "entropy": ((_P,), {}),
     "entropy_from_logits": ((_S,), {}),
     "max_weight": ((_P,), {}),
@@ -245,7 +248,7 @@ EXAMPLES = {  # name -> (positional data, options)
     "head_diversity": ((_P,), {}),
     "detect_collapse": ((_P,), {"threshold": 0.5}),
     "detect_uniform": ((_P,), {"tolerance": 0.5}),
-    "head_importance": ((_rng.standard_normal((3, 2, 2)),), {}),
+    "head_importance": ((_rng.standard_normal((3, 2, 2, 2)),), {"per": "token"}),  # (N, T, L, H)
     "weight_norm_importance": ((_PARAMS,), {"num_heads": 2}),
     "pair_attention": ((_P, [(1, 0), (2, 1)]), {}),
     "group_attention": ((_P, [[0, 2]]), {}),
@@ -347,6 +350,8 @@ _POLARITY = {"softmax_family": "True = the entry takes part"}  # the metrics, ro
 def _all_true_mask(name, inputs):
     if name in ("softmax", "log_softmax", "logsumexp"):
         return np.ones(np.shape(inputs[0]), dtype=bool)
+    if name == "head_importance":  # real tokens (N, T) of per-token gradients (N, T, L, H)
+        return np.ones(np.shape(inputs[0])[:2], dtype=bool)
     first = inputs[0][0] if name == "summarize" else inputs[0]
     return np.ones(np.shape(first)[-1], dtype=bool)  # a key-padding mask (n,): every token real
 

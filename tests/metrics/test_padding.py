@@ -100,6 +100,7 @@ PAD = {
     "previous_token_score": Pad(draw=_detector_flags),
     "duplicate_token_score": Pad(args=(("tokens", "ids"),), draw=_detector_flags),
     "induction_score": Pad(args=(("tokens", "ids"),), draw=_detector_flags),
+    "pattern_score": Pad(draw=_detector_flags),  # its pattern (an input) moves with the map: _padded_call
     "pair_attention": Pad(args=(("pairs", "pairs"),)),
     "group_attention": Pad(args=(("groups", "groups"),), positional=True),
     "phrase_attention": Pad(args=(("pos_tags", "tags"),), positional=True),
@@ -107,7 +108,7 @@ PAD = {
     "diversity_regularizer": Pad(),
     "entropy_from_logits": Pad("row", fill="logits"),
     "value_norms": Pad("square", fill="zero"),  # no mask: padded rows uniform, padded keys 0
-    "rollout": Pad("square", args=(("rows", "rows"),), draw=_rollout_rows),
+    "rollout": Pad("square", args=(("rows", "rows"), ("protect", "pairs")), draw=_rollout_rows),
     # not registered (no backward): their strategies are in EXTRA
     "attention_flow": Pad("square", draw=_flow_options, close=dict(rtol=1e-9, atol=1e-10)),  # HiGHS: tol. 1e-10
     "detect_collapse": Pad(),
@@ -226,7 +227,7 @@ def padded_cases(draw, name):
     case = draw(EXTRA[name] if name in EXTRA else _registry.get(name).cases())
     spec = PAD[name]
     p, batch, square = _maps_of(name, case)
-    uniform = any(kind in SHARED for _, kind in spec.args) or name in ("rollout", "attention_flow")
+    uniform = any(kind in SHARED for _, kind in spec.args) or name in ("rollout", "attention_flow", "pattern_score")
     most = 2 if name == "attention_flow" else 3
     total = draw(st.integers(1, most))
     if uniform or not batch:
@@ -291,6 +292,9 @@ def _padded_call(pc):
             inputs[i] = [pad_map(a) for a in inputs[i]] if isinstance(inputs[i], list) else pad_map(inputs[i])
         elif arg == "x":  # value_norms' token states (..., Lk, d_model)
             inputs[i] = _embed(inputs[i], batch, (-2,), left, n_pad, lambda shape: rng.standard_normal(shape))
+        elif arg == "pattern":  # pattern_score's (..., L, L), in the map's coordinates: garbage on the pads
+            at = np.asarray(int(np.ravel(left)[0]) if left.size else 0).reshape(())
+            inputs[i] = _embed(inputs[i], (), (-2, -1), at, n_pad, lambda shape: rng.uniform(0.0, 1.0, shape))
     opts = dict(case.options)
     opts.update(pc.extra)
     if spec.fill != "zero":  # value_norms takes no mask
