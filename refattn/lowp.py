@@ -19,7 +19,16 @@ from typing import NamedTuple
 
 import numpy as np
 
-from refattn._validate import RefAttnError, as_choice, as_cotangent, check_keywords_of, to_numpy, unbroadcast
+from refattn._validate import (
+    RefAttnError,
+    as_choice,
+    as_cotangent,
+    as_float,
+    check_broadcast_to,
+    check_keywords_of,
+    to_numpy,
+    unbroadcast,
+)
 from refattn.attention.options import BACKWARD_RETURN_LSE, takes_sdpa_options
 from refattn.attention.sdpa import SDPAGrads, expand_kv, reduce_kv, validate
 
@@ -181,15 +190,27 @@ def round_arrays(arrays, dtype):
 
 
 class _Precision:
-    """Rounding to the storage dtype (``rd``) and accumulation in ``accumulate`` precision."""
+    """Rounding to the storage dtype (``rd``), accumulation in ``accumulate`` precision (``ra``) and
+    the rounding of P before the P·V product (``ri``, ``intermediate_dtype``)."""
 
-    def __init__(self, dtype, accumulate):
+    def __init__(self, dtype, accumulate, intermediate_dtype=None):
         self.fmt = format_of(dtype)
         as_choice(accumulate, "accumulate", ACCUMULATE)
         self.acc = np.float32 if accumulate == "float32" else np.float64
+        self.inter = None
+        if intermediate_dtype is not None:
+            try:
+                self.inter = format_of(intermediate_dtype)
+            except RefAttnError as e:
+                raise RefAttnError(f"intermediate_dtype: {str(e).removeprefix('dtype: ')}") from None
 
     def rd(self, x):
         return round_to(x, self.fmt)
+
+    def ri(self, p):
+        """P rounded to ``intermediate_dtype`` (after its rounding to ``dtype``, as flash-attn's
+        ``attention_drop.to(intermediate_dtype).to(attention_drop.dtype)``); unchanged without one."""
+        return p if self.inter is None else round_to(p, self.inter)
 
     def ra(self, x):
         """Rounded to the accumulation precision."""
@@ -258,6 +279,55 @@ class _TwinForward(NamedTuple):
     out: np.ndarray  # (..., Hq, Lq, Dv) rounded
 
 
+class _Descales(NamedTuple):
+    """fp8 descale factors (FA3's ``q_descale``, ``k_descale``, ``v_descale``) ready to multiply the
+    inputs, in the accumulation precision; None where not given."""
+
+    q: np.ndarray | None  # (..., Hq, 1, 1) q_descale (..., Hk) repeated over each GQA group
+    k: np.ndarray | None  # (..., Hk, 1, 1)
+    v: np.ndarray | None  # (..., Hk, 1, 1)
+
+
+def _descales(a, q_descale, k_descale, v_descale, ra=None):
+    """The descale factors of a validated call ``a``; each given one must be finite and broadcast to
+    ``(..., Hk)`` (FA3's ``(B, Hk)``: one factor per batch entry and kv head).  ``ra`` rounds them
+    (to the accumulation precision, FA3's float32); None keeps them as float64 (the golden)."""
+    target = tuple(a.score_shape[:-3]) + (a.k.shape[-3],)
+    factors = []
+    for name, d in (("q_descale", q_descale), ("k_descale", k_descale), ("v_descale", v_descale)):
+        if d is None:
+            factors.append(None)
+            continue
+        d = as_float(d, name)
+        check_broadcast_to(d, target, name, "(..., Hk) (a factor per batch entry and kv head, FA3's (B, Hk)):")
+        d = np.broadcast_to(d if ra is None else ra(d), target)[..., None, None]  # (..., Hk, 1, 1)
+        factors.append(expand_kv(d, a.groups) if name == "q_descale" else d)  # q: (..., Hq, 1, 1)
+    return _Descales(*factors)
+
+
+def _descaled_inputs(q, k, v, q_descale, k_descale, v_descale, options):
+    """The float64 golden of a descaled call: ``(q·q_descale, k·k_descale, v·v_descale)`` (exact
+    float64 products of the given values, the descales not rounded) and ``chain(grads)``, which
+    takes :class:`SDPAGrads` of those inputs back to ``q, k, v`` (``dq = dq' · q_descale``, ...)."""
+    if q_descale is None and k_descale is None and v_descale is None:
+        return (q, k, v), lambda g: g
+    a = validate(q, k, v, **options)
+    desc = _descales(a, q_descale, k_descale, v_descale)
+    scaled = tuple(x if d is None else x * d for x, d in zip((a.q, a.k, a.v), desc))
+
+    def chain(g):
+        back = (x if d is None else unbroadcast(x * d, y.shape) for x, d, y in zip(g[:3], desc, (a.q, a.k, a.v)))
+        return SDPAGrads(*back, g.dbias, g.dsinks)
+
+    return scaled, chain
+
+
+def _dropped(p, a, pr: _Precision):
+    """``P̃ = rd(ri(P) · keep/(1 − p))``: P rounded to the intermediate dtype, then dropout."""
+    p = pr.ri(p)
+    return p if a.keep_scale is None else pr.rd(p * a.keep_scale)
+
+
 def _exp(x, pr: _Precision, exp2):
     """``exp(x)`` in the accumulation precision; with ``exp2`` the exponent is formed in base 2, one
     rounding per scaled term: ``exp2(ra(a·log2 e) − ra(b·log2 e))`` for ``x = a − b`` (pass the pair)."""
@@ -268,9 +338,18 @@ def _exp(x, pr: _Precision, exp2):
         return pr.ra(np.exp(pr.ra(a - b)))
 
 
-def _twin_forward(a, pr: _Precision, c: _Choices):
+def _twin_forward(a, pr: _Precision, c: _Choices, desc: _Descales):
     rd, ra = pr.rd, pr.ra
-    q, ke, ve = rd(a.q), expand_kv(rd(a.k), a.groups), expand_kv(rd(a.v), a.groups)
+    q, k, v = rd(a.q), rd(a.k), rd(a.v)
+    # fp8 descales after the inputs' rounding, before the GQA repeat and the scale, each product
+    # rounded back to dtype: FA3's attention_ref, (q.float() * q_descale).to(q.dtype)
+    if desc.q is not None:
+        q = rd(ra(q * desc.q))  # (..., Hq, Lq, D)
+    if desc.k is not None:
+        k = rd(ra(k * desc.k))  # (..., Hk, Lk, D)
+    if desc.v is not None:
+        v = rd(ra(v * desc.v))  # (..., Hk, Lk, Dv)
+    ke, ve = expand_kv(k, a.groups), expand_kv(v, a.groups)
     if c.scale_at == "k":  # the scale moved from q to k (flash-attn's reorder_ops=True)
         qs, ks = q, rd(ke * a.scale)
     elif c.scale_at == "q":
@@ -311,7 +390,13 @@ def _twin_forward(a, pr: _Precision, c: _Choices):
     if empty.any():
         fill = {"zero": 0.0, "nan": np.nan, "uniform": rd(1.0 / a.score_shape[-1])}[a.empty_rows]
         p = np.where(empty[..., None], fill, p)
-    pd = p if a.keep_scale is None else rd(p * a.keep_scale)
+    pad = a.padded_rows  # (B..., 1, Lq): padded query rows, 0 under every policy
+    if pad is not None:
+        p = np.where(pad[..., None], 0.0, p)
+        lse = np.where(pad, -np.inf, lse)
+        empty = empty | pad
+        p_sink = None if p_sink is None else np.where(pad, 0.0, p_sink)
+    pd = _dropped(p, a, pr)  # the P·V operand: rd(ri(P) · keep/(1 − p))
     out = rd(pr.mm(pd, ve))
     if c.block_k is not None:
         blocked_out, blocked_lse = _online_forward(s, sink, ve, a, pr, c)
@@ -345,7 +430,7 @@ def _online_forward(s, sink, ve, a, pr: _Precision, c: _Choices):
         alpha = _rescale_factor(m, m_safe, pr, c.exp2)  # (..., Hq, Lq)
         e = np.where(np.isneginf(sj), 0.0, _exp((sj, m_safe[..., None]), pr, c.exp2))
         l_sum = ra(ra(l_sum * alpha) + pr.sum(e))
-        pj = rd(e)
+        pj = pr.ri(rd(e))  # the unnormalised tile enters the P·V product in the intermediate dtype
         if keep is not None:
             pj = rd(pj * keep[..., j0 : j0 + c.block_k])
         acc = ra(ra(acc * alpha[..., None]) + pr.mm(pj, ve[..., j0 : j0 + c.block_k, :]))
@@ -372,6 +457,10 @@ def sdpa_twin(
     exp2=False,
     recompute_p=False,
     block_k=None,
+    intermediate_dtype=None,
+    q_descale=None,
+    k_descale=None,
+    v_descale=None,
     return_lse=False,
     **options,
 ):
@@ -379,9 +468,12 @@ def sdpa_twin(
 
     ``options`` are :func:`refattn.sdpa`'s (mask, bias, causal, window, align, scale, softcap, sinks,
     dropout_p, dropout_mask, empty_rows); ``backend`` is refused.  Order of operations and roundings
-    (``rd`` to ``dtype``, ``ra`` to ``accumulate``)::
+    (``rd`` to ``dtype``, ``ra`` to ``accumulate``, ``ri`` to ``intermediate_dtype``)::
 
         q, k, v, bias, sinks = rd(·)
+        q = rd(ra(q · ra(q_descale)))         fp8 descales (FA3), q_descale repeated over the GQA
+        k = rd(ra(k · ra(k_descale)))         group; then the kv heads are repeated
+        v = rd(ra(v · ra(v_descale)))
         s = rd(mm(rd(scale·q), kᵀ))          scale_at="q" (default; reorder_ops=False)
             rd(mm(q, rd(scale·k)ᵀ))          scale_at="k" (reorder_ops=True: flash-attn's ref)
             rd(scale · rd(mm(q, kᵀ)))        scale_at="scores" (scale applied to the scores)
@@ -389,16 +481,20 @@ def sdpa_twin(
         s = rd(s + bias); −inf where masked
         P = rd(ra(e / ra(Σ e + e_sink))), e = ra(exp(ra(s − m)))
             exp2=True: e = ra(exp2(ra(ra(s·log2 e) − ra(m·log2 e))))
-        out = rd(mm(rd(P·keep/(1−p)), v))
+        out = rd(mm(rd(ri(P)·keep/(1−p)), v))
             block_k=b: FA2's online softmax over key blocks of b (rescaled float accumulators,
-            unnormalised rd(e) in the PV product, out = rd(acc / l))
+            unnormalised ri(rd(e)) in the PV product, out = rd(acc / l))
 
     ``mm`` multiplies in the accumulation precision (BLAS in float32 for ``"float32"``).  ``lse``
     stays in the accumulation precision.  ``recompute_p`` changes only the backward
     (:func:`sdpa_twin_backward`).  With ``dtype="float64", accumulate="float64"`` the twin equals
-    :func:`refattn.sdpa` up to float64 reassociation, whatever the choices.
-    :data:`TWIN_VARIANTS` names the coherent sets of choices (``scale_at``, ``exp2``,
-    ``recompute_p``, ``block_k``) that the tolerance rules of :mod:`refattn.testing.compare` cover.
+    :func:`refattn.sdpa` up to float64 reassociation, whatever the choices (on the descaled inputs
+    ``q·q_descale``, ``k·k_descale``, ``v·v_descale`` when descales are given, and without
+    ``intermediate_dtype``).  :data:`TWIN_VARIANTS` names the coherent sets of choices
+    (``scale_at``, ``exp2``, ``recompute_p``, ``block_k``) that the tolerance rules of
+    :mod:`refattn.testing.compare` cover; ``intermediate_dtype`` and the descales describe the
+    kernel's data path, the same for every variant.  FA3's fp8 test is ``dtype="bfloat16",
+    intermediate_dtype="float8_e4m3", reorder_ops=True`` with its descales (``specs/lowp.md``).
 
     Parameters
     ----------
@@ -426,6 +522,18 @@ def sdpa_twin(
     block_k : int, optional
         A positive int: the forward is FA2's online softmax over key blocks of that size.
         Default None: one softmax over all keys.
+    intermediate_dtype : str, dtype or Format, optional
+        flash-attn (hopper) ``attention_ref``'s ``intermediate_dtype``: P, once rounded to
+        ``dtype``, is rounded to this format before the P·V product (FA3's fp8 kernels feed P to
+        the second product in fp8).  Default None: P enters the product in ``dtype``.
+    q_descale : array_like, shape broadcastable to (..., Hk), optional
+        FA3's fp8 query descale, ``(B, Hk)`` there: query head ``h`` of batch entry ``b`` is
+        multiplied by ``q_descale[b, h // (Hq // Hk)]`` after its rounding to ``dtype``, the
+        product rounded back to ``dtype``.  Finite.  Default None: no descale.
+    k_descale : array_like, shape broadcastable to (..., Hk), optional
+        The key descale, one factor per batch entry and kv head, as ``q_descale``.  Default None.
+    v_descale : array_like, shape broadcastable to (..., Hk), optional
+        The value descale, likewise.  Default None.
     return_lse : bool, default False
         Also return ``lse``.
 
@@ -440,13 +548,15 @@ def sdpa_twin(
     Raises
     ------
     RefAttnError
-        A bad shape, value or option; an unknown ``dtype``, ``accumulate`` or ``scale_at``;
-        ``reorder_ops`` with ``scale_at`` other than ``"k"``; ``block_k`` not a positive int.
+        A bad shape, value or option; an unknown ``dtype``, ``accumulate``, ``intermediate_dtype``
+        or ``scale_at``; ``reorder_ops`` with ``scale_at`` other than ``"k"``; ``block_k`` not a
+        positive int; a descale that is not finite or does not broadcast to ``(..., Hk)`` (the
+        message names it).
     """
-    pr = _Precision(dtype, accumulate)
+    pr = _Precision(dtype, accumulate, intermediate_dtype)
     c = _choices(reorder_ops, scale_at, exp2, recompute_p, block_k)
     a = validate(q, k, v, **options)
-    f = _twin_forward(a, pr, c)
+    f = _twin_forward(a, pr, c, _descales(a, q_descale, k_descale, v_descale, pr.ra))
     return (f.out, f.lse) if return_lse else f.out
 
 
@@ -464,6 +574,10 @@ def sdpa_twin_backward(
     exp2=False,
     recompute_p=False,
     block_k=None,
+    intermediate_dtype=None,
+    q_descale=None,
+    k_descale=None,
+    v_descale=None,
     d_lse=None,
     **options,
 ):
@@ -476,9 +590,14 @@ def sdpa_twin_backward(
     ``dv = rd(mm(P̃ᵀ, dO))``; GQA groups summed in the accumulation precision.  With ``recompute_p``
     (what flash-style backward kernels do) ``P = rd(ra(exp(ra(s − lse))))`` is recomputed from the
     forward's lse (exp2 as in the forward) and ``Δ = ra(Σ dO ∘ out)`` from the forward's rounded
-    output.  In float64 these are :func:`refattn.sdpa_backward`'s gradients.  Rounding is
-    piecewise constant, so this is not the derivative of :func:`sdpa_twin`: it is what a
-    low-precision kernel computes, whose distance from the float64 gradient is the tolerance
+    output.  ``intermediate_dtype`` is straight-through: ``P̃ = rd(ri(P)·keep/(1−p))`` is the
+    operand of ``dv`` as it was of the forward's product, ``dP`` passes the rounding unchanged and
+    the softmax's Jacobian uses P.  Descales scale the inputs, so by the chain rule
+    ``dq = rd(ra(dq' · q_descale))`` (``dq'`` the gradient of the descaled q; ``dk``, ``dv``
+    likewise, after the GQA sum); the descales get no gradient (FA3 takes them as constants).  In
+    float64 these are :func:`refattn.sdpa_backward`'s gradients (of the descaled inputs, chained).
+    Rounding is piecewise constant, so this is not the derivative of :func:`sdpa_twin`: it is what
+    a low-precision kernel computes, whose distance from the float64 gradient is the tolerance
     rules' gradient budget.  Options as :func:`sdpa_twin`'s (``backend`` and ``return_lse``
     refused).
 
@@ -490,6 +609,8 @@ def sdpa_twin_backward(
         As :func:`sdpa_twin`: ``(..., Hq, Lq, D)``, ``(..., Hk, Lk, D)``, ``(..., Hk, Lk, Dv)``.
     dtype, accumulate, reorder_ops, scale_at, exp2, recompute_p, block_k
         As :func:`sdpa_twin` (same defaults); ``recompute_p`` acts here.
+    intermediate_dtype, q_descale, k_descale, v_descale
+        As :func:`sdpa_twin` (default None each).
     d_lse : array_like, shape (..., Hq, Lq), optional
         Cotangent of ``lse`` (rounded to ``dtype``; 0 on empty rows).  Default None: no lse term.
 
@@ -499,11 +620,12 @@ def sdpa_twin_backward(
         ``(dq, dk, dv, dbias, dsinks)``, float64 arrays of values representable in ``dtype``,
         each of its input's shape; ``dbias``/``dsinks`` None without bias/sinks.
     """
-    pr = _Precision(dtype, accumulate)
+    pr = _Precision(dtype, accumulate, intermediate_dtype)
     rd, ra = pr.rd, pr.ra
     c = _choices(reorder_ops, scale_at, exp2, recompute_p, block_k)
     a = validate(q, k, v, **options)
-    f = _twin_forward(a, pr, c)
+    desc = _descales(a, q_descale, k_descale, v_descale, ra)
+    f = _twin_forward(a, pr, c, desc)
     out_shape = a.score_shape[:-1] + (a.v.shape[-1],)
     d_o = rd(as_cotangent(d_out, out_shape, "d_out"))
     dl = np.zeros(f.lse.shape)
@@ -514,7 +636,7 @@ def sdpa_twin_backward(
         live = ~f.empty[..., None]
         lse_safe = np.where(f.empty, 0.0, f.lse)[..., None]
         p = np.where(live & ~np.isneginf(f.s), rd(_exp((f.s, lse_safe), pr, c.exp2)), p)
-        pd = p if a.keep_scale is None else rd(p * a.keep_scale)
+        pd = _dropped(p, a, pr)
         if f.sink is not None:
             p_sink = np.where(f.empty, 0.0, _exp((f.sink, lse_safe[..., 0]), pr, c.exp2))
     dve = pr.mm(np.swapaxes(pd, -1, -2), d_o)  # (..., Hq, Lk, Dv)
@@ -545,6 +667,13 @@ def sdpa_twin_backward(
         dke = rd(a.scale * rd(pr.mm(np.swapaxes(ds, -1, -2), f.qs)))
     dk = rd(ra(reduce_kv(dke, a.groups)))
     dv = rd(ra(reduce_kv(dve, a.groups)))
+    # the descales undone by the chain rule: x' = rd(ra(x · descale)) ⇒ dx = rd(ra(dx' · descale))
+    if desc.q is not None:
+        dq = rd(ra(dq * desc.q))  # (..., Hq, Lq, D)
+    if desc.k is not None:
+        dk = rd(ra(dk * desc.k))  # (..., Hk, Lk, D)
+    if desc.v is not None:
+        dv = rd(ra(dv * desc.v))  # (..., Hk, Lk, Dv)
     return SDPAGrads(unbroadcast(dq, a.q.shape), unbroadcast(dk, a.k.shape), unbroadcast(dv, a.v.shape), dbias, dsinks)
 
 

@@ -8,6 +8,7 @@ from hypothesis.extra import numpy as hnp
 
 import refattn
 from refattn import lowp
+from refattn.testing import check_vjp
 from refattn.testing.strategies import sdpa_cases
 from tests.mutation import assert_catches
 
@@ -200,3 +201,140 @@ def test_twin_backward_is_close_to_the_float64_gradient_at_its_precision():
         t = lowp.sdpa_twin_backward(d_out, q, k, v, dtype=name)
         for a, b in zip(g[:3], t[:3]):
             assert np.max(np.abs(a - b)) < tol * max(1.0, np.max(np.abs(a)))
+
+
+# ---- the kernel's data path: P's intermediate format and FA3's fp8 descales ------------------------------
+
+
+def _gqa(seed=0, batch=2, hq=4, hk=2, lq=7, lk=9, d=8):
+    """GQA inputs (B, Hq, Lq, D), (B, Hk, Lk, D) and float32-representable descales (B, Hk) in [0, 2)."""
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((batch, hq, lq, d))
+    k, v = rng.standard_normal((batch, hk, lk, d)), rng.standard_normal((batch, hk, lk, d))
+    descales = tuple((2 * rng.random((batch, hk))).astype(np.float32).astype(np.float64) for _ in range(3))
+    return (q, k, v), descales, rng.standard_normal((batch, hq, lq, d))
+
+
+def _variants():
+    """Every admissible variant, the online one on blocks of 4 (several blocks per row)."""
+    return {n: dict(c, block_k=4) if "block_k" in c else dict(c) for n, c in lowp.TWIN_VARIANTS.items()}
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("variant", sorted(lowp.TWIN_VARIANTS))
+def test_an_intermediate_format_at_least_as_fine_as_dtype_is_the_plain_twin(dtype, variant):
+    """P is on dtype's grid already: rounding it to float32 (or to dtype itself) changes nothing."""
+    (q, k, v), _, d_out = _gqa(1)
+    choices, opts = _variants()[variant], {"causal": True, "align": "bottom_right"}
+    out, lse = lowp.sdpa_twin(q, k, v, dtype=dtype, return_lse=True, **choices, **opts)
+    g = lowp.sdpa_twin_backward(d_out, q, k, v, dtype=dtype, **choices, **opts)
+    for inter in ("float32", dtype):
+        kw = dict(dtype=dtype, intermediate_dtype=inter, **choices, **opts)
+        i_out, i_lse = lowp.sdpa_twin(q, k, v, return_lse=True, **kw)
+        np.testing.assert_array_equal(i_out, out)
+        np.testing.assert_array_equal(i_lse, lse)
+        ig = lowp.sdpa_twin_backward(d_out, q, k, v, **kw)
+        for name in ("dq", "dk", "dv"):
+            np.testing.assert_array_equal(getattr(ig, name), getattr(g, name), err_msg=name)
+
+
+def test_a_coarser_intermediate_format_rounds_p_before_the_pv_product():
+    """In float64 the only rounding is ri: out = rd_i(P)·keep/(1−p) @ v, P = sdpa's weights; the
+    backward is straight-through (dq, dk are sdpa's; dv = rd_i(P̃)ᵀ dO summed over the group)."""
+    (q, k, v), _, d_out = _gqa(2)
+    keep = np.random.default_rng(3).random((2, 4, 7, 9)) > 0.25
+    opts = {"dropout_p": 0.25, "dropout_mask": keep}
+    twin = dict(dtype="float64", accumulate="float64", intermediate_dtype="bfloat16")
+    p = refattn.attention_weights(q, k)  # (B, Hq, Lq, Lk)
+    pd = lowp.round_to(p, "bfloat16") * keep / 0.75
+    ve = np.repeat(v, 2, axis=-3)
+    np.testing.assert_allclose(lowp.sdpa_twin(q, k, v, **twin, **opts), pd @ ve, rtol=1e-12, atol=1e-14)
+    g = refattn.sdpa_backward(d_out, q, k, v, **opts)
+    tg = lowp.sdpa_twin_backward(d_out, q, k, v, **twin, **opts)
+    np.testing.assert_allclose(tg.dq, g.dq, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(tg.dk, g.dk, rtol=1e-10, atol=1e-12)
+    dv = (np.swapaxes(pd, -1, -2) @ d_out).reshape(2, 2, 2, 9, 8).sum(axis=-3)
+    np.testing.assert_allclose(tg.dv, dv, rtol=1e-10, atol=1e-12)
+
+
+def test_an_fp8_intermediate_moves_the_twin_at_fp8_precision():
+    (q, k, v), _, _ = _gqa(4)
+    plain = lowp.sdpa_twin(q, k, v, dtype="bfloat16", reorder_ops=True)
+    fp8 = lowp.sdpa_twin(q, k, v, dtype="bfloat16", reorder_ops=True, intermediate_dtype="float8_e4m3")
+    gap = np.max(np.abs(fp8 - plain))
+    assert 2.0**-10 < gap < 2.0**-3  # more than bf16 noise, within E4M3's relative spacing 2^-3 of |out| <~ 1
+
+
+def _prescaled(x, descale, groups=1):
+    """rd(ra(rd(x) · descale)) in bfloat16 with float32 products: what the twin does to a descaled input."""
+    factor = np.repeat(descale, groups, axis=-1)[..., None, None]
+    return lowp.round_to((lowp.round_to(x, "bfloat16") * factor).astype(np.float32), "bfloat16")
+
+
+def _descales_equal_prescaling(case):
+    """The descaled twin is the twin of the pre-scaled inputs, bit for bit, forward and backward."""
+    (q, k, v), (qd, kd, vd), d_out, choices = case
+    desc = {"q_descale": qd, "k_descale": kd, "v_descale": vd}
+    qp, kp, vp = _prescaled(q, qd, q.shape[-3] // k.shape[-3]), _prescaled(k, kd), _prescaled(v, vd)
+    opts = dict(dtype="bfloat16", causal=True, align="bottom_right", **choices)
+    out, lse = lowp.sdpa_twin(q, k, v, return_lse=True, **desc, **opts)
+    p_out, p_lse = lowp.sdpa_twin(qp, kp, vp, return_lse=True, **opts)
+    np.testing.assert_array_equal(out, p_out)
+    np.testing.assert_array_equal(lse, p_lse)
+    g = lowp.sdpa_twin_backward(d_out, q, k, v, **desc, **opts)
+    pg = lowp.sdpa_twin_backward(d_out, qp, kp, vp, **opts)
+    # the chain rule, rounded as autograd of (x.float() * descale).to(x.dtype) rounds it
+    np.testing.assert_array_equal(g.dq, _prescaled(pg.dq, qd, q.shape[-3] // k.shape[-3]))
+    np.testing.assert_array_equal(g.dk, _prescaled(pg.dk, kd))
+    np.testing.assert_array_equal(g.dv, _prescaled(pg.dv, vd))
+
+
+_descale_cases = st.builds(
+    lambda seed, variant: (*_gqa(seed), _variants()[variant]),
+    st.integers(0, 2**16),
+    st.sampled_from(sorted(lowp.TWIN_VARIANTS)),
+)
+
+
+@settings(max_examples=8, deadline=None)
+@given(_descale_cases)
+def test_descales_are_the_twin_of_the_prescaled_inputs(case):
+    _descales_equal_prescaling(case)
+
+
+def test_descale_property_catches_a_q_descale_tiled_over_the_group(monkeypatch):
+    """Mutant: q_descale tiled (query head h uses factor h % Hk) instead of repeated (h // g)."""
+    real = lowp.expand_kv
+
+    def tiled_for_factors(x, g):  # only the (..., Hk, 1, 1) factor arrays are tiled
+        return np.concatenate([x] * g, axis=-3) if g > 1 and x.shape[-2:] == (1, 1) else real(x, g)
+
+    monkeypatch.setattr(lowp, "expand_kv", tiled_for_factors)
+    assert_catches(_descale_cases, _descales_equal_prescaling)
+
+
+def test_float64_descales_are_sdpa_of_the_descaled_inputs_and_the_backward_is_its_derivative():
+    (q, k, v), (qd, kd, vd), d_out = _gqa(5)
+    desc = {"q_descale": qd, "k_descale": kd, "v_descale": vd}
+    f64 = dict(dtype="float64", accumulate="float64", causal=True, align="bottom_right")
+    qs, ks, vs = q * np.repeat(qd, 2, axis=-1)[..., None, None], k * kd[..., None, None], v * vd[..., None, None]
+    expected = refattn.sdpa(qs, ks, vs, causal=True, align="bottom_right")
+    np.testing.assert_allclose(lowp.sdpa_twin(q, k, v, **desc, **f64), expected, rtol=1e-12, atol=1e-13)
+    report = check_vjp(lowp.sdpa_twin, lowp.sdpa_twin_backward, (q, k, v), options={**desc, **f64})
+    assert report.passed
+
+
+def test_bad_descales_and_intermediate_formats_are_named():
+    (q, k, v), (qd, kd, vd), d_out = _gqa(6)
+    with pytest.raises(refattn.RefAttnError, match=r"q_descale: expected a shape broadcastable to \(\.\.\., Hk\)"):
+        lowp.sdpa_twin(q, k, v, dtype="bf16", q_descale=np.ones((2, 4)))  # (B, Hq): FA3's is (B, Hk)
+    with pytest.raises(refattn.RefAttnError, match=r"v_descale: .*\(2, 2\), got \(3,\)"):
+        lowp.sdpa_twin_backward(d_out, q, k, v, dtype="bf16", v_descale=np.ones(3))
+    bad = kd.copy()
+    bad[1, 0] = np.inf
+    with pytest.raises(refattn.RefAttnError, match=r"k_descale: expected finite values, got inf at index \(1, 0\)"):
+        lowp.sdpa_twin(q, k, v, dtype="bf16", k_descale=bad)
+    with pytest.raises(refattn.RefAttnError, match="intermediate_dtype: expected one of"):
+        lowp.sdpa_twin(q, k, v, dtype="bf16", intermediate_dtype="float7")
+    with pytest.raises(refattn.RefAttnError, match="intermediate_dtype: expected one of"):
+        lowp.sdpa_twin_backward(d_out, q, k, v, dtype="bf16", intermediate_dtype="int8")

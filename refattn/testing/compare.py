@@ -431,6 +431,10 @@ def check_attention(
     rule="flash",
     accumulate="float32",
     twins="admissible",
+    intermediate_dtype=None,
+    q_descale=None,
+    k_descale=None,
+    v_descale=None,
     factor_out=None,
     factor_grad=None,
     fudge=TORCH_FUDGE,
@@ -481,6 +485,14 @@ def check_attention(
         The implementations the budget covers: ``"admissible"`` (every entry of
         :data:`refattn.lowp.TWIN_VARIANTS`), one of their names, or a mapping ``{name: choices}``
         of :func:`refattn.lowp.sdpa_twin` keyword choices.
+    intermediate_dtype : str, dtype or Format, optional
+        The format the kernel rounds P to before the P·V product, given to every twin
+        (:func:`refattn.lowp.sdpa_twin`; FA3's fp8: ``"float8_e4m3"`` with ``dtype="bfloat16"``).
+        Default None.
+    q_descale, k_descale, v_descale : array_like, shape broadcastable to (..., Hk), optional
+        FA3's fp8 descales, given to every twin; the golden is sdpa on ``q·q_descale`` (repeated
+        over each GQA group), ``k·k_descale``, ``v·v_descale`` in float64, its gradients taken back
+        to ``q, k, v`` by the chain rule.  Default None each.
     factor_out : float, optional
         Overrides flash's ``k`` for ``out`` and ``lse``.  Default None: 2.
     factor_grad : float, optional
@@ -509,15 +521,23 @@ def check_attention(
     actual = _as_real_array(actual, "actual")
     lse = None if lse is None else _as_real_array(lse, "lse")
     cand = {name: _as_real_array(g, f"grads[{name!r}]") for name, g in _as_grad_map(grads).items()}
-    golden, golden_lse = sdpa(q, k, v, return_lse=True, **options)
+    # the kernel's data path, the same for every twin: P's intermediate format and the fp8 descales
+    path = dict(intermediate_dtype=intermediate_dtype, q_descale=q_descale, k_descale=k_descale, v_descale=v_descale)
+    path = {n: x for n, x in path.items() if x is not None}
+    (gq, gk, gv), chain = lowp._descaled_inputs(q, k, v, q_descale, k_descale, v_descale, options)
+    golden, golden_lse = sdpa(gq, gk, gv, return_lse=True, **options)
     fmt = lowp.format_of(dtype)
     variants = _twin_variants(twins)
+    for name, choices in variants.items():
+        both = sorted(set(choices) & set(path))
+        if both:
+            raise RefAttnError(f"twins: {name!r} sets {both}, which check_attention was also given")
     twin, twin_lse = (None, None)
     if fmt.name != "float64":
         twin, twin_lse = {}, {}
         for name, choices in variants.items():
             twin[name], twin_lse[name] = lowp.sdpa_twin(
-                q, k, v, dtype=fmt.name, accumulate=accumulate, return_lse=True, **choices, **options
+                q, k, v, dtype=fmt.name, accumulate=accumulate, return_lse=True, **choices, **path, **options
             )
     rows_q, rows_k = _masked_rows(q, k, v, options)
     common = dict(dtype=fmt.name, rule=rule, fudge=fudge, atol=atol, rtol=rtol)
@@ -539,12 +559,12 @@ def check_attention(
     if cand:
         if d_out is None:
             raise RefAttnError("d_out: gradients were given, so the cotangent they were computed for is needed")
-        g = sdpa_backward(d_out, q, k, v, d_lse=d_lse, **options)._asdict()
+        g = chain(sdpa_backward(d_out, gq, gk, gv, d_lse=d_lse, **options))._asdict()
         t = {}
         if fmt.name != "float64":
             for name, choices in variants.items():
                 tg = lowp.sdpa_twin_backward(
-                    d_out, q, k, v, dtype=fmt.name, accumulate=accumulate, d_lse=d_lse, **choices, **options
+                    d_out, q, k, v, dtype=fmt.name, accumulate=accumulate, d_lse=d_lse, **choices, **path, **options
                 )
                 for quantity, value in tg._asdict().items():
                     t.setdefault(quantity, {})[name] = value
@@ -590,6 +610,9 @@ def assert_attention_close(actual, q, k, v, *, dtype, **kwargs):
         The candidate, its inputs and what it returned, as :func:`check_attention`'s.
     rule, accumulate, twins, factor_out, factor_grad, fudge, atol, rtol, return_lse
         The rule and its settings, as :func:`check_attention`'s (same defaults).
+    intermediate_dtype, q_descale, k_descale, v_descale
+        The kernel's data path (P's intermediate format, FA3's fp8 descales), as
+        :func:`check_attention`'s (default None each).
 
     Returns
     -------

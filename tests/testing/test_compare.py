@@ -186,6 +186,32 @@ def test_the_budget_names_the_twin_that_sets_it_and_single_twins_can_be_chosen()
         check_attention(out, q, k, v, dtype="float32", twins="fastest")
 
 
+def _fp8_case(seed=10):
+    """FA3's fp8 test inputs: q, k, v on the E4M3 grid, (B, Hk) descales in [0, 2) (float32), GQA."""
+    rng = np.random.default_rng(seed)
+    q = lowp.round_to(rng.standard_normal((2, 4, 40, 16)), "float8_e4m3")
+    k, v = (lowp.round_to(rng.standard_normal((2, 2, 56, 16)), "float8_e4m3") for _ in range(2))
+    names = ("q_descale", "k_descale", "v_descale")
+    desc = {n: (2 * rng.random((2, 2))).astype(np.float32).astype(np.float64) for n in names}
+    return q, k, v, desc, lowp.round_to(rng.standard_normal(q.shape), "bfloat16")
+
+
+def test_an_fp8_kernel_is_judged_as_fa3_judges_it():
+    """FA3 (hopper/test_flash_attn.py) judges fp8 against attention_ref in bf16 with reorder_ops and
+    P rounded to E4M3 (intermediate_dtype), the descales applied to the inputs."""
+    q, k, v, desc, d_out = _fp8_case()
+    path = dict(dtype="bfloat16", intermediate_dtype="float8_e4m3", causal=True, align="bottom_right")
+    twin = lowp.sdpa_twin(q, k, v, reorder_ops=True, **path, **desc)
+    grads = lowp.sdpa_twin_backward(d_out, q, k, v, reorder_ops=True, **path, **desc)
+    assert check_attention(twin, q, k, v, twins="reference", grads=grads, d_out=d_out, **path, **desc).passed
+    undescaled = lowp.sdpa_twin(q, k, v, reorder_ops=True, **path)  # a kernel that ignores the descales
+    assert not check_attention(undescaled, q, k, v, twins="reference", **path, **desc).passed
+    bf16_budget = {n: x for n, x in path.items() if n != "intermediate_dtype"}  # P in fp8 is over bf16's
+    assert not check_attention(twin, q, k, v, twins="reference", **bf16_budget, **desc).passed
+    with pytest.raises(refattn.RefAttnError, match=r"twins: 'mine' sets \['intermediate_dtype'\]"):
+        check_attention(twin, q, k, v, twins={"mine": {"intermediate_dtype": "fp8_e4m3"}}, **path, **desc)
+
+
 # ---- candidates that are not real arrays (issue 11) -------------------------------------------
 
 
