@@ -54,6 +54,10 @@ def test_from_lengths():
     np.testing.assert_array_equal(masks.from_lengths(None, [1], 2, 2)[0], [[True, False], [True, False]])
     with pytest.raises(refattn.RefAttnError, match=r"k_lengths: expected lengths in \[0, 2\]"):
         masks.from_lengths(None, [3], 2, 2)
+    np.testing.assert_array_equal(masks.from_lengths([2, 3], None, 4, 5)[0, :, 0], [True, True, False, False])
+    assert masks.from_lengths([2, 3], None, 4, 5)[:, :, 4].sum() == 5  # every key real
+    with pytest.raises(refattn.RefAttnError, match="expected at least one"):
+        masks.from_lengths(None, None, 2, 2)
 
 
 def test_varlen_is_block_diagonal_with_per_sequence_alignment():

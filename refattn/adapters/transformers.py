@@ -19,6 +19,16 @@ are compared.  Supported module layouts (``specs/adapters.md``):
 Models are built from configs with random weights (:func:`tiny_model`): nothing is downloaded.
 Run them in float64 (``model.double()``) with ``attn_implementation="eager"``, the path that
 returns attention weights.
+
+:func:`attention_attribution` runs a model and streams its per-layer maps to
+:func:`refattn.metrics.attention_attribution`.
+
+Whole-model mapping (``specs/adapters.md``, "Whole-model mapping"): :func:`params_from_hf` reads a
+``GPT2LMHeadModel`` or ``LlamaForCausalLM`` into refattn's :class:`~refattn.model.params.LMParams`
+and :class:`~refattn.model.config.LMConfig`, :func:`to_hf` builds the Hugging Face model of an
+LMParams, and :func:`grads_from_hf` maps the model's ``.grad`` tensors by the same table, so
+refattn's hand-written gradients (:func:`refattn.model.lm.lm_loss_and_grads`) can be checked
+against autograd parameter by parameter.
 """
 
 from __future__ import annotations
@@ -27,11 +37,21 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from refattn._validate import RefAttnError, Unsupported, check_keywords_of
+from refattn._validate import RefAttnError, RefAttnTypeError, Unsupported, as_float, check_keywords_of
 from refattn.attention.position import rope
 from refattn.attention.sdpa import attention_weights, sdpa
 
-__all__ = ["LayerCheck", "ModelCheck", "check_model", "model_attentions", "tiny_model"]
+__all__ = [
+    "LayerCheck",
+    "ModelCheck",
+    "attention_attribution",
+    "check_model",
+    "grads_from_hf",
+    "model_attentions",
+    "params_from_hf",
+    "tiny_model",
+    "to_hf",
+]
 
 ARCHITECTURES = ("bert", "gpt2", "llama")
 FLOAT32_SOFTMAX_TOLERANCE = 1e-6  # weights that are float32 values: ~2⁻²⁴ relative, times a margin
@@ -362,6 +382,483 @@ def model_attentions(model, input_ids, *, attention_mask=None):
         mask = None if attention_mask is None else torch.as_tensor(np.asarray(attention_mask))
         result = model(input_ids=ids, attention_mask=mask, output_attentions=True)
     return [_np(a) for a in result.attentions]
+
+
+def _real_tokens(attention_mask, shape):
+    """Hugging Face's padding mask (1 = real token; int or bool) → refattn's bool ``(B, T)``."""
+    if attention_mask is None:
+        return None
+    m = np.asarray(attention_mask.cpu() if hasattr(attention_mask, "cpu") else attention_mask)
+    if m.shape != tuple(shape):
+        raise RefAttnError(f"attention_mask: expected the shape of input_ids {tuple(shape)}, got {m.shape}")
+    if m.dtype != bool and not np.isin(m, (0, 1)).all():
+        raise RefAttnError("attention_mask: expected 0/1 (or bool) entries, 1 = a real token")
+    return m.astype(bool)
+
+
+def attention_attribution(model, input_ids, attention_mask=None, *, residual=0.5, chunk_size=None):
+    """Run a Hugging Face model with ``output_attentions=True`` and stream its maps, layer by layer, to
+    :func:`refattn.metrics.attention_attribution`.
+
+    The model's per-layer attentions are converted to NumPy one layer at a time (a generator: no
+    stacked copy); each torch layer is dropped once it has been read.  ``attention_mask`` is also the
+    real-token ``mask`` of the attribution, so padded positions are left out.  Axes: ``B`` batch,
+    ``T`` tokens.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A model with eager attention (the path that returns attention weights), e.g.
+        :func:`tiny_model` or :func:`to_hf`'s; run without gradients.
+    input_ids : array_like of int, shape (B, T)
+        Token ids.
+    attention_mask : array_like of int or bool, shape (B, T), optional
+        Hugging Face's padding mask (1 = real token).  Default None: every token real.
+    residual : float, default 0.5
+        The rollout's identity weight, as :func:`refattn.metrics.attention_attribution`'s.
+    chunk_size : int, optional
+        Examples per batch slice, as :func:`refattn.metrics.attention_attribution`'s.  Default None:
+        the whole batch.
+
+    Returns
+    -------
+    attribution : dict
+        :func:`refattn.metrics.attention_attribution`'s eight entries (``(B, T)`` arrays,
+        ``batch_size``, ``seq_length``).
+
+    Raises
+    ------
+    RefAttnError
+        An ``attention_mask`` of another shape than ``input_ids`` or with entries other than 0/1, a
+        model that returned no attentions (not eager), or the attribution's own refusals.
+    """
+    torch, _ = _imports()
+    from refattn.metrics.attribution import attention_attribution as attribution
+
+    ids = np.asarray(input_ids)
+    real = _real_tokens(attention_mask, ids.shape)
+    with torch.no_grad():
+        mask = None if attention_mask is None else torch.as_tensor(real.astype(np.int64))
+        result = model(input_ids=torch.as_tensor(ids), attention_mask=mask, output_attentions=True)
+    layers = list(result.attentions or ())
+    del result
+    if not layers or any(a is None for a in layers):
+        raise RefAttnError("model: returned no attention weights (build it with attn_implementation='eager')")
+
+    def stream():
+        while layers:
+            yield _np(layers.pop(0))  # the torch layer is released as it is read
+
+    return attribution(stream(), mask=real, residual=residual, chunk_size=chunk_size)
+
+
+# ---- whole-model mapping: refattn.model's LMParams <-> GPT2LMHeadModel / LlamaForCausalLM ----------
+
+_GPT2_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
+
+
+def _family(model):
+    """``"gpt2"`` or ``"llama"`` for a causal-LM model of a supported family."""
+    kind = getattr(getattr(model, "config", None), "model_type", None)
+    if kind not in ("gpt2", "llama"):
+        raise Unsupported(
+            f"model: expected a GPT2LMHeadModel or a LlamaForCausalLM, got {type(model).__name__} (model_type {kind!r})"
+        )
+    names = {n for n, _ in model.named_parameters()}
+    embedding = "transformer.wte.weight" if kind == "gpt2" else "model.embed_tokens.weight"
+    if embedding not in names:
+        raise Unsupported(
+            f"model: expected the causal-LM class ({'GPT2LMHeadModel' if kind == 'gpt2' else 'LlamaForCausalLM'}) "
+            f"with its LM head, got {type(model).__name__}"
+        )
+    return kind
+
+
+def _config_from_hf(c, kind):
+    """The :class:`~refattn.model.config.LMConfig` of a Hugging Face config (Unsupported for the options
+    refattn's language model does not have)."""
+    from refattn.model.config import LMConfig
+
+    def refuse(field, why):
+        raise Unsupported(f"model.config.{field}: {why}")
+
+    if kind == "gpt2":
+        if c.activation_function not in _GPT2_ACTIVATIONS:
+            refuse("activation_function", f"expected one of {sorted(_GPT2_ACTIVATIONS)}, got {c.activation_function!r}")
+        if not c.scale_attn_weights or c.scale_attn_by_inverse_layer_idx:
+            refuse("scale_attn_weights", "only the 1/sqrt(head dim) scale is translated")
+        if getattr(c, "add_cross_attention", False):
+            refuse("add_cross_attention", "a decoder-only model is expected")
+        return LMConfig(
+            vocab_size=c.vocab_size,
+            d_model=c.n_embd,
+            n_layers=c.n_layer,
+            n_heads=c.n_head,
+            d_ff=c.n_inner or 4 * c.n_embd,
+            max_len=c.n_positions,
+            positions="learned",
+            norm="layer",
+            norm_position="pre",
+            activation=_GPT2_ACTIVATIONS[c.activation_function],
+            tied_embeddings=bool(c.tie_word_embeddings),
+            causal=True,
+            bias=True,
+            norm_eps=c.layer_norm_epsilon,
+        )
+    if c.hidden_act != "silu":
+        refuse("hidden_act", f"expected 'silu' (SwiGLU), got {c.hidden_act!r}")
+    rope = getattr(c, "rope_parameters", None) or {}
+    for scaling in (rope, getattr(c, "rope_scaling", None) or {}):  # rope_scaling: before transformers 5
+        if (scaling.get("rope_type") or scaling.get("type") or "default") != "default":
+            refuse("rope_parameters", "a scaled RoPE (rope_type other than 'default') is not translated")
+    theta = rope.get("rope_theta", getattr(c, "rope_theta", 10000.0))
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    if head_dim * c.num_attention_heads != c.hidden_size:
+        refuse("head_dim", f"expected hidden_size / num_attention_heads, got {head_dim}")
+    if c.attention_bias or c.mlp_bias:
+        refuse("attention_bias", "biases are not translated (SwiGLU's gate has no bias in refattn)")
+    if (getattr(c, "pretraining_tp", 1) or 1) != 1:
+        refuse("pretraining_tp", f"expected 1, got {c.pretraining_tp}")
+    return LMConfig(
+        vocab_size=c.vocab_size,
+        d_model=c.hidden_size,
+        n_layers=c.num_hidden_layers,
+        n_heads=c.num_attention_heads,
+        n_kv_heads=c.num_key_value_heads or c.num_attention_heads,
+        d_ff=c.intermediate_size,
+        max_len=c.max_position_embeddings,
+        positions="rope",
+        norm="rms",
+        norm_position="pre",
+        activation="swiglu",
+        tied_embeddings=bool(c.tie_word_embeddings),
+        causal=True,
+        bias=False,
+        norm_eps=c.rms_norm_eps,
+        rope_base=float(theta),
+    )
+
+
+def _family_of_config(config):
+    """``"gpt2"`` or ``"llama"``: the Hugging Face family that computes exactly what ``config`` does."""
+    from refattn.model.config import LMConfig
+
+    if not isinstance(config, LMConfig):
+        raise RefAttnTypeError(f"config: expected an LMConfig, got {type(config).__name__}")
+    want = {
+        "gpt2": {"positions": "learned", "norm": "layer", "norm_position": "pre", "causal": True, "bias": True},
+        "llama": {
+            "positions": "rope",
+            "norm": "rms",
+            "norm_position": "pre",
+            "causal": True,
+            "bias": False,
+            "activation": "swiglu",
+        },
+    }
+    kind = "llama" if config.positions == "rope" else "gpt2"
+    for field_name, value in want[kind].items():
+        if getattr(config, field_name) != value:
+            raise Unsupported(
+                f"config.{field_name}: a {'GPT-2' if kind == 'gpt2' else 'Llama'} model has {field_name}={value!r}, "
+                f"got {getattr(config, field_name)!r} (GPT-2: learned positions, LayerNorm, biases; Llama: RoPE, "
+                "RMSNorm, SwiGLU, no biases)"
+            )
+    if kind == "gpt2":
+        if config.activation == "swiglu":
+            raise Unsupported("config.activation: GPT-2's MLP has no gate: expected 'gelu', 'gelu_tanh' or 'relu'")
+        if config.n_kv_heads != config.n_heads:
+            raise Unsupported(
+                f"config.n_kv_heads: GPT-2 has no GQA: expected {config.n_heads}, got {config.n_kv_heads}"
+            )
+    return kind
+
+
+def _hf_config(config, kind, tf):
+    """The Hugging Face config of an LMConfig (eager attention, no dropout)."""
+    if kind == "gpt2":
+        activation = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu"}[config.activation]
+        return tf.GPT2Config(
+            vocab_size=config.vocab_size,
+            n_positions=config.max_len,
+            n_embd=config.d_model,
+            n_layer=config.n_layers,
+            n_head=config.n_heads,
+            n_inner=config.d_ff,
+            activation_function=activation,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            layer_norm_epsilon=config.norm_eps,
+            tie_word_embeddings=config.tied_embeddings,
+            bos_token_id=config.vocab_size - 1,  # GPT-2's <|endoftext|> is its last id, 50256
+            eos_token_id=config.vocab_size - 1,
+            attn_implementation="eager",
+        )
+    import inspect
+
+    rope = (
+        {"rope_parameters": {"rope_type": "default", "rope_theta": config.rope_base}}
+        if "rope_parameters" in inspect.signature(tf.LlamaConfig.__init__).parameters
+        else {"rope_theta": config.rope_base}
+    )
+    return tf.LlamaConfig(
+        vocab_size=config.vocab_size,
+        hidden_size=config.d_model,
+        intermediate_size=config.d_ff,
+        num_hidden_layers=config.n_layers,
+        num_attention_heads=config.n_heads,
+        num_key_value_heads=config.n_kv_heads,
+        head_dim=config.head_dim,
+        max_position_embeddings=config.max_len,
+        rms_norm_eps=config.norm_eps,
+        hidden_act="silu",
+        tie_word_embeddings=config.tied_embeddings,
+        attention_bias=False,
+        mlp_bias=False,
+        attention_dropout=0.0,
+        attn_implementation="eager",
+        **rope,
+    )
+
+
+def _table(config, kind):
+    """The weight mapping: ``[(hf_name, transpose, [(refattn path, columns), ...])]``.
+
+    Each Hugging Face tensor (transposed first when ``transpose``: ``nn.Linear`` stores ``(out, in)``)
+    is ``[..., columns]``-sliced into the refattn leaves at ``path`` (dotted, as
+    :func:`refattn.model.params.tree_items` names them); ``columns`` None: the whole tensor.  GPT-2's
+    Conv1D weights are already ``(in, out)`` (``x W + b``) and its fused ``c_attn`` splits into
+    thirds: q, k, v.
+    """
+    e = config.d_model
+    rows = []
+    if kind == "gpt2":
+        thirds = [slice(i * e, (i + 1) * e) for i in range(3)]
+        rows += [("transformer.wte.weight", False, [("wte", None)]), ("transformer.wpe.weight", False, [("wpe", None)])]
+        for i in range(config.n_layers):
+            h, b = f"transformer.h.{i}.", f"blocks.{i}."
+            rows += [
+                (h + "ln_1.weight", False, [(b + "ln_1.weight", None)]),
+                (h + "ln_1.bias", False, [(b + "ln_1.bias", None)]),
+                (h + "attn.c_attn.weight", False, [(b + f"attn.w_{x}", s) for x, s in zip("qkv", thirds)]),
+                (h + "attn.c_attn.bias", False, [(b + f"attn.b_{x}", s) for x, s in zip("qkv", thirds)]),
+                (h + "attn.c_proj.weight", False, [(b + "attn.w_o", None)]),
+                (h + "attn.c_proj.bias", False, [(b + "attn.b_o", None)]),
+                (h + "ln_2.weight", False, [(b + "ln_2.weight", None)]),
+                (h + "ln_2.bias", False, [(b + "ln_2.bias", None)]),
+                (h + "mlp.c_fc.weight", False, [(b + "mlp.w_in", None)]),
+                (h + "mlp.c_fc.bias", False, [(b + "mlp.b_in", None)]),
+                (h + "mlp.c_proj.weight", False, [(b + "mlp.w_out", None)]),
+                (h + "mlp.c_proj.bias", False, [(b + "mlp.b_out", None)]),
+            ]
+        rows += [
+            ("transformer.ln_f.weight", False, [("ln_f.weight", None)]),
+            ("transformer.ln_f.bias", False, [("ln_f.bias", None)]),
+        ]
+    else:
+        rows.append(("model.embed_tokens.weight", False, [("wte", None)]))
+        for i in range(config.n_layers):
+            h, b = f"model.layers.{i}.", f"blocks.{i}."
+            rows += [
+                (h + "input_layernorm.weight", False, [(b + "ln_1.weight", None)]),
+                (h + "self_attn.q_proj.weight", True, [(b + "attn.w_q", None)]),
+                (h + "self_attn.k_proj.weight", True, [(b + "attn.w_k", None)]),
+                (h + "self_attn.v_proj.weight", True, [(b + "attn.w_v", None)]),
+                (h + "self_attn.o_proj.weight", True, [(b + "attn.w_o", None)]),
+                (h + "post_attention_layernorm.weight", False, [(b + "ln_2.weight", None)]),
+                (h + "mlp.gate_proj.weight", True, [(b + "mlp.w_gate", None)]),
+                (h + "mlp.up_proj.weight", True, [(b + "mlp.w_in", None)]),
+                (h + "mlp.down_proj.weight", True, [(b + "mlp.w_out", None)]),
+            ]
+        rows.append(("model.norm.weight", False, [("ln_f.weight", None)]))
+    if not config.tied_embeddings:
+        rows.append(("lm_head.weight", True, [("lm_head", None)]))
+    return rows
+
+
+def _is_shape(x):
+    return isinstance(x, tuple) and not hasattr(x, "_fields") and all(isinstance(n, int) for n in x)
+
+
+def _children(shapes, path):
+    names = getattr(shapes, "_fields", None) or [str(i) for i in range(len(shapes))]
+    return [(f"{path}.{n}" if path else n, s) for n, s in zip(names, shapes)]
+
+
+def _shape_items(shapes, path=""):
+    """``{dotted path: shape}`` of a tree of shapes (:func:`refattn.model.params.param_shapes`)."""
+    if shapes is None:
+        return {}
+    if _is_shape(shapes):
+        return {path: shapes}
+    return {k: v for p, s in _children(shapes, path) for k, v in _shape_items(s, p).items()}
+
+
+def _assemble(shapes, path, values):
+    """The tree of ``shapes`` (:func:`refattn.model.params.param_shapes`) with ``values[path]`` at each leaf."""
+    if shapes is None:
+        return None
+    if _is_shape(shapes):
+        return values.pop(path)
+    items = [_assemble(s, p, values) for p, s in _children(shapes, path)]
+    return type(shapes)(*items) if hasattr(shapes, "_fields") else type(shapes)(items)
+
+
+def _tree_from_hf(model, config, kind, read):
+    """The LMParams of ``read(name, parameter) -> ndarray`` over the model's parameters, by :func:`_table`."""
+    from refattn.model.params import param_shapes
+
+    named = dict(model.named_parameters())
+    table = _table(config, kind)
+    unmapped = sorted(set(named) - {name for name, _, _ in table})
+    if unmapped:
+        raise Unsupported(f"model: parameters refattn's language model has no place for: {unmapped}")
+    values = {}
+    for name, transpose, parts in table:
+        if name not in named:
+            raise Unsupported(f"model: expected a parameter {name!r} (the {kind} layout), found none")
+        a = read(name, named[name])
+        a = a.T if transpose else a
+        for path, cols in parts:
+            values[path] = np.array(a if cols is None else a[..., cols], dtype=np.float64, order="C")
+    return _assemble(param_shapes(config), "", values)
+
+
+def params_from_hf(model):
+    """The weights and configuration of a Hugging Face GPT-2 or Llama causal LM, as refattn's.
+
+    A pure weight mapping (``specs/adapters.md``, "Whole-model mapping"); every parameter of the model
+    has exactly one place in the result:
+
+    * ``GPT2LMHeadModel``: ``wte``, ``wpe`` (learned positions), per block ``ln_1``/``ln_2``
+      (LayerNorm with bias, ``layer_norm_epsilon``), the fused ``c_attn`` (a Conv1D, already
+      ``(in, out)``) split into thirds ``w_q, w_k, w_v`` (and its bias into ``b_q, b_k, b_v``),
+      ``c_proj`` → ``w_o``, ``mlp.c_fc``/``mlp.c_proj`` → ``w_in``/``w_out`` (``gelu_new`` is the
+      tanh GELU, ``"gelu_tanh"``), ``ln_f``; the LM head is tied to ``wte`` (``lm_head`` None) unless
+      ``tie_word_embeddings=False``.
+    * ``LlamaForCausalLM``: ``embed_tokens`` → ``wte``, RMSNorms (weight only, ``rms_norm_eps``),
+      ``q_proj``/``k_proj``/``v_proj``/``o_proj`` (``nn.Linear``, ``(out, in)``: transposed) with GQA,
+      ``gate_proj``/``up_proj``/``down_proj`` → ``w_gate``/``w_in``/``w_out`` (SwiGLU), ``norm`` →
+      ``ln_f``, ``lm_head`` (transposed) unless tied; RoPE rotate-half with ``rope_theta``.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A ``GPT2LMHeadModel`` or ``LlamaForCausalLM`` (any dtype: read in float64).
+
+    Returns
+    -------
+    params : refattn.model.params.LMParams
+        float64 copies (the model is not shared).
+    config : refattn.model.config.LMConfig
+
+    Raises
+    ------
+    Unsupported
+        Another model class, or an option refattn's language model does not have (cross attention,
+        a scaled RoPE, biases in a Llama, ...), named.
+    """
+    kind = _family(model)
+    config = _config_from_hf(model.config, kind)
+    return _tree_from_hf(model, config, kind, lambda name, p: _np(p)), config
+
+
+def grads_from_hf(model):
+    """The ``.grad`` of every parameter of a Hugging Face GPT-2 or Llama causal LM, as an LMParams of
+    gradients (the mapping of :func:`params_from_hf`, applied to the gradients).
+
+    The tied ``wte`` gets its one ``.grad``: autograd sums the embedding's and the LM head's parts in
+    it, as :func:`refattn.model.lm.lm_backward` does.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A ``GPT2LMHeadModel`` or ``LlamaForCausalLM`` after ``loss.backward()``.
+
+    Returns
+    -------
+    grads : refattn.model.params.LMParams
+        float64; ``grads.blocks[i].attn.w_q`` is ``∂loss/∂w_q`` in refattn's ``(in, out)`` layout.
+
+    Raises
+    ------
+    RefAttnError
+        A parameter without ``.grad`` (no backward has run, or it did not reach that parameter).
+    Unsupported
+        As :func:`params_from_hf`.
+    """
+    kind = _family(model)
+    config = _config_from_hf(model.config, kind)
+
+    def read(name, p):
+        if p.grad is None:
+            raise RefAttnError(f"model: parameter {name!r} has no .grad (run loss.backward() first)")
+        return _np(p.grad)
+
+    return _tree_from_hf(model, config, kind, read)
+
+
+def to_hf(params, config):
+    """A Hugging Face model computing what refattn's language model of ``(params, config)`` computes.
+
+    A ``GPT2LMHeadModel`` for learned positions, LayerNorm and biases (activation ``"gelu_tanh"`` →
+    ``gelu_new``, ``"gelu"``, ``"relu"``); a ``LlamaForCausalLM`` for RoPE, RMSNorm, SwiGLU and no
+    biases (GQA with ``n_kv_heads``); both pre-norm and causal.  float64, eval mode, eager attention,
+    no dropout; the weights copied by the table of :func:`params_from_hf`, so
+    ``params_from_hf(to_hf(params, config))`` returns ``(params, config)`` exactly.
+
+    Parameters
+    ----------
+    params : refattn.model.params.LMParams
+        The weights; every shape must match :func:`refattn.model.params.param_shapes` of ``config``.
+    config : refattn.model.config.LMConfig
+        The model's shape and options.
+
+    Returns
+    -------
+    torch.nn.Module
+        The model, ``.double().eval()``.
+
+    Raises
+    ------
+    Unsupported
+        A config neither family computes (e.g. ALiBi or sinusoidal positions, post-norm, a
+        non-causal model, GPT-2 with GQA or SwiGLU, Llama with biases), the field named.
+    RefAttnError
+        A parameter whose shape disagrees with ``config`` (named by its path, e.g.
+        ``params.blocks.0.attn.w_q``) or that is not finite.
+    """
+    from refattn.model.params import param_shapes, tree_items
+
+    torch, tf = _imports()
+    kind = _family_of_config(config)
+    shapes = _shape_items(param_shapes(config))
+    given = dict(tree_items(params))
+    if set(given) != set(shapes):
+        raise RefAttnError(
+            f"params: expected the parameters of the config {sorted(shapes)}, got {sorted(given)} "
+            f"(missing {sorted(set(shapes) - set(given))}, extra {sorted(set(given) - set(shapes))})"
+        )
+    leaves = {}
+    for path, leaf in given.items():
+        a = as_float(leaf, f"params.{path}")
+        if a.shape != tuple(shapes[path]):
+            raise RefAttnError(f"params.{path}: expected shape {tuple(shapes[path])}, got {a.shape}")
+        leaves[path] = a
+    model = (tf.GPT2LMHeadModel if kind == "gpt2" else tf.LlamaForCausalLM)(_hf_config(config, kind, tf))
+    model = model.double().eval()
+    named = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, transpose, parts in _table(config, kind):
+            target = named.pop(name)
+            full = np.empty(tuple(target.shape[::-1]) if transpose else tuple(target.shape))
+            for path, cols in parts:
+                full[..., slice(None) if cols is None else cols] = leaves[path]
+            target.copy_(torch.from_numpy(np.ascontiguousarray(full.T if transpose else full)))
+    if named:
+        raise Unsupported(f"model: parameters with no place in the mapping: {sorted(named)}")
+    return model
 
 
 check_keywords_of(globals())  # a typo in a keyword raises RefAttnError with a suggestion

@@ -40,6 +40,7 @@ _SHARE = {
 _PAUSE = 0.15  # the pause after each timed call (refattn/bench/run.py: _median_times)
 _REFERENCE_RATE = 55.9e9  # the GEMM rate of the machine RESULTS.md was measured on
 _ROLLOUT_SECONDS = 40.0  # the rollout section there (5 repeats of 7 methods)
+_ATTRIBUTION_SECONDS = 30.0  # the attribution section (4 calls of 3 methods; measured on a loaded 2-core machine)
 
 
 def _positive_int(text):
@@ -105,7 +106,8 @@ def parser(prog=None):
         "--rollout",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="the rollout section (L=28, H=16, n=256, B=32; default on; --quick: off)",
+        help="the rollout section (L=28, H=16, n=256, B=32) and the attribution section (L=12, H=12, n=256, B=4); "
+        "default on; --quick: off",
     )
     p.add_argument("--output", metavar="FILE", help="also write the Markdown table to FILE (its folder must exist)")
     p.add_argument("--plan", action="store_true", help="print the plan and the time estimate, then stop")
@@ -204,7 +206,7 @@ def estimate_seconds(args, rate, *, kernel, torch):
     Each timed row's flops (forward ``4·N²·D·H``, forward+backward ``14·N²·D·H``, causal half)
     divided by the share of the GEMM rate its method reached in ``benchmarks/RESULTS.md``, times
     the repeats, plus the pauses between timed calls, the GEMM measurement, the peak-memory rows
-    and the rollout section (scaled from its time there).  An estimate, not a bound.
+    and the rollout and attribution sections (scaled from their time there).  An estimate, not a bound.
 
     Parameters
     ----------
@@ -248,7 +250,7 @@ def estimate_seconds(args, rate, *, kernel, torch):
         seconds += forward / (0.1 * rate) if n <= 2 * NUMPY_MAX_N else 0.0  # NumPy: slowed by its N×N arrays
         seconds += backward / (0.1 * rate) if n <= NUMPY_MAX_N else 0.0
     if args.rollout:
-        seconds += _ROLLOUT_SECONDS * _REFERENCE_RATE / rate
+        seconds += (_ROLLOUT_SECONDS + _ATTRIBUTION_SECONDS) * _REFERENCE_RATE / rate
     return seconds
 
 

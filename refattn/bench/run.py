@@ -24,6 +24,7 @@ import tracemalloc
 import numpy as np
 
 from refattn.attention.sdpa import sdpa, sdpa_backward
+from refattn.metrics.attribution import attention_attribution
 from refattn.rollout_flow import rollout
 
 os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "1")
@@ -318,6 +319,61 @@ def rollout_rows(layers=28, heads=16, n=256, batch=32, repeats=5):
     return rows, base.nbytes / 2**20
 
 
+def attribution_rows(layers=12, heads=12, n=256, batch=4, repeats=3):
+    """The attribution section: :func:`refattn.metrics.attention_attribution` on a stream of layers,
+    by batch slices and whole, and on the stacked layers.
+
+    Every layer is one of two float32 maps ``(batch, heads, n, n)`` (a map and its rows reversed), as in
+    :func:`rollout_rows`; the peak traced memory is what the call allocates beyond them.  Each method is
+    called once untimed first (kernel compiles, imports).
+
+    Parameters
+    ----------
+    layers : int, default 12
+        Layers ``L``.
+    heads : int, default 12
+        Heads ``H``.
+    n : int, default 256
+        Tokens.
+    batch : int, default 4
+        Batch ``B``.
+    repeats : int, default 3
+        Timed runs of each method; the median is reported.
+
+    Returns
+    -------
+    rows : list of tuple
+        One ``(method, seconds, peak traced MiB)`` per row (the peak of the last run).
+    layer_mib : float
+        The size of one layer's maps in MiB.
+    """
+    base = np.random.default_rng(4).random((batch, heads, n, n), dtype=np.float32)
+    base /= base.sum(-1, keepdims=True)
+    flipped = np.ascontiguousarray(base[..., ::-1, :])
+
+    def stream():
+        for i in range(layers):
+            yield base if i % 2 else flipped
+
+    rows = []
+    for name, fn in (
+        ("attribution, streaming, chunk_size=1", lambda: attention_attribution(stream(), chunk_size=1)),
+        ("attribution, streaming, whole batch", lambda: attention_attribution(stream())),
+        ("attribution, all layers stacked", lambda: attention_attribution(np.stack(list(stream())))),
+    ):
+        fn()
+        times = []
+        for _ in range(repeats):
+            tracemalloc.start()
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+            _, peak = tracemalloc.get_traced_memory()
+            tracemalloc.stop()
+        rows.append((name, statistics.median(times), peak / 2**20))
+    return rows, base.nbytes / 2**20
+
+
 def loops_rows():
     """The loops section: the explicit-loop reference against the matrix NumPy path, on one small
     problem (``(1, 2, 32, 16)`` q, k, v), medians of 3.
@@ -363,7 +419,7 @@ def compile_seconds():
     return float(out.stdout.strip())
 
 
-def _targets(timing, memory, rollout, layer_mib):
+def _targets(timing, memory, rollout, layer_mib, attribution=(), attribution_mib=0.0):
     """The issue's targets, judged from the measurements of this run."""
 
     def verdict(ok):
@@ -406,6 +462,13 @@ def _targets(timing, memory, rollout, layer_mib):
     if floor and cls:
         ratio = cls[0] / floor[0]
         out.append(f"| CLS-row rollout ≤ 1.1× the head-mean pass | {ratio:.2f}× | {verdict(ratio <= 1.1)} |")
+    sliced = {name: peak for name, _, peak in attribution}.get("attribution, streaming, chunk_size=1")
+    if sliced is not None:
+        ok = sliced <= 3 * attribution_mib
+        out.append(
+            f"| attribution peak ≤ 3 layers of maps (streaming, chunk_size=1) | {sliced:.0f} vs "
+            f"{3 * attribution_mib:.0f} MiB | {verdict(ok)} |"
+        )
     return out
 
 
@@ -503,10 +566,20 @@ def main(argv=None, prog=None):
             "|---|---|---|",
         ]
         lines += [f"| {name} | {t:.2f} | {peak:.0f} |" for name, t, peak in rows]
+        say("attribution")
+        attribution, attribution_mib = attribution_rows()
+        lines += [
+            "",
+            f"## Attention attribution (L=12, H=12, n=256, B=4, float32 maps: {attribution_mib:.0f} MiB per layer)",
+            "",
+            "| method | time (s) | peak traced (MiB) |",
+            "|---|---|---|",
+        ]
+        lines += [f"| {name} | {t:.2f} | {peak:.0f} |" for name, t, peak in attribution]
     else:
-        rows, layer_mib = [], 0.0
+        rows, layer_mib, attribution, attribution_mib = [], 0.0, [], 0.0
     lines += ["", "## Targets (issue: fast enough to check real sizes), from this run", ""]
-    lines += _targets(timing, memory, rows, layer_mib)
+    lines += _targets(timing, memory, rows, layer_mib, attribution, attribution_mib)
     text = "\n".join(lines) + "\n"
     say("done")
     print(text)

@@ -11,6 +11,7 @@ one map ``P``.
 """
 
 from refattn.metrics import (
+    attribution,
     detectors,
     distribution,
     importance,
@@ -22,6 +23,7 @@ from refattn.metrics import (
     tokens,
 )
 from refattn.metrics._maps import MapGrads as MapGrads
+from refattn.metrics.attribution import *  # noqa: F403
 from refattn.metrics.detectors import *  # noqa: F403
 from refattn.metrics.distribution import *  # noqa: F403
 from refattn.metrics.importance import *  # noqa: F403
@@ -36,7 +38,18 @@ __all__ = sorted(
     {"MapGrads"}.union(
         *(
             m.__all__
-            for m in (detectors, distribution, importance, linguistic, norms, position, regularizers, summary, tokens)
+            for m in (
+                attribution,
+                detectors,
+                distribution,
+                importance,
+                linguistic,
+                norms,
+                position,
+                regularizers,
+                summary,
+                tokens,
+            )
         )
     )
 )
