@@ -135,10 +135,10 @@ def check_finite(a, name, *, allow_neg_inf=False):
     value: ``q: expected finite values, got nan at index (0, 1, 3, 2)``."""
     if a.dtype.kind in "biu":
         return
-    finite = np.isfinite(a)
+    finite = np.asarray(np.isfinite(a))  # an array also for a 0-d input (isfinite gives a NumPy bool)
     if finite.all():
         return
-    bad = np.logical_not(finite, out=finite)
+    bad = ~finite
     if allow_neg_inf:
         bad &= ~np.isneginf(a)
     idx = first_index(bad)

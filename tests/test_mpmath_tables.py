@@ -98,7 +98,7 @@ def test_forward_and_backward_match_mpmath(case):
             err = _rel_error(got, _expected(values, np.shape(got)), field in ENTRYWISE)
             assert err <= tol["backward"], f"{field}: relative error {err:.3g}"
             checked += 1
-    assert checked == len(grads._fields) or case["name"] == "js_divergence/disjoint_log2"
+    assert checked == sum(g is not None for g in grads) or case["name"] == "js_divergence/disjoint_log2"
 
 
 def test_the_table_covers_every_hard_point():

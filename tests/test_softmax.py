@@ -6,7 +6,8 @@ import scipy.special
 
 import refattn
 from refattn import softmax_family as softmax_mod
-from refattn.testing.strategies import softmax_cases
+from refattn.testing import gradcheck
+from refattn.testing.strategies import logsumexp_b_cases, softmax_axes_cases, softmax_cases
 from tests.mutation import property_table, violates
 
 
@@ -137,6 +138,235 @@ def test_bad_arguments_are_named():
         refattn.softmax(np.array([1.0, np.inf]))
     with pytest.raises(refattn.RefAttnError, match=r"d_y: expected shape \(2,\)"):
         refattn.logsumexp_backward(np.zeros(3), np.ones((2, 3)))
+
+
+# ---- issue 13: rows over several axes (axis = a tuple, or None) ---------------------------------
+
+
+def _flat_reference(x, axis):
+    """x with the axes of ``axis`` moved last and flattened: the rows as one axis, the independent
+    definition of a joint normalisation."""
+    nd = x.ndim
+    axes = tuple(range(nd)) if axis is None else tuple(sorted(a % nd for a in np.atleast_1d(axis)))
+    moved = np.moveaxis(x, axes, tuple(range(nd - len(axes), nd)))
+    return moved.reshape(moved.shape[: nd - len(axes)] + (-1,)), axes, moved.shape
+
+
+def check_axes_match_scipy_and_the_flattened_rows(case):
+    """Over a tuple of axes (or all), the three ops agree with SciPy's ``axis=`` on the rows that are
+    not empty, and with the same op over the flattened row (the definition of a joint row)."""
+    x = _masked(case)
+    ax = case.options["axis"]
+    flat, axes, moved_shape = _flat_reference(x, ax)
+    empty = np.isneginf(flat).all(axis=-1)  # (...,) the rows, in the remaining dims' order
+    with np.errstate(divide="ignore", invalid="ignore"):
+        want_p = scipy.special.softmax(x, axis=ax)
+        want_lse = scipy.special.logsumexp(x, axis=ax)
+    p = refattn.softmax(*case.inputs, **case.options)
+    keep = ~np.moveaxis(np.broadcast_to(empty[..., None], flat.shape).reshape(moved_shape), range(-len(axes), 0), axes)
+    np.testing.assert_allclose(np.where(keep, p, 0), np.where(keep, want_p, 0), rtol=1e-13, atol=1e-15)
+    lse = refattn.logsumexp(*case.inputs, **case.options)
+    assert np.shape(lse) == np.shape(want_lse)
+    np.testing.assert_allclose(np.where(empty, 0, lse), np.where(empty, 0, want_lse), rtol=1e-13, atol=1e-14)
+    options = {k: v for k, v in case.options.items() if k not in ("axis", "mask")}
+    p_flat = refattn.softmax(flat, axis=-1, **options)
+    back = np.moveaxis(p_flat.reshape(moved_shape), range(-len(axes), 0), axes)
+    np.testing.assert_array_equal(p, back)
+    logp_flat = refattn.log_softmax(flat, axis=-1, **options)
+    logp = refattn.log_softmax(*case.inputs, **case.options)
+    np.testing.assert_array_equal(logp, np.moveaxis(logp_flat.reshape(moved_shape), range(-len(axes), 0), axes))
+
+
+def _last_axis_only(mp):
+    """Mutant: a tuple of axes normalised over its last axis only (each axis its own softmax)."""
+    real = softmax_mod._as_axes
+    mp.setattr(softmax_mod, "_as_axes", lambda axis, ndim: real(axis, ndim)[-1:])
+
+
+def test_tuple_axes_are_joint_and_their_order_does_not_matter():
+    x = np.random.default_rng(11).standard_normal((2, 3, 4))
+    p = refattn.softmax(x, axis=(0, 2))
+    np.testing.assert_allclose(p.sum(axis=(0, 2)), 1.0, rtol=1e-14)
+    np.testing.assert_array_equal(p, refattn.softmax(x, axis=(2, -3)))
+    np.testing.assert_allclose(p, scipy.special.softmax(x, axis=(0, 2)), rtol=1e-14)
+    assert refattn.logsumexp(x, axis=None).shape == ()
+    assert refattn.logsumexp(x, axis=None) == pytest.approx(scipy.special.logsumexp(x), rel=1e-15)
+    np.testing.assert_array_equal(refattn.softmax(x, axis=(1,)), refattn.softmax(x, axis=1))
+    np.testing.assert_allclose(refattn.softmax(x, axis=None).sum(), 1.0, rtol=1e-14)
+
+
+def test_uniform_policy_on_a_joint_empty_row_is_one_over_the_row_size():
+    x = np.zeros((2, 3, 2))
+    mask = np.zeros((2, 3, 2), dtype=bool)
+    mask[1] = True  # rows over axes (1, 2): batch 0 empty (6 entries), batch 1 kept
+    p = refattn.softmax(x, axis=(1, 2), mask=mask, empty_rows="uniform")
+    np.testing.assert_array_equal(p[0], 1.0 / 6.0)
+    np.testing.assert_allclose(p[1], 1.0 / 6.0, rtol=1e-15)
+    assert np.isneginf(refattn.logsumexp(x, axis=(1, 2), mask=mask, empty_rows="uniform")[0])
+
+
+def test_backward_over_tuple_axes_matches_finite_differences():
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal((2, 3, 2))
+    mask = rng.random((3, 2)) > 0.3
+    for name in ("softmax", "log_softmax", "logsumexp"):
+        for axis in ((0, 2), None, (-1, 0, 1)):
+            options = {"axis": axis, "mask": mask}
+            report = gradcheck(getattr(refattn, name), getattr(refattn, name + "_backward"), (x,), options=options)
+            assert report.passed, (name, axis)
+
+
+def test_bad_tuple_axes_are_named():
+    x = np.ones((2, 3))
+    with pytest.raises(refattn.RefAttnError, match=r"axis: expected distinct axes of the 2-D x, got \(1, -1\)"):
+        refattn.softmax(x, axis=(1, -1))
+    with pytest.raises(refattn.RefAttnError, match=r"axis: expected an int, a non-empty tuple .* got \(\)"):
+        refattn.logsumexp(x, axis=())
+    with pytest.raises(refattn.RefAttnTypeError, match=r"axis: .* got the list \[0, 1\] \(pass a tuple\)"):
+        refattn.log_softmax(x, axis=[0, 1])
+    with pytest.raises(refattn.RefAttnError, match=r"axis: expected an axis in \[-2, 2\), got 2"):
+        refattn.softmax_backward(x, x, axis=(0, 2))
+
+
+# ---- issue 13: logsumexp's scale factors b and return_sign (scipy.special.logsumexp) --------------
+
+
+def check_logsumexp_b_matches_scipy(case):
+    """``log|Σ b e^x|`` and its sign as SciPy gives them (the masked entries dropped): equal to 1e-13
+    where finite, the same -inf / NaN pattern elsewhere, the same sign."""
+    x = _masked(case)
+    o = case.options
+    b = np.broadcast_to(o["b"], x.shape)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        want = scipy.special.logsumexp(x, axis=o["axis"], b=b, return_sign=o["return_sign"])
+    got = refattn.logsumexp(*case.inputs, **o)
+    want, got = (want, got) if o["return_sign"] else ((want,), (got,))
+    for w, g in zip(want, got, strict=True):
+        w, g = np.asarray(w), np.asarray(g)
+        assert g.shape == w.shape and g.dtype == np.float64
+        finite = np.isfinite(w)
+        np.testing.assert_array_equal(np.isfinite(g), finite)
+        np.testing.assert_array_equal(g[~finite], w[~finite])
+        np.testing.assert_allclose(g[finite], w[finite], rtol=1e-13, atol=1e-14)
+
+
+def _unsigned_b(mp):
+    """Mutant: the factors' signs dropped (``log Σ |b| e^x``)."""
+    real = softmax_mod._scaled_sum
+    mp.setattr(softmax_mod, "_scaled_sum", lambda s, w: real(s, np.abs(w)))
+
+
+def check_logsumexp_b_gradients(case):
+    """dx and db against central finite differences (random cotangents, negative factors included)."""
+    report = gradcheck(refattn.logsumexp, refattn.logsumexp_backward, case.inputs, options=case.options)
+    assert report.passed, report
+
+
+def _gradient_over_abs_sum(mp):
+    """Mutant: the gradients divided by ``|S|`` instead of the signed ``S``."""
+    real = softmax_mod._scaled_sum
+    mp.setattr(softmax_mod, "_scaled_sum", lambda s, w: real(s, w)._replace(total=np.abs(real(s, w).total)))
+
+
+def test_logsumexp_b_values_signs_and_nan_as_scipy():
+    x = np.array([[0.0, 1.0], [0.0, 0.0], [2.0, 3.0]])
+    b = np.array([[1.0, -2.0], [1.0, -1.0], [0.5, 0.0]])
+    y, sign = refattn.logsumexp(x, b=b, return_sign=True)
+    np.testing.assert_allclose(y[0], np.log(2 * np.e - 1), rtol=1e-15)
+    np.testing.assert_array_equal(sign, [-1.0, 0.0, 1.0])  # S < 0, S = 0, S > 0
+    assert np.isneginf(y[1])  # a zero sum: -inf with sign 0, as SciPy
+    assert y[2] == pytest.approx(2.0 + np.log(0.5), rel=1e-15)
+    plain = refattn.logsumexp(x, b=b)
+    assert np.isnan(plain[0]) and np.isneginf(plain[1]) and plain[2] == y[2]  # NaN without return_sign
+    want = scipy.special.logsumexp(x, b=b, axis=-1, return_sign=True)
+    np.testing.assert_allclose(y[[0, 2]], want[0][[0, 2]], rtol=1e-15)
+    np.testing.assert_array_equal(sign, want[1])
+
+
+def test_a_zero_factor_does_not_set_the_scale():
+    """``[1000, 0]`` with ``b = [0, 1]`` is log(e^0) = 0: the shift is the largest term with b != 0."""
+    assert refattn.logsumexp(np.array([1000.0, 0.0]), b=np.array([0.0, 1.0])) == 0.0
+    assert scipy.special.logsumexp([1000.0, 0.0], b=[0.0, 1.0]) == 0.0
+
+
+def test_b_of_ones_is_no_b_bit_for_bit_and_keeps_a_tiny_tail():
+    x = np.random.default_rng(13).standard_normal((3, 5))
+    np.testing.assert_array_equal(refattn.logsumexp(x, b=np.ones(5)), refattn.logsumexp(x))
+    assert refattn.logsumexp(np.array([0.0, -50.0]), b=np.array([1.0, 1.0])) == pytest.approx(np.exp(-50), rel=1e-15)
+    # log(2 - e^{-50}) = log 2 + log1p(-e^{-50}/2): the tail's digits survive a negative factor
+    y = refattn.logsumexp(np.array([0.0, -50.0]), b=np.array([2.0, -1.0]))
+    assert y - np.log(2.0) == pytest.approx(-np.exp(-50) / 2, rel=1e-6)
+
+
+def _lse_b_grads(x, b, d_y):
+    """The derivation of specs/softmax.md for one row: S = Σ b e^x, dx = d_y b e^x / S, db = d_y e^x / S."""
+    e = np.exp(x)
+    s = np.sum(b * e)
+    return d_y * b * e / s, d_y * e / s
+
+
+def test_logsumexp_b_backward_is_the_derivation_with_a_negative_sum():
+    rng = np.random.default_rng(14)
+    x, b = rng.standard_normal(4), np.array([0.7, -8.0, 0.3, 0.0])
+    d_y = np.array(rng.standard_normal())
+    assert np.sum(b * np.exp(x)) < 0
+    g = refattn.logsumexp_backward(d_y, x, b=b, return_sign=True)
+    want_dx, want_db = _lse_b_grads(x, b, d_y)
+    np.testing.assert_allclose(g.dx, want_dx, rtol=1e-14, atol=0.0)
+    np.testing.assert_allclose(g.db, want_db, rtol=1e-14, atol=0.0)
+    assert g.dx[3] == 0.0 and g.db[3] != 0.0  # a zero factor: no dx, but db = d_y e^x / S
+    nan = refattn.logsumexp_backward(d_y, x, b=b)  # y = NaN without return_sign: so is its gradient
+    assert np.isnan(nan.dx).all() and np.isnan(nan.db).all()
+
+
+def test_logsumexp_b_gradcheck_with_broadcast_b_tuple_axes_and_masks():
+    rng = np.random.default_rng(15)
+    x = rng.standard_normal((2, 3, 4))
+    mask = rng.random((3, 4)) > 0.25
+    mask[:, 0] = True
+    cases = ((np.array([1.5, -0.5, 0.8, -1.2]), -1), (np.array([[2.0], [-0.4], [1.1]]), (1, 2)), (np.array(-0.7), None))
+    for b, axis in cases:
+        report = gradcheck(
+            refattn.logsumexp,
+            refattn.logsumexp_backward,
+            (x,),
+            options={"axis": axis, "mask": mask, "b": b, "return_sign": True},
+        )
+        assert report.passed, (b, axis)
+        assert refattn.logsumexp_backward(
+            np.zeros(np.shape(refattn.logsumexp(x, axis=axis))), x, axis=axis, b=b
+        ).db.shape == np.shape(b)
+
+
+def test_logsumexp_b_singular_and_empty_rows():
+    """S = 0 with entries taking part: y = -inf and NaN gradients (log|S| is singular); a row with no
+    entry taking part: -inf and zero gradients, as without b."""
+    x = np.array([[0.0, 0.0], [1.0, 2.0]])
+    b = np.array([[1.0, -1.0], [3.0, 1.0]])
+    mask = np.array([[True, True], [False, False]])
+    y, sign = refattn.logsumexp(x, b=b, mask=mask, return_sign=True)
+    assert np.isneginf(y).all() and (sign == 0).all()
+    g = refattn.logsumexp_backward(np.array([0.3, -0.8]), x, b=b, mask=mask, return_sign=True)
+    assert np.isnan(g.dx[0]).all() and np.isnan(g.db[0]).all()
+    np.testing.assert_array_equal(g.dx[1], 0.0)
+    np.testing.assert_array_equal(g.db[1], 0.0)
+    without_b = refattn.logsumexp(x, mask=mask, return_sign=True)
+    np.testing.assert_array_equal(without_b[1], [1.0, 0.0])  # sign 1, and 0 on the empty row
+    assert refattn.logsumexp_backward(np.array([0.3, -0.8]), x, mask=mask).db is None
+
+
+def test_logsumexp_b_and_d_sign_arguments_are_named():
+    x = np.ones((2, 3))
+    with pytest.raises(refattn.RefAttnError, match=r"b: expected a shape broadcastable to x.shape \(2, 3\)"):
+        refattn.logsumexp(x, b=np.ones((4, 3)))
+    with pytest.raises(refattn.RefAttnError, match="b: expected finite values"):
+        refattn.logsumexp(x, b=np.array(np.inf))
+    with pytest.raises(refattn.RefAttnError, match="d_sign: a cotangent of sign"):
+        refattn.logsumexp_backward(np.zeros(2), x, b=np.ones(3), d_sign=np.zeros(2))
+    with pytest.raises(refattn.RefAttnError, match=r"d_sign: expected shape \(2,\)"):
+        refattn.logsumexp_backward(np.zeros(2), x, b=np.ones(3), return_sign=True, d_sign=np.zeros(3))
+    g = refattn.logsumexp_backward(np.array([0.4, -1.1]), x, return_sign=True, d_sign=np.array([5.0, 7.0]))
+    np.testing.assert_allclose(g.dx, np.outer([0.4, -1.1], np.full(3, 1 / 3)), rtol=1e-15)  # the sign adds nothing
 
 
 # ---- unmasked -inf inputs: the gradient is the limit x_j -> -inf (PyTorch, JAX) ------------------
@@ -277,6 +507,9 @@ PROPERTIES = [
         softmax_cases().map(_with_an_unmasked_neg_inf),
         "log_softmax_backward_dropping_the_cotangent",
     ),
+    (check_axes_match_scipy_and_the_flattened_rows, softmax_axes_cases(), "last_axis_only"),
+    (check_logsumexp_b_matches_scipy, logsumexp_b_cases(), "unsigned_b"),
+    (check_logsumexp_b_gradients, logsumexp_b_cases(for_gradcheck=True), "gradient_over_abs_sum"),
 ]
 MUTANTS = {
     "unnormalised_by_n_over_2": _normalize_mutant(lambda nz, s: nz._replace(p=nz.p * s.shape[-1] / 2.0)),
@@ -286,5 +519,8 @@ MUTANTS = {
     "nan_policy_leaking_into_logsumexp": _nan_policy_leaking_into_logsumexp,
     "nan_gradient_of_logsumexp": _nan_gradient_of_logsumexp,
     "log_softmax_backward_dropping_the_cotangent": _log_softmax_backward_dropping_the_cotangent,
+    "last_axis_only": _last_axis_only,
+    "unsigned_b": _unsigned_b,
+    "gradient_over_abs_sum": _gradient_over_abs_sum,
 }
 test_property, test_property_catches_its_mutant = property_table(PROPERTIES, MUTANTS)

@@ -372,3 +372,11 @@ def test_the_counted_intermediates_bound_the_measured_peak(name):
         counted = sdpa_core.score_arrays(a, backward)
         assert peak <= counted + 0.1, (backward, peak, counted)  # 0.1: the (..., Lq) and (..., L, D) arrays
         assert counted <= peak + 2.5, (backward, peak, counted)
+
+
+def test_a_0d_nan_option_is_a_refattn_error_naming_it():
+    """Regression: a 0-d array holding NaN raised a plain TypeError inside check_finite."""
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((1, 2, 3)) for _ in range(3))
+    with pytest.raises(refattn.RefAttnError, match=r"sinks: expected finite values or -inf, got nan"):
+        refattn.sdpa(q, k, v, sinks=np.array(np.nan))

@@ -148,7 +148,7 @@ DIFFERENTIABLE.update(
         "rollout": ("attentions",),
         "softmax": ("x",),
         "log_softmax": ("x",),
-        "logsumexp": ("x",),
+        "logsumexp": ("x", "b"),  # b: an array option (None without it: db is None)
     }
 )
 
@@ -197,7 +197,8 @@ def test_backward_takes_d_output_then_the_forwards_inputs_and_options(name):
     backward = PUBLIC[name]
     assert _positional(backward) == ("d_" + OUTPUT[forward],) + DATA[forward]
     own = _keyword_only(PUBLIC[forward])
-    taken = _keyword_only(backward)
+    # the cotangents of the other outputs (logsumexp_backward's d_sign) are keywords, not options
+    taken = {n: d for n, d in _keyword_only(backward).items() if not n.startswith("d_")}
     # the forward's options, with the forward's defaults; output selectors and backends aside
     # (a backward runs NumPy), and a backward adds no option of its own
     selectors = {"backend"} | {n for n in own if n.startswith("return_") and n not in taken}
@@ -303,9 +304,9 @@ def test_backward_returns_one_d_field_per_differentiable_input(forward):
     assert isinstance(grads, tuple) and hasattr(grads, "_fields"), f"{forward}_backward: not a NamedTuple"
     assert grads._fields == tuple("d" + n for n in DIFFERENTIABLE[forward])
     for n, g in zip(DIFFERENTIABLE[forward], grads):
-        given = inputs[DATA[forward].index(n)]
+        given = inputs[DATA[forward].index(n)] if n in DATA[forward] else options.get(n)
         assert (g is None) == (given is None)
-        assert g.dtype == np.float64 and g.shape == np.shape(given), (n, g.shape, np.shape(given))
+        assert g is None or (g.dtype == np.float64 and g.shape == np.shape(given)), (n, np.shape(g), np.shape(given))
     if DIFFERENTIABLE[forward] == _MAP:
         assert type(grads) is metrics.MapGrads, f"{forward}_backward returns {type(grads).__name__}, not MapGrads"
 
