@@ -160,3 +160,22 @@ def test_check_mha_catches_swapped_projections(monkeypatch):
     real = ta.mha_params
     monkeypatch.setattr(ta, "mha_params", lambda m: real(m)._replace(w_q=real(m).w_k, w_k=real(m).w_q))
     assert not ta.check_mha(mha, x).passed
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32", "bfloat16"])
+def test_a_padded_batch_with_per_sequence_structure_is_judged(dtype):
+    """Per-sequence lengths and starts, bottom-right causal, a window and chunks reach torch as one
+    explicit attn_mask; its zeros on fully masked rows are refattn's padded rows: torch passes."""
+    rng = np.random.default_rng(11)
+    q, k, v = rng.standard_normal((3, 2, 6, 8)), rng.standard_normal((3, 2, 7, 8)), rng.standard_normal((3, 2, 7, 8))
+    options = dict(
+        causal=True,
+        align="bottom_right",
+        window=(3, None),
+        chunk=4,
+        q_lengths=np.array([6, 3, 0]),
+        k_lengths=np.array([7, 4, 2]),
+        k_starts=np.array([0, 2, 5]),
+    )
+    verdict = ta.check_torch(q, k, v, dtype=dtype, d_out=rng.standard_normal((3, 2, 6, 8)), **options)
+    assert verdict.passed, verdict
