@@ -136,6 +136,24 @@ def _builtin_checks(args, progress):
     return crosscheck.run_checks(cases, impls, rule=args.rule, progress=progress)
 
 
+def _check_onnx(args):
+    """Every Attention node of the model ``args.target`` run by ``--runtime`` and judged
+    (:func:`refattn.adapters.onnx.check_onnx`): one row per node."""
+    from refattn.adapters import onnx as onnx_adapter
+    from refattn.crosscheck.npz import read_npz
+
+    if args.dtype is not None:
+        raise RefAttnError("--dtype: an ONNX model's nodes are judged at their own dtype; drop --dtype")
+    if not Path(args.target).is_file():
+        raise RefAttnError(f"{args.target}: no such file")
+    if args.inputs is not None:
+        inputs = read_npz(args.inputs, **_cap(args), what="inputs file (one array per model input)")
+    else:
+        inputs = onnx_adapter.random_inputs(args.target, seed=0 if args.seed is None else args.seed)
+    verdict = onnx_adapter.check_onnx(args.target, inputs, runtime=args.runtime or "onnxruntime", rule=args.rule)
+    return verdict.rows()
+
+
 def cmd_check(args):
     from refattn import crosscheck
 
@@ -151,8 +169,16 @@ def cmd_check(args):
         for flag, value in (("--dtype", args.dtype), ("--max-bytes", args.max_bytes)):
             if value is not None:
                 raise RefAttnError(f"{flag}: applies to case files: give a TARGET (a .npz file or a directory)")
+    onnx_model = bool(args.target) and args.target.lower().endswith(".onnx")
+    if not onnx_model:
+        for flag, value in (("--inputs", args.inputs), ("--runtime", args.runtime), ("--seed", args.seed)):
+            if value is not None:
+                raise RefAttnError(f"{flag}: applies to an ONNX model: give a TARGET model.onnx")
     progress = None if args.quiet else crosscheck.Progress("refattn check")
-    rows = _check_files(args, progress) if args.target else _builtin_checks(args, progress)
+    if onnx_model:
+        rows = _check_onnx(args)
+    else:
+        rows = _check_files(args, progress) if args.target else _builtin_checks(args, progress)
     if args.json:
         print(json.dumps([r.as_dict() for r in rows], indent=1, default=float))
     else:
@@ -406,9 +432,15 @@ def _parser():
         help="cross-check implementations (all available, or a case file/directory)",
         description="Without TARGET: every implementation available here over the standard suite. With "
         "TARGET: judge the outputs that case files carry (every file of a directory; a broken file is "
-        "an error row). Progress goes to stderr: a bar on a terminal, a line per group otherwise.",
+        "an error row); with TARGET model.onnx: run the model and judge each Attention node (a row per "
+        "node). Progress goes to stderr: a bar on a terminal, a line per group otherwise.",
     )
-    c.add_argument("target", nargs="?", help="a .npz case file or a directory of them, with outputs to judge")
+    c.add_argument(
+        "target",
+        nargs="?",
+        help="a .npz case file or a directory of them, with outputs to judge; or an ONNX model (.onnx) "
+        "whose Attention nodes are run and judged",
+    )
     c.add_argument("--rule", choices=RULES, default="flash", help="tolerance rule (default flash)")
     c.add_argument(
         "--dtype",
@@ -419,6 +451,20 @@ def _parser():
     c.add_argument("--cases", nargs="+", metavar="CASE", help="cases of the standard suite to run (default: all)")
     c.add_argument("--no-torch", action="store_true", help="skip PyTorch even when installed")
     c.add_argument("--max-bytes", type=_byte_count, metavar="SIZE", help="with TARGET: " + _MAX_BYTES_HELP)
+    c.add_argument(
+        "--inputs",
+        metavar="FILE",
+        help="with TARGET model.onnx: a .npz with one array per model input (default: random values, "
+        "which needs fixed shapes and float or bool inputs)",
+    )
+    c.add_argument(
+        "--runtime",
+        choices=("onnxruntime", "reference"),
+        help="with TARGET model.onnx: ONNX Runtime (CPU, the default) or ONNX's reference evaluator",
+    )
+    c.add_argument(
+        "--seed", type=_int_at_least(0), help="with TARGET model.onnx: seed of the random inputs (default 0)"
+    )
     c.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
     c.add_argument("--verbose", action="store_true", help="print every report, not only the failures")
     c.add_argument("--quiet", action="store_true", help="no progress on stderr")

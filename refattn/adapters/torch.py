@@ -27,6 +27,7 @@ import numpy as np
 
 from refattn import lowp
 from refattn._validate import RefAttnError, Unsupported, check_keywords_of, unbroadcast
+from refattn.adapters.peer import rounded_inputs
 from refattn.attention.multihead import MHAParams, multihead_attention, multihead_attention_backward
 from refattn.attention.options import takes_sdpa_options
 from refattn.attention.sdpa import validate
@@ -255,15 +256,6 @@ def torch_sdpa(q, k, v, *, dtype="float64", device="cpu", d_out=None, **options)
     return outputs
 
 
-def _rounded_inputs(q, k, v, options, dtype):
-    """The float64 values the candidate's low-precision inputs hold (what the golden must be computed on)."""
-    opts = dict(options)
-    if opts.get("bias") is not None:
-        opts.update(lowp.round_arrays({"bias": opts["bias"]}, dtype))
-    q, k, v = lowp.round_arrays({"q": q, "k": k, "v": v}, dtype).values()
-    return q, k, v, opts
-
-
 def check_callable(fn, q, k, v, *, dtype="float64", device="cpu", d_out=None, rule="flash", options=None, **fn_kwargs):
     """Run ``fn`` (as :func:`run_callable`) and judge it against refattn for the sdpa ``options`` it
     is meant to compute; returns the :class:`refattn.testing.compare.Verdict`.
@@ -304,7 +296,7 @@ def check_callable(fn, q, k, v, *, dtype="float64", device="cpu", d_out=None, ru
     """
     options = dict(options or {})
     outputs = run_callable(fn, q, k, v, dtype=dtype, device=device, d_out=d_out, **fn_kwargs)
-    q, k, v, options = _rounded_inputs(q, k, v, options, dtype)
+    q, k, v, options = rounded_inputs(q, k, v, options, dtype)
     grads = {n: outputs[n] for n in ("dq", "dk", "dv") if n in outputs}
     d = None if d_out is None else lowp.round_to(d_out, dtype)
     return check_attention(outputs["out"], q, k, v, dtype=dtype, grads=grads or None, d_out=d, rule=rule, **options)
@@ -341,7 +333,7 @@ def check_torch(q, k, v, *, dtype="float64", device="cpu", d_out=None, rule="fla
         The :class:`refattn.testing.compare.Verdict` over ``out`` [and the gradients].
     """
     outputs = torch_sdpa(q, k, v, dtype=dtype, device=device, d_out=d_out, **options)
-    q, k, v, options = _rounded_inputs(q, k, v, options, dtype)
+    q, k, v, options = rounded_inputs(q, k, v, options, dtype)
     grads = {n: outputs[n] for n in ("dq", "dk", "dv", "dbias") if n in outputs}
     d = None if d_out is None else lowp.round_to(d_out, dtype)
     return check_attention(outputs["out"], q, k, v, dtype=dtype, grads=grads or None, d_out=d, rule=rule, **options)
