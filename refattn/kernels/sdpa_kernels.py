@@ -89,28 +89,39 @@ def _tile_inside(t, g, seq):
 
 
 @nb.njit(inline="always", cache=True)
-def _tile_logits(q, k, bias, mask, seq, t, g, sc, tanh_t, s_buf):
+def _scaled_rows(q, n, h, i0, bq, sc, qs_buf):
+    """``sc.scale · q[n, h, i0:i0 + bq]`` ``(bq, D)`` in the task's buffer ``qs_buf``: the scale applied
+    once per block of query rows instead of once per score (a power-of-two scale, 1/√D for D = 4ᵏ,
+    gives bitwise the scaled product)."""
+    d_dim = q.shape[3]
+    qs = qs_buf[: bq * d_dim].reshape((bq, d_dim))
+    for r in range(bq):
+        for c in range(d_dim):
+            qs[r, c] = sc.scale * q[n, h, i0 + r, c]
+    return qs
+
+
+@nb.njit(inline="always", cache=True)
+def _tile_logits(qs, k, bias, mask, seq, t, g, sc, tanh_t, s_buf):
     """Logits ``(bq, bk)`` of tile ``t`` (−inf where disallowed), a view of the task's buffer
-    ``s_buf``; the product by BLAS.  ``g``: Geometry, ``sc``: Scaling; ``tanh_t`` receives
-    tanh(s0/c) when softcap > 0."""
+    ``s_buf``; the product ``qs k̃ᵀ`` by BLAS, ``qs`` the tile's scaled query rows
+    (:func:`_scaled_rows`).  ``g``: Geometry, ``sc``: Scaling; ``tanh_t`` receives tanh(s0/c) when
+    softcap > 0."""
     i0, bq, j0, bk, h = t.i0, t.bq, t.j0, t.bk, t.h
-    scale, softcap = sc.scale, sc.softcap
+    softcap = sc.softcap
     s = s_buf[: bq * bk].reshape((bq, bk))
-    np.dot(q[t.n, h][i0 : i0 + bq], k[t.n, t.kvh][j0 : j0 + bk].T, s)
+    np.dot(qs, k[t.n, t.kvh][j0 : j0 + bk].T, s)
     if softcap == 0.0 and not g.has_mask and _tile_inside(t, g, seq):
-        for r in range(bq):  # every key allowed: a plain scaled copy the compiler vectorises
-            if g.has_bias:
+        if g.has_bias:  # every key allowed: the bias added, a loop the compiler vectorises
+            for r in range(bq):
                 for jj in range(bk):
-                    s[r, jj] = scale * s[r, jj] + bias[t.bn, h, i0 + r, j0 + jj]
-            else:
-                for jj in range(bk):
-                    s[r, jj] = scale * s[r, jj]
+                    s[r, jj] += bias[t.bn, h, i0 + r, j0 + jj]
         return s
     for r in range(bq):
         i = i0 + r
         for jj in range(bk):
             j = j0 + jj
-            x = scale * s[r, jj]
+            x = s[r, jj]
             if softcap > 0.0:
                 th = math.tanh(x / softcap)
                 tanh_t[r, jj] = th
@@ -222,6 +233,7 @@ def forward(q, k, v, bias, mask, keep, maps, seq, sink, geometry, scaling, range
         bn, mn, kn = maps[0, n], maps[1, n], maps[2, n]
         tanh_t = np.empty((BLOCK_Q, BLOCK_K))
         s_buf = np.empty(BLOCK_Q * BLOCK_K)  # tile buffers, once per task: no allocation per tile
+        qs = _scaled_rows(q, n, h, i0, bq, scaling, np.empty(BLOCK_Q * d_dim))
         pv = np.empty((bq, dv))
         acc = np.zeros((bq, dv))
         m = np.empty(BLOCK_Q)
@@ -233,7 +245,7 @@ def forward(q, k, v, bias, mask, keep, maps, seq, sink, geometry, scaling, range
         for j0 in range(lo, hi, BLOCK_K):
             bk = min(j0 + BLOCK_K, hi) - j0
             t = Tile(n=n, h=h, kvh=kvh, bn=bn, mn=mn, kn=kn, i0=i0, bq=bq, j0=j0, bk=bk)
-            s = _tile_logits(q, k, bias, mask, seq, t, g, scaling, tanh_t, s_buf)
+            s = _tile_logits(qs, k, bias, mask, seq, t, g, scaling, tanh_t, s_buf)
             for r in range(bq):  # online softmax: s becomes exp(s − m_new), the acc rescaled by alpha
                 row_max = _row_max(s, r, bk)
                 m_new = max(m[r], row_max)
@@ -241,10 +253,11 @@ def forward(q, k, v, bias, mask, keep, maps, seq, sink, geometry, scaling, range
                     for jj in range(bk):
                         s[r, jj] = 0.0
                     continue
-                alpha = exp(m[r] - m_new)  # exp(−inf) = 0: no branch, the loops vectorise
-                l_sum[r] *= alpha
-                for c in range(dv):
-                    acc[r, c] *= alpha
+                if m_new > m[r]:  # a new running max: rescale the sums (alpha = 1 otherwise)
+                    alpha = exp(m[r] - m_new)  # exp(−inf) = 0: no branch, the loops vectorise
+                    l_sum[r] *= alpha
+                    for c in range(dv):
+                        acc[r, c] *= alpha
                 for jj in range(bk):
                     s[r, jj] = exp(s[r, jj] - m_new)
                 total = _row_sum(s, r, bk)
@@ -439,16 +452,18 @@ def backward_dq(
         s_buf, ds_buf = np.empty(BLOCK_Q * BLOCK_K), np.empty(BLOCK_Q * BLOCK_K)
         dq_part = np.empty((bq, d_dim))
         dq_blk = np.empty((bq, d_dim))
+        qs_buf = np.empty(BLOCK_Q * d_dim)
         for pair in range(starts[grp], starts[grp + 1]):
             n, h = pairs[pair, 0], pairs[pair, 1]
             lo, hi = ranges[n, qb, 0], ranges[n, qb, 1]
             kvh = h // group
             bn, mn, kn = maps[0, n], maps[1, n], maps[2, n]
             dq_blk[:, :] = 0.0
+            qs = _scaled_rows(q, n, h, i0, bq, scaling, qs_buf)
             for j0 in range(lo, hi, BLOCK_K):
                 bk = min(j0 + BLOCK_K, hi) - j0
                 t = Tile(n=n, h=h, kvh=kvh, bn=bn, mn=mn, kn=kn, i0=i0, bq=bq, j0=j0, bk=bk)
-                s = _tile_logits(q, k, bias, mask, seq, t, g, scaling, tanh_t, s_buf)
+                s = _tile_logits(qs, k, bias, mask, seq, t, g, scaling, tanh_t, s_buf)
                 _tile_probabilities(s, t, lse, lk, g, seq)
                 ds = ds_buf[: bq * bk].reshape((bq, bk))
                 np.dot(d_o[n, h][i0:i1], v[n, kvh][j0 : j0 + bk].T, ds)
@@ -566,6 +581,7 @@ def backward_dkv(
         tanh_t = np.empty((BLOCK_Q, BLOCK_K))
         s_buf, ds_buf, pk_buf = np.empty(BLOCK_Q * BLOCK_K), np.empty(BLOCK_Q * BLOCK_K), np.empty(BLOCK_Q * BLOCK_K)
         dk_part, dv_part = np.empty((bk, d_dim)), np.empty((bk, dv_dim))
+        qs_buf = np.empty(BLOCK_Q * d_dim)
         dk_blk = np.empty((bk, d_dim))
         dv_blk = np.empty((bk, dv_dim))
         for pair in range(starts[grp], starts[grp + 1]):
@@ -581,7 +597,8 @@ def backward_dkv(
                     if j0 >= ranges[n, qb, 1] or j0 + bk <= ranges[n, qb, 0]:
                         continue
                     t = Tile(n=n, h=h, kvh=kvh, bn=bn, mn=mn, kn=kn, i0=i0, bq=bq, j0=j0, bk=bk)
-                    s = _tile_logits(q, k, bias, mask, seq, t, g, scaling, tanh_t, s_buf)
+                    qs = _scaled_rows(q, n, h, i0, bq, scaling, qs_buf)
+                    s = _tile_logits(qs, k, bias, mask, seq, t, g, scaling, tanh_t, s_buf)
                     _tile_probabilities(s, t, lse, lk, g, seq)
                     ds = ds_buf[: bq * bk].reshape((bq, bk))
                     np.dot(d_o[n, h][i0:i1], v[n, kvh][j0 : j0 + bk].T, ds)
