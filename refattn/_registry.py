@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
+from hypothesis import strategies as _hs
 
 from refattn import lowp, masks
 from refattn import metrics as _metrics
@@ -36,6 +37,11 @@ from refattn.attention import relative as _relative
 from refattn.attention import sdpa as _sdpa
 from refattn.attention import sparse as _sparse
 from refattn.attention import tiled as _tiled
+from refattn.model import bengio as _bengio
+from refattn.model import layers as _layers
+from refattn.model import lm as _lm
+from refattn.model import loops as _lm_loops
+from refattn.testing import model_strategies as _mst
 from refattn.testing import strategies as _st
 
 __all__ = [
@@ -302,9 +308,17 @@ NOT_OP_MODULES = {
     "refattn.attention.options": "the definition of sdpa's options and the decorator that gives them to the variants",
     "refattn.bench": "the benchmarks",
     "refattn.cli": "the refattn command",
+    "refattn.datasets": "datasets of maps on Dask: stores, and the registered summarize / rollout / metrics and "
+    "attention_attribution evaluated chunk by chunk (tests/test_datasets.py, against their in-memory results)",
     "refattn.crosscheck": "file formats, the standard suite, goldens and verdicts of the cross-checking harness",
-    "refattn.io": "the file formats under their user-facing names (re-exports of refattn.crosscheck)",
+    "refattn.io": "the file formats under their user-facing names (re-exports of refattn.crosscheck, refattn.datasets)",
     "refattn.kernels": "the Numba kernels behind the ops' numba backends (Backend records) and their compile helper",
+    "refattn.model.data": "the synthetic recall task, the standard-library corpus and batching: token ids, no "
+    "differentiable arrays (tests/model/test_data.py)",
+    "refattn.model.train": "optimisers, clipping, schedules and the training loop over parameter trees "
+    "(tests/model/test_train.py, against torch.optim)",
+    "refattn.model.params": "parameter trees of the models, their shapes, deterministic initialisation and tree "
+    "helpers: no arrays computed from inputs (the ops using them, lm and its layers, are registered)",
     "refattn.plot": "figures of maps, metrics and rollout",
     "refattn.testing": "for test suites: the gradient checkers, the tolerance rules and the strategies",
 }
@@ -315,11 +329,32 @@ NOT_OPS = {
     "refattn.lowp.round_arrays": "round_to over the arrays of a mapping (round_to is registered)",
     "refattn.metrics.tokens.key_set": "the metrics' parser of key arguments (indices or a bool mask -> 0/1 weights)",
     "refattn.metrics.linguistic.phrases_from_tags": "POS tags (strings) -> phrase index lists: text preprocessing",
+    "refattn.model.bengio.init_bengio_params": "random initial parameters of a config: no arrays in",
+    "refattn.model.bengio.bengio_loss_and_grads": "cross_entropy of bengio_forward with bengio_backward of "
+    "cross_entropy_backward (each registered) as (loss, grads) for training; gradchecked in tests/model/test_bengio.py",
+    "refattn.model.lm.lm_loss_and_grads": "cross_entropy of lm_forward with lm_backward of cross_entropy_backward "
+    "(each registered) from one forward pass; checked against them in tests/model/test_lm.py",
+    "refattn.model.loops.lm_backward_loops": "the loop twin of lm_backward (lm's loops backend twins the forward "
+    "only); held to lm_backward within 1e-12 in tests/model/test_loops.py",
+    "refattn.metrics.attribution.attention_attribution": "a report over a model's layers (registered metrics and "
+    "rollout, averaged) that reads an iterator once and returns ints beside its arrays: tested in "
+    "tests/metrics/test_attribution.py against the registered ops",
 }
 
 # ---- attention --------------------------------------------------------------------------------
 
-_ATTN_CORE = {"q": 3, "k": 3, "v": 3, "mask": 3, "bias": 3, "dropout_mask": 3, "sinks": 1}
+_ATTN_CORE = {
+    "q": 3,
+    "k": 3,
+    "v": 3,
+    "mask": 3,
+    "bias": 3,
+    "dropout_mask": 3,
+    "sinks": 1,
+    "q_lengths": 0,
+    "k_lengths": 0,
+    "k_starts": 0,
+}
 _ATTN_GRADS = ("q", "k", "v", "bias", "sinks")
 _ATTN_DOMAIN = (
     "finite q (..., Hq, Lq, D), k (..., Hk, Lk, D), v (..., Hk, Lk, Dv), Hk dividing Hq; bias and sinks "
@@ -351,6 +386,18 @@ register(
         "as sdpa's, without v and dropout",
     )
 )
+register(
+    Op(
+        "attention_logits",
+        _sdpa.attention_logits,
+        _sdpa.attention_logits_backward,
+        ("q", "k"),
+        ("q", "k", "bias"),
+        _ATTN_CORE,
+        _st.attention_logits_cases,
+        "as attention_weights', without sinks and empty_rows; -inf logits (disallowed) take no cotangent",
+    )
+)
 for _name in ("softmax", "log_softmax", "logsumexp"):
     register(
         Op(
@@ -358,12 +405,47 @@ for _name in ("softmax", "log_softmax", "logsumexp"):
             getattr(_softmax, _name),
             getattr(_softmax, _name + "_backward"),
             ("x",),
-            ("x",),
+            ("x", "b") if _name == "logsumexp" else ("x",),
             {"x": 2, "mask": 2},
             _st.softmax_cases,
             "x finite or -inf (weight 0), any axis; mask bool; rows with no allowed entry follow empty_rows",
         )
     )
+# issue 13: rows over a tuple of axes or all of them (axis=None), and logsumexp's scale factors b
+for _name in ("softmax", "log_softmax", "logsumexp"):
+    register(
+        Op(
+            _name + "_axes",
+            getattr(_softmax, _name),
+            getattr(_softmax, _name + "_backward"),
+            ("x",),
+            ("x", "b") if _name == "logsumexp" else ("x",),
+            {"x": 3, "mask": 3},
+            _st.softmax_axes_cases,
+            "as " + _name + "'s, a row being the entries over axis: an int, a tuple of distinct axes, or None (all)",
+            reduces_batch="a row may span every axis (axis=None or a tuple holding the leading axis)",
+            rejects=non_finite("x")
+            + strings("x")
+            + replaced("axis", "a repeated axis", lambda v: None if v is None else (-1, -1)),
+        )
+    )
+register(
+    Op(
+        "logsumexp_b",
+        _softmax.logsumexp,
+        _softmax.logsumexp_backward,
+        ("x",),
+        ("x", "b"),
+        {"x": 3, "mask": 3, "b": 3},
+        _st.logsumexp_b_cases,
+        "as logsumexp_axes', with finite b broadcastable to x (any sign, zeros); differentiable where S = Σ b e^x "
+        "is not 0 (and S > 0 without return_sign)",
+        reduces_batch="a row may span every axis (axis=None or a tuple holding the leading axis)",
+        rejects=non_finite("x", "b")
+        + strings("x")
+        + replaced("b", "a shape that enlarges x", lambda v: np.ones(np.shape(v) + (5,))),
+    )
+)
 register(
     Op(
         "relative_attention",
@@ -445,7 +527,68 @@ register(
         ("q", "k_cache", "v_cache", "bias", "sinks"),
         {"q": 4, "k_cache": 4, "v_cache": 4},
         _st.decode_cases,
-        "finite q (B, Hq, Lq, D), caches (B, Hk, Lc, D); cache_lengths in [1, Lc]",
+        "finite q (B, Hq, Lq, D), caches (B, Hk, Lc >= 1, D); cache_lengths in [0, Lc] (0: zero output rows)",
+    )
+)
+register(
+    Op(
+        "decode_ragged",
+        _cache.decode,
+        _cache.decode_backward,
+        ("q", "k_cache", "v_cache"),
+        ("q", "k_cache", "v_cache", "bias", "sinks"),
+        {"q": 4, "k_cache": 4, "v_cache": 4},
+        _st.decode_ragged_cases,
+        "as decode's, with empty sequences (cache_lengths 0) and mask/bias of fewer than Lc columns (ONNX's short "
+        "attn_mask, padded by extend_mask)",
+    )
+)
+register(
+    Op(
+        "append",
+        _cache.append,
+        _cache.append_backward,
+        ("past_k", "past_v", "k", "v"),
+        ("past_k", "past_v", "k", "v"),
+        {"past_k": 3, "past_v": 3, "k": 3, "v": 3},
+        _st.append_cases,
+        "finite past_k (B, Hk, Lp, D), past_v (B, Hk, Lp, Dv) (both None: no past), k (B, Hk, Ln, D), "
+        "v (B, Hk, Ln, Dv); Lp, Ln >= 0",
+        rejects=non_finite("past_k", "past_v", "k", "v")
+        + strings("k")
+        + replaced(
+            "past_k", "another head dim", lambda v: None if v is None else np.zeros(v.shape[:3] + (v.shape[3] + 1,))
+        ),
+    )
+)
+register(
+    Op(
+        "extend_mask",
+        _cache.extend_mask,
+        None,
+        ("mask", "total_length"),
+        core_ndim={"mask": 1},
+        strategy=_st.extend_mask_cases,
+        domain="a bool mask (..., m), total_length >= m: the missing columns False (ONNX's padding)",
+        not_differentiable="a bool mask (the additive float form is extend_mask_additive, with its backward)",
+        rejects=strings("mask")
+        + replaced("total_length", "fewer than the mask's columns", -1)
+        + not_integer("total_length"),
+    )
+)
+register(
+    Op(
+        "extend_mask_additive",
+        _cache.extend_mask,
+        _cache.extend_mask_backward,
+        ("mask", "total_length"),
+        ("mask",),
+        {"mask": 1},
+        functools.partial(_st.extend_mask_cases, additive=True),
+        "an additive float mask (..., m), finite or -inf, total_length >= m: the missing columns -inf",
+        rejects=non_finite("mask")
+        + replaced("mask", "an integer mask", lambda v: np.zeros(np.shape(v), dtype=np.int64), RefAttnTypeError)
+        + replaced("total_length", "fewer than the mask's columns", -1),
     )
 )
 register(
@@ -687,9 +830,13 @@ register(
         ("attentions",),
         ("attentions",),
         {"attentions": 4, "mask": 1},
-        _st.rollout_cases,
-        _ROLLOUT_DOMAIN + "; differentiable off head ties (max/min fusion) and discard-threshold ties",
+        _st.rollout_discard_cases,
+        _ROLLOUT_DOMAIN + "; differentiable off head ties (max/min fusion) and discard-threshold ties (per row or map)",
         backends=(NUMPY, NUMBA),
+        rejects=non_finite("attentions")
+        + strings("attentions")
+        + replaced("discard_scope", "an unknown scope", "column")
+        + replaced("protect", "a pair outside the maps", lambda v: [(99, 0)]),
     )
 )
 register(
@@ -703,6 +850,7 @@ register(
         domain=_ROLLOUT_DOMAIN + "; every real output node carries some flow",
         not_differentiable="a max-flow (a linear program's optimum): piecewise linear, kinked where the optimal basis "
         "changes; no backward is provided",
+        backends=(NUMPY, NUMBA),  # numpy: HiGHS, one LP per pair; numba: Dinic's algorithm (flow_kernels)
     )
 )
 
@@ -713,6 +861,12 @@ _MAP_DOMAIN = (
     "finite maps P (..., H, Lq, Lk), rows stochastic over the real keys (check_probabilities); mask True = real"
 )
 _SQUARE = ("previous_token_score", "duplicate_token_score", "induction_score")
+_DETECTOR_REJECTS = (
+    non_finite("P")
+    + strings("P")
+    + replaced("error_measure", "an unknown measure", "sq")
+    + replaced("heads", "a head past H", lambda v: 99)
+)
 _KINKED = {
     "max_weight": "differentiable off ties of the largest entry",
     "head_confidence": "differentiable off ties of the largest entry",
@@ -720,6 +874,15 @@ _KINKED = {
     "js_distance": "differentiable off P1 = P2 (sqrt)",
     "entropy_regularizer": "differentiable off entropy = target (|·|)",
 }
+# the metrics whose forward takes backend= (one read of P by refattn/kernels/metric_kernels.py)
+_METRIC_KERNELS = (
+    "entropy",
+    "head_confidence",
+    "head_diversity",
+    "mean_distance",
+    "locality_score",
+    "diagonal_strength",
+)
 for _name in (
     "entropy",
     "max_weight",
@@ -766,12 +929,30 @@ for _name in (
             _inputs,
             _inputs,
             _MAP_CORE,
-            _st.metric_strategy(_name),
+            _st.detector_strategy(_name) if _name in _SQUARE else _st.metric_strategy(_name),
             _domain,
-            backends=(NUMPY, NUMBA) if _name == "entropy" else (NUMPY,),
+            backends=(NUMPY, NUMBA) if _name in _METRIC_KERNELS else (NUMPY,),
             reduces_batch="a regularizer: one scalar averaged over the batch" if _name.endswith("_regularizer") else "",
+            rejects=_DETECTOR_REJECTS if _name in _SQUARE else None,
         )
     )
+register(
+    Op(
+        "pattern_score",
+        _metrics.pattern_score,
+        _metrics.pattern_score_backward,
+        ("P", "pattern"),
+        ("P",),
+        {**_MAP_CORE, "pattern": 3},
+        _st.pattern_score_cases,
+        _MAP_DOMAIN + "; square (Lq = Lk); finite pattern broadcastable to P (held fixed: no gradient); "
+        "differentiable off P = pattern under error_measure='abs' (|·|)",
+        rejects=non_finite("P", "pattern")
+        + strings("P")
+        + replaced("pattern", "one key too wide", lambda v: np.zeros((*np.shape(v)[:-1], np.shape(v)[-1] + 1)))
+        + _DETECTOR_REJECTS[-2:],
+    )
+)
 register(
     Op(
         "entropy_from_logits",
@@ -860,6 +1041,7 @@ register(
         domain="a list of per-layer square maps as the metrics' (one shape); token ids or strings (n,) or per example",
         not_differentiable="a report of registered metrics (each with its own backward), averaged into a table",
         reduces_batch="averages over the batch and the query rows: one (L, H) table",
+        backends=(NUMPY, NUMBA),
         rejects=non_finite("attentions") + strings("attentions"),
     )
 )
@@ -884,14 +1066,16 @@ register(
         _metrics.head_importance,
         None,
         ("grads_of_head_mask",),
-        strategy=_st.head_importance_cases,
-        domain="finite head-gate gradients (N, L, H) or per token (N, T, L, H)",
+        strategy=_st.head_importance_mask_cases,
+        domain="finite head-gate gradients (N, L, H) or per token (N, T, L, H); mask (N, T) True = real token",
         not_differentiable="an attribution score of given gradients (E|g|, layer-normalised): an analysis result, "
         "not a loss; |g| is kinked at 0",
         reduces_batch="an expectation over the examples N (the leading axis)",
         rejects=non_finite("grads_of_head_mask")
         + strings("grads_of_head_mask")
-        + replaced("per", "an unknown accumulation", "batch"),
+        + replaced("per", "an unknown accumulation", "batch")
+        + replaced("mask", "a mask one token short", lambda v: v[:, :-1])
+        + replaced("mask", "a float mask", lambda v: v.astype(np.float64), RefAttnTypeError),
     )
 )
 register(
@@ -905,5 +1089,228 @@ register(
         not_differentiable="a statistic of trained weights (per-head Frobenius norms) for analysis: no backward is "
         "provided",
         rejects=non_finite("params") + below("num_heads", 1),
+    )
+)
+
+# ---- model layers and Bengio's model (refattn.model; specs/model.md) ---------------------------
+
+
+def _wider(arg, what="a wrong last dim"):
+    """``arg`` with its last axis one longer (a width that disagrees with the weights)."""
+    return replaced(arg, what, lambda a: None if a is None else np.concatenate([a, a[..., :1]], axis=-1))
+
+
+_FLOAT_IDS = "float ids"
+_LAYER_DOMAIN = "finite float arrays; weights (in, out); every size >= 1"
+register(
+    Op(
+        "embedding",
+        _layers.embedding,
+        _layers.embedding_backward,
+        ("tokens", "weight"),
+        ("weight",),
+        {"tokens": 0, "weight": 2},
+        _mst.embedding_cases,
+        "integer tokens (...) in [0, V); finite weight (V, E)",
+        rejects=non_finite("weight")
+        + strings("tokens")
+        + replaced("tokens", "an id past V", lambda t: t + 100)
+        + replaced("tokens", "a negative id", lambda t: t - 100)
+        + replaced("tokens", _FLOAT_IDS, lambda t: t + 0.5, RefAttnTypeError)
+        + replaced("weight", "a 1-D table", lambda w: w[0]),
+    )
+)
+register(
+    Op(
+        "linear",
+        _layers.linear,
+        _layers.linear_backward,
+        ("x", "weight", "bias"),
+        ("x", "weight", "bias"),
+        {"x": 1, "weight": 2, "bias": 1},
+        _mst.linear_cases,
+        _LAYER_DOMAIN + ": x (..., I), weight (I, O), bias (O,) or None",
+        rejects=non_finite("x", "weight", "bias") + strings("x") + _wider("x") + _wider("bias", "a wrong length"),
+    )
+)
+_EPS_ZERO = replaced("eps", "eps = 0", 0.0)
+register(
+    Op(
+        "layer_norm",
+        _layers.layer_norm,
+        _layers.layer_norm_backward,
+        ("x", "weight", "bias"),
+        ("x", "weight", "bias"),
+        {"x": 1, "weight": 1, "bias": 1},
+        _mst.layer_norm_cases,
+        _LAYER_DOMAIN + ": x (..., E), weight and bias (E,) or None; eps > 0",
+        rejects=non_finite("x", "weight", "bias") + strings("x") + _wider("weight", "a wrong length") + _EPS_ZERO,
+    )
+)
+register(
+    Op(
+        "rms_norm",
+        _layers.rms_norm,
+        _layers.rms_norm_backward,
+        ("x", "weight"),
+        ("x", "weight"),
+        {"x": 1, "weight": 1},
+        _mst.rms_norm_cases,
+        _LAYER_DOMAIN + ": x (..., E), weight (E,) or None; eps > 0",
+        rejects=non_finite("x", "weight") + strings("x") + _wider("weight", "a wrong length") + _EPS_ZERO,
+    )
+)
+register(
+    Op(
+        "gelu",
+        _layers.gelu,
+        _layers.gelu_backward,
+        ("x",),
+        ("x",),
+        {"x": 0},
+        _mst.gelu_cases,
+        "finite x of any shape; approximate 'none' or 'tanh'",
+        rejects=non_finite("x") + strings("x") + replaced("approximate", "an unknown form", "erf"),
+    )
+)
+register(
+    Op("silu", _layers.silu, _layers.silu_backward, ("x",), ("x",), {"x": 0}, _mst.silu_cases, "finite x of any shape")
+)
+register(
+    Op(
+        "swiglu",
+        _layers.swiglu,
+        _layers.swiglu_backward,
+        ("gate", "up"),
+        ("gate", "up"),
+        {"gate": 0, "up": 0},
+        _mst.swiglu_cases,
+        "finite gate and up of one shape",
+        rejects=non_finite("gate", "up") + strings("gate") + _wider("up", "another shape"),
+    )
+)
+register(
+    Op(
+        "mlp",
+        _layers.mlp,
+        _layers.mlp_backward,
+        ("x", "params"),
+        ("x", "params"),
+        {"x": 1},
+        _mst.mlp_cases,
+        _LAYER_DOMAIN + ": x (..., E), MLPParams w_in (E, F), w_out (F, E), biases or None, w_gate (E, F) for swiglu "
+        "only; relu: differentiable off its kink (a pre-activation 0)",
+        rejects=non_finite("x", "params")
+        + strings("x")
+        + replaced("activation", "an unknown activation", "tanh")
+        + replaced("params", "a w_out of the wrong shape", lambda p: p._replace(w_out=p.w_out[:, :0])),
+    )
+)
+register(
+    Op(
+        "cross_entropy",
+        _layers.cross_entropy,
+        _layers.cross_entropy_backward,
+        ("logits", "targets"),
+        ("logits",),
+        {"logits": 1, "targets": 0},
+        _mst.cross_entropy_cases,
+        "finite logits (..., V); integer targets (...) in [0, V) or ignore_index; label_smoothing in [0, 1]; "
+        "every target ignored: NaN loss, zero gradient (torch)",
+        reduces_batch="the mean over every counted target of the batch: one scalar",
+        rejects=non_finite("logits")
+        + strings("logits")
+        + replaced("targets", "a class id past V", lambda t: np.full(np.shape(t), 1000))
+        + replaced("targets", "float targets", lambda t: t + 0.5, RefAttnTypeError)
+        + replaced("targets", "a wrong shape", lambda t: np.append(np.ravel(t), 0))
+        + replaced("label_smoothing", "1.5", 1.5)
+        + not_integer("ignore_index"),
+    )
+)
+register(
+    Op(
+        "bengio_forward",
+        _bengio.bengio_forward,
+        _bengio.bengio_backward,
+        ("params", "contexts"),
+        ("params",),
+        {"contexts": 1},
+        _mst.bengio_cases,
+        "BengioParams of the config's shapes (W None without direct connections), finite; integer contexts (..., n) "
+        "in [0, V); the config passed as the option config=",
+        rejects=non_finite("params")
+        + strings("contexts")
+        + replaced("contexts", "an id past V", lambda c: c + 1000)
+        + replaced("contexts", _FLOAT_IDS, lambda c: c + 0.5, RefAttnTypeError)
+        + replaced("contexts", "a wrong context length", lambda c: c[..., :0])
+        + replaced("config", "not a BengioConfig", "config", RefAttnTypeError),
+    )
+)
+
+
+# ---- the transformer language model (refattn.model.lm) -------------------------------------------
+
+
+@_hs.composite
+def _lm_cases(draw, *, for_gradcheck=False):
+    """Tiny :class:`~refattn.model.config.LMConfig` models: ``inputs = (params, tokens (B, T))``,
+    ``options = {"config": ..., "mask"?: (B, T), "head_mask"?: (L, H)}``; every option of the config
+    drawn (positions, norm and its position, activation, tied, GQA, causal, bias), B in 1..2, T in
+    1..3, widths 2 or 4, 0..2 layers (0..1 for the gradient check).  Every leaf of the parameters is
+    random (norm weights near 1, biases near 0), from a drawn seed.  ``for_gradcheck=True`` leaves
+    out ReLU (its kink at 0 has no derivative to check)."""
+    from refattn.model.config import LMConfig
+    from refattn.model.params import init_params, tree_map
+
+    positions = draw(_hs.sampled_from(["learned", "sinusoidal", "rope", "alibi"]))
+    heads = draw(_hs.sampled_from([1, 2]))
+    d_model = heads * draw(_hs.sampled_from([2] if positions == "rope" or for_gradcheck else [1, 2]))
+    length, batch = draw(_hs.integers(1, 3)), draw(_hs.integers(1, 2))
+    activations = ["gelu", "gelu_tanh", "swiglu"] + ([] if for_gradcheck else ["relu"])
+    config = LMConfig(
+        vocab_size=draw(_hs.integers(2, 3)),
+        d_model=d_model,
+        n_layers=draw(_hs.integers(0, 1 if for_gradcheck else 2)),
+        n_heads=heads,
+        n_kv_heads=draw(_hs.sampled_from([1, heads])),
+        d_ff=draw(_hs.integers(1, 3)),
+        max_len=length + draw(_hs.integers(0, 1)),
+        positions=positions,
+        norm=draw(_hs.sampled_from(["layer", "rms"])),
+        norm_position=draw(_hs.sampled_from(["pre", "post"])),
+        activation=draw(_hs.sampled_from(activations)),
+        tied_embeddings=draw(_hs.booleans()),
+        causal=draw(_hs.booleans()),
+        bias=draw(_hs.booleans()),
+    )
+    rng = np.random.default_rng(draw(_hs.integers(0, 2**32 - 1)))
+    params = tree_map(lambda a: a + 0.3 * rng.standard_normal(a.shape), init_params(config, 0, std=0.5))
+    tokens = rng.integers(0, config.vocab_size, (batch, length))
+    options = {"config": config}
+    if draw(_hs.booleans()):
+        options["mask"] = rng.random((batch, length)) > 0.3
+    if draw(_hs.booleans()):
+        options["head_mask"] = rng.uniform(0.5, 1.5, (config.n_layers, heads))
+    return _st.Case((params, tokens), options)
+
+
+register(
+    Op(
+        "lm",
+        _lm.lm_forward,
+        _lm.lm_backward,
+        ("params", "tokens"),
+        ("params", "head_mask"),
+        {"tokens": 1, "mask": 1},
+        _lm_cases,
+        "LMParams of the shapes param_shapes(config) gives, finite; int tokens (B, T) in [0, V), T <= max_len; "
+        "mask bool (B, T) (a query with no real key gets 0); head_mask (L, H) finite; relu: kinked at 0",
+        backends=(NUMPY, Backend("loops", _lm_loops.lm_forward_loops)),
+        rejects=non_finite("params", "head_mask")
+        + replaced("tokens", "an id out of range", lambda v: np.full(np.shape(v), -1))
+        + replaced("tokens", "float ids", lambda v: np.zeros(np.shape(v)), RefAttnTypeError)
+        + replaced("mask", "a float mask", lambda v: None if v is None else np.zeros(np.shape(v)), RefAttnTypeError)
+        + replaced("head_mask", "one layer too many", lambda v: None if v is None else np.ones((len(v) + 1, 2)))
+        + replaced("config", "not an LMConfig", "gpt2", RefAttnTypeError),
     )
 )

@@ -78,15 +78,18 @@ SPEC_OF = {
     "refattn.attention.sparse": "sparse",
     "refattn.attention.tiled": "tiled",
     "refattn.bench": "cli",
+    "refattn.bench.dataset": "datasets",
     "refattn.cli": "cli",
     "refattn.crosscheck": "case-format",
     "refattn.crosscheck.implementations": "cli",
     "refattn.crosscheck.judge": "compare",
+    "refattn.datasets": "datasets",
     "refattn.io": "case-format",
     "refattn.kernels": "kernels",
     "refattn.lowp": "lowp",
     "refattn.masks": "masks",
     "refattn.metrics": "metrics",
+    "refattn.model": "model",
     "refattn.plot": "cli",
     "refattn.rollout_flow": "rollout",
     "refattn.softmax_family": "softmax",
@@ -94,6 +97,7 @@ SPEC_OF = {
     "refattn.testing.compare": "compare",
     "refattn.testing.derivatives": "testing",
     "refattn.testing.strategies": "testing",
+    "refattn.testing.model_strategies": "testing",
 }
 _SPEC_LITERAL = re.compile(r"``(specs/([\w.-]+)\.md)``")
 

@@ -28,6 +28,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 __all__ = [
+    "STRUCTURAL_OPTIONS",
+    "attention_logits_cases",
     "TILE_LENGTHS",
     "alibi_bias_cases",
     "alibi_slopes_cases",
@@ -40,11 +42,13 @@ __all__ = [
     "decode_cases",
     "detect_collapse_cases",
     "detect_uniform_cases",
+    "detector_strategy",
     "dropout_mask_cases",
     "finite_floats",
     "flow_cases",
     "from_lengths_cases",
     "head_importance_cases",
+    "head_importance_mask_cases",
     "length_and_period_cases",
     "linear_cases",
     "local_mask_cases",
@@ -54,8 +58,10 @@ __all__ = [
     "multihead_cases",
     "online_cases",
     "paged_cases",
+    "pattern_score_cases",
     "relative_cases",
     "rollout_cases",
+    "rollout_discard_cases",
     "rope_cases",
     "round_to_cases",
     "sdpa_cases",
@@ -73,6 +79,11 @@ __all__ = [
     "weight_norm_cases",
     "weights_cases",
     "window_mask_cases",
+    "softmax_axes_cases",
+    "logsumexp_b_cases",
+    "append_cases",
+    "decode_ragged_cases",
+    "extend_mask_cases",
 ]
 
 
@@ -160,12 +171,29 @@ def _attention_case(draw, *, with_v, for_gradcheck):
     if draw(st.booleans()):
         opts["causal"] = True
     if draw(st.booleans()):
-        opts["window"] = (draw(st.one_of(st.none(), st.integers(0, 3))), draw(st.one_of(st.none(), st.integers(0, 3))))
-    structural = opts.get("causal") or "window" in opts
-    if structural and lq != lk:
-        opts["align"] = draw(st.sampled_from(["top_left", "bottom_right"]))
+        side = st.one_of(st.none(), st.integers(-2, 3))
+        opts["window"] = draw(st.one_of(st.tuples(side, side), st.integers(0, 3)))
+    if draw(st.integers(0, 3)) == 0:
+        opts["chunk"] = draw(st.integers(1, 3))
+    if "window" in opts and draw(st.booleans()):
+        opts["sink_tokens"] = draw(st.integers(0, 2))
+    if batch and draw(st.integers(0, 2)) == 0:  # per-sequence lengths and starts over the batch dims
+        starts = draw(hnp.arrays(np.int64, batch_of(), elements=st.integers(0, lk)))
+        if draw(st.booleans()):
+            opts["k_starts"] = starts
+        else:
+            starts = np.zeros((), np.int64)
+        if draw(st.booleans()):
+            room = np.broadcast_to(lk - starts, batch)
+            opts["k_lengths"] = np.array([draw(st.integers(0, int(r))) for r in room.reshape(-1)]).reshape(batch)
+        if draw(st.booleans()):
+            opts["q_lengths"] = draw(hnp.arrays(np.int64, batch_of(), elements=st.integers(0, lq)))
+    structural = opts.get("causal") or "window" in opts or "chunk" in opts
+    aligns = st.one_of(st.sampled_from(["top_left", "bottom_right"]), st.integers(-3, 3))
+    if structural and (lq != lk or any(n in opts for n in ("q_lengths", "k_lengths", "k_starts"))):
+        opts["align"] = draw(aligns)
     elif draw(st.booleans()):
-        opts["align"] = draw(st.sampled_from(["top_left", "bottom_right"]))
+        opts["align"] = draw(aligns)
     if draw(st.booleans()):
         opts["scale"] = draw(st.floats(0.1, 2.0))
     if draw(st.booleans()):
@@ -333,6 +361,34 @@ def weights_cases(*, for_gradcheck=False):
     hypothesis.strategies.SearchStrategy of Case
     """
     return _attention_case(with_v=False, for_gradcheck=for_gradcheck)
+
+
+#: The sdpa options that place keys relative to queries (positions, lengths and alignment): drop them
+#: from a case before permuting keys or rows.
+STRUCTURAL_OPTIONS = ("causal", "window", "align", "chunk", "sink_tokens", "q_lengths", "k_lengths", "k_starts")
+
+
+@st.composite
+def attention_logits_cases(draw, *, for_gradcheck=False):
+    """Cases for :func:`~refattn.attention.sdpa.attention_logits`: ``inputs = (q, k)`` and the
+    options that shape the logits, with a ``stage``.
+
+    As :func:`weights_cases` draws them, without ``sinks`` and ``empty_rows`` (which act in the
+    softmax), and ``stage`` one of ``"scaled"``, ``"softcapped"``, ``"biased"``, ``"masked"``.
+
+    Parameters
+    ----------
+    for_gradcheck : bool, default False
+        Unused (every case is smooth where the logits are finite); taken as every strategy takes it.
+
+    Returns
+    -------
+    hypothesis.strategies.SearchStrategy of Case
+    """
+    case = draw(_attention_case(with_v=False, for_gradcheck=for_gradcheck))
+    opts = {n: x for n, x in case.options.items() if n not in ("sinks", "empty_rows")}
+    opts["stage"] = draw(st.sampled_from(["scaled", "softcapped", "biased", "masked"]))
+    return Case(case.inputs, opts)
 
 
 @st.composite
@@ -1602,3 +1658,353 @@ def weight_norm_cases(draw, *, for_gradcheck=False):
     if draw(st.booleans()):
         params = [params, params._replace(w_q=-params.w_q)]
     return Case((params,), {"num_heads": case.options["num_heads"]})
+
+
+# ---- issue 13: softmax over several axes, logsumexp's b, KV append, ragged decode, short masks ------
+
+
+def _axis_option(draw, ndim):
+    """An ``axis`` for an ``ndim``-D array: None, an int, or a tuple of distinct axes (any order, either sign)."""
+    kind = draw(st.sampled_from(["none", "int", "tuple"]))
+    if kind == "none":
+        return None
+    if kind == "int":
+        return draw(st.integers(-ndim, ndim - 1))
+    axes = draw(st.permutations(range(ndim)))[: draw(st.integers(1, ndim))]
+    return tuple(a - ndim if draw(st.booleans()) else a for a in axes)
+
+
+@st.composite
+def softmax_axes_cases(draw, *, for_gradcheck=False):
+    """Cases for the softmax family over several axes: ``inputs = (x,)``, ``x`` of 1..3 dims of 1..3
+    entries, finite values in ``[-3, 3]``, sometimes with ``-inf`` entries.
+
+    Options: ``axis`` None (every axis), an int, or a tuple of distinct axes (any order, negative or
+    not), and ``empty_rows`` always; a bool ``mask`` broadcasting to x, or not.  A row (the entries
+    over ``axis``) may span every dim, the leading ones included.
+
+    Parameters
+    ----------
+    for_gradcheck : bool, default False
+        True: ``empty_rows`` is ``"zero"`` or ``"uniform"`` only (no NaN rows); False: any of the three.
+
+    Returns
+    -------
+    hypothesis.strategies.SearchStrategy of Case
+    """
+    shape = tuple(draw(st.integers(1, 3)) for _ in range(draw(st.integers(1, 3))))
+    x = _floats_array(draw, shape, 3.0)
+    if draw(st.booleans()):
+        x = _with_neg_inf(draw, x)
+    opts = {"axis": _axis_option(draw, len(shape))}
+    if draw(st.booleans()):
+        opts["mask"] = draw(hnp.arrays(bool, _sub_shape(draw, shape, 1), elements=st.booleans()))
+    opts["empty_rows"] = draw(st.sampled_from(["zero", "uniform"] if for_gradcheck else ["zero", "nan", "uniform"]))
+    return Case((x,), opts)
+
+
+def _signed_sums(x, mask, b, axis):
+    """``(S, A)`` per row: ``Σ b e^x`` and ``Σ |b| e^x`` over the entries taking part."""
+    e = np.exp(np.where(True if mask is None else mask, x, -np.inf))
+    return np.sum(b * e, axis=axis), np.sum(np.abs(b) * e, axis=axis)
+
+
+@st.composite
+def logsumexp_b_cases(draw, *, for_gradcheck=False):
+    """Cases for :func:`~refattn.softmax_family.logsumexp` with scale factors: a
+    :func:`softmax_axes_cases` case plus ``b`` and ``return_sign``.
+
+    ``b`` broadcasts to x (its trailing dims, each kept or 1; 0-D too), values in ``[-2, 2]`` with
+    exact zeros, so sums may be negative (NaN without ``return_sign``) or zero.
+
+    Parameters
+    ----------
+    for_gradcheck : bool, default False
+        True: ``|b|`` in ``[0.25, 2]`` with random signs, and every row with entries is well
+        conditioned, ``|S| >= 0.2 Σ |b| e^x`` (and ``S > 0`` without ``return_sign``): ``b`` is negated,
+        or made positive, where the drawn one is not.  False: any ``b`` above.
+
+    Returns
+    -------
+    hypothesis.strategies.SearchStrategy of Case
+    """
+    case = draw(softmax_axes_cases(for_gradcheck=for_gradcheck))
+    (x,) = case.inputs
+    opts = dict(case.options)
+    shape = _sub_shape(draw, x.shape)
+    opts["return_sign"] = draw(st.booleans())
+    if not for_gradcheck:
+        elements = st.one_of(st.just(0.0), finite_floats(2.0))
+        opts["b"] = np.asarray(draw(hnp.arrays(np.float64, shape, elements=elements)))
+        return Case((x,), opts)
+    size = draw(hnp.arrays(np.float64, shape, elements=st.floats(0.25, 2.0)))
+    b = np.where(draw(hnp.arrays(bool, shape, elements=st.booleans())), -size, size)
+    for candidate in (b, -b, size):
+        s, a = _signed_sums(x, opts.get("mask"), candidate, opts["axis"])
+        ok = (a == 0) | (np.abs(s) >= 0.2 * a)
+        if not opts["return_sign"]:
+            ok &= (a == 0) | (s > 0)
+        if np.all(ok):
+            break
+    opts["b"] = np.asarray(candidate, dtype=np.float64)  # a 0-d array, not a NumPy scalar
+    return Case((x,), opts)
+
+
+@st.composite
+def append_cases(draw, *, for_gradcheck=False):
+    """Cases for :func:`~refattn.attention.cache.append`: ``inputs = (past_k, past_v, k, v)``.
+
+    ``past_k (B, Hk, Lp, D)``, ``past_v (B, Hk, Lp, Dv)`` (both None, or ``Lp`` in 0..3), ``k (B, Hk, Ln,
+    D)``, ``v (B, Hk, Ln, Dv)`` with ``Ln`` in 0..3; B, Hk in 1..2, D, Dv in 1..3; finite values in ``[-2, 2]``.
+
+    Parameters
+    ----------
+    for_gradcheck : bool, default False
+        Ignored: every case is smooth (a concatenation).
+
+    Returns
+    -------
+    hypothesis.strategies.SearchStrategy of Case
+    """
+    b, hk = draw(st.integers(1, 2)), draw(st.integers(1, 2))
+    d, dv, ln = draw(st.integers(1, 3)), draw(st.integers(1, 3)), draw(st.integers(0, 3))
+    past = (None, None)
+    if draw(st.booleans()):
+        lp = draw(st.integers(0, 3))
+        past = (_floats_array(draw, (b, hk, lp, d)), _floats_array(draw, (b, hk, lp, dv)))
+    return Case(past + (_floats_array(draw, (b, hk, ln, d)), _floats_array(draw, (b, hk, ln, dv))))
+
+
+@st.composite
+def decode_ragged_cases(draw, *, for_gradcheck=False):
+    """Cases for :func:`~refattn.attention.cache.decode` with empty sequences and short masks: a
+    :func:`decode_cases` case whose ``cache_lengths`` lie in ``0..Lc`` (0 at least once), and, each or
+    not, a bool ``mask`` and a float ``bias`` of ``(B, 1 or Hq, Lq, m)`` whose last dim ``m`` may be
+    shorter than ``Lc`` (padded as ONNX pads ``attn_mask``: :func:`~refattn.attention.cache.extend_mask`).
+
+    Parameters
+    ----------
+    for_gradcheck : bool, default False
+        Passed to :func:`decode_cases` (True: no ``"nan"`` empty-row policy).
+
+    Returns
+    -------
+    hypothesis.strategies.SearchStrategy of Case
+    """
+    case = draw(decode_cases(for_gradcheck=for_gradcheck))
+    q, k_cache, _ = case.inputs
+    b, hq, lq = q.shape[:3]
+    lc = k_cache.shape[2]
+    opts = dict(case.options)
+    lengths = np.array([draw(st.integers(0, lc)) for _ in range(b)])
+    lengths[draw(st.integers(0, b - 1))] = 0
+    opts["cache_lengths"] = lengths
+    heads = draw(st.sampled_from([1, hq]))
+    if draw(st.booleans()):
+        m = draw(st.integers(1, lc))
+        opts["mask"] = draw(hnp.arrays(bool, (b, heads, lq, m), elements=st.booleans()))
+    if draw(st.booleans()):
+        m = draw(st.integers(1, lc))
+        opts["bias"] = _floats_array(draw, (b, heads, lq, m))
+    return Case(case.inputs, opts)
+
+
+@st.composite
+def extend_mask_cases(draw, *, for_gradcheck=False, additive=False):
+    """Cases for :func:`~refattn.attention.cache.extend_mask`: ``inputs = (mask, total_length)``.
+
+    ``mask (..., m)``: 1..3 dims of 1..3 entries; bool, or (``additive=True``) float in ``[-2, 2]`` with
+    ``-inf`` entries sometimes (not for the gradient check); ``total_length`` in ``m..m + 3``.
+
+    Parameters
+    ----------
+    for_gradcheck : bool, default False
+        True: no ``-inf`` entries in an additive mask.
+    additive : bool, default False
+        Draw float (additive) masks instead of bool ones.
+
+    Returns
+    -------
+    hypothesis.strategies.SearchStrategy of Case
+    """
+    shape = tuple(draw(st.integers(1, 3)) for _ in range(draw(st.integers(1, 3))))
+    if additive:
+        mask = _floats_array(draw, shape)
+        if not for_gradcheck and draw(st.booleans()):
+            mask = _with_neg_inf(draw, mask)
+    else:
+        mask = draw(hnp.arrays(bool, shape, elements=st.booleans()))
+    return Case((mask, shape[-1] + draw(st.integers(0, 3))))
+
+
+# ---- issue 13, item 5: discard scopes, detection patterns, error measures, head subsets, token masks ----
+
+
+@st.composite
+def rollout_discard_cases(draw, *, for_gradcheck=False):
+    """Cases for :func:`~refattn.rollout_flow.rollout` with the discard's scope and protected entries.
+
+    A :func:`rollout_cases` case with, each or not, ``discard_scope`` (``"row"`` or ``"map"``) and
+    ``protect``: 0..3 distinct ``(query, key)`` position pairs (sorted lists of tuples; none drawn:
+    the scope's default).  Under ``"map"`` the discard ranks the whole fused map.
+
+    Parameters
+    ----------
+    for_gradcheck : bool, default False
+        True: as :func:`rollout_cases`, and with ``"map"`` and a ``discard_ratio`` the fused real
+        entries of every map (not only of every row) more than 1e-3 apart, so no finite difference
+        flips the selection.
+
+    Returns
+    -------
+    hypothesis.strategies.SearchStrategy of Case
+    """
+    case = draw(rollout_cases(for_gradcheck=for_gradcheck))
+    (maps,) = case.inputs
+    n = maps.shape[-1]
+    opts = dict(case.options)
+    if draw(st.booleans()):
+        opts["discard_scope"] = draw(st.sampled_from(["row", "map"]))
+    if draw(st.booleans()):
+        pairs = st.tuples(st.integers(0, n - 1), st.integers(0, n - 1))
+        opts["protect"] = sorted(draw(st.sets(pairs, max_size=3)))
+    if for_gradcheck and opts.get("discard_ratio") and opts.get("discard_scope") == "map":
+        from hypothesis import assume
+
+        fuse = {"mean": np.mean, "max": np.max, "min": np.min}[opts["head_fusion"]]
+        fused = fuse(maps, axis=1)  # (L, n, n)
+        real = opts.get("mask", np.ones(n, dtype=bool))
+        ranked = np.sort(fused[:, real][..., real].reshape(fused.shape[0], -1), axis=-1)  # real entries, per map
+        assume(ranked.shape[-1] < 2 or np.min(np.diff(ranked, axis=-1)) > 1e-3)
+    return Case((maps,), opts)
+
+
+def _heads_option(draw, heads):
+    """None, one head index (negative too) or a list of 1..3 of them (repeats allowed)."""
+    kind = draw(st.sampled_from(["all", "one", "list"]))
+    if kind == "all":
+        return None
+    if kind == "one":
+        return draw(st.integers(-heads, heads - 1))
+    return draw(st.lists(st.integers(0, heads - 1), min_size=1, max_size=3))
+
+
+def _single_key_free(case):
+    """No entry of the map at 1 (a row with one key): |P − D| of a 0/1 pattern stays off its kink."""
+    return case.inputs[0].max() < 1.0 - 1e-3
+
+
+def detector_strategy(name):
+    """The case strategy of the built-in detector ``name`` (``previous_token_score``,
+    ``duplicate_token_score``, ``induction_score``), as the registry holds it.
+
+    :func:`metric_strategy`'s cases (square maps, ``tokens`` for the last two) with the options
+    ``exclude_bos`` and ``exclude_current_token`` (each or not), ``error_measure`` (``"mul"`` or
+    ``"abs"``, always) and ``heads`` (None, one index or a list of 1..3, repeats allowed).
+
+    Parameters
+    ----------
+    name : str
+        The detector.
+
+    Returns
+    -------
+    callable
+        ``cases(*, for_gradcheck=False) -> SearchStrategy of Case``; with ``for_gradcheck=True`` as
+        :func:`metric_strategy`'s, and under ``"abs"`` no map entry within 1e-3 of 1 (``|P − D|`` is
+        kinked where P meets the 0/1 pattern; P is positive, so only rows of one key reach it).
+    """
+    base = metric_strategy(name)
+
+    @st.composite
+    def with_options(draw, for_gradcheck):
+        case = draw(base(for_gradcheck=for_gradcheck))
+        opts = dict(case.options)
+        for flag in ("exclude_bos", "exclude_current_token"):
+            if draw(st.booleans()):
+                opts[flag] = True
+        opts["error_measure"] = draw(st.sampled_from(["mul", "abs"]))
+        heads = _heads_option(draw, case.inputs[0].shape[-3])
+        if heads is not None:
+            opts["heads"] = heads
+        return Case(case.inputs, opts)
+
+    def cases(*, for_gradcheck=False):
+        strategy = with_options(for_gradcheck)
+        if for_gradcheck:
+            strategy = strategy.filter(lambda c: c.options["error_measure"] == "mul" or _single_key_free(c))
+        return strategy
+
+    return cases
+
+
+@st.composite
+def pattern_score_cases(draw, *, for_gradcheck=False):
+    """Cases for :func:`~refattn.metrics.detectors.pattern_score`: ``inputs = (P, pattern)``.
+
+    Square :func:`map_cases` maps ``(B?, H, L, L)`` (with a key-padding ``mask`` or not) and a
+    pattern of shape ``(L, L)``, ``(H, L, L)`` or P's: 0/1 entries, or values in [0, 1].  Options:
+    ``error_measure`` (``"mul"`` or ``"abs"``, always), ``exclude_bos``, ``exclude_current_token``
+    (each or not) and ``heads`` (None, one index or a list of 1..3).
+
+    Parameters
+    ----------
+    for_gradcheck : bool, default False
+        True: ``check_probabilities=False`` (finite differences step off the simplex) and, under
+        ``"abs"``, every entry of P on a real key more than 1e-3 from the pattern (``|P − D|`` is
+        kinked where they meet).
+
+    Returns
+    -------
+    hypothesis.strategies.SearchStrategy of Case
+    """
+    case = draw(map_cases(square=True))
+    (p,) = case.inputs
+    shape = draw(st.sampled_from([p.shape[-2:], p.shape[-3:], p.shape]))
+    if draw(st.booleans()):
+        pattern = draw(hnp.arrays(np.float64, shape, elements=st.sampled_from([0.0, 1.0])))
+    else:
+        pattern = draw(hnp.arrays(np.float64, shape, elements=st.floats(0.0, 1.0, allow_subnormal=False)))
+    opts = dict(case.options)
+    opts["error_measure"] = draw(st.sampled_from(["mul", "abs"]))
+    for flag in ("exclude_bos", "exclude_current_token"):
+        if draw(st.booleans()):
+            opts[flag] = True
+    heads = _heads_option(draw, p.shape[-3])
+    if heads is not None:
+        opts["heads"] = heads
+    if for_gradcheck:
+        from hypothesis import assume
+
+        if opts["error_measure"] == "abs":
+            keys = opts.get("mask", np.ones(p.shape[:-3] + p.shape[-1:], dtype=bool))[..., None, None, :]
+            gap = np.abs(p - pattern)
+            assume(np.min(np.where(keys, gap, 1.0)) > 1e-3)
+        opts["check_probabilities"] = False
+    return Case((p, pattern), opts)
+
+
+@st.composite
+def head_importance_mask_cases(draw, *, for_gradcheck=False):
+    """Cases for :func:`~refattn.metrics.importance.head_importance` with real-token masks.
+
+    A :func:`head_importance_cases` case and, for a per-token input ``(N, T, L, H)``, a real-token
+    ``mask (N, T)`` (bool, True = real token; each example's first token real) or not.
+
+    Parameters
+    ----------
+    for_gradcheck : bool, default False
+        Ignored: head_importance has no backward (accepted, as by every strategy here).
+
+    Returns
+    -------
+    hypothesis.strategies.SearchStrategy of Case
+    """
+    case = draw(head_importance_cases())
+    (g,) = case.inputs
+    opts = dict(case.options)
+    if g.ndim == 4 and draw(st.booleans()):
+        mask = draw(hnp.arrays(bool, g.shape[:2], elements=st.booleans()))
+        mask[:, 0] = True
+        opts["mask"] = mask
+    return Case(case.inputs, opts)
