@@ -101,6 +101,8 @@ def _check_files(args, progress):
     files = _case_files(args.target)
     single = not Path(args.target).is_dir()
     progress = None if single else progress
+    if args.workers is not None:
+        return _check_in_parallel(files, args, progress)
     rows = []
     for i, path in enumerate(files):
         if progress:
@@ -111,6 +113,35 @@ def _check_files(args, progress):
             if single:
                 raise
             rows.append(CheckRow(path.stem, path.name, args.dtype or "-", "error", detail=_one_line(exc)))
+    if progress:
+        progress(len(files), len(files), "done")
+    return rows
+
+
+def _check_row(path, args):
+    """One file's row, a broken file an ``error`` row with the reason (what a worker process returns)."""
+    from refattn.crosscheck import CheckRow
+
+    try:
+        return _check_file(path, args)
+    except (RefAttnError, OSError) as exc:
+        return CheckRow(path.stem, path.name, args.dtype or "-", "error", detail=_one_line(exc))
+
+
+def _check_in_parallel(files, args, progress):
+    """Every file of a directory judged by ``--workers`` processes, progress as each finishes; the rows
+    in file order, as the sequential run gives them."""
+    import concurrent.futures
+    import multiprocessing
+
+    rows = [None] * len(files)
+    context = multiprocessing.get_context("spawn")  # fresh interpreters: no forked threads or compiled state
+    with concurrent.futures.ProcessPoolExecutor(min(args.workers, len(files)), mp_context=context) as pool:
+        futures = {pool.submit(_check_row, path, args): i for i, path in enumerate(files)}
+        for done, future in enumerate(concurrent.futures.as_completed(futures), start=1):
+            rows[futures[future]] = future.result()
+            if progress:
+                progress(done, len(files), files[futures[future]].name)
     if progress:
         progress(len(files), len(files), "done")
     return rows
@@ -170,6 +201,10 @@ def cmd_check(args):
             if value is not None:
                 raise RefAttnError(f"{flag}: applies to case files: give a TARGET (a .npz file or a directory)")
     onnx_model = bool(args.target) and args.target.lower().endswith(".onnx")
+    if args.workers is not None and (onnx_model or not args.target or not Path(args.target).is_dir()):
+        raise RefAttnError(
+            "--workers: judges the files of a directory in parallel: give a TARGET directory of case files"
+        )
     if not onnx_model:
         for flag, value in (("--inputs", args.inputs), ("--runtime", args.runtime), ("--seed", args.seed)):
             if value is not None:
@@ -286,30 +321,61 @@ def cmd_rollout(args):
     return 0
 
 
+def _print_summary(summary, as_json):
+    """A summary (:func:`refattn.metrics.summarize`'s dict) as JSON, or as the per-head table and the diversity line."""
+    per_head = {k: v for k, v in summary.items() if v.ndim == 2}
+    if as_json:
+        print(json.dumps({k: v.tolist() for k, v in summary.items()}))
+        return
+    names = list(per_head)
+    n_layers, n_heads = next(iter(per_head.values())).shape
+    rows = [
+        (layer, head, *(f"{per_head[k][layer, head]:.4f}" for k in names))
+        for layer in range(n_layers)
+        for head in range(n_heads)
+    ]
+    print(_table(("layer", "head", *names), rows))
+    print("\nhead diversity per layer: " + ", ".join(f"{x:.4f}" for x in summary["diversity"]))
+
+
+def _dataset_metrics(args):
+    """``refattn metrics STORE``: the summary of a dataset (a Zarr store, a directory of map files),
+    chunk by chunk, on ``--workers`` local processes (else Dask's threaded scheduler)."""
+    from refattn import datasets
+
+    given = [flag for flag, dest in (("--plot", "plot"), *_PLOT_ONLY) if getattr(args, dest) is not None]
+    if given:
+        raise RefAttnError(f"{given[0]}: draws the maps of one .npz file, not of a dataset ({args.file})")
+    maps, mask, tokens = datasets.open_maps(args.file, **_cap(args))
+    count, layers, heads, n = maps.shape[:4]
+    where = f"{args.workers} worker processes" if args.workers else "Dask's threaded scheduler"
+    if not args.json:
+        print(f"dataset {args.file}: {count} examples, {layers} layers, {heads} heads, {n} tokens, ", end="")
+        print(f"{len(maps.chunks[0])} chunks, on {where}", flush=True)
+    with contextlib.ExitStack() as stack:
+        client = stack.enter_context(datasets.local_cluster(args.workers)) if args.workers else None
+        with _flag_names():
+            summary = datasets.summarize(
+                maps, tokens, mask=mask, check_probabilities=args.check_probabilities, client=client
+            )
+    _print_summary(summary, args.json)
+    return 0
+
+
 def cmd_metrics(args):
     from refattn.crosscheck import load_attentions
     from refattn.metrics import summarize
     from refattn.rollout_flow import rollout
 
+    if args.workers is not None or Path(args.file).is_dir():  # a dataset: a Zarr store or a directory of files
+        return _dataset_metrics(args)
     plot = _plot_path(args)
     layers, mask, tokens = load_attentions(args.file, **_cap(args))
     view = _plot_view(args, layers, tokens) if plot else None
     check = {"check_probabilities": args.check_probabilities}
     with _flag_names():
         summary = summarize(layers, tokens, mask=mask, **check)
-    per_head = {k: v for k, v in summary.items() if v.ndim == 2}
-    if args.json:
-        print(json.dumps({k: v.tolist() for k, v in summary.items()}))
-    else:
-        names = list(per_head)
-        n_layers, n_heads = next(iter(per_head.values())).shape
-        rows = [
-            (layer, head, *(f"{per_head[k][layer, head]:.4f}" for k in names))
-            for layer in range(n_layers)
-            for head in range(n_heads)
-        ]
-        print(_table(("layer", "head", *names), rows))
-        print("\nhead diversity per layer: " + ", ".join(f"{x:.4f}" for x in summary["diversity"]))
+    _print_summary(summary, args.json)
     if plot:
         from refattn.plot import plot_attention_report
 
@@ -465,6 +531,13 @@ def _parser():
     c.add_argument(
         "--seed", type=_int_at_least(0), help="with TARGET model.onnx: seed of the random inputs (default 0)"
     )
+    c.add_argument(
+        "--workers",
+        type=_int_at_least(1),
+        metavar="N",
+        help="with TARGET a directory: judge its files in N worker processes (progress as each finishes; "
+        "the rows in file order)",
+    )
     c.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
     c.add_argument("--verbose", action="store_true", help="print every report, not only the failures")
     c.add_argument("--quiet", action="store_true", help="no progress on stderr")
@@ -478,7 +551,11 @@ def _parser():
         ("metrics", cmd_metrics, "per-layer, per-head metrics of saved maps"),
     ):
         m = sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
-        m.add_argument("file", help=".npz with 'attentions' (L, ..., H, n, n) [, 'mask', 'tokens']")
+        m.add_argument(
+            "file",
+            help=".npz with 'attentions' (L, ..., H, n, n) [, 'mask', 'tokens']"
+            + ("; or a dataset: a Zarr store or a directory of such files (dask)" if name == "metrics" else ""),
+        )
         m.add_argument(
             "--plot",
             metavar="FIG",
@@ -524,6 +601,15 @@ def _parser():
             help="measure maps whose real rows are not probabilities as they are (refused by default: "
             "raw logits saved by mistake)",
         )
+        if name == "metrics":
+            m.add_argument(
+                "--workers",
+                type=_int_at_least(1),
+                metavar="N",
+                help="summarise a dataset (FILE a Zarr store or a directory of .npz map files, read chunk by "
+                "chunk) on N local worker processes (default for a directory: Dask's threaded scheduler); "
+                "needs refattn[dask]",
+            )
         if name == "rollout":
             m.add_argument(
                 "--row",

@@ -1,7 +1,9 @@
-"""The file formats, by their user-facing names: case files and attention-map files.
+"""The file formats, by their user-facing names: case files, attention-map files, datasets of maps.
 
-These are :mod:`refattn.crosscheck`'s (``specs/case-format.md``), gathered here because a user reading
-or writing files looks for them under ``refattn.io``; nothing is defined here.
+These are :mod:`refattn.crosscheck`'s (``specs/case-format.md``) and, for datasets beyond memory (a
+Zarr store or a directory of map files, opened as Dask arrays), :mod:`refattn.datasets`'
+(``specs/datasets.md``), gathered here because a user reading or writing files looks for them under
+``refattn.io``; nothing is defined here.
 """
 
 from refattn.crosscheck import (
@@ -19,6 +21,7 @@ from refattn.crosscheck import (
     standard_suite,
     write_golden,
 )
+from refattn.datasets import open_maps, save_maps
 
 __all__ = [
     "CASE_VERSION",
@@ -30,8 +33,10 @@ __all__ = [
     "golden_outputs",
     "load_attentions",
     "load_case",
+    "open_maps",
     "save_attentions",
     "save_case",
+    "save_maps",
     "standard_suite",
     "write_golden",
 ]

@@ -350,6 +350,9 @@ def rollout(
         (``(..., n, n)`` with ``head_fusion=None``): a list, a stacked array ``(L, ..., H, n, n)`` or an
         iterator, read one layer at a time.  int or float dtype, never mutated; finite.
         Memory does not grow with depth for an iterator (unless ``return_all``).
+        Or a Dask array ``(N, L, H, n, n)`` of a dataset (``N`` examples, chunked over ``N``; ``mask``
+        ``(N, n)`` or ``(n,)``): rolled out chunk by chunk, the in-memory result of its layers, ``N``
+        first (``specs/datasets.md``).
     residual : float, default 0.5
         The weight of the identity (the residual connection) in ``Â = residual·I + (1 − residual)·Ā``,
         in [0, 1]; 1 gives ``I``.
@@ -411,6 +414,11 @@ def rollout(
         option out of range (``protect`` pairs outside the maps among them), non-finite maps or rows
         that are not probabilities (``RefAttnTypeError`` for a non-real dtype or a non-bool mask).
     """
+    from refattn import _datasets  # a Dask array (N, L, H, n, n): a dataset, chunk by chunk (specs/datasets.md)
+
+    if _datasets.is_dask_array(attentions):
+        options = {k: v for k, v in locals().items() if k not in ("attentions", "mask", "_datasets")}
+        return _datasets.rollout(rollout, attentions, mask=mask, **options)
     opts = _options(
         residual, head_fusion, start_layer, discard_ratio, renormalize, check_probabilities, discard_scope, protect
     )
@@ -604,6 +612,7 @@ def attention_flow(
     output_layer=None,
     mask=None,
     normalize=True,
+    backend="auto",
     check_probabilities=True,
 ):
     """Attention flow ``flow (..., n, n)``: max-flow from each node of the output layer to each input token.
@@ -611,9 +620,11 @@ def attention_flow(
     Abnar & Zuidema 2020.  Nodes ``(l, i)`` for l = 0..L (0 = input tokens), edges ``(l, i) → (l − 1, j)``
     with capacity ``Â^(l)_ij`` (steps 1–5 of :func:`rollout`, renormalised, nothing discarded).  For
     each node i of the output layer and each input token j, the maximum flow from ``(L_o, i)`` to
-    ``(0, j)``, a linear program solved in float64 by SciPy's HiGHS (no integer quantisation); each
-    row is then normalised.  ``n²`` LPs per map of ``L·n²`` variables: a reference for small n.  Not
-    differentiable (no backward).
+    ``(0, j)`` in float64 (no integer quantisation); each row is then normalised.  Two exact
+    solvers (``specs/rollout.md``, Flow): Dinic's algorithm in a Numba kernel (``backend="numba"``,
+    n=64, L=12 in about 1-3 s) and, the definition, one linear program per pair solved by SciPy's
+    HiGHS (``"numpy"``: ``n²`` LPs of ``L·n²`` variables, a reference for small n); they agree to
+    1e-12.  Not differentiable (no backward).
 
     Axes: ``L`` layers, ``...`` batch dims, ``H`` heads, ``n`` tokens (queries = keys).
 
@@ -634,15 +645,20 @@ def attention_flow(
     mask : array_like of bool, broadcastable to (..., n), optional
         True = real token (refattn's one polarity: True = keep): padded tokens neither send nor
         receive flow (their entries are 0 in every ``Â``), and the result on the real tokens equals
-        that of the cropped maps (to 1e-9, the LP's tolerance).  Default None: every token real.
+        that of the cropped maps (to 1e-9).  Default None: every token real.
     normalize : bool, default True
         Divide each row by its total flow; False: the raw flows, each ≤ 1 (the capacity out of a
         node).
+    backend : {"auto", "numpy", "numba"}, default "auto"
+        ``"numba"``: the Dinic kernel (:func:`refattn.kernels.layered_max_flows`); ``"numpy"``: the
+        HiGHS linear programs; ``"auto"``: the kernel when numba is installed and the LPs' work
+        ``L_o·n⁴·(batch size)`` is at least ``refattn.kernels.AUTO_MIN_SCORES`` (2¹⁸: n = 16 at
+        L_o = 4, where the LPs take seconds), the LPs otherwise.
     check_probabilities : bool, default True
         Refuse (RefAttnError naming ``attentions[i]``, the row and its sum and minimum, with a hint
         when the maps look like logits) a layer whose real tokens' rows, in any head, are not
         probabilities over the real tokens: entries >= 0, summing to 1 within 1e-6 (``n · eps`` for
-        float32 and coarser maps).  Every layer is checked, those before ``start_layer`` too; padded
+        float32 and coarser maps).  Every layer is checked, those past ``output_layer`` too; padded
         tokens' rows are exempt.  False: take the maps as they are.
 
     Returns
@@ -654,56 +670,83 @@ def attention_flow(
     Raises
     ------
     RefAttnError
-        As :func:`rollout`; also ``output_layer`` out of range, an output node that carries no flow
-        to any input token, or an LP that fails.
+        As :func:`rollout`; also ``output_layer`` out of range, an unknown ``backend`` (or
+        ``"numba"`` without numba), an output node that carries no flow to any input token, or an LP
+        that fails.
     """
-    from scipy.optimize import linprog
-
     opts = _options(residual, head_fusion, 0, 0.0, True, check_probabilities)
     normalize = as_flag(normalize, "normalize")
+    _kernels.resolve_backend(backend, 0)  # validates the choice before any layer is read
     layers = [f.a_hat for _, _, f in _layers(attentions, opts, mask)]
     depth = len(layers) if output_layer is None else as_int(output_layer, "output_layer", minimum=1)
     if depth > len(layers):
         raise RefAttnError(f"output_layer: expected 1..{len(layers)}, got {depth}")
-    caps = np.stack(layers[:depth])  # (Lo, ..., n, n)
-    n = caps.shape[-1]
-    batch = caps.shape[1:-2]
-    valid = None if mask is None else np.broadcast_to(as_bool(mask, "mask"), batch + (n,))
+    graphs = np.stack(layers[:depth], axis=-3)  # (..., Lo, n, n): edge (l+1, i) -> (l, j) has capacity [l, i, j]
+    n = graphs.shape[-1]
+    batch = graphs.shape[:-3]
+    valid = np.ones(batch + (n,), dtype=bool)
+    if mask is not None:
+        valid = np.broadcast_to(as_bool(mask, "mask"), batch + (n,))
+    if _kernels.resolve_backend(backend, depth * n**4 * int(np.prod(batch))) == "numba":
+        flows = _kernels.layered_max_flows(graphs)  # (..., n, n)
+    else:
+        flows = _lp_flows(graphs, valid)
+    flows = np.where(valid[..., :, None] & valid[..., None, :], flows, 0.0)
+    total = flows.sum(axis=-1)  # (..., n)
+    silent = valid & ~(total > 0)
+    if silent.any():
+        *b, i = (int(x) for x in np.argwhere(silent)[0])
+        raise RefAttnError(f"attentions: output node {i} (batch index {tuple(b)}) carries no flow to any input token")
+    return flows / np.where(total > 0, total, 1.0)[..., None] if normalize else flows
+
+
+def _lp_flows(graphs, valid):
+    """The flows ``(..., n, n)`` of every pair of real tokens by :func:`_max_flow` (0 elsewhere)."""
+    from scipy.optimize import linprog
+
+    batch, n = graphs.shape[:-3], graphs.shape[-1]
     out = np.zeros(batch + (n, n))
     for b in np.ndindex(*batch):
-        cap = caps[(slice(None),) + b]  # (Lo, n, n): edge (l+1, i) -> (l, j) has capacity cap[l, i, j]
-        ok = np.ones(n, dtype=bool) if valid is None else valid[b]
-        for i in np.flatnonzero(ok):
-            flows = np.array([_max_flow(cap, i, j, linprog) if ok[j] else 0.0 for j in range(n)])
-            total = flows.sum()
-            if total <= 0:
-                raise RefAttnError(f"attentions: output node {i} (batch index {b}) carries no flow to any input token")
-            out[b + (i,)] = flows / total if normalize else flows
+        real = np.flatnonzero(valid[b])
+        for i in real:
+            for j in real:
+                out[b + (i, j)] = _max_flow(graphs[b], i, j, linprog)
     return out
+
+
+def _conservation(depth, n):
+    """The equality constraints of :func:`_max_flow`, sparse ``((depth − 1)·n, depth·n²)``: row
+    ``(layer − 1)·n + j`` is ``Σ_k x[layer − 1, j, k] − Σ_k x[layer, k, j]`` (out of minus into node
+    ``(layer, j)``), for every intermediate layer 1..depth−1."""
+    from scipy import sparse
+
+    layer, j, k = np.meshgrid(np.arange(1, depth), np.arange(n), np.arange(n), indexing="ij")
+    rows = ((layer - 1) * n + j).ravel()
+    out_of = (((layer - 1) * n + j) * n + k).ravel()  # x[layer - 1, j, k]: edge (layer, j) -> (layer - 1, k)
+    into = ((layer * n + k) * n + j).ravel()  # x[layer, k, j]: edge (layer + 1, k) -> (layer, j)
+    values = np.concatenate([np.ones(rows.size), -np.ones(rows.size)])
+    return sparse.csr_array(
+        (values, (np.concatenate([rows, rows]), np.concatenate([out_of, into]))), shape=((depth - 1) * n, depth * n * n)
+    )
 
 
 def _max_flow(cap, source, sink, linprog):
     """Max flow from node ``source`` of the top layer to input token ``sink`` (layered graph, LP).
 
-    Variable ``x[l, i, j]`` is the flow on edge ``(l + 1, i) → (l, j)``, ``0 <= x <= cap[l, i, j]``.
+    Variable ``x[l, i, j]`` is the flow on edge ``(l + 1, i) → (l, j)``, ``0 <= x <= cap[l, i, j]``;
+    conservation at every intermediate node (:func:`_conservation`, sparse); HiGHS with feasibility
+    tolerances 1e-10.
     """
     depth, n, _ = cap.shape
     upper = cap.copy()
     upper[-1, np.arange(n) != source, :] = 0.0  # only the source emits at the top layer
     upper[0, :, np.arange(n) != sink] = 0.0  # only the sink absorbs at the bottom layer
-    a_eq = []
-    for layer in range(1, depth):  # conservation at every intermediate node (layer, j)
-        for j in range(n):
-            coef = np.zeros(upper.shape)
-            coef[layer - 1, j, :] += 1.0  # out of (layer, j): edges (layer, j) -> (layer - 1, ·)
-            coef[layer, :, j] -= 1.0  # into (layer, j): edges (layer + 1, ·) -> (layer, j)
-            a_eq.append(coef.ravel())
     objective = np.zeros(upper.shape)
     objective[0, :, sink] = -1.0  # maximise the flow into the sink
     res = linprog(
         objective.ravel(),
-        A_eq=np.array(a_eq) if a_eq else None,
-        b_eq=np.zeros(len(a_eq)) if a_eq else None,
+        A_eq=_conservation(depth, n) if depth > 1 else None,
+        b_eq=np.zeros((depth - 1) * n) if depth > 1 else None,
         bounds=np.stack([np.zeros(upper.size), upper.ravel()], axis=1),
         method="highs",
         options={"primal_feasibility_tolerance": 1e-10, "dual_feasibility_tolerance": 1e-10},

@@ -596,3 +596,54 @@ def test_plot_choices_without_plot_are_refused(maps_file, capsys, flag, value):
 def test_malformed_plot_choices_are_usage_errors(maps_file, tmp_path, capsys, extra, fragment):
     path, _, _ = maps_file
     _usage_error(capsys, ["metrics", str(path), "--plot", str(tmp_path / "fig.png"), *extra], fragment)
+
+
+# ---- datasets: `refattn metrics STORE`, `refattn check DIR --workers` (specs/datasets.md) ----------
+
+
+def test_check_dir_in_parallel_gives_the_sequential_rows(tmp_path, capsys):
+    d = _small_golden_dir(tmp_path / "cases")
+    (d / "broken.npz").write_text("x")
+    assert main(["check", str(d), "--json"]) == 1
+    sequential = json.loads(capsys.readouterr().out)
+    assert main(["check", str(d), "--json", "--workers", "2"]) == 1
+    captured = capsys.readouterr()
+    parallel = json.loads(captured.out)
+    assert [dict(r, seconds=0) for r in parallel] == [dict(r, seconds=0) for r in sequential]
+    assert "refattn check: 4/4 done" in captured.err
+
+
+@pytest.mark.parametrize("argv", [["check", "--workers", "2"], ["check", "FILE", "--workers", "2"]])
+def test_check_workers_needs_a_directory(maps_file, capsys, argv):
+    path, _, _ = maps_file
+    _user_error(capsys, [str(path) if a == "FILE" else a for a in argv], "--workers: judges the files of a directory")
+
+
+@pytest.mark.dask
+def test_metrics_of_a_dataset(maps_file, tmp_path, capsys):
+    """A Zarr store and a directory of map files, on the threaded scheduler and on 2 local workers."""
+    pytest.importorskip("dask.array")
+    pytest.importorskip("zarr")
+    from refattn import datasets
+
+    path, layers, mask = maps_file
+    tokens = io.load_attentions(path)[2]
+    maps = np.stack(layers, axis=1)  # (N, L, H, n, n)
+    datasets.save_maps(tmp_path / "store.zarr", maps, mask=mask, tokens=tokens, chunk_size=1)
+    want = {k: v.tolist() for k, v in refattn.metrics.summarize(layers, tokens, mask=mask).items()}
+    assert main(["metrics", str(tmp_path / "store.zarr")]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("dataset ") and "2 examples, 3 layers, 4 heads, 8 tokens, 2 chunks" in out
+    assert "head diversity per layer" in out
+    assert main(["metrics", str(tmp_path / "store.zarr"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == want
+    files = tmp_path / "files"
+    files.mkdir()
+    for i in range(2):
+        io.save_attentions(
+            files / f"{i}.npz", [a[i : i + 1] for a in layers], mask=mask[i : i + 1], tokens=tokens[i : i + 1]
+        )
+    assert main(["metrics", str(files), "--json", "--workers", "2"]) == 0
+    assert json.loads(capsys.readouterr().out) == want
+    _user_error(capsys, ["metrics", str(files), "--plot", str(tmp_path / "f.png")], "--plot: draws the maps of one")
+    _user_error(capsys, ["metrics", str(tmp_path / "nothing"), "--workers", "2"], "nothing: no such file or directory")

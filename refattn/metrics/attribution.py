@@ -145,6 +145,8 @@ def attention_attribution(
         a stacked array, a list (e.g. a Hugging Face model's ``outputs.attentions``) or any iterator
         (a generator is read once, layer by layer).  Any real dtype, read in float64, never mutated;
         finite.  At least one layer.
+        Or a Dask array ``(N, L, H, T, T)`` of a dataset (``N`` examples first, chunked over ``N``;
+        ``mask`` ``(N, T)``): attributed chunk by chunk, the in-memory result (``specs/datasets.md``).
     mask : array_like of bool, shape (B, T), optional
         True = real token (refattn's one polarity: True = keep), as every metric's key-padding mask:
         padded keys count as 0 and padded query rows are left out.  Default None: every token real.
@@ -179,6 +181,11 @@ def attention_attribution(
         not ``(B, T)``, ``residual`` outside [0, 1], ``chunk_size`` < 1, non-finite maps or rows that
         are not probabilities (``RefAttnTypeError`` for a non-real dtype or a non-bool mask).
     """
+    from refattn import _datasets  # a Dask array (N, L, H, T, T): a dataset, chunk by chunk (specs/datasets.md)
+
+    if _datasets.is_dask_array(attentions):
+        options = {k: v for k, v in locals().items() if k not in ("attentions", "mask", "_datasets")}
+        return _datasets.attribution(attention_attribution, attentions, mask=mask, **options)
     from refattn.rollout_flow import rollout  # here: rollout_flow imports refattn.metrics._maps
 
     residual = as_real(residual, "residual", allow_none=False)
