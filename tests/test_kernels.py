@@ -601,13 +601,13 @@ def test_first_compile_prints_one_line_on_stderr_then_the_cache_is_silent(tmp_pa
     first = _entropy_run(cache)
     assert len(first) == 1, first
     line = first[0]
-    assert line.startswith("refattn: compiling the entropy kernel (once, ~1 s; cached in "), line
+    assert line.startswith("refattn: compiling the metric kernels (once, ~10-30 s; cached in "), line
     assert line.endswith(")") and str(cache) in line, line
-    assert list(cache.rglob("metric_kernels.row_entropy-*.nbi")), "numba wrote no cache index"
+    assert list(cache.rglob("metric_kernels.row_stats-*.nbi")), "numba wrote no cache index"
     assert _entropy_run(cache) == []  # loaded from the cache: nothing to say
     second = _entropy_run(cache, "patch")  # a line for a load must say "loaded"
     assert len(second) == 2 and second[0] == line, second
-    assert second[1].startswith("refattn: the entropy kernel: loaded from the cache after all ("), second
+    assert second[1].startswith("refattn: the metric kernels: loaded from the cache after all ("), second
     assert _entropy_run(cache, "patch", "silence") == []  # kernels.set_quiet(True)
 
 
@@ -668,12 +668,14 @@ KERNEL_PARAMETERS = {
         "fuse_mean": "a residual renormalize out bad",
         "fuse_mean_rows": "a residual renormalize v partial bad",
     },
-    "metric_kernels": {"row_entropy": "p out bad"},
+    "metric_kernels": {"row_stats": "p keys key_map rows real first tokens token_map wanted stats gram bad"},
+    "flow_kernels": {"pair_flows": "caps eps out"},
 }
 _SIGNATURES = {
     "sdpa_kernels": "_sdpa_signatures",
     "rollout_kernels": "_rollout_signatures",
-    "metric_kernels": "_entropy_signatures",
+    "metric_kernels": "_metric_signatures",
+    "flow_kernels": "_flow_signatures",
 }
 
 
@@ -791,8 +793,9 @@ def test_kernel_parameters_match_their_documented_names_and_signatures(module):
 def test_a_signature_that_does_not_name_the_kernel_parameters_is_refused():
     from refattn.kernels import metric_kernels
 
-    with pytest.raises(RuntimeError, match=r"row_entropy: .*missing \['bad'\], extra \['flags'\]"):
-        kernels._ordered("row_entropy", metric_kernels.row_entropy, {"p": 1, "out": 2, "flags": 3})
+    sig = {name: 1 for name in kernels._parameters(metric_kernels.row_stats) if name != "bad"} | {"flags": 3}
+    with pytest.raises(RuntimeError, match=r"row_stats: .*missing \['bad'\], extra \['flags'\]"):
+        kernels._ordered("row_stats", metric_kernels.row_stats, sig)
 
 
 @needs_numba

@@ -1,4 +1,4 @@
-"""Rollout and flow: properties, agreement with networkx, streaming memory, and mutation checks."""
+"""Rollout: properties, streaming memory, and mutation checks (attention flow: tests/test_flow.py)."""
 
 import tracemalloc
 
@@ -273,52 +273,6 @@ def test_the_kernel_takes_only_layers_without_a_discard():
         pytest.importorskip("numba") if backend == "numba" else None
         got = refattn.rollout(maps, discard_ratio=0.2, discard_scope="map", backend=backend)
         np.testing.assert_array_equal(got, vit_explain_rollout(list(maps.copy()), 0.2, "mean"))
-
-
-# ---- flow ---------------------------------------------------------------------------------------
-
-
-def _networkx_flow(maps, residual=0.5):
-    nx = pytest.importorskip("networkx")
-    n = maps.shape[-1]
-    g = nx.DiGraph()
-    for layer, a in enumerate(maps, start=1):
-        h = _a_hat(a, residual)
-        for i in range(n):
-            for j in range(n):
-                g.add_edge((layer, i), (layer - 1, j), capacity=float(h[i, j]))
-    top = len(maps)
-    return np.array([[nx.maximum_flow_value(g, (top, i), (0, j)) for j in range(n)] for i in range(n)])
-
-
-@pytest.mark.parametrize("layers, n", [(1, 3), (2, 4), (3, 3)])
-def test_flow_agrees_with_networkx(layers, n):
-    maps = _softmax(np.random.default_rng(layers * 10 + n).standard_normal((layers, 2, n, n)) * 2)
-    raw = _networkx_flow(maps)
-    np.testing.assert_allclose(refattn.attention_flow(maps, normalize=False), raw, rtol=1e-8, atol=1e-10)
-    np.testing.assert_allclose(refattn.attention_flow(maps), raw / raw.sum(-1, keepdims=True), rtol=1e-8, atol=1e-10)
-
-
-def test_each_flow_is_at_most_one_and_scales_with_the_capacities():
-    maps = _softmax(np.random.default_rng(3).standard_normal((3, 2, 4, 4)))
-    raw = refattn.attention_flow(maps, normalize=False)
-    assert (raw <= 1 + 1e-9).all() and (raw >= 0).all()
-    from scipy.optimize import linprog
-
-    caps = np.stack([_a_hat(a) for a in maps])
-    for c in (0.5, 7.0):
-        assert rollout_mod._max_flow(c * caps, 1, 2, linprog) == pytest.approx(
-            c * rollout_mod._max_flow(caps, 1, 2, linprog), rel=1e-9
-        )
-
-
-def test_flow_output_layer_and_batch():
-    maps = _softmax(np.random.default_rng(4).standard_normal((3, 2, 2, 3, 3)))
-    full = refattn.attention_flow(maps, output_layer=2)
-    for b in range(2):
-        np.testing.assert_allclose(full[b], refattn.attention_flow(maps[:2, b], output_layer=2), rtol=1e-10)
-    with pytest.raises(refattn.RefAttnError, match="output_layer"):
-        refattn.attention_flow(maps, output_layer=4)
 
 
 # ---- the property table and its mutants ---------------------------------------------------------

@@ -23,6 +23,10 @@ __all__ = ["FULL", "QUICK", "estimate_seconds", "numba_version", "parse_args", "
 FULL = {"sizes": [1024, 4096, 16384], "repeats": 5, "memory_sizes": [8192, 16384, 32768], "rollout": True}
 #: The defaults under ``--quick`` (same keys as :data:`FULL`).
 QUICK = {"sizes": [1024, 4096], "repeats": 3, "memory_sizes": [4096, 8192], "rollout": False}
+#: The metrics section's layer ``(B, H, N)`` unless ``--metrics-shape`` is given (float64 ``(B, H, N, N)``).
+METRICS_SHAPE = (32, 16, 256)
+#: The attention-flow section's token counts n unless ``--flow-sizes`` is given (L=12, H=4).
+FLOW_SIZES = (16, 32, 64, 128)
 #: The NumPy SDPA rows (an N×N score matrix per head) and every backward row stop at this N.
 NUMPY_MAX_N = 4096
 
@@ -40,7 +44,11 @@ _SHARE = {
 _PAUSE = 0.15  # the pause after each timed call (refattn/bench/run.py: _median_times)
 _REFERENCE_RATE = 55.9e9  # the GEMM rate of the machine RESULTS.md was measured on
 _ROLLOUT_SECONDS = 40.0  # the rollout section there (5 repeats of 7 methods)
+_METRICS_SECONDS = 25.0  # the metrics section at METRICS_SHAPE, 5 repeats (loaded 2-core machine)
 _ATTRIBUTION_SECONDS = 30.0  # the attribution section (4 calls of 3 methods; measured on a loaded 2-core machine)
+# the attention-flow section per n at L=12: the kernel on every pair, 4 pairs by networkx and by HiGHS, the graph
+# build (loaded 2-core machine; n=128 extrapolated from the kernel's n^3.2 and the others' n^2 growth)
+_FLOW_SECONDS = {16: 1.0, 32: 2.5, 64: 9.0, 128: 45.0}
 
 
 def _positive_int(text):
@@ -57,7 +65,8 @@ def parser(prog=None):
     """The argument parser of the benchmark command (every option has help; ``--help`` lists them).
 
     Options: ``--quick``, ``--sizes N…``, ``--repeats R``, ``--memory-sizes N…``,
-    ``--rollout`` / ``--no-rollout``, ``--output FILE``, ``--plan``, ``--quiet``.  The sizing options
+    ``--rollout`` / ``--no-rollout``, ``--metrics`` / ``--no-metrics``, ``--metrics-shape B H N``, ``--output FILE``,
+    ``--flow`` / ``--no-flow``, ``--flow-sizes N…``, ``--plan``, ``--quiet``.  The sizing options
     default to None here: :func:`parse_args` fills them from :data:`FULL` or :data:`QUICK`.
 
     Parameters
@@ -109,6 +118,34 @@ def parser(prog=None):
         help="the rollout section (L=28, H=16, n=256, B=32) and the attribution section (L=12, H=12, n=256, B=4); "
         "default on; --quick: off",
     )
+    p.add_argument(
+        "--metrics",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the metrics section: every metric of summarize by the metric kernel, and summarize of a layer, "
+        "against one NumPy read of the layer; default: on with the rollout section",
+    )
+    p.add_argument(
+        "--metrics-shape",
+        type=_positive_int,
+        nargs=3,
+        metavar=("B", "H", "N"),
+        help=f"the metrics section's float64 layer (B, H, N, N) (default {' '.join(map(str, METRICS_SHAPE))})",
+    )
+    p.add_argument(
+        "--flow",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the attention-flow section: attention_flow's kernel on every pair against networkx and HiGHS on 4 "
+        "pairs, L=12, H=4 (needs numba); default: on with the rollout section",
+    )
+    p.add_argument(
+        "--flow-sizes",
+        type=_positive_int,
+        nargs="+",
+        metavar="N",
+        help=f"token counts n of the attention-flow section (default {' '.join(map(str, FLOW_SIZES))})",
+    )
     p.add_argument("--output", metavar="FILE", help="also write the Markdown table to FILE (its folder must exist)")
     p.add_argument("--plan", action="store_true", help="print the plan and the time estimate, then stop")
     p.add_argument("--quiet", action="store_true", help="no plan, estimate or progress lines on stderr")
@@ -132,7 +169,9 @@ def parse_args(argv=None, prog=None):
     -------
     argparse.Namespace
         ``sizes`` (list of int), ``repeats`` (int), ``memory_sizes`` (list of int), ``rollout``
-        (bool): the values to run with; ``explicit``: the names among those four given on the
+        (bool), ``metrics`` (bool: the rollout flag's value unless given), ``metrics_shape`` (list of 3 int),
+        ``flow`` (bool: the rollout flag's value unless given), ``flow_sizes`` (list of int):
+        the values to run with; ``explicit``: the names among those four given on the
         command line; ``quick``, ``output`` (str or None), ``plan``, ``quiet`` as given.
 
     Raises
@@ -148,6 +187,14 @@ def parse_args(argv=None, prog=None):
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    if args.metrics is None:  # the metrics section goes with the rollout section unless asked
+        args.metrics = args.rollout
+    if args.metrics_shape is None:
+        args.metrics_shape = list(METRICS_SHAPE)
+    if args.flow is None:  # the attention-flow section goes with the rollout section unless asked
+        args.flow = args.rollout
+    if args.flow_sizes is None:
+        args.flow_sizes = list(FLOW_SIZES)
     if args.output is not None:
         out = Path(args.output)
         if out.is_dir():
@@ -251,6 +298,13 @@ def estimate_seconds(args, rate, *, kernel, torch):
         seconds += backward / (0.1 * rate) if n <= NUMPY_MAX_N else 0.0
     if args.rollout:
         seconds += (_ROLLOUT_SECONDS + _ATTRIBUTION_SECONDS) * _REFERENCE_RATE / rate
+    if getattr(args, "metrics", args.rollout):
+        batch, heads, n = getattr(args, "metrics_shape", METRICS_SHAPE)
+        share = batch * heads * n * n / (METRICS_SHAPE[0] * METRICS_SHAPE[1] * METRICS_SHAPE[2] ** 2)
+        seconds += _METRICS_SECONDS * share * args.repeats / 5 * _REFERENCE_RATE / rate
+    if getattr(args, "flow", args.rollout) and kernel:
+        for n in getattr(args, "flow_sizes", FLOW_SIZES):
+            seconds += _FLOW_SECONDS.get(n, _FLOW_SECONDS[64] * (n / 64) ** 3.2) * _REFERENCE_RATE / rate
     return seconds
 
 
@@ -286,7 +340,10 @@ def plan_lines(args, rate=None):
     lines = [
         f"SDPA sizes {' '.join(map(str, args.sizes))} ({source['sizes']}), {args.repeats} repeats "
         f"({source['repeats']}); memory sizes {' '.join(map(str, args.memory_sizes))} ({source['memory_sizes']}); "
-        f"rollout section {'on' if args.rollout else 'off'} ({source['rollout']})"
+        f"rollout section {'on' if args.rollout else 'off'} ({source['rollout']}); metrics section "
+        + (f"on, layer {'x'.join(map(str, args.metrics_shape))}" if args.metrics else "off")
+        + "; attention-flow section "
+        + (f"on, n {' '.join(map(str, args.flow_sizes))}" if args.flow else "off")
     ]
     full = argparse.Namespace(**FULL, explicit=[])
     quick = argparse.Namespace(**QUICK, explicit=[])

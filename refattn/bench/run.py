@@ -374,6 +374,62 @@ def attribution_rows(layers=12, heads=12, n=256, batch=4, repeats=3):
     return rows, base.nbytes / 2**20
 
 
+#: The metrics section's rows: name and call on a layer ``p`` (float64 ``(B, H, n, n)``) and tokens.
+_METRIC_CALLS = {
+    "entropy": lambda m, p, t, b: m.entropy(p, backend=b),
+    "entropy, normalize=True": lambda m, p, t, b: m.entropy(p, normalize=True, backend=b),
+    "head_confidence": lambda m, p, t, b: m.head_confidence(p, backend=b),
+    "mean_distance": lambda m, p, t, b: m.mean_distance(p, backend=b),
+    "locality_score": lambda m, p, t, b: m.locality_score(p, backend=b),
+    "diagonal_strength": lambda m, p, t, b: m.diagonal_strength(p, backend=b),
+    "head_diversity": lambda m, p, t, b: m.head_diversity(p, backend=b),
+    "summarize (one layer, with tokens)": lambda m, p, t, b: m.summarize([p], t, backend=b),
+}
+
+
+def metrics_rows(batch=32, heads=16, n=256, repeats=5):
+    """The metrics section: every metric of :func:`refattn.metrics.summarize` by the metric kernel, and
+    ``summarize`` of one layer, against one NumPy read of the layer (``x.sum()``).
+
+    The layer is ``softmax`` of random logits, float64 ``(batch, heads, n, n)``, with random token ids
+    ``(n,)`` (50 distinct); methods are interleaved round-robin (:func:`_median_times`), each called
+    once untimed first (compile or cache load).  Without numba only the read and NumPy's
+    ``summarize`` are timed.
+
+    Parameters
+    ----------
+    batch, heads, n : int, default 32, 16, 256
+        The layer's shape ``(batch, heads, n, n)``.
+    repeats : int, default 5
+        Timed runs of each method; the median is reported.
+
+    Returns
+    -------
+    rows : list of tuple
+        One ``(method, backend, seconds, ratio to one read)`` per row, the read first.
+    layer_mib : float
+        The layer's size in MiB.
+    """
+    from refattn import metrics
+    from refattn.softmax_family import softmax
+
+    rng = np.random.default_rng(5)
+    p = softmax(2.0 * rng.standard_normal((batch, heads, n, n)))
+    tokens = rng.integers(0, 50, n)
+    methods = {("one read (x.sum())", "numpy"): p.sum}
+    for backend in _kernel_backends():
+        for name, call in _METRIC_CALLS.items():
+            methods[(name, backend)] = lambda call=call, backend=backend: call(metrics, p, tokens, backend)
+    summarize = _METRIC_CALLS["summarize (one layer, with tokens)"]
+    methods[("summarize (one layer, with tokens)", "numpy")] = lambda: summarize(metrics, p, tokens, "numpy")
+    for fn in methods.values():
+        fn()
+    times = _median_times(methods, repeats)
+    read = times[("one read (x.sum())", "numpy")]
+    rows = [(name, backend, t, t / read) for (name, backend), t in times.items()]
+    return rows, p.nbytes / 2**20
+
+
 def loops_rows():
     """The loops section: the explicit-loop reference against the matrix NumPy path, on one small
     problem (``(1, 2, 32, 16)`` q, k, v), medians of 3.
@@ -419,7 +475,92 @@ def compile_seconds():
     return float(out.stdout.strip())
 
 
-def _targets(timing, memory, rollout, layer_mib, attribution=(), attribution_mib=0.0):
+def flow_rows(sizes, layers=12, heads=4, sample=4, say=None):
+    """The attention-flow section: :func:`refattn.attention_flow` by its Dinic kernel on every pair, against
+    networkx's ``maximum_flow_value`` (preflow-push) and the HiGHS linear program (the ``"numpy"``
+    backend's solver) on ``sample`` pairs.
+
+    One map per n: the softmax of ``2·N(0, 1)`` logits, ``(layers, heads, n, n)``; the capacities are
+    each layer's Â (mean fusion, residual 0.5: ``refattn.rollout`` of that layer alone).  The kernel is
+    called once untimed first at n = 4 (compile or cache load), then timed once per n on all ``n²``
+    pairs; networkx's time includes building its graph, and its all-pairs time is that build plus the
+    sampled pairs' mean times ``n²`` (HiGHS: the sampled mean times ``n²``).  networkx rows are left
+    out without networkx.
+
+    Parameters
+    ----------
+    sizes : list of int
+        The token counts n (``--flow-sizes``).
+    layers : int, default 12
+        Layers L (the output layer is the last).
+    heads : int, default 4
+        Heads H.
+    sample : int, default 4
+        Pairs timed by networkx and HiGHS (the same pairs, drawn once per n).
+    say : callable, optional
+        Progress reporter (one line per n).  Default None: silent.
+
+    Returns
+    -------
+    list of tuple
+        One ``(n, method, pairs timed, seconds, seconds for all n² pairs, max relative deviation from
+        the kernel)`` per row (the kernel's own row: deviation 0).
+    """
+    from scipy.optimize import linprog
+
+    from refattn.rollout_flow import _max_flow, attention_flow
+
+    try:
+        import networkx as nx
+    except ImportError:
+        nx = None
+    rng = np.random.default_rng(6)
+    attention_flow(np.full((2, 1, 4, 4), 0.25), backend="numba")  # compile or load
+    rows = []
+    for n in sizes:
+        if say is not None:
+            say(f"attention flow n={n}, L={layers}")
+        logits = 2.0 * rng.standard_normal((layers, heads, n, n))
+        maps = np.exp(logits - logits.max(-1, keepdims=True))
+        maps /= maps.sum(-1, keepdims=True)
+        t = time.perf_counter()
+        flows = attention_flow(maps, normalize=False, backend="numba")
+        kernel = time.perf_counter() - t
+        rows.append((n, "refattn kernel (Dinic, numba)", n * n, kernel, kernel, 0.0))
+        caps = np.stack([rollout(maps[i : i + 1]) for i in range(layers)])  # (L, n, n): each layer's Â
+        pairs = [tuple(int(x) for x in rng.integers(0, n, 2)) for _ in range(sample)]
+        if nx is not None:
+            t = time.perf_counter()
+            g = nx.DiGraph()
+            for layer in range(layers):
+                for a in range(n):
+                    for b in range(n):
+                        g.add_edge((layer + 1, a), (layer, b), capacity=float(caps[layer, a, b]))
+            build = time.perf_counter() - t
+            t = time.perf_counter()
+            got = [nx.maximum_flow_value(g, (layers, i), (0, j)) for i, j in pairs]
+            solve = time.perf_counter() - t
+            worst = max(abs(v - flows[i, j]) / flows[i, j] for v, (i, j) in zip(got, pairs, strict=True))
+            rows.append((n, "networkx preflow_push", sample, build + solve, build + solve / sample * n * n, worst))
+        t = time.perf_counter()
+        got = [_max_flow(caps, i, j, linprog) for i, j in pairs]
+        solve = time.perf_counter() - t
+        worst = max(abs(v - flows[i, j]) / flows[i, j] for v, (i, j) in zip(got, pairs, strict=True))
+        rows.append((n, 'HiGHS LP (backend="numpy")', sample, solve, solve / sample * n * n, worst))
+    return rows
+
+
+def _flow_targets(flow):
+    """The attention-flow target (issue 15): every pair at n = 64, L = 12 in under 10 s."""
+    out = []
+    for n, method, _, seconds, _, _ in flow:
+        if n == 64 and method.startswith("refattn kernel"):
+            verdict = "met" if seconds < 10 else "**not met**"
+            out.append(f"| attention flow n=64, L=12, every pair: < 10 s | {seconds:.2f} s | {verdict} |")
+    return out
+
+
+def _targets(timing, memory, rollout, layer_mib, attribution=(), attribution_mib=0.0, metric=()):
     """The issue's targets, judged from the measurements of this run."""
 
     def verdict(ok):
@@ -462,6 +603,17 @@ def _targets(timing, memory, rollout, layer_mib, attribution=(), attribution_mib
     if floor and cls:
         ratio = cls[0] / floor[0]
         out.append(f"| CLS-row rollout ≤ 1.1× the head-mean pass | {ratio:.2f}× | {verdict(ratio <= 1.1)} |")
+    kernel_ratios = [(name, ratio) for name, backend, _, ratio in metric if backend == "numba"]
+    if kernel_ratios:
+        each = [(name, ratio) for name, ratio in kernel_ratios if not name.startswith("summarize")]
+        name, worst = max(each, key=lambda row: row[1])
+        out.append(
+            f"| every metric of summarize (kernel) ≤ 2× one read of its input | worst {worst:.2f}× ({name}) "
+            f"| {verdict(worst <= 2)} |"
+        )
+        whole = dict(kernel_ratios).get("summarize (one layer, with tokens)")
+        if whole is not None:
+            out.append(f"| summarize of a layer (kernel) ≤ 2× one read | {whole:.2f}× | {verdict(whole <= 2)} |")
     sliced = {name: peak for name, _, peak in attribution}.get("attribution, streaming, chunk_size=1")
     if sliced is not None:
         ok = sliced <= 3 * attribution_mib
@@ -477,7 +629,7 @@ def main(argv=None, prog=None):
 
     The plan and the estimate go to stderr first (:mod:`refattn.bench.options`; ``--plan`` stops
     there), then one progress line per section; the table (machine, GEMM rate, the SDPA, peak-memory,
-    loops and rollout sections, the targets judged from this run) goes to stdout and to ``--output``.
+    loops, rollout and metrics sections, the targets judged from this run) goes to stdout and to ``--output``.
 
     Parameters
     ----------
@@ -578,8 +730,39 @@ def main(argv=None, prog=None):
         lines += [f"| {name} | {t:.2f} | {peak:.0f} |" for name, t, peak in attribution]
     else:
         rows, layer_mib, attribution, attribution_mib = [], 0.0, [], 0.0
+    metric = []
+    if args.metrics:
+        batch, heads, n = args.metrics_shape
+        say(f"metrics, layer {batch}x{heads}x{n}x{n}")
+        metric, metric_mib = metrics_rows(batch, heads, n, repeats=args.repeats)
+        lines += [
+            "",
+            f"## Metrics vs one read of their input ({batch}×{heads}×{n}×{n} float64 layer: {metric_mib:.1f} MiB)",
+            "",
+            "| method | backend | time (s) | × one read |",
+            "|---|---|---|---|",
+        ]
+        lines += [f"| {name} | {backend} | {t:.3f} | {ratio:.2f} |" for name, backend, t, ratio in metric]
+    flow = []
+    if args.flow and numba_version:
+        flow = flow_rows(args.flow_sizes, say=say)
+        lines += [
+            "",
+            "## Attention flow vs networkx and HiGHS (L=12, H=4; every pair by the kernel, 4 by the others)",
+            "",
+            "| n | method | pairs timed | time (s) | all n² pairs (s) | × kernel | max rel. Δ vs kernel |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        kernel_time = {n: t for n, method, _, t, _, _ in flow if method.startswith("refattn kernel")}
+        lines += [
+            f"| {n} | {method} | {pairs} | {t:.3f} | {total:.3g} | {total / kernel_time[n]:.0f} | {dev:.1e} |"
+            for n, method, pairs, t, total, dev in flow
+        ]
+    elif args.flow:
+        say("attention flow: no numba, section left out (the HiGHS path alone would take hours at n=128)")
     lines += ["", "## Targets (issue: fast enough to check real sizes), from this run", ""]
-    lines += _targets(timing, memory, rows, layer_mib, attribution, attribution_mib)
+    lines += _targets(timing, memory, rows, layer_mib, attribution, attribution_mib, metric)
+    lines += _flow_targets(flow)
     text = "\n".join(lines) + "\n"
     say("done")
     print(text)

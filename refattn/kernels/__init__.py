@@ -8,10 +8,11 @@ compile of each kernel family announces itself with one line on stderr (``set_qu
 This module is the kernels' Python side: the backend choice (:func:`resolve_backend`, the NumPy
 path's memory limit :func:`numpy_max_bytes`), the flattening of validated arguments to the kernels'
 layout, and the compile on first use.  The kernels themselves live in
-:mod:`refattn.kernels.sdpa_kernels` (attention), :mod:`refattn.kernels.rollout_kernels` and
-:mod:`refattn.kernels.metric_kernels`; their named scalars in :mod:`refattn.kernels.geometry`.
-Callers are the ops' ``backend=`` switches (``refattn.sdpa``, ``refattn.rollout``,
-``refattn.metrics.entropy``); the functions here take arguments those ops have already validated.
+:mod:`refattn.kernels.sdpa_kernels` (attention), :mod:`refattn.kernels.rollout_kernels`,
+:mod:`refattn.kernels.metric_kernels` and :mod:`refattn.kernels.flow_kernels`; their named scalars in
+:mod:`refattn.kernels.geometry`.  Callers are the ops' ``backend=`` switches (``refattn.sdpa``,
+``refattn.rollout``, ``refattn.metrics.entropy``, ``refattn.attention_flow``); the functions here take
+arguments those ops have already validated.
 """
 
 from __future__ import annotations
@@ -35,7 +36,9 @@ __all__ = [
     "BACKENDS",
     "AUTO_MIN_SCORES",
     "NUMPY_MAX_BYTES",
+    "FLOW_EPS",
     "key_ranges",
+    "layered_max_flows",
     "numba_available",
     "numpy_max_bytes",
     "resolve_backend",
@@ -271,11 +274,12 @@ def _kernels():
 
 
 # Each kernel module is a family compiled together on first use: what the first-compile line calls it
-# and how long its compile takes (2-core machine, idle / loaded: 17.7 / 42 s, 6.3 / 9.6 s, 1.2 s).
+# and how long its compile takes (2-core machine, idle / loaded: 17.7 / 42 s, 6.3 / 9.6 s, 1.2 s; flow: 17 s loaded).
 _FAMILY_NOTES = {
     "sdpa_kernels": ("the attention kernels", "~20-40 s"),
     "rollout_kernels": ("the rollout kernels", "~6-10 s"),
-    "metric_kernels": ("the entropy kernel", "~1 s"),
+    "metric_kernels": ("the metric kernels", "~10-30 s"),
+    "flow_kernels": ("the attention-flow kernel", "~10-20 s"),
 }
 _quiet = None  # set_quiet: True / False override $REFATTN_QUIET; None follows it
 
@@ -417,10 +421,37 @@ def _rollout_signatures(t):
     }
 
 
-def _entropy_signatures(t):
-    rows = [t.Array(f, 2, "C", readonly=True) for f in (t.float32, t.float64)]
+def _metric_signatures(t):
+    """The metric kernel's two signatures (float32 / float64 maps), by parameter name."""
+    from refattn.kernels.metric_kernels import Wanted
+
+    i8, b1, f8 = t.int64, t.boolean, t.float64
+    common = {
+        "keys": t.Array(b1, 4, "C", readonly=True),
+        "key_map": t.Array(i8, 1, "C", readonly=True),
+        "rows": t.Array(b1, 3, "C", readonly=True),
+        "real": t.Array(b1, 3, "C", readonly=True),
+        "first": t.Array(i8, 2, "C", readonly=True),
+        "tokens": t.Array(i8, 2, "C", readonly=True),
+        "token_map": t.Array(i8, 1, "C", readonly=True),
+        "wanted": numba_type(Wanted, t),
+        "stats": t.Array(f8, 4, "C"),
+        "gram": t.Array(f8, 4, "C"),
+        "bad": t.Array(b1, 3, "C"),
+    }
+    return {"row_stats": [{"p": t.Array(f, 4, "C", readonly=True), **common} for f in (t.float32, t.float64)]}
+
+
+def _flow_signatures(t):
+    f8 = t.float64
     return {
-        "row_entropy": [{"p": r, "out": t.Array(t.float64, 1, "C"), "bad": t.Array(t.boolean, 1, "C")} for r in rows]
+        "pair_flows": [
+            {
+                "caps": t.Array(f8, 4, "C", readonly=True),
+                "eps": t.Array(f8, 1, "C", readonly=True),
+                "out": t.Array(f8, 3, "C"),
+            }
+        ]
     }
 
 
@@ -511,8 +542,78 @@ def rollout_rows_product(v, a, residual, renormalize):
     return partial.sum(axis=1).reshape(a.shape[:-3] + v.shape[-2:])
 
 
+def _frozen(x, dtype):
+    """``x`` as a C-contiguous read-only array of ``dtype`` (a view where it already is one)."""
+    view = np.ascontiguousarray(x, dtype=dtype).view()
+    view.flags.writeable = False
+    return view
+
+
+def metric_rows(p, keys, key_map, rows, real, first, tokens, token_map, *, entropy, tokens_wanted, gram):
+    """Every per-row statistic of the metrics in one read of the maps, by the kernel
+    :func:`refattn.kernels.metric_kernels.row_stats` (``specs/kernels.md``, Metric kernels).
+
+    The arguments are the kernel's, already in its layout (``refattn.metrics._maps.kernel_rows`` builds
+    them from a validated map and mask); no check that rows are probabilities is made here.  ≤ 1e-12
+    from the NumPy definitions; bitwise identical for any number of threads.
+
+    Parameters
+    ----------
+    p : ndarray, shape (N, H, Lq, Lk)
+        The maps, float32 (read as it is) or float64 (another dtype is converted to float64).
+    keys : ndarray of bool, shape (Nk, Hk, Lqk, Lk)
+        The allowed keys over their own batch elements (``Hk`` 1 or H, ``Lqk`` 1 or Lq).
+    key_map : ndarray of int, shape (N,)
+        The ``keys`` batch element of each batch element.
+    rows : ndarray of bool, shape (N, H, Lq)
+        The real query rows.
+    real : ndarray of bool, shape (N, H, Lk)
+        The real keys of each map (read with ``tokens_wanted`` only: any 3-d placeholder otherwise).
+    first : ndarray of int, shape (N, H)
+        The first real key of each map.
+    tokens : ndarray of int, shape (Nt, Lk)
+        Token codes (read with ``tokens_wanted`` only).
+    token_map : ndarray of int, shape (N,)
+        The ``tokens`` batch element of each batch element.
+    entropy, tokens_wanted, gram : bool
+        Compute the row entropies, the pattern masses (square maps), the heads' Gram matrices.
+
+    Returns
+    -------
+    fields : dict of str to ndarray of float64, each (N, H, Lq)
+        ``metric_kernels.FIELDS`` by name (0 on rows that are not real).
+    gram : ndarray of float64, shape (N, ⌈Lq / ROW_BLOCK⌉, H, H)
+        Per row block, the Gram matrices of the masked maps (summed over the blocks by the caller, in
+        order); ``(1, 1, 1, 1)`` zeros without ``gram``.
+    bad : ndarray of bool, shape (N, H, Lq)
+        Rows holding a NaN or ±inf.
+    """
+    kern = _compile("metric_kernels", _metric_signatures)  # imports metric_kernels (and numba)
+    from refattn.kernels.metric_kernels import FIELDS, ROW_BLOCK, Wanted
+
+    n, heads, lq, _ = p.shape
+    stats = np.empty((n, heads, lq, len(FIELDS)))
+    grams = np.zeros((n, -(-lq // ROW_BLOCK), heads, heads) if gram else (1, 1, 1, 1))
+    bad = np.empty((n, heads, lq), dtype=bool)
+    kern["row_stats"](
+        p=_read_only(p, p.shape),
+        keys=_frozen(keys, bool),
+        key_map=_frozen(key_map, np.int64),
+        rows=_frozen(rows, bool),
+        real=_frozen(real, bool),
+        first=_frozen(first, np.int64),
+        tokens=_frozen(tokens, np.int64),
+        token_map=_frozen(token_map, np.int64),
+        wanted=Wanted(entropy=bool(entropy), tokens=bool(tokens_wanted), gram=bool(gram)),
+        stats=stats,
+        gram=grams,
+        bad=bad,
+    )
+    return {name: stats[..., f] for f, name in enumerate(FIELDS)}, grams, bad
+
+
 def row_entropy(p):
-    """Row entropy ``H_r = −Σ_j p_rj log p_rj`` by the kernel (:mod:`refattn.kernels.metric_kernels`).
+    """Row entropy ``H_r = −Σ_j p_rj log p_rj`` by the metric kernel (:func:`metric_rows`).
 
     Natural log, ``0 log 0 = 0``; only entries ``> 0`` contribute (no mask, no check that rows are
     probabilities: ``refattn.metrics.entropy`` validates and checks).  ≤ 1e-12 from the NumPy
@@ -529,11 +630,58 @@ def row_entropy(p):
     ndarray or None
         float64 of shape ``(...,)``, one entropy per row; None when some entry is not finite.
     """
-    rows = _read_only(np.ascontiguousarray(p), (-1, p.shape[-1]))
-    out = np.empty(rows.shape[0])
-    bad = np.empty(rows.shape[0], dtype=bool)
-    _compile("metric_kernels", _entropy_signatures)["row_entropy"](p=rows, out=out, bad=bad)
-    return None if bad.any() else out.reshape(p.shape[:-1])
+    n = p.shape[-1]
+    r = math.prod(p.shape[:-1])
+    none = np.zeros(r, dtype=np.int64)
+    fields, _, bad = metric_rows(
+        np.ascontiguousarray(p).reshape(r, 1, 1, n),
+        np.ones((1, 1, 1, n), dtype=bool),
+        none,
+        np.ones((r, 1, 1), dtype=bool),
+        np.zeros((1, 1, 1), dtype=bool),
+        none.reshape(r, 1),
+        np.zeros((1, n), dtype=np.int64),
+        none,
+        entropy=True,
+        tokens_wanted=False,
+        gram=False,
+    )
+    return None if bad.any() else fields["entropy"].reshape(p.shape[:-1])
+
+
+#: Attention flow's saturation threshold, relative to each map's largest capacity: an arc whose residual
+#: is at most ``FLOW_EPS · max(caps)`` counts as saturated (``specs/rollout.md``, Flow).
+FLOW_EPS = 1e-15
+
+
+def layered_max_flows(caps):
+    """The maximum flow of every (source, sink) pair of layered graphs, by the kernel
+    (:func:`refattn.kernels.flow_kernels.pair_flows`: Dinic's algorithm in float64).
+
+    Node ``(l, a)``, l = 0..Lo, a = 0..n−1; edges ``(l + 1, a) → (l, b)`` of capacity ``caps[..., l, a,
+    b]``; sources the nodes of layer Lo, sinks those of layer 0.  An arc counts as saturated once its
+    residual is ``<= FLOW_EPS · max(caps)`` of its map (:data:`FLOW_EPS`).  The definition is the linear
+    program ``refattn.rollout_flow._max_flow``; ≤ 1e-12 from it.  Bitwise identical for any number of
+    threads.  Numba is compiled on first use (the flow family).
+
+    Parameters
+    ----------
+    caps : ndarray, shape (..., Lo, n, n)
+        Capacities ``>= 0``, finite (converted to float64, never written); ``...`` independent maps.
+
+    Returns
+    -------
+    ndarray of float64, shape (..., n, n)
+        ``[..., i, j]``: the maximum flow from node ``(Lo, i)`` to node ``(0, j)``.
+    """
+    depth, n = caps.shape[-3:-1]
+    graphs = np.ascontiguousarray(caps, dtype=np.float64).reshape((-1, depth, n, n)).view()
+    graphs.flags.writeable = False
+    eps = FLOW_EPS * graphs.max(axis=(1, 2, 3), initial=0.0)
+    eps.flags.writeable = False
+    out = np.zeros((graphs.shape[0], n, n))
+    _compile("flow_kernels", _flow_signatures)["pair_flows"](caps=graphs, eps=eps, out=out)
+    return out.reshape(caps.shape[:-3] + (n, n))
 
 
 def _one_blas_thread():
