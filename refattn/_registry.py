@@ -750,7 +750,8 @@ for _name, _args, _strategy, _rejects in (
         "window",
         ("lq", "lk", "left", "right"),
         _st.window_mask_cases,
-        below("lq", 0) + below("left", 0, match="window") + not_integer("lk"),
+        # a side may be negative (the band past the diagonal); a float side is named as window[0]
+        below("lq", 0) + not_integer("lk") + replaced("left", "1.5", 1.5, RefAttnTypeError, match="window"),
     ),
     ("local", ("l", "window_size"), _st.local_mask_cases, below("l", 0) + below("window_size", 0) + not_integer("l")),
     ("strided", ("l", "stride"), _st.length_and_period_cases, below("stride", 1) + not_integer("stride")),
@@ -763,7 +764,7 @@ for _name, _args, _strategy, _rejects in (
             None,
             _args,
             strategy=_strategy,
-            domain="sizes >= 0 (strides and blocks >= 1); align when lq != lk",
+            domain="sizes >= 0 (strides and blocks >= 1; window sides of any sign); align when lq != lk",
             not_differentiable=_MASK,
             rejects=_rejects,
         )

@@ -105,7 +105,7 @@ def test_translation_uses_jaxs_own_arguments():
     assert kw["is_causal"] is True
     assert kw["local_window_size"] == (12, 2)
     assert kw["query_seq_lengths"].dtype == np.int32 and kw["query_seq_lengths"].tolist() == [3, 6]
-    assert "mask" not in kw and kw["scale"] == pytest.approx(8**-0.5)
+    assert "mask" not in kw and kw["scale"] == pytest.approx(8**-0.5, rel=1e-15)
 
 
 UNSUPPORTED = [

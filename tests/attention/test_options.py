@@ -218,8 +218,8 @@ def test_the_error_text_users_see():
         _call("multihead_attention", casual=True)
     assert str(e.value) == (
         "multihead_attention: unknown option 'casual' (did you mean 'causal'?); options: num_heads, num_kv_heads, "
-        "kv, head_mask, mask, bias, causal, window, align, scale, softcap, sinks, dropout_p, dropout_mask, "
-        "empty_rows, backend"
+        "kv, head_mask, mask, bias, causal, window, align, chunk, sink_tokens, q_lengths, k_lengths, k_starts, "
+        "scale, softcap, sinks, dropout_p, dropout_mask, empty_rows, backend"
     )
     assert isinstance(e.value, ValueError)
     with pytest.raises(
