@@ -933,9 +933,28 @@ def attention_weights_backward(
     return AttentionWeightsGrads(*backward_scores(a, f, dp, None))
 
 
-def _logits_args(q, k, stage, options):
+#: The options of :func:`attention_logits`: sdpa's steps 1 to 4.
+LOGIT_OPTIONS = (
+    "mask",
+    "bias",
+    "causal",
+    "window",
+    "align",
+    "chunk",
+    "sink_tokens",
+    "q_lengths",
+    "k_lengths",
+    "k_starts",
+    "scale",
+    "softcap",
+)
+
+
+def _logits_args(q, k, stage, arguments):
+    """Validated arguments (``arguments``: the caller's locals, its options among them) and the index
+    of ``stage``."""
     as_choice(stage, "stage", LOGIT_STAGES)
-    a = validate(q, k, None, **options)
+    a = validate(q, k, None, **{n: arguments[n] for n in LOGIT_OPTIONS})
     _check_weights_size(a, "attention_logits")
     return a, LOGIT_STAGES.index(stage)
 
@@ -1009,25 +1028,7 @@ def attention_logits(
         The scores after ``stage``; ``-inf`` where disallowed (stage "masked") or where the bias is
         ``-inf`` (stages "biased" and "masked").
     """
-    a, upto = _logits_args(
-        q,
-        k,
-        stage,
-        dict(
-            mask=mask,
-            bias=bias,
-            causal=causal,
-            window=window,
-            align=align,
-            chunk=chunk,
-            sink_tokens=sink_tokens,
-            q_lengths=q_lengths,
-            k_lengths=k_lengths,
-            k_starts=k_starts,
-            scale=scale,
-            softcap=softcap,
-        ),
-    )
+    a, upto = _logits_args(q, k, stage, locals())
     return _logits(a, upto)[0]
 
 
@@ -1075,25 +1076,7 @@ def attention_logits_backward(
     AttentionLogitsGrads
         ``(dq, dk, dbias)``, float64, each of its input's shape; ``dbias`` None without a bias.
     """
-    a, upto = _logits_args(
-        q,
-        k,
-        stage,
-        dict(
-            mask=mask,
-            bias=bias,
-            causal=causal,
-            window=window,
-            align=align,
-            chunk=chunk,
-            sink_tokens=sink_tokens,
-            q_lengths=q_lengths,
-            k_lengths=k_lengths,
-            k_starts=k_starts,
-            scale=scale,
-            softcap=softcap,
-        ),
-    )
+    a, upto = _logits_args(q, k, stage, locals())
     s, ke, t = _logits(a, upto)
     ds = np.where(np.isfinite(s), as_cotangent(d_logits, a.score_shape, "d_logits"), 0.0)  # (..., Hq, Lq, Lk)
     dbias = None
