@@ -322,11 +322,22 @@ def _entropy_tiles(rng):
     return (maps,), dict(normalize=True, check_probabilities=False), 1e-4
 
 
+def _metric_tiles(rng):
+    """Maps (2, 4, 40, 40) across the metric kernel's row blocks of 16, peaked enough (logits 3·N(0, 1))
+    that each row's largest entry leads the next by far more than a step (head_confidence's kink)."""
+    maps = refattn.softmax(3.0 * rng.standard_normal((2, 4, 40, 40)))
+    return (maps,), dict(check_probabilities=False), 1e-6
+
+
 KERNEL_CASES = {
     "sdpa": _sdpa_tiles,
     "multihead_attention": _multihead_tiles,
     "rollout": _rollout_tiles,
     "entropy": _entropy_tiles,
+    **{
+        name: _metric_tiles
+        for name in ("head_confidence", "head_diversity", "mean_distance", "locality_score", "diagonal_strength")
+    },
 }
 BACKENDS = ["numpy", pytest.param("numba", marks=needs_numba)]
 

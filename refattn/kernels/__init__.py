@@ -11,8 +11,8 @@ layout, and the compile on first use.  The kernels themselves live in
 :mod:`refattn.kernels.sdpa_kernels` (attention), :mod:`refattn.kernels.rollout_kernels`,
 :mod:`refattn.kernels.metric_kernels` and :mod:`refattn.kernels.flow_kernels`; their named scalars in
 :mod:`refattn.kernels.geometry`.  Callers are the ops' ``backend=`` switches (``refattn.sdpa``,
-``refattn.rollout``, ``refattn.metrics.entropy``, ``refattn.attention_flow``); the functions here take
-arguments those ops have already validated.
+``refattn.rollout``, the metrics of ``refattn.metrics.summarize`` and ``summarize``,
+``refattn.attention_flow``); the functions here take arguments those ops have already validated.
 """
 
 from __future__ import annotations

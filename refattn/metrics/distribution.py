@@ -13,17 +13,17 @@ from typing import NamedTuple
 
 import numpy as np
 
-from refattn import kernels as _kernels
-from refattn._validate import RefAttnError, as_cotangent, as_flag, as_float, as_real, check_keywords_of, to_numpy
+from refattn._validate import RefAttnError, as_cotangent, as_flag, as_float, as_real, check_keywords_of
 from refattn.metrics._maps import (
     MapGrads,
     attention_map,
-    check_probability_rows,
     interpret_mask,
+    kernel_rows,
     key_counts,
     masked_grad,
     row_mean,
     row_mean_backward,
+    use_kernel,
 )
 from refattn.softmax_family import normalize_last_axis
 
@@ -122,10 +122,10 @@ def entropy(P, *, mask=None, normalize=False, backend="auto", check_probabilitie
         Divide each row's entropy by ``log n_i`` (result in [0, 1]); a row with a single allowed key
         gives 0.
     backend : {"auto", "numpy", "numba"}, default "auto"
-        ``"numba"``: a parallel kernel reading P once (``refattn/kernels/metric_kernels.py``, within
-        1e-12 of the definition), used without a mask only; ``"numpy"``: the definition;
-        ``"auto"``: the kernel from ``refattn.kernels.AUTO_MIN_SCORES`` (2**18) entries of P on, when
-        numba is installed.
+        ``"numba"``: one parallel read of P by the metric kernel (``refattn/kernels/metric_kernels.py``,
+        within 1e-12 of the definition, the probability check in the same pass; any mask);
+        ``"numpy"``: the definition; ``"auto"``: the kernel from ``refattn.kernels.AUTO_MIN_SCORES``
+        (2**18) entries of P on, when numba is installed.
     check_probabilities : bool, default True
         Refuse (RefAttnError naming the argument and the first offending row, with its sum and
         minimum) a map whose real rows are not probabilities: entries >= 0, each row summing to 1 over
@@ -145,24 +145,22 @@ def entropy(P, *, mask=None, normalize=False, backend="auto", check_probabilitie
     """
     normalize = as_flag(normalize, "normalize")
     check = as_flag(check_probabilities, "check_probabilities")
-    if mask is None and _kernels.resolve_backend(backend, int(np.size(P))) == "numba":
-        p = to_numpy(P, "P")
-        if p.dtype == bool or p.dtype.kind not in "iuf" or p.ndim < 2:
-            attention_map(P)  # the definition's error for a bad map
-        h = _kernels.row_entropy(p)
-        if h is None:
-            attention_map(P)  # names the first non-finite entry
-        if check:
-            check_probability_rows(p, np.True_, "P")
-        if normalize:
-            n = p.shape[-1]
-            h = h / np.log(n) if n > 1 else np.zeros_like(h)
-        return h
-    _kernels.resolve_backend(backend, 0)
+    r = kernel_rows(P, mask, check_probabilities=check, entropy=True) if use_kernel(backend, P) else None
+    if r is not None:
+        return _kernel_entropy(r, normalize)
     m = attention_map(P, mask, check_probabilities=check)
     h = np.where(m.rows, -_xlogx(m.p).sum(axis=-1), 0.0)
     if normalize:
         log_n = _log_counts(m)
+        h = np.where(log_n > 0, h / np.where(log_n > 0, log_n, 1.0), 0.0)
+    return h
+
+
+def _kernel_entropy(r, normalize):
+    """:func:`entropy` from the metric kernel's rows (:class:`~refattn.metrics._maps.KernelRows`)."""
+    h = np.where(r.rows, r.entropy, 0.0)
+    if normalize:
+        log_n = np.where(r.count > 1, np.log(np.maximum(r.count, 1)), 0.0)
         h = np.where(log_n > 0, h / np.where(log_n > 0, log_n, 1.0), 0.0)
     return h
 
@@ -341,7 +339,7 @@ def max_weight_backward(d_max_weight, P, *, mask=None, check_probabilities=True)
     return MapGrads(masked_grad(m, np.where(_argmax_onehot(m), d[..., None], 0.0)))
 
 
-def head_confidence(P, *, mask=None, check_probabilities=True):
+def head_confidence(P, *, mask=None, backend="auto", check_probabilities=True):
     """Voita et al. 2019: ``confidence (...,)``, the mean over real query rows of the max weight.
 
     ``confidence = mean_i max_j P_ij`` over the real rows of each map: in ``[1/n, 1]`` for rows of
@@ -360,6 +358,11 @@ def head_confidence(P, *, mask=None, check_probabilities=True):
         query rows; or a bool mask broadcastable to P (True = the entry is kept; a row is real when it
         keeps some key).  Masked entries count as 0; padded rows are left out of every average.
         Default None: every token real.
+    backend : {"auto", "numpy", "numba"}, default "auto"
+        ``"numba"``: one parallel read of P by the metric kernel (``refattn/kernels/metric_kernels.py``,
+        within 1e-12 of the definition, the probability check in the same pass; any mask);
+        ``"numpy"``: the definition; ``"auto"``: the kernel from ``refattn.kernels.AUTO_MIN_SCORES``
+        (2**18) entries of P on, when numba is installed.
     check_probabilities : bool, default True
         Refuse (RefAttnError naming the argument and the first offending row, with its sum and
         minimum) a map whose real rows are not probabilities: entries >= 0, each row summing to 1 over
@@ -376,6 +379,9 @@ def head_confidence(P, *, mask=None, check_probabilities=True):
         A bad shape or value, named in the message, or rows that are not probabilities
         (``RefAttnTypeError`` for a wrong type, such as a non-bool mask).
     """
+    r = kernel_rows(P, mask, check_probabilities=check_probabilities) if use_kernel(backend, P) else None
+    if r is not None:
+        return row_mean(np.where(r.rows, r.max, 0.0), r.rows)
     m = attention_map(P, mask, check_probabilities=check_probabilities)
     return row_mean(np.where(m.rows, m.p.max(axis=-1), 0.0), m.rows)
 
@@ -588,7 +594,7 @@ def _head_vectors(P_heads, mask, check_probabilities):
     return m, v, norms
 
 
-def head_diversity(P_heads, *, mask=None, check_probabilities=True):
+def head_diversity(P_heads, *, mask=None, backend="auto", check_probabilities=True):
     """``diversity (...,)``: the mean over head pairs of ``1 − cos(P_h, P_h')`` (maps flattened); 0 with one head.
 
     ``diversity = mean_{h < h'} (1 − ⟨v_h, v_h'⟩ / (‖v_h‖ ‖v_h'‖))``, ``v_h`` head h's map (masked
@@ -608,6 +614,11 @@ def head_diversity(P_heads, *, mask=None, check_probabilities=True):
         query rows; or a bool mask broadcastable to P_heads (True = the entry is kept; a row is real when it
         keeps some key).  Masked entries count as 0; padded rows are left out of every average.
         Default None: every token real.
+    backend : {"auto", "numpy", "numba"}, default "auto"
+        ``"numba"``: one parallel read of P_heads by the metric kernel (``refattn/kernels/metric_kernels.py``,
+        within 1e-12 of the definition, the probability check in the same pass; any mask);
+        ``"numpy"``: the definition; ``"auto"``: the kernel from ``refattn.kernels.AUTO_MIN_SCORES``
+        (2**18) entries of P_heads on, when numba is installed.
     check_probabilities : bool, default True
         Refuse (RefAttnError naming the argument and the first offending row, with its sum and
         minimum) a map whose real rows are not probabilities: entries >= 0, each row summing to 1 over
@@ -624,12 +635,29 @@ def head_diversity(P_heads, *, mask=None, check_probabilities=True):
         A bad shape or value, named in the message, or rows that are not probabilities
         (``RefAttnTypeError`` for a wrong type, such as a non-bool mask).
     """
+    if use_kernel(backend, P_heads) and np.ndim(P_heads) >= 3:
+        r = kernel_rows(P_heads, mask, name="P_heads", check_probabilities=check_probabilities, gram=True)
+        if r is not None:
+            return _diversity_from_gram(r.gram)
     _, v, norms = _head_vectors(P_heads, mask, check_probabilities)
     h = v.shape[-2]
     if h < 2:
         return np.zeros(v.shape[:-2])
     unit = v / np.where(norms > 0, norms, 1.0)[..., None]
     cos = unit @ np.swapaxes(unit, -1, -2)  # (..., H, H)
+    iu = np.triu_indices(h, 1)
+    return (1.0 - cos[..., iu[0], iu[1]]).mean(axis=-1)
+
+
+def _diversity_from_gram(gram):
+    """:func:`head_diversity` from the heads' Gram matrices ``(..., H, H)`` of the masked maps:
+    ``cos = G_hh' / (‖v_h‖ ‖v_h'‖)``, ``‖v_h‖ = √G_hh`` (0 with a zero map)."""
+    h = gram.shape[-1]
+    if h < 2:
+        return np.zeros(gram.shape[:-2])
+    norms = np.sqrt(np.diagonal(gram, axis1=-2, axis2=-1))  # (..., H)
+    outer = norms[..., :, None] * norms[..., None, :]
+    cos = np.where(outer > 0, gram / np.where(outer > 0, outer, 1.0), 0.0)
     iu = np.triu_indices(h, 1)
     return (1.0 - cos[..., iu[0], iu[1]]).mean(axis=-1)
 

@@ -18,11 +18,13 @@ from refattn._validate import as_cotangent, as_int, check_keywords_of
 from refattn.metrics._maps import (
     MapGrads,
     attention_map,
+    kernel_rows,
     key_counts,
     masked_grad,
     positions,
     row_mean,
     row_mean_backward,
+    use_kernel,
 )
 
 __all__ = [
@@ -48,7 +50,7 @@ def _distance(m):
     return np.abs(i - j)  # (Lq, Lk)
 
 
-def mean_distance(P, *, mask=None, check_probabilities=True):
+def mean_distance(P, *, mask=None, backend="auto", check_probabilities=True):
     """``distance (..., Lq)`` = ``Σ_j P_ij |i − j|`` per row (``mask``: True = real token).
 
     The expected distance between query i and the keys it attends, over its allowed keys (0 on
@@ -69,6 +71,11 @@ def mean_distance(P, *, mask=None, check_probabilities=True):
         query rows; or a bool mask broadcastable to P (True = the entry is kept; a row is real when it
         keeps some key).  Masked entries count as 0; padded rows are left out of every average.
         Default None: every token real.
+    backend : {"auto", "numpy", "numba"}, default "auto"
+        ``"numba"``: one parallel read of P by the metric kernel (``refattn/kernels/metric_kernels.py``,
+        within 1e-12 of the definition, the probability check in the same pass; any mask);
+        ``"numpy"``: the definition; ``"auto"``: the kernel from ``refattn.kernels.AUTO_MIN_SCORES``
+        (2**18) entries of P on, when numba is installed.
     check_probabilities : bool, default True
         Refuse (RefAttnError naming the argument and the first offending row, with its sum and
         minimum) a map whose real rows are not probabilities: entries >= 0, each row summing to 1 over
@@ -85,6 +92,9 @@ def mean_distance(P, *, mask=None, check_probabilities=True):
         A bad shape or value, named in the message, or rows that are not probabilities
         (``RefAttnTypeError`` for a wrong type, such as a non-bool mask).
     """
+    r = kernel_rows(P, mask, check_probabilities=check_probabilities) if use_kernel(backend, P) else None
+    if r is not None:
+        return np.array(r.distance)  # its own array, not a view of the kernel's table
     m = attention_map(P, mask, check_probabilities=check_probabilities)
     return (m.p * _distance(m)).sum(axis=-1)
 
@@ -118,7 +128,7 @@ def _half_width(m):
     return np.where(m.rows, n / 2.0, 1.0)
 
 
-def locality_score(P, *, mask=None, check_probabilities=True):
+def locality_score(P, *, mask=None, backend="auto", check_probabilities=True):
     """``locality (..., Lq)`` = ``1 − mean_distance / (n/2)`` per row, n = allowed keys of the row.
 
     1 = all the weight on the diagonal; it falls with the distance and can be negative (weight
@@ -139,6 +149,11 @@ def locality_score(P, *, mask=None, check_probabilities=True):
         query rows; or a bool mask broadcastable to P (True = the entry is kept; a row is real when it
         keeps some key).  Masked entries count as 0; padded rows are left out of every average.
         Default None: every token real.
+    backend : {"auto", "numpy", "numba"}, default "auto"
+        ``"numba"``: one parallel read of P by the metric kernel (``refattn/kernels/metric_kernels.py``,
+        within 1e-12 of the definition, the probability check in the same pass; any mask);
+        ``"numpy"``: the definition; ``"auto"``: the kernel from ``refattn.kernels.AUTO_MIN_SCORES``
+        (2**18) entries of P on, when numba is installed.
     check_probabilities : bool, default True
         Refuse (RefAttnError naming the argument and the first offending row, with its sum and
         minimum) a map whose real rows are not probabilities: entries >= 0, each row summing to 1 over
@@ -155,8 +170,20 @@ def locality_score(P, *, mask=None, check_probabilities=True):
         A bad shape or value, named in the message, or rows that are not probabilities
         (``RefAttnTypeError`` for a wrong type, such as a non-bool mask).
     """
+    r = kernel_rows(P, mask, check_probabilities=check_probabilities) if use_kernel(backend, P) else None
+    if r is not None:
+        return _kernel_locality(r)
     m = attention_map(P, mask, check_probabilities=check_probabilities)
-    return np.where(m.rows, 1.0 - mean_distance(m.p, mask=m.allowed, check_probabilities=False) / _half_width(m), 0.0)
+    return np.where(
+        m.rows,
+        1.0 - mean_distance(m.p, mask=m.allowed, backend="numpy", check_probabilities=False) / _half_width(m),
+        0.0,
+    )
+
+
+def _kernel_locality(r):
+    """:func:`locality_score` from the metric kernel's rows (:class:`~refattn.metrics._maps.KernelRows`)."""
+    return np.where(r.rows, 1.0 - r.distance / np.where(r.rows, r.count / 2.0, 1.0), 0.0)
 
 
 def locality_score_backward(d_locality, P, *, mask=None, check_probabilities=True):
@@ -340,7 +367,7 @@ def offset_attention_backward(d_mass, P, *, offset, mask=None, check_probabiliti
     return MapGrads(masked_grad(m, d[..., None] * _offset_pattern(m, offset)))
 
 
-def diagonal_strength(P, *, mask=None, check_probabilities=True):
+def diagonal_strength(P, *, mask=None, backend="auto", check_probabilities=True):
     """``strength (...,)``: the mean over real rows of ``P_ii`` (``mask``: True = real token).
 
     :func:`offset_attention` with ``offset=0``.
@@ -360,6 +387,11 @@ def diagonal_strength(P, *, mask=None, check_probabilities=True):
         query rows; or a bool mask broadcastable to P (True = the entry is kept; a row is real when it
         keeps some key).  Masked entries count as 0; padded rows are left out of every average.
         Default None: every token real.
+    backend : {"auto", "numpy", "numba"}, default "auto"
+        ``"numba"``: one parallel read of P by the metric kernel (``refattn/kernels/metric_kernels.py``,
+        within 1e-12 of the definition, the probability check in the same pass; any mask);
+        ``"numpy"``: the definition; ``"auto"``: the kernel from ``refattn.kernels.AUTO_MIN_SCORES``
+        (2**18) entries of P on, when numba is installed.
     check_probabilities : bool, default True
         Refuse (RefAttnError naming the argument and the first offending row, with its sum and
         minimum) a map whose real rows are not probabilities: entries >= 0, each row summing to 1 over
@@ -376,6 +408,9 @@ def diagonal_strength(P, *, mask=None, check_probabilities=True):
         A bad shape or value, named in the message, or rows that are not probabilities
         (``RefAttnTypeError`` for a wrong type, such as a non-bool mask).
     """
+    r = kernel_rows(P, mask, check_probabilities=check_probabilities) if use_kernel(backend, P) else None
+    if r is not None:
+        return row_mean(r.diagonal, r.diagonal_kept)
     return offset_attention(P, offset=0, mask=mask, check_probabilities=check_probabilities)
 
 
