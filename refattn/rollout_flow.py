@@ -73,15 +73,26 @@ class _Options(NamedTuple):
 
 
 def _protect(protect):
-    """``protect`` as a tuple of ``(query, key)`` int pairs (ranges are checked against n in :func:`_spared`)."""
+    """``protect`` as a tuple of entries: ints (flat indices into an ``(n, n)`` map, vit-explain's
+    ``indices != 0``) from a 1-D sequence, or ``(query, key)`` int pairs from a 2-D one (ranges are
+    checked against n in :func:`_check_protect`)."""
     if protect is None:
         return None
     pairs = to_numpy(protect, "protect")
     if pairs.size == 0:
         return ()
+    if pairs.dtype != bool and pairs.dtype.kind in "iu" and pairs.ndim == 1:
+        return tuple(int(i) for i in pairs)
     if pairs.dtype == bool or pairs.dtype.kind not in "iu" or pairs.ndim != 2 or pairs.shape[-1] != 2:
-        raise RefAttnError(f"protect: expected (query, key) position pairs such as [(0, 0)], got {protect!r}")
+        raise RefAttnError(
+            f"protect: expected flat indices such as (0,) or (query, key) pairs such as [(0, 0)], got {protect!r}"
+        )
     return tuple((int(i), int(j)) for i, j in pairs)
+
+
+def _entries(protect, n):
+    """The ``(query, key)`` pairs of a parsed ``protect`` for maps of n tokens (flat indices split)."""
+    return [divmod(e % (n * n), n) if isinstance(e, int) else e for e in protect]
 
 
 def _options(
@@ -243,16 +254,19 @@ def _spared(opts, valid, shape):
     if not opts.protect:
         return None
     out = np.zeros((n, n), dtype=bool)
-    for i, j in opts.protect:
+    for i, j in _entries(opts.protect, n):
         out[i, j] = True
     return out
 
 
 def _check_protect(opts, n):
     """Every ``protect`` pair inside maps of n tokens (checked once, at the first layer)."""
-    for i, j in opts.protect or ():
-        if not (-n <= i < n and -n <= j < n):
-            raise RefAttnError(f"protect: expected (query, key) positions in [-{n}, {n}), got {(i, j)}")
+    for e in opts.protect or ():
+        if isinstance(e, int):
+            if not -n * n <= e < n * n:
+                raise RefAttnError(f"protect: expected flat indices in [-{n * n}, {n * n}), got {e}")
+        elif not (-n <= e[0] < n and -n <= e[1] < n):
+            raise RefAttnError(f"protect: expected (query, key) positions in [-{n}, {n}), got {e}")
 
 
 def _kernel_applies(a, opts, valid, backend):
@@ -369,9 +383,10 @@ def rollout(
         ``⌊discard_ratio · n_real²⌋`` smallest of each whole map (flattened, per example), as
         jacobgil/vit-explain's ``vit_rollout.py`` does.  Real entries only are ranked; ties go to the
         lower (flat) index.
-    protect : sequence of (int, int), optional
-        Entries the discard never removes, as ``(query, key)`` positions in the maps' (padded)
-        coordinates, e.g. ``[(0, 0)]``: they are ranked with the others, and when among the
+    protect : sequence of int, or sequence of (int, int), optional
+        Entries the discard never removes, as flat indices into the ``(n, n)`` map (vit-explain's:
+        ``(0,)`` is entry ``(0, 0)``) or as ``(query, key)`` positions, e.g. ``[(0, 0)]``, in the
+        maps' (padded) coordinates: they are ranked with the others, and when among the
         smallest they are kept, so fewer are discarded (vit-explain's ``indices[indices != 0]``).
         ``()``: none.  Default None: under ``"map"`` the [CLS] entry — the first real token's
         attention to itself, ``(0, 0)`` without a mask (vit-explain's flat index 0) —, under

@@ -260,7 +260,7 @@ def test_protect_works_in_either_scope_and_is_checked():
     with pytest.raises(refattn.RefAttnError, match="protect"):
         refattn.rollout(a, protect=[(4, 0)])
     with pytest.raises(refattn.RefAttnError, match="protect"):
-        refattn.rollout(a, protect=[0, 1, 2])
+        refattn.rollout(a, protect=[[0, 1, 2]])  # neither flat indices nor pairs
 
 
 def test_the_kernel_takes_only_layers_without_a_discard():
@@ -353,3 +353,18 @@ MUTANTS = {
 
 
 test_property, test_property_catches_its_mutant = property_table(PROPERTIES, MUTANTS)
+
+
+def test_protect_takes_vit_explains_flat_indices_or_pairs():
+    """protect=(0,) is vit-explain's flat index 0, the entry (0, 0); a flat index k is (k // n, k % n)."""
+    rng = np.random.default_rng(21)
+    maps = [refattn.softmax(rng.standard_normal((2, 3, 5, 5))) for _ in range(3)]
+    opts = dict(discard_ratio=0.5, discard_scope="map")
+    np.testing.assert_array_equal(
+        refattn.rollout(maps, **opts, protect=(0,)), refattn.rollout(maps, **opts, protect=[(0, 0)])
+    )
+    np.testing.assert_array_equal(
+        refattn.rollout(maps, **opts, protect=(7, 24)), refattn.rollout(maps, **opts, protect=[(1, 2), (4, 4)])
+    )
+    with pytest.raises(refattn.RefAttnError, match=r"protect: expected flat indices in \[-25, 25\), got 25"):
+        refattn.rollout(maps, **opts, protect=(25,))
