@@ -9,6 +9,7 @@ built config holds integers only (``LMConfig(..., n_kv_heads=None).n_kv_heads ==
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from refattn._validate import RefAttnError, as_choice, as_flag, as_int, as_real
@@ -32,7 +33,8 @@ class LMConfig:
     Fields
     ------
     vocab_size : int
-        ``V`` >= 1, the number of token ids.
+        ``V`` >= 1, the number of token ids (``vocab=`` is taken as an alias, and ``config.vocab``
+        reads it).
     d_model : int
         ``E`` >= 1, the residual width; ``n_heads`` divides it (head dim ``dk = E / n_heads``).
     n_layers : int
@@ -127,7 +129,7 @@ class BengioConfig:
     Fields
     ------
     vocab_size : int
-        ``V`` >= 1 word ids.
+        ``V`` >= 1 word ids (``vocab=`` is taken as an alias).
     context_size : int
         ``n`` >= 1 previous words the model reads (the paper's ``n - 1``).
     embedding_dim : int
@@ -148,3 +150,25 @@ class BengioConfig:
         for name in ("vocab_size", "context_size", "embedding_dim", "hidden_units"):
             _set(self, name, as_int(getattr(self, name), f"BengioConfig.{name}", minimum=1))
         _set(self, "direct_connections", as_flag(self.direct_connections, "BengioConfig.direct_connections"))
+
+
+def _vocab_alias(cls):
+    """Let ``cls(vocab=V, ...)`` mean ``cls(vocab_size=V, ...)`` (the shorter name some configs use),
+    and give it a read-only ``vocab`` property."""
+    init = cls.__init__
+
+    @functools.wraps(init)
+    def __init__(self, *args, vocab=None, **kwargs):
+        if vocab is not None:
+            if args or "vocab_size" in kwargs:
+                raise RefAttnError(f"{cls.__name__}.vocab: give vocab_size or its alias vocab, not both")
+            kwargs["vocab_size"] = vocab
+        init(self, *args, **kwargs)
+
+    cls.__init__ = __init__
+    cls.vocab = property(lambda self: self.vocab_size, doc="``vocab_size`` under its shorter name.")
+    return cls
+
+
+_vocab_alias(LMConfig)
+_vocab_alias(BengioConfig)

@@ -233,3 +233,11 @@ def test_tree_map_refuses_trees_of_another_structure(other, where):
         tree_map(lambda a, b: a + b, p, other(p))
     with pytest.raises(RefAttnError, match="^trees: expected at least one tree"):
         tree_map(np.negative)
+
+
+def test_vocab_is_an_alias_of_vocab_size():
+    assert LMConfig(vocab=11, d_model=4, n_layers=1, n_heads=2) == LMConfig(11, 4, 1, 2)
+    assert LMConfig(vocab=11, d_model=4, n_layers=1, n_heads=2).vocab == 11
+    assert BengioConfig(vocab=7, context_size=2, embedding_dim=3, hidden_units=4).vocab_size == 7
+    with pytest.raises(RefAttnError, match="vocab_size or its alias vocab, not both"):
+        LMConfig(11, vocab=11, d_model=4, n_layers=1, n_heads=2)
