@@ -76,6 +76,12 @@ class BengioGrads(NamedTuple):
 
     dparams: BengioParams
 
+    def __getattr__(self, name):
+        """The fields of ``dparams`` read directly (``grads.C`` is ``grads.dparams.C``)."""
+        if name.startswith("_") or name not in BengioParams._fields:
+            raise AttributeError(name)
+        return getattr(self.dparams, name)
+
 
 class _Forward(NamedTuple):
     p: BengioParams

@@ -241,3 +241,23 @@ def test_vocab_is_an_alias_of_vocab_size():
     assert BengioConfig(vocab=7, context_size=2, embedding_dim=3, hidden_units=4).vocab_size == 7
     with pytest.raises(RefAttnError, match="vocab_size or its alias vocab, not both"):
         LMConfig(11, vocab=11, d_model=4, n_layers=1, n_heads=2)
+
+
+def test_gradients_read_like_the_parameters():
+    """lm_loss_and_grads's grads and bengio_backward's read the parameters' fields directly."""
+    from refattn.model.bengio import bengio_backward, bengio_forward
+    from refattn.model.lm import lm_loss_and_grads
+    from refattn.model.params import init_params
+
+    rng = np.random.default_rng(3)
+    config = LMConfig(vocab=11, d_model=8, n_layers=1, n_heads=2, max_len=8)
+    tokens = rng.integers(0, 11, (2, 5))
+    _, grads = lm_loss_and_grads(init_params(config, 0), tokens, tokens, config)
+    assert grads.wte is grads.dparams.wte and grads.blocks is grads.dparams.blocks
+    with pytest.raises(AttributeError):
+        grads.not_a_parameter  # noqa: B018
+    bc = BengioConfig(vocab=7, context_size=2, embedding_dim=3, hidden_units=4)
+    bp = init_params(bc, 0)
+    contexts = rng.integers(0, 7, (3, 2))
+    g = bengio_backward(rng.standard_normal((3, 7)), bp, contexts, bc)
+    assert g.C is g.dparams.C and bengio_forward(bp, contexts, bc).shape == (3, 7)
