@@ -392,6 +392,12 @@ def cmd_bench(bench_args):
     return bench_main(bench_args, prog="refattn bench") or 0
 
 
+def cmd_model(args):
+    from refattn.model import experiments
+
+    return experiments.run_command(args, prog="refattn model")
+
+
 def _int_at_least(minimum):
     def integer(text):
         try:
@@ -637,6 +643,15 @@ def _parser():
         add_help=False,
     )
     b.set_defaults(func=None)  # main() hands every argument after "bench" to the benchmark script
+    from refattn.model import experiments
+
+    e = sub.add_parser(
+        "model",
+        help="run a model experiment (loops-vs-matrix, lm-vs-bengio, heads): its table and figure in benchmarks/model/",
+        description="Run one experiment of refattn.model.experiments and write NAME.md and NAME.png.",
+    )
+    experiments.add_arguments(e)
+    e.set_defaults(func=cmd_model)
     return p
 
 
@@ -658,7 +673,7 @@ def _quiet_stdout():
 
 
 def main(argv=None):
-    """Run the ``refattn`` command: ``check``, ``golden``, ``rollout``, ``metrics`` or ``bench``
+    """Run the ``refattn`` command: ``check``, ``golden``, ``rollout``, ``metrics``, ``bench`` or ``model``
     (``refattn --help``, ``refattn COMMAND --help``; ``specs/cli.md``).
 
     A :class:`RefAttnError` or :class:`OSError` (bad input: a file, a number, a name) is one line

@@ -647,3 +647,29 @@ def test_metrics_of_a_dataset(maps_file, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out) == want
     _user_error(capsys, ["metrics", str(files), "--plot", str(tmp_path / "f.png")], "--plot: draws the maps of one")
     _user_error(capsys, ["metrics", str(tmp_path / "nothing"), "--workers", "2"], "nothing: no such file or directory")
+
+
+# ---- refattn model: the experiments of refattn.model.experiments --------------------------------
+
+
+def test_model_runs_an_experiment_and_writes_its_table_and_figure(tmp_path, capsys):
+    assert main(["model", "loops-vs-matrix", "--tiny", "--quiet", "--output", str(tmp_path)]) == 0
+    assert "loops-vs-matrix.md" in capsys.readouterr().out
+    text = (tmp_path / "loops-vs-matrix.md").read_text()
+    assert text.startswith("# Experiment `loops-vs-matrix`")
+    assert "Command: `refattn model loops-vs-matrix --tiny`" in text
+    assert (tmp_path / "loops-vs-matrix.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_model_refuses_an_unknown_experiment(capsys):
+    _usage_error(capsys, ["model", "bengio"], "invalid choice: 'bengio'")
+
+
+def test_bench_model_section_goes_with_the_rollout_section_unless_asked():
+    assert bench_options.parse_args([]).model is True
+    assert bench_options.parse_args(["--quick"]).model is False
+    assert bench_options.parse_args(["--quick", "--model"]).model is True
+    assert bench_options.parse_args(["--no-model"]).model is False
+    with_model = bench_options.estimate_seconds(bench_options.parse_args(["--model"]), 50e9, kernel=True, torch=True)
+    without = bench_options.estimate_seconds(bench_options.parse_args(["--no-model"]), 50e9, kernel=True, torch=True)
+    assert 10 < with_model - without < 60

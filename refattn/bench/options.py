@@ -46,6 +46,7 @@ _REFERENCE_RATE = 55.9e9  # the GEMM rate of the machine RESULTS.md was measured
 _ROLLOUT_SECONDS = 40.0  # the rollout section there (5 repeats of 7 methods)
 _METRICS_SECONDS = 25.0  # the metrics section at METRICS_SHAPE, 5 repeats (loaded 2-core machine)
 _ATTRIBUTION_SECONDS = 30.0  # the attribution section (4 calls of 3 methods; measured on a loaded 2-core machine)
+_MODEL_SECONDS = 3.0  # the LM-step section per repeat: refattn's step and torch's (quiet 2-core machine, one thread)
 # the attention-flow section per n at L=12: the kernel on every pair, 4 pairs by networkx and by HiGHS, the graph
 # build (loaded 2-core machine; n=128 extrapolated from the kernel's n^3.2 and the others' n^2 growth)
 _FLOW_SECONDS = {16: 1.0, 32: 2.5, 64: 9.0, 128: 45.0}
@@ -66,8 +67,8 @@ def parser(prog=None):
 
     Options: ``--quick``, ``--sizes N…``, ``--repeats R``, ``--memory-sizes N…``,
     ``--rollout`` / ``--no-rollout``, ``--metrics`` / ``--no-metrics``, ``--metrics-shape B H N``, ``--output FILE``,
-    ``--flow`` / ``--no-flow``, ``--flow-sizes N…``, ``--plan``, ``--quiet``.  The sizing options
-    default to None here: :func:`parse_args` fills them from :data:`FULL` or :data:`QUICK`.
+    ``--flow`` / ``--no-flow``, ``--flow-sizes N…``, ``--model`` / ``--no-model``, ``--plan``, ``--quiet``.  The
+    sizing options default to None here: :func:`parse_args` fills them from :data:`FULL` or :data:`QUICK`.
 
     Parameters
     ----------
@@ -146,6 +147,13 @@ def parser(prog=None):
         metavar="N",
         help=f"token counts n of the attention-flow section (default {' '.join(map(str, FLOW_SIZES))})",
     )
+    p.add_argument(
+        "--model",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the LM training-step section: refattn's forward + backward of a 4-layer LM (d_model 256, 8 heads, "
+        "T=256, batch 8) against the same model in torch autograd, float64; default: on with the rollout section",
+    )
     p.add_argument("--output", metavar="FILE", help="also write the Markdown table to FILE (its folder must exist)")
     p.add_argument("--plan", action="store_true", help="print the plan and the time estimate, then stop")
     p.add_argument("--quiet", action="store_true", help="no plan, estimate or progress lines on stderr")
@@ -195,6 +203,8 @@ def parse_args(argv=None, prog=None):
         args.flow = args.rollout
     if args.flow_sizes is None:
         args.flow_sizes = list(FLOW_SIZES)
+    if args.model is None:  # the LM-step section goes with the rollout section unless asked
+        args.model = args.rollout
     if args.output is not None:
         out = Path(args.output)
         if out.is_dir():
@@ -305,6 +315,8 @@ def estimate_seconds(args, rate, *, kernel, torch):
     if getattr(args, "flow", args.rollout) and kernel:
         for n in getattr(args, "flow_sizes", FLOW_SIZES):
             seconds += _FLOW_SECONDS.get(n, _FLOW_SECONDS[64] * (n / 64) ** 3.2) * _REFERENCE_RATE / rate
+    if getattr(args, "model", args.rollout):  # one untimed step of each side, then the repeats
+        seconds += (args.repeats + 1) * _MODEL_SECONDS * (1.0 if torch else 0.6) * _REFERENCE_RATE / rate
     return seconds
 
 
@@ -344,6 +356,7 @@ def plan_lines(args, rate=None):
         + (f"on, layer {'x'.join(map(str, args.metrics_shape))}" if args.metrics else "off")
         + "; attention-flow section "
         + (f"on, n {' '.join(map(str, args.flow_sizes))}" if args.flow else "off")
+        + f"; LM-step section {'on' if getattr(args, 'model', args.rollout) else 'off'}"
     ]
     full = argparse.Namespace(**FULL, explicit=[])
     quick = argparse.Namespace(**QUICK, explicit=[])

@@ -760,9 +760,16 @@ def main(argv=None, prog=None):
         ]
     elif args.flow:
         say("attention flow: no numba, section left out (the HiGHS path alone would take hours at n=128)")
+    model_target = []
+    if getattr(args, "model", False):  # the LM training step vs its torch twin (refattn/bench/model.py)
+        from refattn.bench import model as model_bench
+
+        section, model_target = model_bench.model_lines(model_bench.model_rows(repeats=args.repeats, say=say))
+        lines += section
     lines += ["", "## Targets (issue: fast enough to check real sizes), from this run", ""]
     lines += _targets(timing, memory, rows, layer_mib, attribution, attribution_mib, metric)
     lines += _flow_targets(flow)
+    lines += model_target
     text = "\n".join(lines) + "\n"
     say("done")
     print(text)

@@ -9,19 +9,24 @@ key/value heads, ``dk = E / H`` the head dim, ``F`` the MLP width, ``L`` layers.
                post-norm:  x = norm_1(x + attn(x));   x = norm_2(x + mlp(x))
     logits = norm_f(x) wteᵀ  (tied)  |  norm_f(x) lm_head;   no norm_f after post-norm blocks
 
-``attn`` is :func:`refattn.multihead_attention` (RoPE: the same projections, each head's q and k
-rotated by :func:`refattn.rope`, then :func:`refattn.sdpa`), causal when ``config.causal``; ALiBi
+``attn`` is :func:`refattn.multihead_attention`'s lines around one :func:`refattn.sdpa` call (RoPE:
+each head's q and k rotated by :func:`refattn.rope` first), causal when ``config.causal``; ALiBi
 is :func:`refattn.alibi_bias` passed as sdpa's ``bias``; ``mask`` (real tokens) is sdpa's key mask
 ``mask[:, None, None, :]``; ``head_mask[l, h]`` multiplies head h's output in layer l before
-``w_o``.  Every layer is :mod:`refattn.model.layers`' function, and :func:`lm_backward` runs their
-``*_backward`` (and sdpa's) from the last line to the first: no autograd, no finite differences.
+``w_o``.  The norms, the MLP and the projections are :mod:`refattn.model.layers`' formulas, written
+here so that the forward keeps what the backward needs (each norm's x̂ and r, the MLP's
+pre-activation and hidden layer, sdpa's ``(out, lse)``): :func:`lm_backward` undoes the lines from
+the last to the first on those saved values, with :func:`refattn.sdpa_backward` (``saved=``) and
+:func:`refattn.rope_backward`, recomputing nothing: no autograd, no finite differences.
 """
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import numpy as np
+from scipy import special
 
 from refattn._validate import (
     RefAttnError,
@@ -38,9 +43,13 @@ from refattn.attention import position as _position
 from refattn.attention import sdpa as _sdpa
 from refattn.model import layers as _layers
 from refattn.model.config import LMConfig
+from refattn.model.layers import MLPParams
 from refattn.model.params import BlockParams, LMParams, NormParams, param_shapes
 
 __all__ = ["LMGrads", "lm_backward", "lm_forward", "lm_loss_and_grads"]
+
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_GELU_CUBIC = 0.044715  # the tanh form's cubic coefficient (torch's constant, as refattn.model.layers)
 
 
 class LMGrads(NamedTuple):
@@ -50,7 +59,8 @@ class LMGrads(NamedTuple):
     ------
     dparams : LMParams
         A tree of the parameters' structure: each gradient of its parameter's shape, None where the
-        parameter is None (``dwpe`` is zero past row T).
+        parameter is None (``dwpe`` is zero past row T).  Its fields are also read directly:
+        ``grads.wte`` is ``grads.dparams.wte``.
     dhead_mask : ndarray, shape (L, H), or None
         The gradient of ``head_mask`` (Michel et al.'s head importance when taken at ones); None
         without a head mask.
@@ -59,11 +69,18 @@ class LMGrads(NamedTuple):
     dparams: LMParams
     dhead_mask: np.ndarray | None
 
+    def __getattr__(self, name):
+        """The fields of ``dparams`` read directly (``grads.wte`` is ``grads.dparams.wte``): the
+        gradients have the parameters' structure."""
+        if name.startswith("_") or name not in LMParams._fields:
+            raise AttributeError(name)
+        return getattr(self.dparams, name)
+
 
 class Inputs(NamedTuple):
     """The validated arguments of one model call (shared with :mod:`refattn.model.loops`)."""
 
-    params: LMParams  # float64 copies, every shape checked against the config
+    params: LMParams  # float64 (no copy of a float64 leaf: only read), every shape checked against the config
     tokens: np.ndarray  # (B, T) int64
     config: LMConfig
     mask: np.ndarray | None  # (B, T) bool, True = a real token
@@ -77,7 +94,7 @@ def _leaf(x, shape, name):
         return None
     if x is None:
         raise RefAttnError(f"{name}: expected an array of shape {shape}, got None")
-    a = as_float(x, name)
+    a = as_float(x, name, copy=False)  # read, never written: no copy of a float64 array
     if a.shape != shape:
         raise RefAttnError(f"{name}: expected shape {shape}, got {a.shape}")
     return a
@@ -126,21 +143,130 @@ def validate(params, tokens, config, mask, head_mask):
 
 
 # ---- the layers the blocks use --------------------------------------------------------------------
+#
+# Each is the function of refattn.model.layers of the same name (same formulas, same order of
+# operations), written on arrays `validate` has already checked, and returning with its output what
+# its backward needs: the forward's intermediates are kept, so the backward recomputes nothing
+# (layers' *_backward take only the inputs, and recompute the hidden layer or the normalised input).
+
+
+def _rows(t):
+    """``(..., n)`` as ``(rows, n)``: the leading dims flattened (a view of a contiguous array)."""
+    return t.reshape(-1, t.shape[-1])
+
+
+def _linear(x, w, b):
+    """``x w + b`` (:func:`refattn.model.layers.linear`): ``(..., I)`` → ``(..., O)``."""
+    y = x @ w
+    if b is not None:
+        y += b
+    return y
+
+
+def _linear_backward(dy, x, w, b):
+    """``(dx, dw, db)`` of ``y = x w + b``: ``dy wᵀ``, ``Σ xᵀ dy``, ``Σ dy`` (sums over every leading dim)."""
+    d2 = _rows(dy)
+    return dy @ w.T, _rows(x).T @ d2, None if b is None else d2.sum(axis=0)
 
 
 def _norm(x, p, config):
-    if config.norm == "layer":
-        return _layers.layer_norm(x, p.weight, p.bias, eps=config.norm_eps)
-    return _layers.rms_norm(x, p.weight, eps=config.norm_eps)
+    """``(y, saved)`` of ``norm(x)`` (:func:`refattn.model.layers.layer_norm` or ``rms_norm``), with
+    ``saved = (x̂, r)``: ``x̂ = (x − μ) r`` (RMS: ``x r``), ``r = 1 / sqrt(σ² + eps)`` (RMS: ``mean(x²)``)."""
+    e = x.shape[-1]
+    xc = x - x.mean(axis=-1, keepdims=True) if config.norm == "layer" else x.copy()  # (..., E)
+    r = np.einsum("...i,...i->...", xc, xc)[..., None]  # (..., 1) Σ xc², one pass
+    r /= e
+    r += config.norm_eps
+    np.sqrt(r, out=r)
+    np.divide(1.0, r, out=r)
+    xc *= r  # x̂
+    y = xc if p.weight is None else xc * p.weight
+    if p.bias is not None:
+        y = y + p.bias
+    return y, (xc, r)
 
 
-def _norm_backward(dy, x, p, config):
-    """``(dx, NormParams of grads)`` of :func:`_norm`."""
+def _norm_backward(dy, saved, p, config):
+    """``(dx, NormParams of grads)`` of :func:`_norm` from its ``saved`` ``(x̂, r)``::
+
+        dw = Σ dy x̂,  db = Σ dy,  g = dy w
+        LayerNorm: dx = r (g − mean(g) − x̂ mean(g x̂));   RMSNorm: dx = r (g − x̂ mean(g x̂))
+
+    (means over the last axis, sums over every leading dim: :func:`refattn.model.layers.layer_norm_backward`).
+    """
+    xh, r = saved
+    e = xh.shape[-1]
+    dw = None if p.weight is None else np.einsum("ij,ij->j", _rows(dy), _rows(xh))
+    db = None if p.bias is None else _rows(dy).sum(axis=0)
+    g = dy if p.weight is None else dy * p.weight  # (..., E)
+    inner = np.einsum("...i,...i->...", g, xh)[..., None]  # (..., 1)
+    inner /= e  # mean(g x̂)
+    dx = xh * inner
+    np.subtract(g, dx, out=dx)
     if config.norm == "layer":
-        g = _layers.layer_norm_backward(dy, x, p.weight, p.bias, eps=config.norm_eps)
-        return g.dx, NormParams(g.dweight, g.dbias)
-    g = _layers.rms_norm_backward(dy, x, p.weight, eps=config.norm_eps)
-    return g.dx, NormParams(g.dweight, None)
+        dx -= g.mean(axis=-1, keepdims=True)
+    dx *= r
+    return dx, NormParams(dw, db)
+
+
+def _mlp(x, p, activation):
+    """``(y, saved)`` of :func:`refattn.model.layers.mlp`: ``pre = x w_in + b_in``, ``h = act(pre)``
+    (swiglu: ``silu(x w_gate) · pre``), ``y = h w_out + b_out``; ``saved = (x, pre, h, extra)``,
+    ``extra`` what the activation's derivative needs: Φ(pre) (gelu), tanh(u) (gelu_tanh), ``(gate,
+    σ(gate), silu(gate))`` (swiglu), None (relu)."""
+    pre = _linear(x, p.w_in, p.b_in)  # (..., F)
+    if activation == "gelu":
+        cdf = pre / math.sqrt(2.0)
+        special.erf(cdf, out=cdf)
+        cdf += 1.0
+        cdf *= 0.5  # Φ(pre) = ½ (1 + erf(pre / √2))
+        h, extra = pre * cdf, cdf
+    elif activation == "gelu_tanh":
+        t = np.tanh(_SQRT_2_OVER_PI * (pre + _GELU_CUBIC * pre * pre * pre))
+        h, extra = 0.5 * pre * (1.0 + t), t
+    elif activation == "relu":
+        h, extra = np.maximum(pre, 0.0), None
+    else:  # swiglu
+        gate = x @ p.w_gate  # (..., F)
+        sig = special.expit(gate)  # σ(gate), no overflow for large |gate|
+        silu = gate * sig
+        h, extra = silu * pre, (gate, sig, silu)
+    return _linear(h, p.w_out, p.b_out), (x, pre, h, extra)
+
+
+def _mlp_backward(dy, saved, p, activation):
+    """``(dx, MLPParams of grads)`` of :func:`_mlp` from its ``saved`` values (no product recomputed)::
+
+        dh = dy w_outᵀ;  dw_out = Σ hᵀ dy;  db_out = Σ dy;  dpre = dh act'(pre)
+        swiglu: dpre = dh silu(gate),  dgate = dh pre silu'(gate),  silu' = σ (1 + gate (1 − σ))
+        dw_in = Σ xᵀ dpre;  db_in = Σ dpre;  dx = dpre w_inᵀ (+ dgate w_gateᵀ)
+
+    (:func:`refattn.model.layers.mlp_backward`'s lines, from the saved values instead of recomputed ones).
+    """
+    x, pre, h, extra = saved
+    dh, dw_out, db_out = _linear_backward(dy, h, p.w_out, p.b_out)  # dh (..., F)
+    dx_gate = dw_gate = None
+    if activation == "gelu":  # Φ(pre) + pre φ(pre)
+        dpre = pre * pre
+        dpre *= -0.5
+        np.exp(dpre, out=dpre)
+        dpre *= pre / math.sqrt(2.0 * math.pi)
+        dpre += extra
+        dpre *= dh
+    elif activation == "gelu_tanh":
+        du = _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_CUBIC * pre * pre)
+        dpre = dh * (0.5 * (1.0 + extra) + 0.5 * pre * (1.0 - extra * extra) * du)
+    elif activation == "relu":
+        dpre = dh * (pre > 0)  # relu' = 0 at 0, as torch
+    else:  # swiglu: h = silu(gate) · pre
+        gate, sig, silu = extra
+        dpre = dh * silu
+        dgate = dh * pre * (sig * (1.0 + gate * (1.0 - sig)))
+        dx_gate, dw_gate, _ = _linear_backward(dgate, x, p.w_gate, None)
+    dx, dw_in, db_in = _linear_backward(dpre, x, p.w_in, p.b_in)
+    if dx_gate is not None:
+        dx += dx_gate
+    return dx, MLPParams(dw_in, db_in, dw_out, db_out, dw_gate)
 
 
 def sdpa_options(a: Inputs):
@@ -153,11 +279,26 @@ def sdpa_options(a: Inputs):
     return {"mask": mask, "bias": bias, "causal": c.causal}
 
 
-def _heads(x, p, config):
-    """Per-head ``q (B, H, T, dk)``, ``k``, ``v (B, Hk, T, dk)`` of one layer, q and k before RoPE."""
-    q = _mh.split_heads(_layers.linear(x, p.w_q, p.b_q), config.n_heads)
-    k = _mh.split_heads(_layers.linear(x, p.w_k, p.b_k), config.n_kv_heads)
-    v = _mh.split_heads(_layers.linear(x, p.w_v, p.b_v), config.n_kv_heads)
+def _qkv_weights(p):
+    """``(w, b)``: ``w_q``, ``w_k``, ``w_v`` side by side ``(E, (H + 2·Hk)·dk)`` (one product for the
+    three projections) and their biases likewise (None without biases)."""
+    w = np.concatenate([p.w_q, p.w_k, p.w_v], axis=1)
+    if p.b_q is None and p.b_k is None and p.b_v is None:
+        return w, None
+    parts = [np.zeros(wi.shape[1]) if bi is None else bi for wi, bi in ((p.w_q, p.b_q), (p.w_k, p.b_k), (p.w_v, p.b_v))]
+    return w, np.concatenate(parts)
+
+
+def _heads(x, p, config, w=None, b=None):
+    """Per-head ``q (B, H, T, dk)``, ``k``, ``v (B, Hk, T, dk)`` of one layer, q and k before RoPE
+    (views of one product ``x [w_q w_k w_v]``)."""
+    if w is None:
+        w, b = _qkv_weights(p)
+    qkv = _linear(x, w, b)  # (B, T, (H + 2·Hk)·dk)
+    nq, nk = p.w_q.shape[1], p.w_k.shape[1]
+    q = _mh.split_heads(qkv[..., :nq], config.n_heads)
+    k = _mh.split_heads(qkv[..., nq : nq + nk], config.n_kv_heads)
+    v = _mh.split_heads(qkv[..., nq + nk :], config.n_kv_heads)
     return q, k, v
 
 
@@ -169,49 +310,50 @@ def _rotated(q, k, config):
 
 
 def _attention(x, p, a: Inputs, layer, options):
-    """One layer's attention sub-layer: ``(B, T, E)`` → ``(B, T, E)``."""
+    """``(y, saved)`` of one layer's attention sub-layer ``(B, T, E)`` → ``(B, T, E)``::
+
+        q, k, v = split(x [w_q w_k w_v] + [b_q b_k b_v]);  q, k = rope(q), rope(k) (RoPE only)
+        o, lse = sdpa(q, k, v, return_lse=True, **options);  o_h ← head_mask[layer, h] · o_h
+        y = merge(o) w_o + b_o
+
+    (:func:`refattn.multihead_attention`'s lines, with sdpa's ``(out, lse)`` kept for its backward).
+    """
     c = a.config
-    hm = None if a.head_mask is None else a.head_mask[layer]  # (H,)
-    if c.positions != "rope":
-        return _mh.multihead_attention(x, p, num_heads=c.n_heads, num_kv_heads=c.n_kv_heads, head_mask=hm, **options)
-    q, k, v = _heads(x, p, c)
+    w, b = _qkv_weights(p)
+    q, k, v = _heads(x, p, c, w, b)
     qr, kr = _rotated(q, k, c)
-    o = _sdpa.sdpa(qr, kr, v, **options)  # (B, H, T, dk)
-    og = o if hm is None else o * hm[:, None, None]
-    return _layers.linear(_mh.merge_heads(og), p.w_o, p.b_o)
+    o, lse = _sdpa.sdpa(qr, kr, v, return_lse=True, **options)  # (B, H, T, dk), (B, H, T)
+    hm = None if a.head_mask is None else a.head_mask[layer]  # (H,)
+    merged = _mh.merge_heads(o if hm is None else o * hm[:, None, None])  # (B, T, H·dk)
+    saved = {"x": x, "w": w, "b": b, "q": q, "k": k, "qr": qr, "kr": kr, "v": v, "o": o, "lse": lse}
+    saved["merged"] = merged
+    return _linear(merged, p.w_o, p.b_o), saved
 
 
-def _attention_backward(dy, x, p, a: Inputs, layer, options):
-    """``(dx, MHAParams of grads, dhead_mask[layer] (H,) or None)`` of :func:`_attention`."""
+def _attention_backward(dy, s, p, a: Inputs, layer, options):
+    """``(dx, MHAParams of grads, dhead_mask[layer] (H,) or None)`` of :func:`_attention`, from its saved values."""
     c = a.config
     hm = None if a.head_mask is None else a.head_mask[layer]
-    if c.positions != "rope":
-        g = _mh.multihead_attention_backward(
-            dy, x, p, num_heads=c.n_heads, num_kv_heads=c.n_kv_heads, head_mask=hm, **options
-        )
-        return g.dx, g.dparams, g.dhead_mask
-    q, k, v = _heads(x, p, c)  # (B, H, T, dk), (B, Hk, T, dk) x2
-    qr, kr = _rotated(q, k, c)
-    o = _sdpa.sdpa(qr, kr, v, **options)  # (B, H, T, dk)
-    og = o if hm is None else o * hm[:, None, None]
-    merged = _mh.merge_heads(og)  # (B, T, H·dk)
     # y = merged w_o + b_o
-    go = _layers.linear_backward(dy, merged, p.w_o, p.b_o)
-    dog = _mh.split_heads(go.dx, c.n_heads)  # (B, H, T, dk)
+    dmerged, dw_o, db_o = _linear_backward(dy, s["merged"], p.w_o, p.b_o)
+    dog = _mh.split_heads(dmerged, c.n_heads)  # (B, H, T, dk)
     # og = o · hm[h]
-    dhm = None if hm is None else np.einsum("bhte,bhte->h", dog, o)
+    dhm = None if hm is None else np.einsum("bhte,bhte->h", dog, s["o"])
     do = dog if hm is None else dog * hm[:, None, None]
-    # o = sdpa(qr, kr, v)
-    g = _sdpa.sdpa_backward(do, qr, kr, v, **options)
-    # qr = rope(q), kr = rope(k): the inverse rotation of the cotangents
-    dq = _position.rope_backward(g.dq, q, base=c.rope_base).dx
-    dk = _position.rope_backward(g.dk, k, base=c.rope_base).dx
-    # q, k, v = split(x w + b)
-    gq = _layers.linear_backward(_mh.merge_heads(dq), x, p.w_q, p.b_q)
-    gk = _layers.linear_backward(_mh.merge_heads(dk), x, p.w_k, p.b_k)
-    gv = _layers.linear_backward(_mh.merge_heads(g.dv), x, p.w_v, p.b_v)
-    dparams = _mh.MHAParams(gq.dweight, gk.dweight, gv.dweight, go.dweight, gq.dbias, gk.dbias, gv.dbias, go.dbias)
-    return gq.dx + gk.dx + gv.dx, dparams, dhm
+    # o = sdpa(qr, kr, v): the forward's (out, lse) saved, as autograd saves them
+    g = _sdpa.sdpa_backward(do, s["qr"], s["kr"], s["v"], saved=(s["o"], s["lse"]), **options)
+    dq, dk = g.dq, g.dk
+    if c.positions == "rope":  # qr = rope(q), kr = rope(k): the inverse rotation of the cotangents
+        dq = _position.rope_backward(dq, s["q"], base=c.rope_base).dx
+        dk = _position.rope_backward(dk, s["k"], base=c.rope_base).dx
+    # q, k, v = split(x w + b), w = [w_q w_k w_v]
+    dqkv = np.concatenate([_mh.merge_heads(dq), _mh.merge_heads(dk), _mh.merge_heads(g.dv)], axis=-1)
+    dx, dw, db = _linear_backward(dqkv, s["x"], s["w"], s["b"])
+    nq, nk = p.w_q.shape[1], p.w_k.shape[1]
+    cuts = ((0, nq), (nq, nq + nk), (nq + nk, dw.shape[1]))
+    dws = [np.ascontiguousarray(dw[:, i:j]) for i, j in cuts]
+    dbs = [None if bias is None else db[i:j].copy() for bias, (i, j) in zip((p.b_q, p.b_k, p.b_v), cuts)]
+    return dx, _mh.MHAParams(*dws, dw_o, *dbs, db_o), dhm
 
 
 def attention_maps(x, p, a: Inputs, options):
@@ -229,57 +371,68 @@ class _Trace(NamedTuple):
 
     a: Inputs
     options: dict
-    blocks: list  # per block: dict of its sub-layers' inputs
+    blocks: list  # per block: dict of its sub-layers' inputs and saved intermediates
     x_last: np.ndarray  # (B, T, E) the last block's output (the input of norm_f)
     xf: np.ndarray  # (B, T, E) the input of the logits
     logits: np.ndarray  # (B, T, V)
     attn_in: list  # per block: the attention's input (B, T, E)
+    ln_f: tuple | None  # norm_f's saved (x̂, r), None without norm_f
 
 
 def _block(x, p: BlockParams, a: Inputs, layer, options):
-    """One block → ``(out, saved)``: ``saved`` holds the inputs of its norms, attention and MLP."""
+    """One block → ``(out, saved)``: ``saved`` holds the inputs of its norms, attention and MLP
+    (``x``, ``a_in``, ``h``, ``m_in``; post-norm also ``hp``, ``op``) and each sub-layer's saved values."""
     c = a.config
     if c.norm_position == "pre":
-        a_in = _norm(x, p.ln_1, c)  # (B, T, E)
-        h = x + _attention(a_in, p.attn, a, layer, options)
-        m_in = _norm(h, p.ln_2, c)
-        out = h + _layers.mlp(m_in, p.mlp, activation=c.activation)
-        return out, {"x": x, "a_in": a_in, "h": h, "m_in": m_in}
-    hp = x + _attention(x, p.attn, a, layer, options)  # (B, T, E) before norm_1
-    h = _norm(hp, p.ln_1, c)
-    op = h + _layers.mlp(h, p.mlp, activation=c.activation)  # before norm_2
-    return _norm(op, p.ln_2, c), {"x": x, "a_in": x, "hp": hp, "h": h, "m_in": h, "op": op}
+        a_in, n1 = _norm(x, p.ln_1, c)  # (B, T, E)
+        h, sa = _attention(a_in, p.attn, a, layer, options)
+        h += x
+        m_in, n2 = _norm(h, p.ln_2, c)
+        out, sm = _mlp(m_in, p.mlp, c.activation)
+        out += h
+        return out, {"x": x, "a_in": a_in, "h": h, "m_in": m_in, "ln_1": n1, "attn": sa, "ln_2": n2, "mlp": sm}
+    hp, sa = _attention(x, p.attn, a, layer, options)  # (B, T, E) before norm_1
+    hp += x
+    h, n1 = _norm(hp, p.ln_1, c)
+    op, sm = _mlp(h, p.mlp, c.activation)  # before norm_2
+    op += h
+    out, n2 = _norm(op, p.ln_2, c)
+    saved = {"x": x, "a_in": x, "hp": hp, "h": h, "m_in": h, "op": op, "ln_1": n1, "attn": sa, "ln_2": n2}
+    saved["mlp"] = sm
+    return out, saved
 
 
 def _block_backward(dout, s, p: BlockParams, a: Inputs, layer, options):
-    """``(dx, BlockParams of grads, dhead_mask[layer])`` of :func:`_block`, from its saved inputs ``s``."""
+    """``(dx, BlockParams of grads, dhead_mask[layer])`` of :func:`_block`, from its saved values ``s``."""
     c = a.config
     if c.norm_position == "pre":
         # out = h + mlp(m_in), m_in = norm_2(h)
-        gm = _layers.mlp_backward(dout, s["m_in"], p.mlp, activation=c.activation)
-        dh_norm, g_ln2 = _norm_backward(gm.dx, s["h"], p.ln_2, c)
-        dh = dout + dh_norm
+        dm_in, g_mlp = _mlp_backward(dout, s["mlp"], p.mlp, c.activation)
+        dh, g_ln2 = _norm_backward(dm_in, s["ln_2"], p.ln_2, c)
+        dh += dout
         # h = x + attn(a_in), a_in = norm_1(x)
-        da_in, g_attn, dhm = _attention_backward(dh, s["a_in"], p.attn, a, layer, options)
-        dx_norm, g_ln1 = _norm_backward(da_in, s["x"], p.ln_1, c)
-        return dh + dx_norm, BlockParams(g_ln1, g_attn, g_ln2, gm.dparams), dhm
+        da_in, g_attn, dhm = _attention_backward(dh, s["attn"], p.attn, a, layer, options)
+        dx, g_ln1 = _norm_backward(da_in, s["ln_1"], p.ln_1, c)
+        dx += dh
+        return dx, BlockParams(g_ln1, g_attn, g_ln2, g_mlp), dhm
     # out = norm_2(op)
-    dop, g_ln2 = _norm_backward(dout, s["op"], p.ln_2, c)
+    dop, g_ln2 = _norm_backward(dout, s["ln_2"], p.ln_2, c)
     # op = h + mlp(h)
-    gm = _layers.mlp_backward(dop, s["h"], p.mlp, activation=c.activation)
-    dh = dop + gm.dx
+    dh, g_mlp = _mlp_backward(dop, s["mlp"], p.mlp, c.activation)
+    dh += dop
     # h = norm_1(hp)
-    dhp, g_ln1 = _norm_backward(dh, s["hp"], p.ln_1, c)
+    dhp, g_ln1 = _norm_backward(dh, s["ln_1"], p.ln_1, c)
     # hp = x + attn(x)
-    dx_attn, g_attn, dhm = _attention_backward(dhp, s["x"], p.attn, a, layer, options)
-    return dhp + dx_attn, BlockParams(g_ln1, g_attn, g_ln2, gm.dparams), dhm
+    dx, g_attn, dhm = _attention_backward(dhp, s["attn"], p.attn, a, layer, options)
+    dx += dhp
+    return dx, BlockParams(g_ln1, g_attn, g_ln2, g_mlp), dhm
 
 
 def _positions(a: Inputs):
     """The position table added to the embeddings, ``(T, E)``, or None (RoPE, ALiBi)."""
     c, length = a.config, a.tokens.shape[1]
     if c.positions == "learned":
-        return _layers.embedding(np.arange(length), a.params.wpe)
+        return a.params.wpe[:length]
     if c.positions == "sinusoidal":
         return _position.sinusoidal_positions(length, c.d_model)
     return None
@@ -291,30 +444,32 @@ def _forward(a: Inputs) -> _Trace:
     x0 = _layers.embedding(a.tokens, p.wte)  # (B, T, E)
     pos = _positions(a)
     if pos is not None:
-        x0 = x0 + pos
+        x0 += pos
     x, saved = x0, []
     for layer, bp in enumerate(p.blocks):
         x, s = _block(x, bp, a, layer, options)
         saved.append(s)
-    xf = x if p.ln_f is None else _norm(x, p.ln_f, c)  # (B, T, E)
+    xf, ln_f = (x, None) if p.ln_f is None else _norm(x, p.ln_f, c)  # (B, T, E)
     head = p.wte.T if c.tied_embeddings else p.lm_head  # (E, V)
-    logits = _layers.linear(xf, head)  # (B, T, V)
-    return _Trace(a, options, saved, x, xf, logits, [s["a_in"] for s in saved])
+    logits = xf @ head  # (B, T, V)
+    return _Trace(a, options, saved, x, xf, logits, [s["a_in"] for s in saved], ln_f)
 
 
 def _backward(t: _Trace, d_logits) -> LMGrads:
     a = t.a
     p, c = a.params, a.config
     dl = as_cotangent(d_logits, t.logits.shape, "d_logits")  # (B, T, V)
-    # logits = xf head
-    head = p.wte.T if c.tied_embeddings else p.lm_head
-    g_head = _layers.linear_backward(dl, t.xf, head)
-    dwte_head = g_head.dweight.T if c.tied_embeddings else None  # (V, E)
-    dlm_head = None if c.tied_embeddings else g_head.dweight  # (E, V)
+    # logits = xf head, head = wteᵀ (tied) or lm_head
+    if c.tied_embeddings:
+        dx = dl @ p.wte  # (B, T, E)
+        dwte_head, dlm_head = _rows(dl).T @ _rows(t.xf), None  # (V, E)
+    else:
+        dx = dl @ p.lm_head.T
+        dwte_head, dlm_head = None, _rows(t.xf).T @ _rows(dl)  # (E, V)
     # xf = norm_f(x)
-    dx, d_ln_f = g_head.dx, None
+    d_ln_f = None
     if p.ln_f is not None:
-        dx, d_ln_f = _norm_backward(dx, t.x_last, p.ln_f, c)
+        dx, d_ln_f = _norm_backward(dx, t.ln_f, p.ln_f, c)
     # the blocks, last to first
     d_blocks, dhm = [None] * len(p.blocks), [None] * len(p.blocks)
     for layer in reversed(range(len(p.blocks))):
@@ -322,10 +477,11 @@ def _backward(t: _Trace, d_logits) -> LMGrads:
     # x0 = wte[tokens] + positions
     dwte = _layers.embedding_backward(dx, a.tokens, p.wte).dweight
     if dwte_head is not None:
-        dwte = dwte + dwte_head
+        dwte += dwte_head
     dwpe = None
     if c.positions == "learned":
-        dwpe = _layers.embedding_backward(dx.sum(axis=0), np.arange(a.tokens.shape[1]), p.wpe).dweight
+        dwpe = np.zeros(p.wpe.shape)
+        dwpe[: a.tokens.shape[1]] = dx.sum(axis=0)  # dwpe[t] = Σ_b dx0[b, t]; rows >= T: 0
     dhead_mask = None
     if a.head_mask is not None:
         dhead_mask = np.stack(dhm) if dhm else np.zeros(a.head_mask.shape)
@@ -394,12 +550,12 @@ def lm_backward(d_logits, params, tokens, config, *, mask=None, head_mask=None):
     """Gradients of :func:`lm_forward`: the vector-Jacobian product of the logits at every parameter
     and at ``head_mask``.
 
-    The forward's lines undone from the last to the first (``specs/model.md``): the output
-    projection (tied: its gradient joins ``wte``'s), the final norm, each block's MLP, norms and
-    attention (:func:`refattn.multihead_attention_backward`; with RoPE, :func:`refattn.sdpa_backward`
-    and :func:`refattn.rope_backward`), the residual adds summing their two paths, then the
-    embedding lookups.  Every layer's own ``*_backward`` does its part: no autograd, no finite
-    differences.
+    The forward's lines undone from the last to the first (``specs/model.md``), on the values one
+    forward pass saved: the output projection (tied: its gradient joins ``wte``'s), the final norm,
+    each block's MLP, norms and attention (the projections' backward, the head gate,
+    :func:`refattn.sdpa_backward` with the forward's ``(out, lse)``, with RoPE
+    :func:`refattn.rope_backward`), the residual adds summing their two paths, then the embedding
+    lookups.  No autograd, no finite differences.
 
     Parameters
     ----------
