@@ -91,7 +91,7 @@ def test_non_probabilities_are_refused(name, data):
 
 
 def test_refusal_check_catches_a_missing_check(monkeypatch):
-    for module in ("refattn.metrics._maps", "refattn.metrics.distribution", "refattn.rollout_flow"):
+    for module in ("refattn.metrics._maps", "refattn.metrics.norms", "refattn.rollout_flow"):  # every importer
         monkeypatch.setattr(importlib.import_module(module), "check_probability_rows", lambda *a, **k: None)
     assert_catches(scaled_cases("entropy"), check_non_probabilities_are_refused)
     assert_catches(scaled_cases("rollout"), check_non_probabilities_are_refused)
