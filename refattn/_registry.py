@@ -317,6 +317,8 @@ NOT_OP_MODULES = {
     "differentiable arrays (tests/model/test_data.py)",
     "refattn.model.train": "optimisers, clipping, schedules and the training loop over parameter trees "
     "(tests/model/test_train.py, against torch.optim)",
+    "refattn.model.experiments": "the reproducible experiments (training runs, tables and figures) built on the "
+    "registered model ops (tests/model/test_experiments.py)",
     "refattn.model.params": "parameter trees of the models, their shapes, deterministic initialisation and tree "
     "helpers: no arrays computed from inputs (the ops using them, lm and its layers, are registered)",
     "refattn.plot": "figures of maps, metrics and rollout",
