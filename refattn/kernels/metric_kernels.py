@@ -33,7 +33,7 @@ ROW_BLOCK = 16
 #: The per-row statistics :func:`row_stats` writes, ``stats[..., FIELDS.index(name)]``, each over the row's
 #: allowed keys (masked entries count as 0; every field is 0 on a row that is not real):
 #: ``sum`` Σ_j P_ij; ``negative`` the number of allowed entries < 0; ``max`` max_j of the masked row;
-#: ``distance`` Σ_j P_ij |i − j|; ``count`` the number of allowed keys; ``entropy`` −Σ_j P_ij log P_ij
+#: ``distance`` ``Σ_j P_ij |i − j|``; ``count`` the number of allowed keys; ``entropy`` −Σ_j P_ij log P_ij
 #: over P_ij > 0 (with ``Wanted.entropy``); ``diagonal`` P_ii and ``diagonal_kept`` (1.0 when key i
 #: exists and is allowed); ``first`` P_i,f, f the map's first real key; ``previous`` P_i,i−1;
 #: ``duplicate`` Σ_{j<i, t_j = t_i} P_ij and ``induction`` Σ_{1≤j≤i, t_{j−1} = t_i, j−1 real} P_ij (with

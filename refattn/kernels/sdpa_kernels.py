@@ -39,24 +39,33 @@ _NOT_ALLOWED = -np.inf
 
 
 @nb.njit(inline="always", cache=True)
-def _allowed(i, j, g, seq, n):
-    """Whether row i of sequence ``n`` may attend key j (``g``: Geometry, ``seq[n]``: q_length, k_start,
-    k_length, offset): a real key of its sequence, then causal, window (sink tokens exempt from its
-    left side) and chunk on ``d = j' − (i + offset)``, ``j' = j − k_start``."""
-    jr = j - seq[n, 1]
-    if jr < 0 or jr >= seq[n, 2] or i >= seq[n, 0]:
-        return False
+def _row_keys(i, g, seq, n):
+    """The keys row i of sequence ``n`` may attend, as two half-open ranges of absolute key indices
+    ``[lo, hi)`` ∪ ``[sink_lo, sink_hi)`` (``g``: Geometry, ``seq[n]``: q_length, k_start, k_length,
+    offset).  With ``j' = j − k_start`` and ``pos = i + offset``: a real key of its sequence, ``j' <=
+    pos`` under causal, ``j' <= pos + right``, ``j' >= pos − left`` unless ``j' < sink_tokens``, and
+    ``j'`` in the chunk of ``pos`` (floor division) — the rules of ``refattn.masks.allowed_positions``,
+    each bound computed once per row.  A padded row (``i >= q_length``) gets empty ranges."""
+    if i >= seq[n, 0]:
+        return 0, 0, 0, 0
+    ks = seq[n, 1]
     pos = i + seq[n, 3]
-    d = jr - pos
-    if g.causal and d > 0:
-        return False
-    if g.has_right and d > g.right:
-        return False
-    if g.has_left and d < -g.left and jr >= g.sink_tokens:
-        return False
-    if g.chunk > 0 and pos // g.chunk != jr // g.chunk:  # int floor division, as Python's
-        return False
-    return True
+    hi = seq[n, 2]  # relative bounds: every condition but the left side caps the range above or below
+    lo = 0
+    if g.causal:
+        hi = min(hi, pos + 1)
+    if g.has_right:
+        hi = min(hi, pos + g.right + 1)
+    if g.chunk > 0:
+        start = (pos // g.chunk) * g.chunk  # int floor division, as Python's
+        lo = max(lo, start)
+        hi = min(hi, start + g.chunk)
+    sink_lo, sink_hi = 0, 0
+    if g.has_left:
+        if g.sink_tokens > 0:
+            sink_lo, sink_hi = lo, min(hi, g.sink_tokens)
+        lo = max(lo, pos - g.left)
+    return ks + lo, ks + hi, ks + sink_lo, ks + sink_hi
 
 
 @nb.njit(inline="always", cache=True)
@@ -119,6 +128,16 @@ def _tile_logits(qs, k, bias, mask, seq, t, g, sc, tanh_t, s_buf):
         return s
     for r in range(bq):
         i = i0 + r
+        lo, hi, sink_lo, sink_hi = _row_keys(i, g, seq, t.n)
+        if softcap == 0.0 and not g.has_mask:  # the structure alone: a loop of selects that vectorises
+            for jj in range(bk):
+                j = j0 + jj
+                x = s[r, jj]
+                if g.has_bias:
+                    x += bias[t.bn, h, i, j]
+                inside = (j >= lo and j < hi) or (j >= sink_lo and j < sink_hi)
+                s[r, jj] = x if inside else _NOT_ALLOWED
+            continue
         for jj in range(bk):
             j = j0 + jj
             x = s[r, jj]
@@ -128,7 +147,8 @@ def _tile_logits(qs, k, bias, mask, seq, t, g, sc, tanh_t, s_buf):
                 x = softcap * th
             if g.has_bias:
                 x += bias[t.bn, h, i, j]
-            if not _allowed(i, j, g, seq, t.n) or (g.has_mask and not mask[t.mn, h, i, j]):
+            inside = (j >= lo and j < hi) or (j >= sink_lo and j < sink_hi)
+            if not inside or (g.has_mask and not mask[t.mn, h, i, j]):
                 x = _NOT_ALLOWED
             s[r, jj] = x
     return s
