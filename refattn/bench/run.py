@@ -567,22 +567,19 @@ def _targets(timing, memory, rollout, layer_mib, attribution=(), attribution_mib
         return "met" if ok else "**not met**"
 
     out = ["| target | measured | verdict |", "|---|---|---|"]
-    for causal in (False, True):
-        ours = timing.get(("forward", 4096, causal, "refattn kernel"))
-        theirs = timing.get(("forward", 4096, causal, "torch float64"))
-        if ours and theirs:
-            ratio = ours[0] / theirs[0]
-            out.append(
-                f"| forward N=4096 causal={causal}: kernel ≤ 1.0× torch | {ratio:.2f}× | {verdict(ratio <= 1)} |"
-            )
+    for kind in ("forward", "forward+backward"):  # issue 15: <= 0.8x PyTorch CPU, causal and not
+        for causal in (False, True):
+            ours = timing.get((kind, 4096, causal, "refattn kernel"))
+            theirs = timing.get((kind, 4096, causal, "torch float64"))
+            if ours and theirs:
+                ratio = ours[0] / theirs[0]
+                out.append(
+                    f"| {kind} N=4096 causal={causal}: kernel ≤ 0.8× torch | {ratio:.2f}× | {verdict(ratio <= 0.8)} |"
+                )
     ours = timing.get(("forward", 4096, False, "refattn kernel"))
     if ours:
-        out.append(f"| forward N=4096: ≥ 50 % of the GEMM rate | {100 * ours[1]:.0f} % | {verdict(ours[1] >= 0.5)} |")
-    ours = timing.get(("forward+backward", 4096, False, "refattn kernel"))
-    theirs = timing.get(("forward+backward", 4096, False, "torch float64"))
-    if ours and theirs:
-        ratio = ours[0] / theirs[0]
-        out.append(f"| forward+backward N=4096: ≤ 1.0× torch | {ratio:.2f}× | {verdict(ratio <= 1)} |")
+        share = f"{100 * ours[1]:.0f} %"
+        out.append(f"| forward N=4096 causal=False: ≥ 70 % of the GEMM rate | {share} | {verdict(ours[1] >= 0.7)} |")
     for kind, n, backend, peak, _ in memory:
         if kind == "forward" and n == 32768 and backend == "numba":
             ok = peak < 64 + 16.5  # the output (16 MiB) is counted in the peak
